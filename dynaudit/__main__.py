@@ -1,0 +1,5 @@
+import sys
+
+from dynaudit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""Command line: ``dynaudit measure | inspect | plugins | demo``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit code (see ``--help``)."""
+    from dynaudit.cli._errors import report_error
+
+    try:
+        from dynaudit.cli.app import app
+
+        result = app(args=list(argv) if argv is not None else None, prog_name="dynaudit",
+                     standalone_mode=False)  # fmt: skip
+    except SystemExit as exc:  # --help and friends
+        return exc.code if isinstance(exc.code, int) else 0
+    except BaseException as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        return report_error(exc)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

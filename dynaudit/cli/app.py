@@ -1,0 +1,193 @@
+"""The Typer app. Commands parse flags, call :mod:`dynaudit.api`, render; nothing else."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dynaudit.cli._errors import EXIT_CODES
+
+_EPILOG = "Exit codes: " + "; ".join(
+    f"{code} {text.split(':')[0]}" for code, text in EXIT_CODES.items()
+)
+
+app = typer.Typer(
+    name="dynaudit",
+    help="Audit neural-network checkpoints without data: the dynamical discrepancy of every "
+    "layer.\n\n" + "\n\n".join(f"exit {code}: {text}" for code, text in EXIT_CODES.items()),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+Source = Annotated[str, typer.Argument(help="checkpoint: a .safetensors file or a directory")]
+Family = Annotated[
+    str | None, typer.Option("--family", help="family plugin to use (default: detected)")
+]
+Device = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda")]
+QDim = Annotated[int | None, typer.Option("--q-dim", help="coordinate dimension q_dim")]
+Pieces = Annotated[int | None, typer.Option("--pieces", help="pieces H (even, divides q_dim)")]
+Steps = Annotated[int | None, typer.Option(help="Adam steps per fit")]
+Seed = Annotated[int | None, typer.Option(help="seed of the first cold fit")]
+Seeds = Annotated[int | None, typer.Option(help="cold fits per layer; >1 reports the spread")]
+Threads = Annotated[int | None, typer.Option(help="torch threads (default: torch's)")]
+
+
+def _interactive() -> bool:
+    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+    return sys.stderr.isatty() and not ci
+
+
+@app.command(epilog=_EPILOG)
+def measure(
+    source: Source,
+    family: Family = None,
+    device: Device = "auto",
+    q_dim: QDim = None,
+    pieces: Pieces = None,
+    steps: Steps = None,
+    seed: Seed = None,
+    seeds: Seeds = None,
+    threads: Threads = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="write the JSON report (schema v1) here")
+    ] = None,
+    markdown_path: Annotated[
+        Path | None, typer.Option("--markdown", help="write the Markdown report here")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no table on stdout")] = False,
+) -> int:
+    """Fit every layer and report its discrepancy, mean distance and fidelity."""
+    from dynaudit.api import measure as run
+    from dynaudit.errors import NonFiniteWeights
+    from dynaudit.reports import render_markdown, render_terminal, write_json, write_text_atomic
+
+    with _progress() as progress:
+        report = run(source, family=family, progress=progress, q_dim=q_dim, pieces=pieces,
+                     steps=steps, seed=seed, seeds=seeds, device=device, threads=threads)  # fmt: skip
+    if json_path is not None:
+        write_json(report, json_path)
+    if markdown_path is not None:
+        write_text_atomic(markdown_path, render_markdown(report))
+    if not quiet:
+        render_terminal(report, Console(soft_wrap=False))
+    if report.non_finite:
+        raise NonFiniteWeights(report.non_finite)
+    return 0
+
+
+@app.command(epilog=_EPILOG)
+def inspect(
+    source: Source,
+    family: Family = None,
+    q_dim: QDim = None,
+    pieces: Pieces = None,
+    steps: Steps = None,
+    seeds: Seeds = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> int:
+    """Headers only (no weights read): family, layers, shapes, dtypes, size and fit cost."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from dynaudit.api import inspect as run
+
+    found = run(source, family=family, q_dim=q_dim, pieces=pieces, steps=steps, seeds=seeds)
+    if as_json:
+        typer.echo(found.model_dump_json(indent=2))
+        return 0
+    console = Console()
+    table = Table(
+        title=Text(f"{found.uri} · family {found.family.name} ({found.family.detected_by})")
+    )
+    for column in ("layer", "type", "depth", "shape", "dtype", "neurons", "fit GFLOP"):
+        table.add_column(column, justify="left" if column in ("layer", "type") else "right")
+    for layer in found.layers:
+        table.add_row(
+            Text(layer.name), Text(layer.type), str(layer.depth), "×".join(map(str, layer.shape)),
+            layer.dtype, str(layer.neurons), f"{layer.gflop:.1f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"{found.tensors} tensors in {len(found.files)} file(s), {found.parameters:,} parameters, "
+        f"{found.bytes / 2**20:.1f} MiB; {len(found.layers)} layers to fit "
+        f"({found.gflop:.1f} GFLOP), {len(found.skipped)} skipped"
+    )
+    for skip in found.skipped:
+        console.print(Text(f"  skipped {skip.name}: {skip.skipped}", style="dim"))
+    return 0
+
+
+@app.command()
+def plugins() -> int:
+    """Installed family plugins and where they come from."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from dynaudit.errors import DynauditError
+    from dynaudit.families import available_families, get_family
+
+    table = Table(title="family plugins (entry-point group dynaudit.plugins)")
+    for column in ("name", "source", "description"):
+        table.add_column(column)
+    for name, origin in available_families().items():
+        try:
+            description = get_family(name).description
+        except DynauditError as exc:
+            description = f"[failed to load: {exc.message}]"
+        table.add_row(Text(name), Text(origin), Text(description))
+    Console().print(table)
+    return 0
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path | None, typer.Option(help="where to build the demo checkpoint (default: temp)")
+    ] = None,
+) -> int:
+    """Build a tiny trained checkpoint locally (no network) and audit it."""
+    import tempfile
+
+    from dynaudit.demo import build_demo_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dynaudit-demo-") as tmp:
+        target = out or Path(tmp) / "demo-mlp"
+        typer.echo(f"building a tiny trained checkpoint in {target} ...", err=True)
+        accuracy = build_demo_checkpoint(target)
+        typer.echo(f"trained: held-out accuracy {accuracy:.1%}; auditing it:", err=True)
+        return measure(str(target), family=None, device="auto", q_dim=None, pieces=None,
+                       steps=None, seed=None, seeds=2, threads=None, json_path=None,
+                       markdown_path=None, quiet=False)  # fmt: skip
+
+
+class _progress:
+    """A rich progress bar over layers on an interactive terminal; silent in CI and pipes."""
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        if not _interactive():
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("fitting"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(), TextColumn("{task.fields[layer]}"),
+            console=Console(stderr=True), transient=True,
+        )  # fmt: skip
+        self._bar.start()
+        self._task = self._bar.add_task("fit", total=None, layer="")
+
+        def update(done: int, total: int, layer: str) -> None:
+            self._bar.update(self._task, completed=done, total=total, layer=layer)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if hasattr(self, "_bar"):
+            self._bar.stop()

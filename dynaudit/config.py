@@ -1,0 +1,50 @@
+"""Settings of the method protocol (SPEC §4), validated once at the API boundary."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["PROTOCOL_VERSION", "FitSettings"]
+
+# Bump whenever a change moves the numbers: reports and baselines of different protocol
+# versions are never compared.
+PROTOCOL_VERSION = 1
+
+
+class FitSettings(BaseModel):
+    """How each layer's dynamical system is fitted. Defaults: see docs/method.md."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    q_dim: int = Field(128, ge=2, le=4096, description="coordinate dimension of each neuron")
+    pieces: int = Field(8, ge=2, le=512, description="H, pieces of the alternating distance")
+    mu: float = Field(0.01, gt=0, description="weight of the mean squared coordinate norm")
+    steps: int = Field(400, ge=1, le=1_000_000, description="Adam steps per fit")
+    lr: float = Field(0.05, gt=0, description="peak learning rate, in units of RMS(W/s)")
+    seed: int = Field(0, ge=0, description="seed of the first cold fit")
+    seeds: int = Field(1, ge=1, le=64, description="cold fits per layer (spread when > 1)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads (default: torch's)")
+    tile_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="memory bound of one fit's work buffer"
+    )
+
+    @model_validator(mode="after")
+    def _pieces_fit_q_dim(self) -> FitSettings:
+        if self.pieces % 2:
+            raise ValueError(
+                f"pieces (H) must be even: odd H biases the distance negative (got {self.pieces})"
+            )
+        if self.q_dim % self.pieces:
+            raise ValueError(f"pieces ({self.pieces}) must divide q_dim ({self.q_dim})")
+        return self
+
+    @property
+    def piece_dim(self) -> int:
+        return self.q_dim // self.pieces
+
+    def numeric(self) -> dict[str, object]:
+        """The settings that change the numbers (device and threads only within tolerance)."""
+        return self.model_dump(exclude={"device", "threads", "tile_bytes"})

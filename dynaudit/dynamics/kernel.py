@@ -1,0 +1,173 @@
+"""Fit dynamical-neuron coordinates to weight matrices (SPEC §4, items 2, 3, 5, 6).
+
+Coordinates of a batch of ``b`` same-shape matrices ``T`` (m × n, already divided by the
+reference scale) live in one tensor ``P`` of shape ``(b, H, m + n, k)``: H pieces of k dims
+for the m output neurons followed by the n input neurons. The reconstruction is
+
+    Ŵ[i, j] = Σ_h σ_h ‖A_h[i] − B_h[j]‖,   A = P[:, :, :m], B = P[:, :, m:]
+
+with σ_h = −1 for the first H/2 pieces and +1 for the rest. The paper alternates the signs,
+(−1)^h; grouping them is the same function with the pieces relabelled, and lets the kernel sum
+each half in one contiguous reduction.
+
+The gradient is written by hand (autograd is ~3× slower here): with ``G = ∂L/∂Ŵ ⊘ E_h``,
+``∇A_h = σ_h (rowsum(G)·A_h − G·B_h)`` and ``∇B_h = σ_h (colsum(G)ᵀ·B_h − Gᵀ·A_h)``. Appending
+a column of ones to B and A lets one batched matmul return both ``G·B`` and ``rowsum(G)``;
+appending ``(|a|², 1)`` / ``(1, |b|²)`` turns the squared distances into one matmul as well.
+Rows of A are processed in tiles so that the work buffer stays under ``tile_bytes``.
+
+Everything scales with ``r = RMS(T)``: the initial spread, the learning rate and the
+clamping epsilon. Since the objective is homogeneous of degree 2 in (coordinates, target), the
+whole trajectory is then exactly equivariant: fitting c·T yields c·P, so 𝒟(c·W) = c·𝒟(W).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dynaudit.config import FitSettings
+
+__all__ = ["fit_coordinates", "init_coordinates", "matrix_seed", "reconstruct"]
+
+_EPS = 1e-4  # smallest piece distance, in units of RMS(T); keeps 1/E finite
+# β2 = 0.9 (not 0.999): the second moment must forget the early large gradients, or the
+# slow μ-driven phase at the end of a fit crawls (docs/method.md, "optimiser").
+_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.9, 1e-8
+
+
+def matrix_seed(seed: int, name: str, group: int = 0) -> int:
+    """A seed for one matrix that does not depend on batching, ordering or sharding."""
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_coordinates(
+    m: int, n: int, settings: FitSettings, seeds: Sequence[int], rms: torch.Tensor
+) -> torch.Tensor:
+    """Seeded Gaussian start, ``(b, H, m + n, k)``, spread ∝ RMS(T)/√k. Generated on the CPU
+    so that the start is the same on every device."""
+    h, k = settings.pieces, settings.piece_dim
+    out = torch.empty(len(seeds), h, m + n, k)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        out[i] = torch.randn(h, m + n, k, generator=gen)
+    out *= rms.cpu().view(-1, 1, 1, 1) / math.sqrt(k)
+    return out.to(rms.device)
+
+
+def _rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
+    # The (b, H, rows, n) distance buffer is the only large allocation per tile.
+    return max(1, min(m, tile_bytes // max(1, 4 * b * h * n)))
+
+
+def _augment(x: torch.Tensor, *, left: bool) -> torch.Tensor:
+    """Rows x → (−2x, |x|², 1) on the left side, (x, 1, |x|²) on the right: their inner
+    product is the squared distance."""
+    sq = x.pow(2).sum(-1, keepdim=True)
+    one = torch.ones_like(sq)
+    return torch.cat([x * -2.0, sq, one] if left else [x, one, sq], dim=-1)
+
+
+def _distances(a_aug: torch.Tensor, b_aug: torch.Tensor, eps2: torch.Tensor) -> torch.Tensor:
+    """Piece distances E = ‖a − b‖ for augmented rows: (b, H, t, n)."""
+    bsz, h, t, width = a_aug.shape
+    n = b_aug.shape[2]
+    sq = torch.bmm(a_aug.reshape(bsz * h, t, width), b_aug.reshape(bsz * h, n, width).mT)
+    sq = sq.view(bsz, h, t, n)
+    return sq.clamp_(min=eps2).sqrt_()  # eps2 broadcasts per matrix: (b, 1, 1, 1)
+
+
+def _signed_sum(dist: torch.Tensor) -> torch.Tensor:
+    half = dist.shape[1] // 2
+    return dist[:, half:].sum(1).sub_(dist[:, :half].sum(1))
+
+
+def reconstruct(
+    coords: torch.Tensor, m: int, rows: slice | None = None, tile_bytes: int = 1 << 28
+) -> torch.Tensor:
+    """Ŵ for fitted coordinates ``(b, H, m + n, k)`` (optionally only some rows)."""
+    bsz, h, _, _ = coords.shape
+    a, b = coords[:, :, :m], coords[:, :, m:]
+    if rows is not None:
+        a = a[:, :, rows]
+    eps2 = torch.zeros(bsz, 1, 1, 1, device=coords.device, dtype=coords.dtype)
+    b_aug = _augment(b, left=False)
+    step = _rows_per_tile(bsz, h, a.shape[2], b.shape[2], tile_bytes)
+    parts = [
+        _signed_sum(_distances(_augment(a[:, :, r0 : r0 + step], left=True), b_aug, eps2))
+        for r0 in range(0, a.shape[2], step)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def _gradient(
+    coords: torch.Tensor,
+    target: torch.Tensor,
+    eps2: torch.Tensor,
+    mu: float,
+    rows_per_tile: int,
+) -> torch.Tensor:
+    """∂L/∂coords for L = mean((Ŵ − T)²) + μ·mean_i ‖q_i‖²."""
+    bsz, h, total, k = coords.shape
+    m = target.shape[1]
+    n = total - m
+    a, b = coords[:, :, :m], coords[:, :, m:]
+    grad = torch.empty_like(coords)
+    grad_b = torch.zeros_like(b)
+    b_aug = _augment(b, left=False)
+    b_one = torch.cat([b, torch.ones_like(b[..., :1])], dim=-1).reshape(bsz * h, n, k + 1)
+    for r0 in range(0, m, rows_per_tile):
+        r1 = min(m, r0 + rows_per_tile)
+        t = r1 - r0
+        a_t = a[:, :, r0:r1]
+        dist = _distances(_augment(a_t, left=True), b_aug, eps2)
+        resid = _signed_sum(dist).sub_(target[:, r0:r1]).mul_(2.0 / (m * n))
+        # G = ∂L/∂Ŵ ⊘ E, computed in place over the distance buffer.
+        g = torch.div(resid.unsqueeze(1), dist, out=dist).view(bsz * h, t, n)
+        gb = torch.bmm(g, b_one).view(bsz, h, t, k + 1)
+        grad[:, :, r0:r1] = gb[..., k:] * a_t - gb[..., :k]
+        a_one = torch.cat([a_t, torch.ones_like(a_t[..., :1])], dim=-1)
+        gta = torch.bmm(g.mT, a_one.reshape(bsz * h, t, k + 1)).view(bsz, h, n, k + 1)
+        grad_b += gta[..., k:] * b - gta[..., :k]
+    grad[:, :, m:] = grad_b
+    grad[:, : h // 2].neg_()
+    return grad.add_(coords, alpha=2.0 * mu / total)
+
+
+def fit_coordinates(
+    target: torch.Tensor,
+    settings: FitSettings,
+    init: torch.Tensor,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+) -> torch.Tensor:
+    """Minimise the SPEC §4.5 objective from ``init`` with Adam and a cosine schedule.
+
+    ``target``: ``(b, m, n)`` float32, W/s. ``init``: ``(b, H, m + n, k)``. Returns the
+    fitted coordinates (a new tensor). Deterministic for a given device and thread count.
+    """
+    bsz, m, n = target.shape
+    steps = settings.steps if steps is None else steps
+    lr = settings.lr if lr is None else lr
+    rms = target.pow(2).mean(dim=(1, 2)).sqrt().view(bsz, 1, 1, 1)
+    eps2 = (rms * _EPS) ** 2
+    coords = init.clone()
+    avg = torch.zeros_like(coords)
+    avg_sq = torch.zeros_like(coords)
+    rows = _rows_per_tile(bsz, settings.pieces, m, n, settings.tile_bytes)
+    for step in range(1, steps + 1):
+        grad = _gradient(coords, target, eps2, settings.mu, rows)
+        avg.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
+        avg_sq.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+        rate = lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
+        bias1 = 1 - _BETA1**step
+        bias2 = 1 - _BETA2**step
+        # Adam's step, with the learning rate and epsilon in units of RMS(T) (equivariance).
+        denom = avg_sq.div(bias2).sqrt_().add_(rms * _ADAM_EPS)
+        coords.addcdiv_(avg * rms, denom, value=-rate / bias1)
+    return coords

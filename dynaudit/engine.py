@@ -1,0 +1,193 @@
+"""Measure a planned checkpoint layer by layer: read, scale, fit, read off the metrics.
+
+Tensors are streamed: only the layers of the batch being fitted are in memory. Layers whose
+matrices share a shape are fitted together (one batched kernel call) while the batch's work
+buffer stays within ``settings.tile_bytes``; batching never changes a layer's numbers, because
+every matrix has its own seed (:func:`~dynaudit.dynamics.kernel.matrix_seed`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dynaudit.config import FitSettings
+from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
+from dynaudit.dynamics.kernel import matrix_seed
+from dynaudit.dynamics.metrics import squared_error
+from dynaudit.families import Family, Layer, LayerPlan
+from dynaudit.report import LayerResult, Spread, depth_groups
+from dynaudit.tensors import Checkpoint
+
+__all__ = ["Progress", "matrix_shape", "measure_plan"]
+
+Progress = Callable[[int, int, str], None]  # (layers done, layers in all, current layer)
+
+
+@dataclass
+class _Loaded:
+    layer: Layer
+    matrices: torch.Tensor  # (g, m, n) float32, W as stored
+    scale: float | None
+    reason: str | None = None  # why the layer gets null metrics
+    non_finite: bool = False
+
+
+def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(g, m, n)`` of a layer from its tensor shape, without reading data."""
+    if layer.kind == "linear":
+        m, n = (shape[1], shape[0]) if layer.transposed else (shape[0], shape[1])
+        return 1, m, n
+    return layer.groups, shape[0] // layer.groups, math.prod(shape[1:])
+
+
+def _batches(
+    checkpoint: Checkpoint, layers: list[Layer], settings: FitSettings
+) -> Iterator[list[Layer]]:
+    """Same-shape layers together, each batch's distance buffer within ``tile_bytes``."""
+    shapes = {
+        layer.name: matrix_shape(layer, checkpoint.tensors[layer.name].shape) for layer in layers
+    }
+    ordered = sorted(layers, key=lambda layer: (shapes[layer.name][1:], layer.depth))
+    batch: list[Layer] = []
+    for layer in ordered:
+        g, m, n = shapes[layer.name]
+        if batch:
+            _, bm, bn = shapes[batch[0].name]
+            count = sum(shapes[x.name][0] for x in batch) + g
+            if (bm, bn) != (m, n) or 4 * count * settings.pieces * m * n > settings.tile_bytes:
+                yield batch
+                batch = []
+        batch.append(layer)
+    if batch:
+        yield batch
+
+
+def _load(
+    checkpoint: Checkpoint, family: Family, layer: Layer, scales: dict[str, float] | None
+) -> _Loaded:
+    weight = family.matrices(layer, checkpoint.read(layer.name))
+    if not bool(torch.isfinite(weight).all()):
+        return _Loaded(layer, weight, None, "non-finite weights (NaN/Inf)", non_finite=True)
+    if scales is not None and layer.name in scales:
+        scale = scales[layer.name]
+    else:
+        scale = float(weight.double().pow(2).mean().sqrt())
+    if not bool(weight.any()):
+        return _Loaded(layer, weight, scale, "all-zero matrix")
+    if scale == 0.0:
+        return _Loaded(layer, weight, scale, "reference matrix is all zeros (scale 0)")
+    return _Loaded(layer, weight, scale)
+
+
+def measure_plan(
+    checkpoint: Checkpoint,
+    plan: LayerPlan,
+    family: Family,
+    settings: FitSettings,
+    device: torch.device,
+    *,
+    scales: dict[str, float] | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[LayerResult], list[str]]:
+    """Fit every planned layer; returns results in plan order and the non-finite tensors."""
+    groups = depth_groups(layer.depth for layer in plan.layers)
+    results: dict[str, LayerResult] = {}
+    non_finite: list[str] = []
+    done = 0
+    for batch in _batches(checkpoint, plan.layers, settings):
+        started = time.perf_counter()
+        loaded = [_load(checkpoint, family, layer, scales) for layer in batch]
+        fit = [item for item in loaded if item.reason is None]
+        metrics = _fit_batch(fit, settings, device) if fit else {}
+        seconds = (time.perf_counter() - started) / len(batch)
+        for item in loaded:
+            layer = item.layer
+            g, m, n = item.matrices.shape
+            values = metrics.get(layer.name)
+            if item.non_finite:
+                non_finite.append(layer.name)
+            results[layer.name] = LayerResult(
+                name=layer.name,
+                type=layer.type,
+                depth=layer.depth,
+                group=groups[layer.depth],  # type: ignore[arg-type]
+                shape=list(checkpoint.tensors[layer.name].shape),
+                matrices=g,
+                neurons=m + n,
+                q_dim=settings.q_dim,
+                discrepancy=values[0] if values else None,
+                mean_distance=values[1] if values else None,
+                fidelity=values[2] if values else None,
+                scale=item.scale,
+                scale_source="reference" if scales and layer.name in scales else "self",
+                spread=values[3] if values else None,
+                reason=item.reason,
+                seconds=seconds,
+            )
+            done += 1
+            if progress is not None:
+                progress(done, len(plan.layers), layer.name)
+        del loaded, fit
+    return [results[layer.name] for layer in plan.layers], non_finite
+
+
+def _fit_batch(
+    items: list[_Loaded], settings: FitSettings, device: torch.device
+) -> dict[str, tuple[float, float, float, Spread | None]]:
+    """Cold-fit a batch of same-shape layers once per seed; per layer: 𝒟, mean distance,
+    fidelity (of the first seed's fit) and the spread over seeds."""
+    target = torch.cat([item.matrices / (item.scale or 1.0) for item in items]).to(device)
+    owners = [i for i, item in enumerate(items) for _ in range(item.matrices.shape[0])]
+    group_index = [g for item in items for g in range(item.matrices.shape[0])]
+    _, m, n = target.shape
+    rms = target.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-30)
+    per_seed: list[tuple[list[float], list[float]]] = []
+    fidelity: list[float] = []
+    for offset in range(settings.seeds):
+        seeds = [
+            matrix_seed(settings.seed + offset, items[o].layer.name, g)
+            for o, g in zip(owners, group_index, strict=True)
+        ]
+        init = init_coordinates(m, n, settings, seeds, rms)
+        coords = fit_coordinates(target, settings, init)
+        d, md = discrepancy(coords)
+        per_seed.append(
+            (_per_layer_mean(d, owners, len(items)), _per_layer_mean(md, owners, len(items)))
+        )
+        if offset == 0:
+            err = squared_error(coords, target, settings.tile_bytes)
+            norm = target.double().pow(2).sum(dim=(1, 2))
+            for i in range(len(items)):
+                mask = torch.tensor([o == i for o in owners], device=err.device)
+                fidelity.append(1.0 - math.sqrt(float(err[mask].sum()) / float(norm[mask].sum())))
+        del coords, init
+    out = {}
+    for i, item in enumerate(items):
+        ds = [seed[0][i] for seed in per_seed]
+        mds = [seed[1][i] for seed in per_seed]
+        spread = None
+        if len(ds) > 1:
+            md_std = statistics.stdev(mds)
+            spread = Spread(
+                seeds=len(ds),
+                discrepancy_std=statistics.stdev(ds),
+                mean_distance_std=md_std,
+                relative=md_std / statistics.fmean(mds) if statistics.fmean(mds) else 0.0,
+            )
+        out[item.layer.name] = (statistics.fmean(ds), statistics.fmean(mds), fidelity[i], spread)
+    return out
+
+
+def _per_layer_mean(values: torch.Tensor, owners: list[int], count: int) -> list[float]:
+    sums = [0.0] * count
+    counts = [0] * count
+    for value, owner in zip(values.tolist(), owners, strict=True):
+        sums[owner] += value
+        counts[owner] += 1
+    return [s / c for s, c in zip(sums, counts, strict=True)]

@@ -1,0 +1,92 @@
+"""Every error dynaudit raises on purpose derives from :class:`DynauditError`.
+
+Each class carries structured fields (``path``, ``tensors``, ...) and the exit code the CLI
+returns for it; the CLI turns them into one-line messages in ``dynaudit/cli/_errors.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "CheckpointNotFound",
+    "CorruptCheckpoint",
+    "DynauditError",
+    "EmptyCheckpoint",
+    "InputError",
+    "NonFiniteWeights",
+    "PickleRefused",
+    "PluginError",
+    "UnknownFamily",
+    "UsageError",
+]
+
+
+class DynauditError(Exception):
+    """Root of dynaudit's errors. Unexpected failures map to exit code 4."""
+
+    exit_code = 4
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(DynauditError, ValueError):
+    """The call itself is wrong: bad flag values, incompatible settings (exit 2)."""
+
+    exit_code = 2
+
+
+class UnknownFamily(UsageError, LookupError):
+    """``--family`` names no installed family plugin."""
+
+    def __init__(self, name: str, suggestions: Sequence[str], available: Sequence[str]) -> None:
+        self.name = name
+        self.suggestions = list(suggestions)
+        self.available = list(available)
+        hint = f"did you mean {', '.join(map(repr, self.suggestions))}?" if suggestions else ""
+        super().__init__(f"unknown model family {name!r}" + (f"; {hint}" if hint else ""))
+
+
+class InputError(DynauditError):
+    """The checkpoint (or baseline, or server) cannot be used as given (exit 3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointNotFound(InputError, FileNotFoundError):
+    """No checkpoint at the given path or URI."""
+
+
+class EmptyCheckpoint(InputError):
+    """The path exists but holds no safetensors weights."""
+
+
+class CorruptCheckpoint(InputError):
+    """A safetensors file is truncated, malformed or inconsistent with its index."""
+
+
+class PickleRefused(InputError):
+    """Only pickle weights (``.bin``/``.pt``) were found; they can execute code when loaded."""
+
+
+class PluginError(InputError):
+    """A family plugin failed to load or does not implement the contract."""
+
+
+class NonFiniteWeights(DynauditError):
+    """NaN or Inf in the weights: the checkpoint is damaged (exit 1, like a failed gate)."""
+
+    exit_code = 1
+
+    def __init__(self, tensors: Sequence[str]) -> None:
+        self.tensors = list(tensors)
+        shown = ", ".join(self.tensors[:5]) + (
+            f" and {len(self.tensors) - 5} more" if len(self.tensors) > 5 else ""
+        )
+        super().__init__(f"non-finite weights (NaN/Inf) in {len(self.tensors)} tensor(s): {shown}")

@@ -1,0 +1,165 @@
+"""The report: JSON schema v1 (SPEC §5) as pydantic models, and its aggregates."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dynaudit.config import PROTOCOL_VERSION
+
+__all__ = [
+    "DEPTH_GROUPS",
+    "Aggregate",
+    "FamilyInfo",
+    "LayerResult",
+    "Report",
+    "SkippedLayer",
+    "SourceInfo",
+    "Spread",
+    "Summary",
+    "depth_groups",
+    "summarize",
+]
+
+SCHEMA_VERSION = 1  # bump with any incompatible change to the JSON layout
+DEPTH_GROUPS = ("bottom", "middle", "top")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceInfo(_Model):
+    uri: str
+    path: str
+    revision: str | None = None
+    files: dict[str, str] = Field(description="weight file → sha256")
+
+
+class FamilyInfo(_Model):
+    name: str
+    confidence: float
+    detected_by: str
+    depth_note: str
+
+
+class Spread(_Model):
+    """Spread of a layer's figures over independent cold fits (different seeds)."""
+
+    seeds: int
+    discrepancy_std: float
+    mean_distance_std: float
+    relative: float = Field(description="mean_distance_std / mean_distance")
+
+
+class LayerResult(_Model):
+    name: str
+    type: str
+    depth: int
+    group: Literal["bottom", "middle", "top"]
+    shape: list[int]
+    matrices: int = Field(description="matrices fitted for the layer (conv groups)")
+    neurons: int = Field(description="N = m + n per matrix")
+    q_dim: int
+    discrepancy: float | None
+    mean_distance: float | None
+    fidelity: float | None
+    scale: float | None
+    scale_source: Literal["self", "reference"]
+    spread: Spread | None = None
+    reason: str | None = Field(None, description="why the metrics are null")
+    seconds: float = 0.0
+
+
+class SkippedLayer(_Model):
+    name: str
+    skipped: str
+
+
+class Aggregate(_Model):
+    layers: int
+    discrepancy: float | None
+    mean_distance: float | None
+    fidelity: float | None
+    fidelity_median: float | None
+
+
+class Summary(_Model):
+    all: Aggregate
+    groups: dict[str, Aggregate]
+    types: dict[str, Aggregate]
+
+
+class Report(_Model):
+    schema_version: Literal[1] = 1
+    tool: dict[str, str]
+    protocol_version: int = PROTOCOL_VERSION
+    source: SourceInfo
+    family: FamilyInfo
+    settings: dict[str, Any]
+    layers: list[LayerResult | SkippedLayer]
+    summary: Summary
+    non_finite: list[str] = Field(default_factory=list, description="tensors with NaN/Inf")
+    created_at: str
+    host: str
+    seconds: float
+
+    @property
+    def measured(self) -> list[LayerResult]:
+        return [layer for layer in self.layers if isinstance(layer, LayerResult)]
+
+    @property
+    def skipped(self) -> list[SkippedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SkippedLayer)]
+
+    def numbers(self) -> dict[str, Any]:
+        """The report without timings, timestamps, host or thread count: two runs on the same
+        inputs and settings must agree on this exactly."""
+        data = self.model_dump(exclude={"created_at", "host", "seconds"})
+        data["settings"] = {k: v for k, v in data["settings"].items() if k != "threads"}
+        for layer in data["layers"]:
+            layer.pop("seconds", None)
+        return data
+
+
+def depth_groups(depths: Iterable[int]) -> dict[int, str]:
+    """Thirds of the distinct depths: bottom, middle, top (fewer than 3 depths: bottom first)."""
+    ordered = sorted(set(depths))
+    count = len(ordered)
+    return {d: DEPTH_GROUPS[min(2, (3 * i) // max(1, count))] for i, d in enumerate(ordered)}
+
+
+def _aggregate(layers: list[LayerResult]) -> Aggregate:
+    ok = [layer for layer in layers if layer.discrepancy is not None]
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
+
+    fids = [layer.fidelity for layer in ok if layer.fidelity is not None]
+    return Aggregate(
+        layers=len(ok),
+        discrepancy=mean([layer.discrepancy for layer in ok if layer.discrepancy is not None]),
+        mean_distance=mean(
+            [layer.mean_distance for layer in ok if layer.mean_distance is not None]
+        ),
+        fidelity=mean(fids),
+        fidelity_median=statistics.median(fids) if fids else None,
+    )
+
+
+def summarize(layers: list[LayerResult]) -> Summary:
+    """Means over layers: all, per depth third, per type (null metrics left out)."""
+    by_group: dict[str, list[LayerResult]] = defaultdict(list)
+    by_type: dict[str, list[LayerResult]] = defaultdict(list)
+    for layer in layers:
+        by_group[layer.group].append(layer)
+        by_type[layer.type].append(layer)
+    return Summary(
+        all=_aggregate(layers),
+        groups={g: _aggregate(by_group[g]) for g in DEPTH_GROUPS if g in by_group},
+        types={t: _aggregate(by_type[t]) for t in sorted(by_type)},
+    )

@@ -1,0 +1,90 @@
+"""Markdown report: what a reviewer reads. Every string from a checkpoint is escaped."""
+
+from __future__ import annotations
+
+import re
+
+from dynaudit.report import Aggregate, Report
+
+__all__ = ["escape_markdown", "render_markdown"]
+
+_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~&$])")
+
+
+def escape_markdown(text: str) -> str:
+    """Make untrusted text inert inside a Markdown table cell: no markup, links, HTML or
+    line breaks survive."""
+    flat = " ".join(str(text).split())
+    return _SPECIAL.sub(r"\\\1", flat)
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    return (
+        f"{value:.{digits}g}" if abs(value) >= 1e4 or abs(value) < 1e-3 else f"{value:.{digits}f}"
+    )
+
+
+def _aggregate_row(label: str, agg: Aggregate) -> str:
+    return (
+        f"| {label} | {agg.layers} | {fmt(agg.mean_distance)} | {fmt(agg.discrepancy, 2)} "
+        f"| {fmt(agg.fidelity, 3)} |"
+    )
+
+
+def render_markdown(report: Report) -> str:
+    esc = escape_markdown
+    settings = report.settings
+    lines = [
+        f"# dynaudit report: {esc(report.source.uri)}",
+        "",
+        f"- family: **{esc(report.family.name)}** "
+        f"({esc(report.family.detected_by)}); {esc(report.family.depth_note)}",
+        f"- protocol v{report.protocol_version}; q_dim {settings['q_dim']}, "
+        f"H {settings['pieces']}, "
+        f"μ {settings['mu']}, {settings['steps']} steps, seed {settings['seed']}, "
+        f"{settings['seeds']} seed(s); {settings['device']}, {settings['threads']} thread(s)",
+        f"- {len(report.measured)} layers measured, {len(report.skipped)} tensors skipped, "
+        f"{report.seconds:.1f} s",
+    ]
+    if report.non_finite:
+        names = ", ".join(f"`{escape_markdown(n)}`" for n in report.non_finite)
+        lines.append(f"- **non-finite weights (NaN/Inf):** {names}")
+    lines += [
+        "",
+        "Mean distance = 𝒟 / (N − 1), in units of the reference scale s: the figure to compare "
+        "across layers and models. Fidelity = 1 − ‖sŴ − W‖/‖W‖.",
+        "",
+        "## Summary",
+        "",
+        "| group | layers | mean distance | 𝒟 | fidelity |",
+        "|---|---:|---:|---:|---:|",
+        _aggregate_row("all", report.summary.all),
+    ]
+    lines += [_aggregate_row(g, a) for g, a in report.summary.groups.items()]
+    lines += [
+        _aggregate_row(f"type {escape_markdown(t)}", a) for t, a in report.summary.types.items()
+    ]
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "| layer | type | depth | shape | mean distance | ± seeds | 𝒟 | fidelity | scale |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for layer in report.measured:
+        spread = f"{layer.spread.relative:.2%}" if layer.spread else "—"
+        note = f" ({escape_markdown(layer.reason)})" if layer.reason else ""
+        lines.append(
+            f"| {esc(layer.name)}{note} | {esc(layer.type)} | {layer.depth} "
+            f"| {'×'.join(map(str, layer.shape))} | {fmt(layer.mean_distance)} | {spread} "
+            f"| {fmt(layer.discrepancy, 2)} | {fmt(layer.fidelity, 3)} | {fmt(layer.scale)} |"
+        )
+    if report.skipped:
+        lines += ["", "<details><summary>Skipped tensors</summary>", ""]
+        lines += [
+            f"- {escape_markdown(s.name)}: {escape_markdown(s.skipped)}" for s in report.skipped
+        ]
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"

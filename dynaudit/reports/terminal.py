@@ -1,0 +1,52 @@
+"""The rich table printed by the CLI."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from dynaudit.report import Report
+from dynaudit.reports.markdown import fmt
+
+__all__ = ["render_terminal"]
+
+
+def render_terminal(report: Report, console: Console) -> None:
+    table = Table(
+        title=Text(f"dynaudit · {report.source.uri} · family {report.family.name}"),
+        caption=Text(report.family.depth_note),
+        show_lines=False,
+    )
+    for column, justify in [
+        ("layer", "left"), ("type", "left"), ("depth", "right"), ("shape", "left"),
+        ("mean dist", "right"), ("± seeds", "right"), ("𝒟", "right"), ("fidelity", "right"),
+    ]:  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for layer in report.measured:
+        spread = f"{layer.spread.relative:.2%}" if layer.spread else "—"
+        name = Text(layer.name)  # Text(): names from checkpoints are never parsed as markup
+        if layer.reason:
+            name.append(f"  ({layer.reason})", style="yellow")
+        table.add_row(
+            name, Text(layer.type), str(layer.depth), "×".join(map(str, layer.shape)),
+            fmt(layer.mean_distance), spread, fmt(layer.discrepancy, 2), fmt(layer.fidelity, 3),
+        )  # fmt: skip
+    console.print(table)
+    summary = Table(title="summary (means over layers)")
+    for column in ("group", "layers", "mean dist", "𝒟", "fidelity", "median fidelity"):
+        summary.add_column(column, justify="left" if column == "group" else "right")
+    rows = [("all", report.summary.all), *report.summary.groups.items()]
+    rows += [(f"type {t}", a) for t, a in report.summary.types.items()]
+    for label, agg in rows:
+        summary.add_row(
+            Text(label), str(agg.layers), fmt(agg.mean_distance), fmt(agg.discrepancy, 2),
+            fmt(agg.fidelity, 3), fmt(agg.fidelity_median, 3),
+        )  # fmt: skip
+    console.print(summary)
+    console.print(
+        f"{len(report.measured)} layers measured, {len(report.skipped)} tensors skipped "
+        f"({report.seconds:.1f} s, protocol v{report.protocol_version})"
+    )
+    if report.non_finite:
+        console.print(Text(f"non-finite weights: {', '.join(report.non_finite)}", style="red"))

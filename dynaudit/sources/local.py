@@ -1,0 +1,34 @@
+"""Local sources: a ``.safetensors`` file, an HF-style directory, a sharded directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynaudit.errors import CheckpointNotFound, UsageError
+
+__all__ = ["ResolvedSource", "resolve"]
+
+_REMOTE_SCHEMES = ("hf://", "models:/", "runs:/")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    uri: str
+    path: Path
+    revision: str | None = None
+
+
+def resolve(source: str | os.PathLike[str]) -> ResolvedSource:
+    """Map SOURCE to a local checkpoint. An existing local path always wins."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return ResolvedSource(uri=text, path=path)
+    if text.startswith(_REMOTE_SCHEMES):
+        raise UsageError(
+            f"{text}: Hugging Face and MLflow sources are not supported by this version yet; "
+            "download the checkpoint and pass its directory"
+        )
+    raise CheckpointNotFound(f"{text}: no such file or directory", path=text)

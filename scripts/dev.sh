@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything dynaudit needs, then run a demo or the tests.
+#   bash scripts/dev.sh demo    # install, then audit a tiny checkpoint built locally
+#   bash scripts/dev.sh test    # install, then lint, type-check and run every test
+# DYNAUDIT_VENV picks the environment's folder (default .venv); TORCH_SPEC the torch build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${DYNAUDIT_VENV:-.venv}"
+torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+pip_install() {
+    # pip's notes about unused local indexes are noise; real failures still fail the script.
+    "$venv/bin/python" -m pip install --quiet "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+pip_install "$torch_spec"
+pip_install -e ".[test,lint]"
+
+case "${1:-}" in
+    demo)
+        "$venv/bin/dynaudit" demo
+        ;;
+    test)
+        "$venv/bin/ruff" check .
+        "$venv/bin/ruff" format --check .
+        "$venv/bin/mypy"
+        "$venv/bin/python" -m pytest "${@:2}"
+        ;;
+    *)
+        echo "usage: bash scripts/dev.sh demo|test [pytest args]" >&2
+        exit 2
+        ;;
+esac

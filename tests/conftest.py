@@ -1,0 +1,76 @@
+"""Shared fixtures: isolated environment and checkpoints made by real producers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from experiments import zoo
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test sees the developer's caches, tokens or debug switches."""
+    for var in ("DYNAUDIT_DEBUG", "HF_TOKEN", "GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("CI", "true")
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLP 64 → 384 → 384 → 10 really trained on scikit-learn's digits."""
+    out = tmp_path_factory.mktemp("digits-mlp")
+    result = zoo.train_digits_mlp(out, hidden=(384, 384), epochs=30, seed=0)
+    assert result["val_accuracy"] > 0.9
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_matrix(digits_mlp: Path) -> torch.Tensor:
+    """The trained 384 × 384 hidden matrix of :func:`digits_mlp`."""
+    from dynaudit.tensors import Checkpoint
+
+    with Checkpoint.open(digits_mlp) as checkpoint:
+        square = [n for n, i in checkpoint.tensors.items() if i.shape == (384, 384)]
+        return checkpoint.read(square[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA trained briefly on Python's own sources, saved by ``save_pretrained``."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    result = zoo.train_tiny_llama(out, steps=150)
+    assert result["train_loss_last"] < result["train_loss_first"]
+    return out
+
+
+WriteCheckpoint = Callable[..., Path]
+
+
+@pytest.fixture
+def write_checkpoint(tmp_path: Path) -> WriteCheckpoint:
+    """Write ``{name: tensor}`` as ``model.safetensors`` in a fresh directory."""
+    counter = iter(range(1_000_000))
+
+    def write(tensors: dict[str, torch.Tensor], config: dict[str, object] | None = None) -> Path:
+        folder = tmp_path / f"ckpt{next(counter)}"
+        folder.mkdir()
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors")
+        )
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return write
+
+
+def small_settings(**overrides: object) -> dict[str, object]:
+    """Fit settings for tests that are not about the defaults: small and fast."""
+    return {"q_dim": 16, "pieces": 4, "steps": 60, **overrides}
