@@ -69,8 +69,10 @@ def measure(
     from dynaudit.reports import render_markdown, render_terminal, write_json, write_text_atomic
 
     with _progress() as progress:
-        report = run(source, family=family, progress=progress, q_dim=q_dim, pieces=pieces,
-                     steps=steps, seed=seed, seeds=seeds, device=device, threads=threads)  # fmt: skip
+        report = run(
+            source, family=family, progress=progress, q_dim=q_dim, pieces=pieces, steps=steps,
+            seed=seed, seeds=seeds, device=device, threads=threads,
+        )  # fmt: skip
     if json_path is not None:
         write_json(report, json_path)
     if markdown_path is not None:
