@@ -20,7 +20,7 @@ class FitSettings(BaseModel):
 
     q_dim: int = Field(128, ge=2, le=4096, description="coordinate dimension of each neuron")
     pieces: int = Field(8, ge=2, le=512, description="H, pieces of the alternating distance")
-    mu: float = Field(0.01, gt=0, description="weight of the mean squared coordinate norm")
+    mu: float = Field(0.03, gt=0, description="weight of the mean squared coordinate norm")
     steps: int = Field(400, ge=1, le=1_000_000, description="Adam steps per fit")
     lr: float = Field(0.05, gt=0, description="peak learning rate, in units of RMS(W/s)")
     seed: int = Field(0, ge=0, description="seed of the first cold fit")

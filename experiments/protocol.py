@@ -51,16 +51,19 @@ def trained_matrices(zoo_dir: Path, quick: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fit(target: torch.Tensor, settings: FitSettings, seed: int) -> tuple[float, float]:
+def _fit(
+    target: torch.Tensor, settings: FitSettings, seed: int, step_rule: bool
+) -> tuple[float, float]:
     t = target[None]
     rms = t.pow(2).mean(dim=(1, 2)).sqrt()
     init = init_coordinates(t.shape[1], t.shape[2], settings, [seed], rms)
-    coords = fit_coordinates(t, settings, init)
+    # Without the rule every matrix gets exactly ``settings.steps`` (the earlier protocol).
+    coords = fit_coordinates(t, settings, init, steps=None if step_rule else settings.steps)
     return float(discrepancy(coords)[1][0]), float(fidelity(coords, t)[0])
 
 
 def evaluate(
-    matrices: dict[str, torch.Tensor], setting: dict[str, Any], seeds: int
+    matrices: dict[str, torch.Tensor], setting: dict[str, Any], seeds: int, step_rule: bool = True
 ) -> dict[str, Any]:
     settings = FitSettings(**setting)
     longer = settings.model_copy(update={"steps": 4 * settings.steps})
@@ -68,9 +71,9 @@ def evaluate(
     started = time.perf_counter()
     for name, weight in matrices.items():
         target = weight / weight.pow(2).mean().sqrt()
-        fits = [_fit(target, settings, matrix_seed(s, name)) for s in range(seeds)]
+        fits = [_fit(target, settings, matrix_seed(s, name), step_rule) for s in range(seeds)]
         mds = [md for md, _ in fits]
-        long_md, _ = _fit(target, longer, matrix_seed(0, name))
+        long_md, _ = _fit(target, longer, matrix_seed(0, name), step_rule)
         rows.append(
             {
                 "matrix": name,
@@ -84,6 +87,7 @@ def evaluate(
     seconds = time.perf_counter() - started
     return {
         "settings": setting,
+        "step_rule": step_rule,
         "matrices": len(rows),
         "fidelity_median": statistics.median(r["fidelity"] for r in rows),
         "seed_spread_median": statistics.median(r["seed_spread"] for r in rows),
@@ -97,14 +101,15 @@ def evaluate(
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| q_dim | H | μ | steps | median fidelity | seed spread (median / max) "
-        "| ×4 steps change (median / max) | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| q_dim | H | μ | steps | small-matrix rule | median fidelity "
+        "| seed spread (median / max) | ×4 steps change (median / max) | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         s = r["settings"]
         lines.append(
             f"| {s['q_dim']} | {s['pieces']} | {s['mu']} | {s['steps']} "
+            f"| {'yes' if r['step_rule'] else 'no'} "
             f"| {r['fidelity_median']:.3f} "
             f"| {r['seed_spread_median']:.2%} / {r['seed_spread_max']:.2%} "
             f"| {r['budget_change_median']:.2%} / {r['budget_change_max']:.2%} "
@@ -120,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--only", type=str, help="comma-separated grid indices to run")
+    parser.add_argument(
+        "--no-step-rule", action="store_true", help="fixed steps for every matrix (no ×8 rule)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1 if args.quick else torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         grid = GRID_QUICK if args.quick else GRID_FULL
         if args.only:
             grid = [grid[int(i)] for i in args.only.split(",")]
-        results = [evaluate(matrices, setting, args.seeds) for setting in grid]
+        results = [
+            evaluate(matrices, setting, args.seeds, not args.no_step_rule) for setting in grid
+        ]
     print(markdown_table(results))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,9 +56,10 @@ def test_tiling_and_batching_do_not_change_the_fit() -> None:
     settings = FitSettings(q_dim=16, pieces=4, steps=50)
     rms = target.pow(2).mean(dim=(1, 2)).sqrt()
     init = init_coordinates(24, 20, settings, [1, 2, 3], rms)
-    whole = fit_coordinates(target, settings, init)
-    tiled = fit_coordinates(target, settings.model_copy(update={"tile_bytes": 1}), init)
-    single = fit_coordinates(target[1:2], settings, init[1:2])
+    # Few steps: a long fit of a random matrix amplifies summation-order rounding chaotically.
+    whole = fit_coordinates(target, settings, init, steps=50)
+    tiled = fit_coordinates(target, settings.model_copy(update={"tile_bytes": 1}), init, steps=50)
+    single = fit_coordinates(target[1:2], settings, init[1:2], steps=50)
     assert torch.allclose(whole, tiled, rtol=1e-5, atol=1e-6)
     assert torch.equal(whole[1:2], single)
 
@@ -114,3 +115,14 @@ def test_init_spread_follows_target_rms() -> None:
     settings = FitSettings(q_dim=32, pieces=4)
     init = init_coordinates(200, 100, settings, [0], torch.tensor([3.0]))
     assert float(init.std()) == pytest.approx(3.0 / math.sqrt(8), rel=0.05)
+
+
+def test_step_budget_grows_only_for_over_parameterised_matrices() -> None:
+    from dynaudit.dynamics.kernel import fit_steps
+
+    settings = FitSettings()  # q_dim 128, 400 steps
+    assert fit_steps(settings, 4096, 4096) == 400
+    assert fit_steps(settings, 384, 384) == 400  # ρ = 0.67
+    assert fit_steps(settings, 128, 128) == 1600  # ρ = 2
+    assert fit_steps(settings, 10, 128) == 3200  # capped at 8×
+    assert fit_steps(settings.model_copy(update={"steps": 100}), 10, 128) == 800

@@ -31,12 +31,25 @@ import torch
 
 from dynaudit.config import FitSettings
 
-__all__ = ["fit_coordinates", "init_coordinates", "matrix_seed", "reconstruct"]
+__all__ = ["fit_coordinates", "fit_steps", "init_coordinates", "matrix_seed", "reconstruct"]
 
 _EPS = 1e-4  # smallest piece distance, in units of RMS(T); keeps 1/E finite
 # β2 = 0.9 (not 0.999): the second moment must forget the early large gradients, or the
 # slow μ-driven phase at the end of a fit crawls (docs/method.md, "optimiser").
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.9, 1e-8
+
+
+def fit_steps(settings: FitSettings, m: int, n: int) -> int:
+    """Adam steps for an m × n matrix: ``settings.steps``, times up to 8 when the layer has
+    more coordinates than entries to reproduce.
+
+    With ρ = q_dim·(m + n)/(m·n) > 1/2 the fit is over-parameterised: the weights are matched
+    early and what remains is a slow, μ-driven drift along a flat valley of exact fits, so a
+    fixed budget would leave 𝒟 depending on the budget. Such matrices are small, so the extra
+    steps cost at most what a matrix with ρ = 1/2 costs (docs/method.md, "step budget").
+    """
+    rho = settings.q_dim * (m + n) / (m * n)
+    return settings.steps * min(8, max(1, round(2 * rho)))
 
 
 def matrix_seed(seed: int, name: str, group: int = 0) -> int:
@@ -148,11 +161,12 @@ def fit_coordinates(
 ) -> torch.Tensor:
     """Minimise the SPEC §4.5 objective from ``init`` with Adam and a cosine schedule.
 
-    ``target``: ``(b, m, n)`` float32, W/s. ``init``: ``(b, H, m + n, k)``. Returns the
-    fitted coordinates (a new tensor). Deterministic for a given device and thread count.
+    ``target``: ``(b, m, n)`` float32, W/s. ``init``: ``(b, H, m + n, k)``. ``steps``
+    defaults to :func:`fit_steps`. Returns the fitted coordinates (a new tensor).
+    Deterministic for a given device and thread count.
     """
     bsz, m, n = target.shape
-    steps = settings.steps if steps is None else steps
+    steps = fit_steps(settings, m, n) if steps is None else steps
     lr = settings.lr if lr is None else lr
     rms = target.pow(2).mean(dim=(1, 2)).sqrt().view(bsz, 1, 1, 1)
     eps2 = (rms * _EPS) ** 2

@@ -1,0 +1,177 @@
+"""Where the fit of one matrix spends its time and memory: ``python -m bench.profile``.
+
+``ops``: run a few fit steps under ``torch.profiler`` and group the aten ops by what limits
+them (batched matmul vs elementwise passes vs reductions vs copies), printing the top ops.
+``memory``: fit, discrepancy and reconstruction error of one matrix as the engine runs them,
+with the peak added RssAnon of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench._probe import Sampler, rss_anon_bytes
+from bench.checkpoint import projection
+from dynaudit.config import FitSettings
+from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
+from dynaudit.dynamics.metrics import squared_error
+
+MIB = 2**20
+
+# What bounds each op: matmuls are compute-bound, the rest stream (b, H, rows, n) buffers.
+_CATEGORY = {
+    "matmul": ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm", "aten::matmul"),
+    "elementwise": (
+        "aten::clamp_", "aten::clamp", "aten::sqrt_", "aten::sqrt", "aten::div", "aten::div_",
+        "aten::sub", "aten::sub_", "aten::mul", "aten::mul_", "aten::add", "aten::add_",
+        "aten::neg_", "aten::addcmul_", "aten::addcdiv_", "aten::pow", "aten::rsub",
+    ),
+    "reduction": ("aten::sum", "aten::mean"),
+    "copy/alloc": (
+        "aten::cat", "aten::copy_", "aten::clone", "aten::empty", "aten::empty_like",
+        "aten::zeros_like", "aten::ones_like", "aten::zero_", "aten::fill_", "aten::to",
+        "aten::_to_copy", "aten::empty_strided", "aten::resize_",
+    ),
+}  # fmt: skip
+
+
+def _category(name: str) -> str:
+    for category, names in _CATEGORY.items():
+        if name in names:
+            return category
+    return "other"
+
+
+def _target(m: int, n: int, seed: int) -> torch.Tensor:
+    weight = projection(m, n, torch.Generator().manual_seed(seed))
+    return (weight / weight.pow(2).mean().sqrt()).unsqueeze(0)
+
+
+def profile_ops(m: int, n: int, steps: int, settings: FitSettings, top: int) -> dict[str, Any]:
+    """Self CPU time per aten op over ``steps`` fit steps (after one warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    target = _target(m, n, 0)
+    rms = target.pow(2).mean(dim=(1, 2)).sqrt()
+    init = init_coordinates(m, n, settings, [0], rms)
+    with torch.no_grad():
+        fit_coordinates(target, settings, init, steps=1)
+        # Unprofiled run first: wall time, and the page faults / kernel time of fresh buffers.
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        fit_coordinates(target, settings, init, steps=steps)
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fit_coordinates(target, settings, init, steps=steps)
+    ops = [
+        {"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+        for e in prof.key_averages()
+        if e.self_cpu_time_total > 0
+    ]
+    ops.sort(key=lambda op: -op["self_s"])
+    total = sum(op["self_s"] for op in ops)
+    by_category: dict[str, float] = defaultdict(float)
+    for op in ops:
+        op["share"] = op["self_s"] / total
+        op["category"] = _category(op["op"])
+        by_category[op["category"]] += op["self_s"]
+    return {
+        "m": m,
+        "n": n,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "wall_s": wall,
+        "user_s": after.ru_utime - before.ru_utime,
+        "sys_s": after.ru_stime - before.ru_stime,
+        "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+        "profiled_self_s": total,
+        "categories": {k: v / total for k, v in sorted(by_category.items(), key=lambda x: -x[1])},
+        "top": ops[:top],
+    }
+
+
+def profile_memory(m: int, n: int, steps: int, settings: FitSettings, batch: int) -> dict[str, Any]:
+    """Peak added RssAnon (over the RssAnon before any work) of each phase the engine runs on
+    a batch of ``batch`` same-shape matrices; phases are cumulative, as in the engine."""
+    baseline = rss_anon_bytes()
+    phases: dict[str, float] = {}
+
+    def phase(name: str, work: Any) -> Any:
+        sampler = Sampler(0.002)
+        sampler.start()
+        out = work()
+        sampler.stop()
+        phases[name] = (sampler.peak - baseline) / MIB
+        return out
+
+    def warm_up() -> None:
+        # A tiny fit starts the thread pool and the BLAS/allocator state that any fit needs.
+        small = _target(64, 64, 1)
+        rms = small.pow(2).mean(dim=(1, 2)).sqrt()
+        fit_coordinates(small, settings, init_coordinates(64, 64, settings, [1], rms), steps=2)
+
+    with torch.no_grad():
+        phase("runtime warm-up (64×64 fit)", warm_up)
+        target = phase("targets (f32)", lambda: torch.cat([_target(m, n, s) for s in range(batch)]))
+        rms = target.pow(2).mean(dim=(1, 2)).sqrt()
+        seeds = list(range(batch))
+        init = phase("init coordinates", lambda: init_coordinates(m, n, settings, seeds, rms))
+        coords = phase("fit", lambda: fit_coordinates(target, settings, init, steps=steps))
+        phase("discrepancy", lambda: discrepancy(coords))
+        phase("squared error", lambda: squared_error(coords, target, settings.tile_bytes))
+    rows = max(1, min(m, settings.tile_bytes // (4 * batch * settings.pieces * n)))
+    return {
+        "m": m,
+        "n": n,
+        "batch": batch,
+        "matrix_f32_mib": 4 * m * n / MIB,
+        "distance_buffer_mib": 4 * batch * settings.pieces * rows * n / MIB,
+        "coordinates_mib": 4 * batch * (m + n) * settings.q_dim / MIB,
+        "discrepancy_tile_mib": 8 * batch * min(2048, m + n) * (m + n) / MIB,
+        "peak_added_mib_by_phase": phases,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("what", choices=["ops", "memory"])
+    parser.add_argument("--m", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=1, help="memory: same-shape matrices")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = FitSettings()
+    if args.what == "ops":
+        result = profile_ops(args.m, args.n, args.steps, settings, args.top)
+        print(f"fit {args.m}×{args.n}, {args.steps} steps, {result['threads']} threads: "
+              f"{result['wall_s'] / args.steps:.3f} s/step, user {result['user_s']:.2f} s, "
+              f"sys {result['sys_s']:.2f} s, {result['minor_faults_per_step']:.0f} minor faults"
+              " per step")  # fmt: skip
+        for category, share in result["categories"].items():
+            print(f"  {category:<12} {share:6.1%}")
+        for op in result["top"]:
+            print(f"  {op['op']:<22} {op['share']:6.1%}  {op['calls']:>6} calls  {op['category']}")
+    else:
+        result = profile_memory(args.m, args.n, args.steps, settings, args.batch)
+        print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
