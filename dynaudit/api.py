@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dynaudit import __version__
 from dynaudit.config import FitSettings
+from dynaudit.dynamics.kernel import fit_steps
 from dynaudit.engine import Progress, matrix_shape, measure_plan
 from dynaudit.errors import UsageError
 from dynaudit.families import detect_family
@@ -129,7 +130,7 @@ def inspect(
         for layer in plan.layers:
             info = checkpoint.tensors[layer.name]
             g, m, n = matrix_shape(layer, info.shape)
-            flop = 6 * m * n * fit.q_dim * fit.steps * g * fit.seeds
+            flop = 6 * m * n * fit.q_dim * fit_steps(fit, m, n) * g * fit.seeds
             layers.append(
                 InspectedLayer(
                     name=layer.name, type=layer.type, depth=layer.depth, shape=list(info.shape),

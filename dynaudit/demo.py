@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 __all__ = ["build_demo_checkpoint"]
 
 
-def build_demo_checkpoint(out_dir: Path, *, seed: int = 0, steps: int = 400) -> float:
+def build_demo_checkpoint(out_dir: Path, *, seed: int = 0, steps: int = 600) -> float:
     """Train a 3-layer MLP to imitate a random teacher network; save it as a safetensors
     checkpoint with a config.json. Returns the held-out accuracy."""
     gen = torch.Generator().manual_seed(seed)
-    teacher = [torch.randn(32, 64, generator=gen), torch.randn(64, 10, generator=gen)]
+    teacher = [torch.randn(32, 16, generator=gen) / 4, torch.randn(16, 10, generator=gen)]
 
     def labels(x: torch.Tensor) -> torch.Tensor:
         return (torch.tanh(x @ teacher[0]) @ teacher[1]).argmax(1)

@@ -18,7 +18,7 @@ import torch
 
 from dynaudit.config import FitSettings
 from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
-from dynaudit.dynamics.kernel import matrix_seed
+from dynaudit.dynamics.kernel import fit_steps, matrix_seed
 from dynaudit.dynamics.metrics import squared_error
 from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.report import LayerResult, Spread, depth_groups
@@ -121,6 +121,7 @@ def measure_plan(
                 matrices=g,
                 neurons=m + n,
                 q_dim=settings.q_dim,
+                steps=fit_steps(settings, m, n),
                 discrepancy=values[0] if values else None,
                 mean_distance=values[1] if values else None,
                 fidelity=values[2] if values else None,

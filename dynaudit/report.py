@@ -65,6 +65,7 @@ class LayerResult(_Model):
     matrices: int = Field(description="matrices fitted for the layer (conv groups)")
     neurons: int = Field(description="N = m + n per matrix")
     q_dim: int
+    steps: int = Field(description="Adam steps of each cold fit (see docs/method.md)")
     discrepancy: float | None
     mean_distance: float | None
     fidelity: float | None

@@ -22,7 +22,7 @@ import torch
 
 from dynaudit.config import FitSettings
 from dynaudit.dynamics import discrepancy, fidelity, fit_coordinates, init_coordinates
-from dynaudit.dynamics.kernel import matrix_seed
+from dynaudit.dynamics.kernel import fit_steps, matrix_seed
 from dynaudit.families import detect_family
 from dynaudit.tensors import Checkpoint
 from experiments import zoo
@@ -99,6 +99,60 @@ def evaluate(
     }
 
 
+def sweep_fidelity(
+    matrices: dict[str, torch.Tensor], q_dims: list[int], pieces: list[int], mu: float
+) -> list[dict[str, Any]]:
+    """Median fidelity (one seed, default budget rule) for each (q_dim, H)."""
+    out = []
+    for q in q_dims:
+        for h in pieces:
+            settings = FitSettings(q_dim=q, pieces=h, mu=mu)
+            started = time.perf_counter()
+            fids = []
+            for name, weight in matrices.items():
+                target = weight / weight.pow(2).mean().sqrt()
+                fids.append(_fit(target, settings, matrix_seed(0, name), True)[1])
+            out.append(
+                {
+                    "q_dim": q,
+                    "pieces": h,
+                    "mu": mu,
+                    "fidelity_median": statistics.median(fids),
+                    "fidelity_min": min(fids),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            print(out[-1], flush=True)
+    return out
+
+
+def time_sizes(sizes: list[int], steps: int = 20) -> list[dict[str, Any]]:
+    """Seconds per default fit of an n × n matrix, from ``steps`` timed steps."""
+    settings = FitSettings()
+    out = []
+    for n in sizes:
+        gen = torch.Generator().manual_seed(n)
+        target = torch.randn(1, n, n, generator=gen)
+        init = init_coordinates(n, n, settings, [0], torch.ones(1))
+        fit_coordinates(target, settings, init, steps=2)  # warm-up
+        started = time.perf_counter()
+        fit_coordinates(target, settings, init, steps=steps)
+        per_step = (time.perf_counter() - started) / steps
+        budget = fit_steps(settings, n, n)
+        flop = 6 * n * n * settings.q_dim
+        out.append(
+            {
+                "n": n,
+                "steps": budget,
+                "steps_per_second": 1 / per_step,
+                "gflops": flop / per_step / 1e9,
+                "seconds_per_matrix": per_step * budget,
+            }
+        )
+        print(out[-1], flush=True)
+    return out
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| q_dim | H | μ | steps | small-matrix rule | median fidelity "
@@ -128,10 +182,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-step-rule", action="store_true", help="fixed steps for every matrix (no ×8 rule)"
     )
+    parser.add_argument("--sweep", action="store_true", help="fidelity vs q_dim and H only")
+    parser.add_argument("--timing", action="store_true", help="seconds per matrix size only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1 if args.quick else torch.get_num_threads())
+    if args.timing:
+        sizes = [128, 256] if args.quick else [256, 512, 1024, 2048, 4096]
+        _write(args.out, {"threads": torch.get_num_threads(), "timing": time_sizes(sizes)})
+        return
     with tempfile.TemporaryDirectory() as tmp:
         matrices = trained_matrices(args.zoo or Path(tmp), args.quick)
+        if args.sweep:
+            q_dims, pieces = ([16, 32], [4, 8]) if args.quick else ([32, 64, 128, 256], [4, 8, 16])
+            sweep = sweep_fidelity(matrices, q_dims, pieces, FitSettings().mu)
+            _write(args.out, {"threads": torch.get_num_threads(), "sweep": sweep})
+            return
         grid = GRID_QUICK if args.quick else GRID_FULL
         if args.only:
             grid = [grid[int(i)] for i in args.only.split(",")]
@@ -139,10 +204,13 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(matrices, setting, args.seeds, not args.no_step_rule) for setting in grid
         ]
     print(markdown_table(results))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results},
-                                       indent=1) + "\n")  # fmt: skip
+    _write(args.out, {"threads": torch.get_num_threads(), "results": results})
+
+
+def _write(path: Path | None, data: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def test_generic_plan_order_types_and_skips(write_checkpoint) -> None:  # type: 
         "model.embed_tokens.weight": torch.randn(32, 8),
         "features.0.weight": torch.randn(4, 3, 3, 3),
         "features.1.weight": torch.randn(4, 1, 3, 3),
+        "stem.weight": torch.randn(6, 1, 3, 3),
         "features.1.running_mean": torch.randn(4),
         "steps": torch.tensor([1, 2], dtype=torch.int64),
         "odd": torch.randn(2, 3, 4),
@@ -53,6 +54,7 @@ def test_generic_plan_order_types_and_skips(write_checkpoint) -> None:  # type: 
         ("model.layers.2.mlp.fc1.weight", "fc1", 2, "linear"),
         ("model.layers.2.self_attn.q_proj.weight", "q_proj", 3, "linear"),
         ("model.layers.10.self_attn.q_proj.weight", "q_proj", 4, "linear"),
+        ("stem.weight", "conv", 5, "conv"),  # 1 input channel, no earlier conv made 6
     ]
     reasons = {s.name: s.reason for s in plan.skipped}
     assert reasons["model.layers.2.mlp.fc1.bias"] == "bias"

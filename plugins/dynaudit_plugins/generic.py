@@ -14,6 +14,7 @@ from dynaudit.tensors import Checkpoint, TensorInfo
 _EMBEDDING = re.compile(r"(^|[._])(embed\w*|embeddings?|wte|wpe|tok_embeddings|shared)([._]|$)")
 _NORM = re.compile(r"(^|[._])(\w*norm\w*|ln\w*|bn\d*|layernorm\w*)([._]|$)", re.IGNORECASE)
 _WEIGHT_SUFFIX = re.compile(r"\.weight$")
+DEPTHWISE = "depthwise convolution (1 × kh·kw matrices carry no pairwise structure)"
 
 
 def role(name: str, kind: str) -> str:
@@ -47,9 +48,13 @@ def skip_reason(info: TensorInfo) -> str | None:
         return "empty tensor"
     if rank == 2 and min(info.shape) < 2:
         return f"degenerate matrix {list(info.shape)}"
-    if rank == 4 and info.shape[1] == 1 and info.shape[2] * info.shape[3] > 1:
-        return "depthwise convolution (1 × kh·kw matrices carry no pairwise structure)"
     return None
+
+
+def looks_depthwise(shape: tuple[int, ...], earlier_channels: set[int]) -> bool:
+    """A (C, 1, kh, kw) kernel is depthwise when an earlier conv already produced C channels;
+    without one it is a convolution over a single input channel (a grayscale stem)."""
+    return shape[1] == 1 and shape[2] * shape[3] > 1 and shape[0] in earlier_channels
 
 
 class GenericFamily(Family):
@@ -62,9 +67,14 @@ class GenericFamily(Family):
     def plan(self, checkpoint: Checkpoint) -> LayerPlan:
         layers: list[Layer] = []
         skipped: list[Skip] = []
+        conv_channels: set[int] = set()
         for name in checkpoint.names():
             info = checkpoint.tensors[name]
             reason = skip_reason(info)
+            if reason is None and len(info.shape) == 4:
+                if looks_depthwise(info.shape, conv_channels):
+                    reason = DEPTHWISE
+                conv_channels.add(info.shape[0])
             if reason is not None:
                 skipped.append(Skip(name, reason))
                 continue
