@@ -18,7 +18,7 @@ import torch
 
 from dynaudit.config import FitSettings
 from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
-from dynaudit.dynamics.kernel import fit_steps, matrix_seed
+from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
 from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.report import LayerResult, Spread, depth_groups
@@ -77,7 +77,7 @@ def _load(
     if scales is not None and layer.name in scales:
         scale = scales[layer.name]
     else:
-        scale = float(weight.double().pow(2).mean().sqrt())
+        scale = float(rms(weight.reshape(1, -1, weight.shape[-1])))
     if not bool(weight.any()):
         return _Loaded(layer, weight, scale, "all-zero matrix")
     if scale == 0.0:
@@ -143,11 +143,16 @@ def _fit_batch(
 ) -> dict[str, tuple[float, float, float, Spread | None]]:
     """Cold-fit a batch of same-shape layers once per seed; per layer: 𝒟, mean distance,
     fidelity (of the first seed's fit) and the spread over seeds."""
-    target = torch.cat([item.matrices / (item.scale or 1.0) for item in items]).to(device)
+    # The loaded matrices are private float32 copies: scale them in place, and concatenate
+    # only real batches, so a large layer is held once, not twice.
+    for item in items:
+        item.matrices.div_(item.scale or 1.0)
+    target = items[0].matrices if len(items) == 1 else torch.cat([i.matrices for i in items])
+    target = target.to(device)
     owners = [i for i, item in enumerate(items) for _ in range(item.matrices.shape[0])]
     group_index = [g for item in items for g in range(item.matrices.shape[0])]
     _, m, n = target.shape
-    rms = target.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-30)
+    size = rms(target).float().clamp_min(1e-30)
     per_seed: list[tuple[list[float], list[float]]] = []
     fidelity: list[float] = []
     for offset in range(settings.seeds):
@@ -155,15 +160,15 @@ def _fit_batch(
             matrix_seed(settings.seed + offset, items[o].layer.name, g)
             for o, g in zip(owners, group_index, strict=True)
         ]
-        init = init_coordinates(m, n, settings, seeds, rms)
+        init = init_coordinates(m, n, settings, seeds, size)
         coords = fit_coordinates(target, settings, init)
         d, md = discrepancy(coords)
         per_seed.append(
             (_per_layer_mean(d, owners, len(items)), _per_layer_mean(md, owners, len(items)))
         )
         if offset == 0:
-            err = squared_error(coords, target, settings.tile_bytes)
-            norm = target.double().pow(2).sum(dim=(1, 2))
+            err = squared_error(coords, target, work_bytes(settings, len(owners), m, n))
+            norm = sum_squares(target)
             for i in range(len(items)):
                 mask = torch.tensor([o == i for o in owners], device=err.device)
                 fidelity.append(1.0 - math.sqrt(float(err[mask].sum()) / float(norm[mask].sum())))

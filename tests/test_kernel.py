@@ -92,7 +92,7 @@ def test_fit_reduces_the_error_and_fidelity_is_consistent() -> None:
 
 def test_discrepancy_matches_brute_force() -> None:
     coords = _random_coords(2, 4, 9, 6, 2)
-    d, mean_distance = discrepancy(coords, tile_rows=4)
+    d, mean_distance = discrepancy(coords, tile_bytes=8 * 2 * 15 * 4)  # 4-row tiles
     q = coords.permute(0, 2, 1, 3).reshape(2, 15, 8).double()
     brute = torch.cdist(q, q, compute_mode="donot_use_mm_for_euclid_dist").sum(dim=(1, 2)) / 15
     assert torch.allclose(d, brute, rtol=1e-9)

@@ -31,7 +31,16 @@ import torch
 
 from dynaudit.config import FitSettings
 
-__all__ = ["fit_coordinates", "fit_steps", "init_coordinates", "matrix_seed", "reconstruct"]
+__all__ = [
+    "fit_coordinates",
+    "fit_steps",
+    "init_coordinates",
+    "matrix_seed",
+    "reconstruct",
+    "rms",
+    "sum_squares",
+    "work_bytes",
+]
 
 _EPS = 1e-4  # smallest piece distance, in units of RMS(T); keeps 1/E finite
 # β2 = 0.9 (not 0.999): the second moment must forget the early large gradients, or the
@@ -52,6 +61,22 @@ def fit_steps(settings: FitSettings, m: int, n: int) -> int:
     return settings.steps * min(8, max(1, round(2 * rho)))
 
 
+def sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """Σ x² over the last two dims, per leading index, ``(b,)`` float64; in row chunks so that
+    the float64 temporaries stay a few MiB however large the matrix."""
+    x = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.reshape(1, 1, -1)
+    rows = max(1, (1 << 20) // max(1, x.shape[0] * x.shape[2]))
+    acc = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for r0 in range(0, x.shape[1], rows):
+        acc += x[:, r0 : r0 + rows].double().square().sum(dim=(1, 2))
+    return acc
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the last two dims, ``(b,)`` float64."""
+    return (sum_squares(x) / (x.shape[-1] * x.shape[-2])).sqrt()
+
+
 def matrix_seed(seed: int, name: str, group: int = 0) -> int:
     """A seed for one matrix that does not depend on batching, ordering or sharding."""
     digest = hashlib.sha256(f"{seed}\x00{name}\x00{group}".encode()).digest()
@@ -70,6 +95,17 @@ def init_coordinates(
         out[i] = torch.randn(h, m + n, k, generator=gen)
     out *= rms.cpu().view(-1, 1, 1, 1) / math.sqrt(k)
     return out.to(rms.device)
+
+
+_MIN_WORK_BYTES = 16 * 1024 * 1024
+
+
+def work_bytes(settings: FitSettings, b: int, m: int, n: int) -> int:
+    """Memory for the fit's distance buffer: at most the batch's own float32 size (but at
+    least 16 MiB, below which tiling only adds overhead), and never above ``tile_bytes``.
+    Large matrices are then fitted in about H row tiles, keeping peak memory near 2–3× the
+    matrix instead of H×."""
+    return min(settings.tile_bytes, max(_MIN_WORK_BYTES, 4 * b * m * n))
 
 
 def _rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
@@ -168,12 +204,12 @@ def fit_coordinates(
     bsz, m, n = target.shape
     steps = fit_steps(settings, m, n) if steps is None else steps
     lr = settings.lr if lr is None else lr
-    rms = target.pow(2).mean(dim=(1, 2)).sqrt().view(bsz, 1, 1, 1)
-    eps2 = (rms * _EPS) ** 2
+    size = rms(target).float().view(bsz, 1, 1, 1)
+    eps2 = (size * _EPS) ** 2
     coords = init.clone()
     avg = torch.zeros_like(coords)
     avg_sq = torch.zeros_like(coords)
-    rows = _rows_per_tile(bsz, settings.pieces, m, n, settings.tile_bytes)
+    rows = _rows_per_tile(bsz, settings.pieces, m, n, work_bytes(settings, bsz, m, n))
     for step in range(1, steps + 1):
         grad = _gradient(coords, target, eps2, settings.mu, rows)
         avg.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
@@ -182,6 +218,6 @@ def fit_coordinates(
         bias1 = 1 - _BETA1**step
         bias2 = 1 - _BETA2**step
         # Adam's step, with the learning rate and epsilon in units of RMS(T) (equivariance).
-        denom = avg_sq.div(bias2).sqrt_().add_(rms * _ADAM_EPS)
-        coords.addcdiv_(avg * rms, denom, value=-rate / bias1)
+        denom = avg_sq.div(bias2).sqrt_().add_(size * _ADAM_EPS)
+        coords.addcdiv_(avg * size, denom, value=-rate / bias1)
     return coords
