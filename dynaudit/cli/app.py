@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -78,7 +80,8 @@ def measure(
     if markdown_path is not None:
         write_text_atomic(markdown_path, render_markdown(report))
     if not quiet:
-        render_terminal(report, Console(soft_wrap=False))
+        # Logs and pipes get a wide table rather than rich's 80-column default.
+        render_terminal(report, Console(width=None if sys.stdout.isatty() else 140))
     if report.non_finite:
         raise NonFiniteWeights(report.non_finite)
     return 0
@@ -169,27 +172,23 @@ def demo(
                        markdown_path=None, quiet=False)  # fmt: skip
 
 
-class _progress:
+@contextlib.contextmanager
+def _progress() -> Iterator[Callable[[int, int, str], None] | None]:
     """A rich progress bar over layers on an interactive terminal; silent in CI and pipes."""
+    if not _interactive():
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        if not _interactive():
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    bar = Progress(
+        TextColumn("fitting"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(), TextColumn("{task.fields[layer]}"),
+        console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    task = bar.add_task("fit", total=None, layer="")
 
-        self._bar = Progress(
-            TextColumn("fitting"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(), TextColumn("{task.fields[layer]}"),
-            console=Console(stderr=True), transient=True,
-        )  # fmt: skip
-        self._bar.start()
-        self._task = self._bar.add_task("fit", total=None, layer="")
+    def update(done: int, total: int, layer: str) -> None:
+        bar.update(task, completed=done, total=total, layer=layer)
 
-        def update(done: int, total: int, layer: str) -> None:
-            self._bar.update(self._task, completed=done, total=total, layer=layer)
-
-        return update
-
-    def __exit__(self, *exc: object) -> None:
-        if hasattr(self, "_bar"):
-            self._bar.stop()
+    with bar:
+        yield update

@@ -22,7 +22,8 @@ def render_terminal(report: Report, console: Console) -> None:
         ("layer", "left"), ("type", "left"), ("depth", "right"), ("shape", "left"),
         ("mean dist", "right"), ("± seeds", "right"), ("𝒟", "right"), ("fidelity", "right"),
     ]:  # fmt: skip
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        # Layer names are the reader's key into the checkpoint: wrap them, never elide them.
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for layer in report.measured:
         spread = f"{layer.spread.relative:.2%}" if layer.spread else "—"
         name = Text(layer.name)  # Text(): names from checkpoints are never parsed as markup
