@@ -44,7 +44,9 @@ QUICK_STEPS = 100  # keeps --quick under two minutes; the time is extrapolated t
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="hidden 512 (runs in < 2 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="hidden 512: about 30 s on a quiet 2-core machine"
+    )
     parser.add_argument(
         "--steps",
         type=int,
@@ -54,7 +56,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--blocks", type=int, default=1, help="transformer blocks (default 1)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for both tools: torch's for dynaudit and the kernel, the BLAS/OpenMP "
+        "pools' for WeightWatcher (default: each library's own)",
     )
     parser.add_argument("--kernel-steps", type=int, default=None, help="fit steps timed in-process")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
@@ -68,10 +74,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _run_process(argv: list[str], log: Path) -> dict[str, Any]:
+def _run_process(
+    argv: list[str], log: Path, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``argv`` to completion; wall clock, CPU time and peak total RSS of that process."""
     path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), **(extra_env or {})}
     load_before = load_average()
     with log.open("wb") as out:
         started = time.perf_counter()
@@ -137,9 +145,14 @@ def _measure_dynaudit(ckpt: Path, work: Path, steps: int | None, threads: int) -
     return result
 
 
-def _measure_weightwatcher(ckpt: Path, work: Path) -> dict[str, Any]:
+def _measure_weightwatcher(ckpt: Path, work: Path, threads: int | None) -> dict[str, Any]:
+    """Whole-process WeightWatcher; ``threads`` caps its BLAS/OpenMP pools like dynaudit's."""
     out = work / "weightwatcher.json"
-    result = _run_process([sys.executable, "-m", "bench._ww", str(ckpt), str(out)], work / "ww.log")
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {name: str(threads) for name in names} if threads is not None else None
+    argv = [sys.executable, "-m", "bench._ww", str(ckpt), str(out)]
+    result = _run_process(argv, work / "ww.log", env)
+    result["thread_env"] = env or {}
     _check(result, "WeightWatcher analyze")
     result.update(json.loads(out.read_text()))
     return result
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[3/4] dynaudit measure ({steps or default_steps} steps) ...")
         dyn = _measure_dynaudit(ckpt, work, steps, threads)
         console.print("[4/4] WeightWatcher analyze ...")
-        ww = _measure_weightwatcher(ckpt, work)
+        ww = _measure_weightwatcher(ckpt, work, args.threads)
 
         m, n = checkpoint["largest_matrix"]  # type: ignore[misc]
         largest = 4 * m * n
