@@ -190,9 +190,9 @@ class Checkpoint:
         if root.is_file():
             if root.suffix in PICKLE_SUFFIXES:
                 raise PickleRefused(_pickle_message(root), path=str(root))
-            files, config_dir = [root], root.parent
+            files, config_dir, weight_map = [root], root.parent, None
         else:
-            files, config_dir = _weight_files(root), root
+            (files, weight_map), config_dir = _weight_files(root), root
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         for file in files:
@@ -205,8 +205,8 @@ class Checkpoint:
                     )
                 tensors[name] = info
             metadata.update(file_meta)
-        if root.is_dir() and (root / INDEX_NAME).exists():
-            _check_index(root, tensors)
+        if weight_map is not None:
+            _check_index(root / INDEX_NAME, weight_map, tensors)
         config_path = config_dir / "config.json"
         config = read_json(config_path) if config_path.is_file() else None
         return cls(
@@ -291,7 +291,8 @@ def _pickle_message(path: Path) -> str:
     )
 
 
-def _weight_files(root: Path) -> list[Path]:
+def _weight_files(root: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """The weight files of a directory, and the index's weight map when it has one."""
     index = root / INDEX_NAME
     if index.is_file():
         data = read_json(index)
@@ -313,22 +314,20 @@ def _weight_files(root: Path) -> list[Path]:
                     f"{index}: names shard {name!r}, which is missing", path=str(index)
                 )
             files.append(shard)
-        return files
+        return files, weight_map
     single = root / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], None
     files = sorted(root.glob("*.safetensors"), key=lambda p: natural_key(p.name))
     if files:
-        return files
+        return files, None
     pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise PickleRefused(_pickle_message(pickles[0]), path=str(pickles[0]))
     raise EmptyCheckpoint(f"{root}: no .safetensors weights in this directory", path=str(root))
 
 
-def _check_index(root: Path, tensors: dict[str, TensorInfo]) -> None:
-    index = root / INDEX_NAME
-    weight_map = read_json(index)["weight_map"]
+def _check_index(index: Path, weight_map: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
     for name, shard in weight_map.items():
         info = tensors.get(name)
         if info is None or info.file.name != shard:

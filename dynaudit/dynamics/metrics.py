@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dynaudit.dynamics.kernel import reconstruct, sum_squares
+from dynaudit.dynamics.kernel import _rows_per_tile, reconstruct, sum_squares
 
 __all__ = ["discrepancy", "fidelity", "squared_error"]
 
@@ -38,7 +38,7 @@ def squared_error(
 ) -> torch.Tensor:
     """Σ (Ŵ − T)² per matrix, ``(b,)`` float64, computed in row tiles."""
     bsz, m, n = target.shape
-    rows = max(1, min(m, tile_bytes // max(1, 4 * bsz * coords.shape[1] * n)))
+    rows = _rows_per_tile(bsz, coords.shape[1], m, n, tile_bytes)
     acc = torch.zeros(bsz, dtype=torch.float64, device=coords.device)
     for r0 in range(0, m, rows):
         part = reconstruct(coords, m, slice(r0, r0 + rows), tile_bytes)
