@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dynaudit import __version__
 from dynaudit.config import FitSettings
 from dynaudit.dynamics.kernel import fit_steps
-from dynaudit.engine import Progress, matrix_shape, measure_plan
+from dynaudit.engine import Progress, measure_plan
 from dynaudit.errors import UsageError
-from dynaudit.families import detect_family
+from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
 from dynaudit.report import FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
-from dynaudit.sources import resolve
-from dynaudit.tensors import Checkpoint
+from dynaudit.sources import open_checkpoint, resolve
+from dynaudit.structure import StructuralClass
 
 __all__ = ["InspectedLayer", "Inspection", "inspect", "measure", "settings_from"]
 
@@ -39,6 +40,7 @@ def measure(
     source: str | os.PathLike[str],
     *,
     family: str | None = None,
+    base: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     scales: dict[str, float] | None = None,
     **settings: Any,
@@ -46,7 +48,9 @@ def measure(
     """Fit every layer of a checkpoint and report its dynamical discrepancy.
 
     ``settings`` are :class:`~dynaudit.config.FitSettings` fields (``q_dim``, ``pieces``,
-    ``steps``, ``seed``, ``seeds``, ``device``, ...). ``scales`` fixes the per-layer
+    ``steps``, ``seed``, ``seeds``, ``device``, ...). A LoRA adapter directory is measured
+    as its merged weights over ``base`` (default: the adapter's ``base_model_name_or_path``).
+    ``scales`` fixes the per-layer
     reference scale s (by tensor name); by default each matrix is scaled by its own RMS.
     """
     import torch
@@ -57,7 +61,7 @@ def measure(
     started = time.perf_counter()
     resolved = resolve(source)
     device = pick_device(fit.device)
-    with Checkpoint.open(resolved.path) as checkpoint:
+    with open_checkpoint(resolved, base) as checkpoint:
         detection = detect_family(checkpoint, family)
         plan = detection.family.plan(checkpoint)
         with torch_scope(device, fit.threads):
@@ -74,12 +78,7 @@ def measure(
             revision=resolved.revision,
             files=fingerprint,
         ),
-        family=FamilyInfo(
-            name=detection.family.name,
-            confidence=detection.confidence,
-            detected_by=detection.how,
-            depth_note=plan.depth_note,
-        ),
+        family=_family_info(detection, plan),
         settings={**fit.numeric(), "device": device.type, "threads": threads},
         layers=[*layers, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
         summary=summarize(layers),
@@ -101,6 +100,37 @@ class InspectedLayer(BaseModel):
     matrices: int
     neurons: int
     gflop: float  # fit cost at the given settings, all seeds
+    inputs: list[str] = Field(description="layers whose outputs feed this layer's inputs")
+    reads_input: bool = Field(description="reads the model's input (directly or via a stream)")
+    rank: int | None = Field(None, description="numerical rank (--weights)")
+    full_rank: int | None = Field(None, description="min(m, n)")
+    spectral_norm: float | None = Field(None, description="largest singular value (--weights)")
+
+
+class Structure(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    structural_class: StructuralClass
+    widths: list[int] = Field(description="feature widths along the main path, input first")
+    reason: str
+    branches: dict[str, int] = Field(description="residual branches per structural class")
+    degenerate: list[str] | None = Field(
+        None, description="rank-deficient layers (--weights; null when weights were not read)"
+    )
+    rank_rule: str | None = None
+
+
+class BranchGain(BaseModel):
+    """Product of the spectral norms along a residual branch: an upper bound on the branch's
+    Lipschitz constant only where every step is Lipschitz — an indicator, not a guarantee."""
+
+    model_config = ConfigDict(frozen=True)
+
+    block: str
+    branch: str
+    layers: list[str]
+    gain: float
+    note: str
 
 
 class Inspection(BaseModel):
@@ -111,6 +141,8 @@ class Inspection(BaseModel):
     family: FamilyInfo
     layers: list[InspectedLayer]
     skipped: list[SkippedLayer]
+    structure: Structure
+    gains: list[BranchGain] = Field(default_factory=list)
     tensors: int
     bytes: int
     parameters: int
@@ -118,38 +150,92 @@ class Inspection(BaseModel):
 
 
 def inspect(
-    source: str | os.PathLike[str], *, family: str | None = None, **settings: Any
+    source: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    weights: bool = False,
+    **settings: Any,
 ) -> Inspection:
-    """Headers only: family, layers, shapes, dtypes, size and the fit's cost. Reads no weights."""
+    """Headers only: family, layer graph, shapes, dtypes, size, structural class and the fit's
+    cost. With ``weights=True`` also reads every layer for its rank and spectral norm, the
+    degenerate layers and the gain of every residual branch."""
+    from dynaudit.structure import branch_widths, chain_widths, check_matrices, classify
+
     fit = settings_from(settings)
     resolved = resolve(source)
-    with Checkpoint.open(resolved.path) as checkpoint:
+    with open_checkpoint(resolved, base) as checkpoint:
         detection = detect_family(checkpoint, family)
         plan = detection.family.plan(checkpoint)
+        checks = check_matrices(checkpoint, plan, detection.family) if weights else {}
         layers = []
         for layer in plan.layers:
-            info = checkpoint.tensors[layer.name]
+            info = checkpoint.tensors[layer.source]
             g, m, n = matrix_shape(layer, info.shape)
             flop = 6 * m * n * fit.q_dim * fit_steps(fit, m, n) * g * fit.seeds
+            check = checks.get(layer.name)
             layers.append(
                 InspectedLayer(
-                    name=layer.name, type=layer.type, depth=layer.depth, shape=list(info.shape),
-                    dtype=info.dtype, matrices=g, neurons=m + n, gflop=flop / 1e9,
+                    name=layer.name, type=layer.type, depth=layer.depth,
+                    shape=[m, n] if layer.rows else list(info.shape), dtype=info.dtype,
+                    matrices=g, neurons=m + n, gflop=flop / 1e9,
+                    inputs=[feed.src for feed in plan.inputs_of(layer.name)],
+                    reads_input=layer.name in plan.reads_input,
+                    rank=check.rank if check else None,
+                    full_rank=min(m, n),
+                    spectral_norm=check.spectral_norm if check else None,
                 )
             )  # fmt: skip
+        widths = chain_widths(plan, checkpoint)
+        kind, reason = classify(widths)
+        branch_classes: dict[str, int] = {}
+        gains = []
+        for block in plan.blocks:
+            for branch, names in block.branches.items():
+                branch_kind, _ = classify(branch_widths(plan, checkpoint, names))
+                branch_classes[branch_kind] = branch_classes.get(branch_kind, 0) + 1
+                if checks:
+                    gains.append(
+                        BranchGain(
+                            block=block.name, branch=branch, layers=list(names),
+                            gain=math.prod(checks[name].spectral_norm for name in names),
+                            note=block.note,
+                        )
+                    )  # fmt: skip
+        structure = Structure(
+            structural_class=kind,
+            widths=widths,
+            reason=reason,
+            branches=branch_classes,
+            degenerate=[n for n, c in checks.items() if c.rank < c.full_rank] if weights else None,
+            rank_rule=RANK_RULE if weights else None,
+        )
         return Inspection(
             uri=resolved.uri,
             files=[str(f) for f in checkpoint.files],
-            family=FamilyInfo(
-                name=detection.family.name,
-                confidence=detection.confidence,
-                detected_by=detection.how,
-                depth_note=plan.depth_note,
-            ),
+            family=_family_info(detection, plan),
             layers=layers,
             skipped=[SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped],
+            structure=structure,
+            gains=gains,
             tensors=len(checkpoint.tensors),
             bytes=checkpoint.total_bytes,
             parameters=sum(info.numel for info in checkpoint.tensors.values()),
             gflop=sum(layer.gflop for layer in layers),
         )
+
+
+RANK_RULE = (
+    "rank = singular values above max(u·rms(W)·(√m+√n), σ_max·max(m,n)·ε_f32), u the storage "
+    "dtype's unit roundoff"
+)
+
+
+def _family_info(detection: Detection, plan: LayerPlan) -> FamilyInfo:
+    return FamilyInfo(
+        name=detection.family.name,
+        confidence=detection.confidence,
+        detected_by=detection.how,
+        depth_note=plan.depth_note,
+        notes=plan.notes,
+    )

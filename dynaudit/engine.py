@@ -21,10 +21,11 @@ from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
 from dynaudit.families import Family, Layer, LayerPlan
+from dynaudit.families.base import matrix_shape
 from dynaudit.report import LayerResult, Spread, depth_groups
 from dynaudit.tensors import Checkpoint
 
-__all__ = ["Progress", "matrix_shape", "measure_plan"]
+__all__ = ["Progress", "layer_groups", "measure_plan"]
 
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, current layer)
 
@@ -38,12 +39,11 @@ class _Loaded:
     non_finite: bool = False
 
 
-def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """``(g, m, n)`` of a layer from its tensor shape, without reading data."""
-    if layer.kind == "linear":
-        m, n = (shape[1], shape[0]) if layer.transposed else (shape[0], shape[1])
-        return 1, m, n
-    return layer.groups, shape[0] // layer.groups, math.prod(shape[1:])
+def layer_groups(layers: list[Layer]) -> dict[str, str]:
+    """Each layer's depth third: thirds of the distinct depths of the layers the family did
+    not pin to a group (a stem is bottom and a head top, without shifting the blocks')."""
+    thirds = depth_groups(layer.depth for layer in layers if layer.group is None)
+    return {layer.name: layer.group or thirds[layer.depth] for layer in layers}
 
 
 def _batches(
@@ -51,7 +51,7 @@ def _batches(
 ) -> Iterator[list[Layer]]:
     """Same-shape layers together, each batch's distance buffer within ``tile_bytes``."""
     shapes = {
-        layer.name: matrix_shape(layer, checkpoint.tensors[layer.name].shape) for layer in layers
+        layer.name: matrix_shape(layer, checkpoint.tensors[layer.source].shape) for layer in layers
     }
     ordered = sorted(layers, key=lambda layer: (shapes[layer.name][1:], layer.depth))
     batch: list[Layer] = []
@@ -71,7 +71,7 @@ def _batches(
 def _load(
     checkpoint: Checkpoint, family: Family, layer: Layer, scales: dict[str, float] | None
 ) -> _Loaded:
-    weight = family.matrices(layer, checkpoint.read(layer.name))
+    weight = family.matrices(layer, checkpoint.read(layer.source))
     if not bool(torch.isfinite(weight).all()):
         return _Loaded(layer, weight, None, "non-finite weights (NaN/Inf)", non_finite=True)
     if scales is not None and layer.name in scales:
@@ -96,7 +96,7 @@ def measure_plan(
     progress: Progress | None = None,
 ) -> tuple[list[LayerResult], list[str]]:
     """Fit every planned layer; returns results in plan order and the non-finite tensors."""
-    groups = depth_groups(layer.depth for layer in plan.layers)
+    groups = layer_groups(plan.layers)
     results: dict[str, LayerResult] = {}
     non_finite: list[str] = []
     done = 0
@@ -116,8 +116,8 @@ def measure_plan(
                 name=layer.name,
                 type=layer.type,
                 depth=layer.depth,
-                group=groups[layer.depth],  # type: ignore[arg-type]
-                shape=list(checkpoint.tensors[layer.name].shape),
+                group=groups[layer.name],  # type: ignore[arg-type]
+                shape=[m, n] if layer.rows else list(checkpoint.tensors[layer.source].shape),
                 matrices=g,
                 neurons=m + n,
                 q_dim=settings.q_dim,

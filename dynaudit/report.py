@@ -45,6 +45,7 @@ class FamilyInfo(_Model):
     confidence: float
     detected_by: str
     depth_note: str
+    notes: list[str] = Field(default_factory=list)
 
 
 class Spread(_Model):
@@ -93,6 +94,10 @@ class Summary(_Model):
     all: Aggregate
     groups: dict[str, Aggregate]
     types: dict[str, Aggregate]
+    table: dict[str, dict[str, Aggregate]] = Field(
+        default_factory=dict,
+        description="type → depth group → aggregate (the shape of the paper's Tables 2–3)",
+    )
 
 
 class Report(_Model):
@@ -156,11 +161,17 @@ def summarize(layers: list[LayerResult]) -> Summary:
     """Means over layers: all, per depth third, per type (null metrics left out)."""
     by_group: dict[str, list[LayerResult]] = defaultdict(list)
     by_type: dict[str, list[LayerResult]] = defaultdict(list)
+    by_cell: dict[tuple[str, str], list[LayerResult]] = defaultdict(list)
     for layer in layers:
         by_group[layer.group].append(layer)
         by_type[layer.type].append(layer)
+        by_cell[(layer.type, layer.group)].append(layer)
     return Summary(
         all=_aggregate(layers),
         groups={g: _aggregate(by_group[g]) for g in DEPTH_GROUPS if g in by_group},
         types={t: _aggregate(by_type[t]) for t in sorted(by_type)},
+        table={
+            t: {g: _aggregate(by_cell[(t, g)]) for g in DEPTH_GROUPS if (t, g) in by_cell}
+            for t in sorted(by_type)
+        },
     )

@@ -2,32 +2,115 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from dynaudit_plugins.generic import GenericFamily, role
 
+from dynaudit import measure
 from dynaudit.errors import UnknownFamily
-from dynaudit.families import Family, available_families, detect_family, get_family
+from dynaudit.families import (
+    Family,
+    available_families,
+    detect_family,
+    get_family,
+    matrix_shape,
+)
 from dynaudit.families.base import Layer, weight_matrices
+from dynaudit.families.build import StructureError
 from dynaudit.tensors import Checkpoint
+from experiments import zoo
+from tests import producers
+
+# Every installed family, with the checkpoints (by real producers) that are its own.
+OWN_FIXTURES = {
+    "llama": ["llama_gqa", "qwen2_tied"],
+    "vit": ["vit_hf", "timm_vit"],
+    "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
+    "generic": ["mlp"],
+}
 
 
-@pytest.mark.parametrize("name", sorted(available_families()))
-def test_every_installed_family_honours_the_contract(name: str, digits_mlp: Path) -> None:
-    """Conformance: each plugin loads as a Family and plans a real checkpoint coherently."""
+@pytest.fixture(scope="session")
+def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("family-zoo")
+    zoo.train_digits_lenet(root / "lenet", epochs=3)
+    return {
+        "llama_gqa": producers.llama(root / "llama"),
+        "qwen2_tied": producers.qwen2(root / "qwen2"),
+        "vit_hf": producers.vit_hf(root / "vit"),
+        "timm_vit": producers.timm_vit(root / "timm-vit"),
+        "resnet_hf": producers.resnet_hf(root / "resnet"),
+        "torchvision_resnet18": producers.torchvision_resnet18(root / "resnet18"),
+        "lenet": root / "lenet",
+        "mlp": digits_mlp,
+    }
+
+
+def test_every_installed_family_has_fixtures() -> None:
+    assert set(available_families()) <= set(OWN_FIXTURES)
+
+
+@pytest.mark.parametrize(
+    ("name", "fixture"), [(f, x) for f, xs in OWN_FIXTURES.items() for x in xs]
+)
+def test_every_installed_family_honours_the_contract(
+    name: str, fixture: str, family_zoo: dict[str, Path]
+) -> None:
+    """Conformance: detection on the family's own checkpoints; every tensor used or skipped
+    with a reason; matrix views of the planned shapes; the layer graph acyclic and complete,
+    its index maps onto the predecessor's outputs."""
     family = get_family(name)
     assert isinstance(family, Family)
     assert family.name == name and family.description
-    with Checkpoint.open(digits_mlp) as checkpoint:
-        assert 0.0 <= family.detect(checkpoint) <= 1.0
+    with Checkpoint.open(family_zoo[fixture]) as checkpoint:
+        assert detect_family(checkpoint).family.name == name
         plan = family.plan(checkpoint)
-        planned = [layer.name for layer in plan.layers] + [s.name for s in plan.skipped]
-        assert sorted(planned) == sorted(checkpoint.tensors)
+        names = [layer.name for layer in plan.layers]
+        assert len(set(names)) == len(names)
+        used = {layer.source for layer in plan.layers}
+        skipped = {s.name for s in plan.skipped}
+        assert not used & skipped and used | skipped == set(checkpoint.tensors)
+        assert all(s.reason for s in plan.skipped)
+        shapes = {}
         for layer in plan.layers:
-            mats = family.matrices(layer, checkpoint.read(layer.name))
-            assert mats.dim() == 3
+            shape = matrix_shape(layer, checkpoint.tensors[layer.source].shape)
+            mats = family.matrices(layer, checkpoint.read(layer.source))
+            assert tuple(mats.shape) == shape, layer.name
+            shapes[layer.name] = shape
+        depth = {layer.name: layer.depth for layer in plan.layers}
+        for feed in plan.feeds:
+            assert depth[feed.src] <= depth[feed.dst] and feed.src != feed.dst
+            g, _, n = shapes[feed.dst]
+            src_g, src_m, _ = shapes[feed.src]
+            index = feed.index.indices(g, n)
+            assert index.shape == (g, n)
+            assert set(index.flatten().tolist()) == set(range(src_g * src_m)), feed
+        for layer in plan.layers:
+            assert layer.name in plan.reads_input or plan.inputs_of(layer.name), layer.name
+        _assert_acyclic(names, [(f.src, f.dst) for f in plan.feeds])
+        for block in plan.blocks:
+            assert all(x in shapes for branch in block.branches.values() for x in branch)
+
+
+def _assert_acyclic(nodes: list[str], edges: list[tuple[str, str]]) -> None:
+    incoming = {n: 0 for n in nodes}
+    for _, dst in edges:
+        incoming[dst] += 1
+    ready = [n for n, k in incoming.items() if k == 0]
+    seen = 0
+    while ready:
+        node = ready.pop()
+        seen += 1
+        for src, dst in edges:
+            if src == node:
+                incoming[dst] -= 1
+                if incoming[dst] == 0:
+                    ready.append(dst)
+    assert seen == len(nodes), "the layer graph has a cycle"
 
 
 def test_generic_plan_order_types_and_skips(write_checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -94,3 +177,88 @@ def test_detection_falls_back_to_generic(write_checkpoint) -> None:  # type: ign
         assert detection.family.name == "generic"
         assert detection.how.startswith("fallback")
         assert detect_family(checkpoint, "generic").how == "chosen with --family"
+
+
+# fixture → (family, files, layers, layers per type, layers per depth third)
+EXPECTED = {
+    "llama_gqa": ("llama", 3, 29,
+                  {"query": 4, "key": 4, "value": 4, "output": 4, "gate": 4, "up": 4,
+                   "down": 4, "head": 1},
+                  {"bottom": 14, "middle": 7, "top": 8}),
+    "qwen2_tied": ("llama", 1, 21,
+                   {"query": 3, "key": 3, "value": 3, "output": 3, "gate": 3, "up": 3,
+                    "down": 3},
+                   {"bottom": 7, "middle": 7, "top": 7}),
+    "vit_hf": ("vit", 1, 20,
+               {"patch": 1, "query": 3, "key": 3, "value": 3, "output": 3, "fc1": 3, "fc2": 3,
+                "head": 1},
+               {"bottom": 7, "middle": 6, "top": 7}),
+    "timm_vit": ("vit", 1, 26,
+                 {"patch": 1, "query": 4, "key": 4, "value": 4, "output": 4, "fc1": 4,
+                  "fc2": 4, "head": 1},
+                 {"bottom": 13, "middle": 6, "top": 7}),
+    "resnet_hf": ("cnn", 1, 15, {"stem": 1, "conv": 10, "downsample": 3, "fc": 1},
+                  {"bottom": 6, "middle": 5, "top": 4}),
+    "torchvision_resnet18": ("cnn", 1, 21, {"stem": 1, "conv": 16, "downsample": 3, "fc": 1},
+                             {"bottom": 8, "middle": 7, "top": 6}),
+    "lenet": ("cnn", 1, 5, {"conv": 2, "fc": 3}, {"bottom": 2, "middle": 2, "top": 1}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fixture", sorted(EXPECTED))
+def test_measure_reports_each_family_per_type_and_depth(
+    fixture: str, family_zoo: dict[str, Path]
+) -> None:
+    """Acceptance: each real producer's checkpoint is detected as its family with the right
+    layers, types and depth groups, and the report aggregates per type and per group."""
+    family, files, count, types, groups = EXPECTED[fixture]
+    report = measure(family_zoo[fixture], q_dim=8, pieces=2, steps=10)
+    assert report.family.name == family and report.family.confidence >= 0.5
+    assert len(report.source.files) == files
+    assert len(report.measured) == count
+    assert Counter(layer.type for layer in report.measured) == types
+    assert Counter(layer.group for layer in report.measured) == groups
+    assert {t: a.layers for t, a in report.summary.types.items()} == types
+    assert {g: a.layers for g, a in report.summary.groups.items()} == groups
+    for type_, cells in report.summary.table.items():
+        assert sum(cell.layers for cell in cells.values()) == types[type_]
+    assert all(layer.fidelity is not None for layer in report.measured)
+
+
+def test_llama_checkpoint_is_bf16_gqa_and_sharded(family_zoo: dict[str, Path]) -> None:
+    with Checkpoint.open(family_zoo["llama_gqa"]) as checkpoint:
+        assert {info.dtype for info in checkpoint.tensors.values()} == {"BF16"}
+        plan = get_family("llama").plan(checkpoint)
+    feeds = {feed.dst: feed for feed in plan.feeds if feed.dst.endswith("o_proj.weight")}
+    o_map = feeds["model.layers.0.self_attn.o_proj.weight"].index
+    # 4 query heads of 8 dims read 2 key/value heads: heads 0, 1 → kv 0 and heads 2, 3 → kv 1.
+    assert o_map.indices(1, 32)[0].tolist() == [*range(8), *range(8), *range(8, 16), *range(8, 16)]
+
+
+def test_timm_qkv_is_split_by_its_layout(family_zoo: dict[str, Path]) -> None:
+    with Checkpoint.open(family_zoo["timm_vit"]) as checkpoint:
+        plan = get_family("vit").plan(checkpoint)
+        fused = checkpoint.read("blocks.0.attn.qkv.weight")
+        parts = {x.type: x for x in plan.layers if x.source == "blocks.0.attn.qkv.weight"}
+        assert set(parts) == {"query", "key", "value"}
+        for i, kind in enumerate(("query", "key", "value")):
+            mats = weight_matrices(parts[kind], fused)
+            assert torch.equal(mats[0], fused[24 * i : 24 * (i + 1)])
+        assert parts["query"].name == "blocks.0.attn.qkv.weight[query]"
+
+
+def test_structure_mismatch_is_an_input_error(family_zoo: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    broken = shutil.copytree(family_zoo["timm_vit"], tmp_path / "vit")
+    config = json.loads((broken / "config.json").read_text())
+    config["model_args"]["embed_dim"] = 16
+    config["num_features"] = 16
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StructureError, match=r"qkv.*72×24") as info:
+        measure(broken, q_dim=8, pieces=2, steps=5)
+    assert info.value.exit_code == 3
+    gqa = shutil.copytree(family_zoo["llama_gqa"], tmp_path / "llama")
+    (gqa / "config.json").unlink()
+    with pytest.raises(StructureError, match="num_key_value_heads"):
+        measure(gqa, family="llama", q_dim=8, pieces=2, steps=5)

@@ -39,7 +39,7 @@ _NEXT_STEP: list[tuple[type[BaseException], str]] = [
     (EmptyCheckpoint, "point at a .safetensors file or a directory that holds one"),
     (PickleRefused, ""),
     (CorruptCheckpoint, "re-download or re-save the checkpoint"),
-    (PluginError, "reinstall or uninstall that plugin (`dynaudit plugins` lists them)"),
+    (PluginError, "reinstall or uninstall that plugin; `dynaudit plugins` lists them"),
     (NonFiniteWeights, "the checkpoint is damaged; the report lists every layer"),
 ]
 

@@ -32,6 +32,10 @@ Source = Annotated[str, typer.Argument(help="checkpoint: a .safetensors file or 
 Family = Annotated[
     str | None, typer.Option("--family", help="family plugin to use (default: detected)")
 ]
+Base = Annotated[
+    str | None,
+    typer.Option("--base", help="base checkpoint of a LoRA adapter (default: from its config)"),
+]
 Device = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda")]
 QDim = Annotated[int | None, typer.Option("--q-dim", help="coordinate dimension q_dim")]
 Pieces = Annotated[int | None, typer.Option("--pieces", help="pieces H (even, divides q_dim)")]
@@ -39,6 +43,11 @@ Steps = Annotated[int | None, typer.Option(help="Adam steps per fit")]
 Seed = Annotated[int | None, typer.Option(help="seed of the first cold fit")]
 Seeds = Annotated[int | None, typer.Option(help="cold fits per layer; >1 reports the spread")]
 Threads = Annotated[int | None, typer.Option(help="torch threads (default: torch's)")]
+
+
+def _console() -> Console:
+    """stdout; logs and pipes get a wide table rather than rich's 80-column default."""
+    return Console(width=None if sys.stdout.isatty() else 140)
 
 
 def _interactive() -> bool:
@@ -50,6 +59,7 @@ def _interactive() -> bool:
 def measure(
     source: Source,
     family: Family = None,
+    base: Base = None,
     device: Device = "auto",
     q_dim: QDim = None,
     pieces: Pieces = None,
@@ -72,16 +82,15 @@ def measure(
 
     with _progress() as progress:
         report = run(
-            source, family=family, progress=progress, q_dim=q_dim, pieces=pieces, steps=steps,
-            seed=seed, seeds=seeds, device=device, threads=threads,
+            source, family=family, base=base, progress=progress, q_dim=q_dim, pieces=pieces,
+            steps=steps, seed=seed, seeds=seeds, device=device, threads=threads,
         )  # fmt: skip
     if json_path is not None:
         write_json(report, json_path)
     if markdown_path is not None:
         write_text_atomic(markdown_path, render_markdown(report))
     if not quiet:
-        # Logs and pipes get a wide table rather than rich's 80-column default.
-        render_terminal(report, Console(width=None if sys.stdout.isatty() else 140))
+        render_terminal(report, _console())
     if report.non_finite:
         raise NonFiniteWeights(report.non_finite)
     return 0
@@ -91,63 +100,111 @@ def measure(
 def inspect(
     source: Source,
     family: Family = None,
+    base: Base = None,
+    weights: Annotated[
+        bool,
+        typer.Option(
+            "--weights", help="also read the weights: ranks, degenerate layers, branch gains"
+        ),
+    ] = False,
     q_dim: QDim = None,
     pieces: Pieces = None,
     steps: Steps = None,
     seeds: Seeds = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> int:
-    """Headers only (no weights read): family, layers, shapes, dtypes, size and fit cost."""
+    """Headers only (no weights read): family, layer graph, shapes, dtypes, size, structural
+    class and fit cost. --weights adds ranks, degenerate layers and residual-branch gains."""
+    from collections import Counter
+
     from rich.table import Table
     from rich.text import Text
 
     from dynaudit.api import inspect as run
 
-    found = run(source, family=family, q_dim=q_dim, pieces=pieces, steps=steps, seeds=seeds)
+    found = run(
+        source, family=family, base=base, weights=weights, q_dim=q_dim, pieces=pieces,
+        steps=steps, seeds=seeds,
+    )  # fmt: skip
     if as_json:
         typer.echo(found.model_dump_json(indent=2))
         return 0
-    console = Console()
+    console = _console()
     table = Table(
         title=Text(f"{found.uri} · family {found.family.name} ({found.family.detected_by})")
     )
-    for column in ("layer", "type", "depth", "shape", "dtype", "neurons", "fit GFLOP"):
-        table.add_column(column, justify="left" if column in ("layer", "type") else "right")
+    columns = ["layer", "type", "depth", "shape", "dtype", "neurons", "fit GFLOP", "inputs"]
+    if weights:
+        columns += ["rank", "‖W‖₂"]
+    for column in columns:
+        left = column in ("layer", "type", "inputs")
+        table.add_column(column, justify="left" if left else "right", overflow="fold")
     for layer in found.layers:
-        table.add_row(
+        feeds = ["input"] if layer.reads_input else []
+        feeds += [f"{len(layer.inputs)} layer{'s' * (len(layer.inputs) != 1)}"] * bool(layer.inputs)
+        row: list[Text | str] = [
             Text(layer.name), Text(layer.type), str(layer.depth), "×".join(map(str, layer.shape)),
-            layer.dtype, str(layer.neurons), f"{layer.gflop:.1f}",
-        )  # fmt: skip
+            layer.dtype, str(layer.neurons), f"{layer.gflop:.1f}", ", ".join(feeds),
+        ]  # fmt: skip
+        if weights:
+            deficient = layer.rank is not None and layer.rank < (layer.full_rank or 0)
+            row += [
+                Text(f"{layer.rank}/{layer.full_rank}", style="red" if deficient else ""),
+                f"{layer.spectral_norm:.3g}" if layer.spectral_norm is not None else "—",
+            ]
+        table.add_row(*row)
     console.print(table)
     console.print(
         f"{found.tensors} tensors in {len(found.files)} file(s), {found.parameters:,} parameters, "
         f"{found.bytes / 2**20:.1f} MiB; {len(found.layers)} layers to fit "
         f"({found.gflop:.1f} GFLOP), {len(found.skipped)} skipped"
     )
-    for skip in found.skipped:
-        console.print(Text(f"  skipped {skip.name}: {skip.skipped}", style="dim"))
+    structure = found.structure
+    branches = ", ".join(f"{n} {kind}" for kind, n in structure.branches.items())
+    console.print(
+        Text(f"structure: {structure.structural_class} ({structure.reason}); widths "
+             f"{' → '.join(map(str, structure.widths))}"
+             + (f"; residual branches: {branches}" if branches else "")),
+        soft_wrap=True,
+    )  # fmt: skip
+    if structure.degenerate is not None:
+        console.print(
+            Text(f"degenerate (rank-deficient) layers: {', '.join(structure.degenerate) or 'none'}"
+                 f" — {structure.rank_rule}"),
+            soft_wrap=True,
+        )  # fmt: skip
+    for gain in found.gains:
+        console.print(
+            Text(f"  {gain.block} {gain.branch}: gain indicator {gain.gain:.3g}"), soft_wrap=True
+        )
+    if found.gains:
+        console.print(Text(f"  ({found.gains[0].note})", style="dim"), soft_wrap=True)
+    for note in found.family.notes:
+        console.print(Text(note, style="dim"), soft_wrap=True)
+    reasons = Counter(skip.skipped for skip in found.skipped)
+    if reasons:
+        counts = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        console.print(Text(f"skipped: {counts} (--json lists them)", style="dim"), soft_wrap=True)
     return 0
 
 
 @app.command()
 def plugins() -> int:
     """Installed family plugins and where they come from."""
-    from rich.table import Table
     from rich.text import Text
 
     from dynaudit.errors import DynauditError
     from dynaudit.families import available_families, get_family
 
-    table = Table(title="family plugins (entry-point group dynaudit.plugins)")
-    for column in ("name", "source", "description"):
-        table.add_column(column)
+    console = _console()
+    console.print("family plugins (entry-point group dynaudit.plugins):")
     for name, origin in available_families().items():
         try:
-            description = get_family(name).description
+            about, style = get_family(name).description, ""
         except DynauditError as exc:
-            description = f"[failed to load: {exc.message}]"
-        table.add_row(Text(name), Text(origin), Text(description))
-    Console().print(table)
+            about, style = f"failed to load: {exc.message}", "red"
+        console.print(Text(f"{name}", style="bold"), Text(f"  {origin}"), soft_wrap=True)
+        console.print(Text(f"    {about}", style=style), soft_wrap=True)
     return 0
 
 
@@ -167,7 +224,7 @@ def demo(
         typer.echo(f"building a tiny trained checkpoint in {target} ...", err=True)
         accuracy = build_demo_checkpoint(target)
         typer.echo(f"trained: held-out accuracy {accuracy:.1%}; auditing it:", err=True)
-        return measure(str(target), family=None, device="auto", q_dim=None, pieces=None,
+        return measure(str(target), family=None, base=None, device="auto", q_dim=None, pieces=None,
                        steps=None, seed=None, seeds=2, threads=None, json_path=None,
                        markdown_path=None, quiet=False)  # fmt: skip
 

@@ -12,6 +12,8 @@ Plugins are discovered lazily: nothing is imported until a family is needed.
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cache
@@ -27,15 +29,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "IDENTITY",
     "Detection",
+    "Evidence",
     "Family",
+    "Feed",
+    "IndexMap",
     "Layer",
     "LayerPlan",
+    "ResidualBlock",
     "Skip",
     "available_families",
     "detect_family",
     "get_family",
+    "matrix_shape",
+    "weight_matrices",
 ]
+
+_log = logging.getLogger("dynaudit")
 
 ENTRY_POINT_GROUP = "dynaudit.plugins"
 FALLBACK = "generic"
@@ -43,14 +54,22 @@ FALLBACK = "generic"
 
 @dataclass(frozen=True)
 class Layer:
-    """One audited layer: a weight tensor and how to read it as matrices."""
+    """One audited layer: a weight tensor (or rows of one) and how to read it as matrices."""
 
-    name: str  # tensor name in the checkpoint
+    name: str  # the layer's name in reports: the tensor name, plus ``[part]`` for a split
     type: str  # role in the user's words: query, value, fc1, conv, ...
     depth: int  # position along the network, 0 = closest to the input
     kind: Literal["linear", "conv"] = "linear"
     groups: int = 1  # conv groups: the layer is fitted as ``groups`` matrices
     transposed: bool = False  # stored (in, out), e.g. GPT-2 Conv1D
+    tensor: str | None = None  # the stored tensor when it differs from ``name`` (fused qkv)
+    rows: tuple[tuple[int, int], ...] | None = None  # row ranges [start, stop) of ``tensor``
+    group: Literal["bottom", "middle", "top"] | None = None  # fixed third (stem, head)
+
+    @property
+    def source(self) -> str:
+        """The checkpoint tensor this layer reads."""
+        return self.tensor or self.name
 
 
 @dataclass(frozen=True)
@@ -61,13 +80,79 @@ class Skip:
     reason: str
 
 
+@dataclass(frozen=True)
+class IndexMap:
+    """π of the coupling term (SPEC §4.5): which predecessor output neuron each input neuron of
+    a layer reads.
+
+    Input neuron ``i`` of matrix group ``g`` reads channel ``c = g·C + i // repeat`` of the
+    layer's input (``C`` channels per group; ``repeat`` = kh·kw for a conv, h·w after a
+    flatten). With attention heads (``head_dim`` > 0), channel ``c`` belongs to query head
+    ``c // head_dim``, which reads key/value head ``(c // head_dim) // group`` (GQA).
+    """
+
+    repeat: int = 1
+    head_dim: int = 0
+    group: int = 1
+
+    def indices(self, groups: int, inputs: int) -> torch.Tensor:
+        """Predecessor output index of every (group, input neuron) of the layer: ``(g, n)``."""
+        import torch
+
+        per_group = inputs // self.repeat
+        group_start = torch.arange(groups).unsqueeze(1) * per_group
+        channel = group_start + torch.arange(inputs) // self.repeat
+        if self.head_dim:
+            head, offset = channel // self.head_dim, channel % self.head_dim
+            channel = (head // self.group) * self.head_dim + offset
+        return channel
+
+
+IDENTITY = IndexMap()
+
+
+@dataclass(frozen=True)
+class Feed:
+    """The outputs of layer ``src`` reach the inputs of layer ``dst`` through ``index``."""
+
+    src: str
+    dst: str
+    index: IndexMap = IDENTITY
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """A residual block ``x + f(x)``: each branch lists the layers along one path of ``f``,
+    from input to output; ``note`` says what the product of their norms leaves out."""
+
+    name: str
+    branches: dict[str, tuple[str, ...]]
+    note: str = ""
+
+
 @dataclass
 class LayerPlan:
-    """What a family makes of a checkpoint: layers in depth order, and what it skipped."""
+    """What a family makes of a checkpoint: layers in depth order, what it skipped, and how
+    the layers connect.
+
+    ``feeds`` and ``reads_input`` form the layer graph: every layer either reads the model's
+    input (through the residual stream or an embedding, which is not audited) or is fed by at
+    least one earlier layer. ``widths`` are the feature widths along the main path, from the
+    input to the output, that decide the structural class (see :mod:`dynaudit.structure`);
+    when empty, the layers are taken as a chain.
+    """
 
     layers: list[Layer]
     skipped: list[Skip] = field(default_factory=list)
     depth_note: str = ""  # how depth was assigned, stated in the report
+    feeds: list[Feed] = field(default_factory=list)
+    reads_input: set[str] = field(default_factory=set)
+    blocks: list[ResidualBlock] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # anything else the report should say
+
+    def inputs_of(self, name: str) -> list[Feed]:
+        return [feed for feed in self.feeds if feed.dst == name]
 
 
 @dataclass(frozen=True)
@@ -79,6 +164,9 @@ class Detection:
     how: str
 
 
+Evidence = float | tuple[float, str]
+
+
 class Family(ABC):
     """Contract every family plugin implements. Keep it small: detect, plan, matrices."""
 
@@ -86,9 +174,10 @@ class Family(ABC):
     description: ClassVar[str] = ""
 
     @abstractmethod
-    def detect(self, checkpoint: Checkpoint) -> float:
-        """Confidence in [0, 1] that this family describes ``checkpoint`` (headers and
-        config.json only; never read tensor data here)."""
+    def detect(self, checkpoint: Checkpoint) -> Evidence:
+        """Confidence in [0, 1] that this family describes ``checkpoint``, optionally with
+        what it was recognised by: ``(0.95, "config.json model_type 'llama'")``. Headers and
+        config.json only; never read tensor data here."""
 
     @abstractmethod
     def plan(self, checkpoint: Checkpoint) -> LayerPlan:
@@ -99,9 +188,23 @@ class Family(ABC):
         return weight_matrices(layer, weight)
 
 
+def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(g, m, n)`` of a layer's matrices from its tensor's shape, without reading data."""
+    if layer.rows is not None:
+        shape = (sum(stop - start for start, stop in layer.rows), *shape[1:])
+    if layer.kind == "linear":
+        m, n = (shape[1], shape[0]) if layer.transposed else (shape[0], shape[1])
+        return 1, m, n
+    return layer.groups, shape[0] // layer.groups, math.prod(shape[1:])
+
+
 def weight_matrices(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
     """Linear (out × in) as stored; Conv2d (C_out, C_in/g, kh, kw) with g groups as g
-    matrices of (C_out/g) × (C_in/g · kh · kw)."""
+    matrices of (C_out/g) × (C_in/g · kh · kw); ``rows`` selected first (fused projections)."""
+    import torch
+
+    if layer.rows is not None:
+        weight = torch.cat([weight[start:stop] for start, stop in layer.rows])
     if layer.kind == "linear":
         mat = weight.mT if layer.transposed else weight
         return mat.reshape(1, *mat.shape)
@@ -154,18 +257,27 @@ def detect_family(checkpoint: Checkpoint, override: str | None = None) -> Detect
     """The most confident family for ``checkpoint``; the generic one when none claims it."""
     if override is not None:
         return Detection(get_family(override), 1.0, "chosen with --family")
-    best: tuple[float, str] | None = None
+    best: tuple[float, str, str] | None = None
     for name in sorted(_entry_points()):
         if name == FALLBACK:
             continue
         try:
-            score = _load(name).detect(checkpoint)
+            score, why = _evidence(_load(name).detect(checkpoint))
         except PluginError:
             continue  # reported by ``dynaudit plugins``; detection goes on without it
+        except Exception as exc:  # a third-party detect() must not stop the others
+            _log.warning("family plugin %r failed in detect(): %s", name, exc)
+            continue
         if score > 0 and (best is None or score > best[0]):
-            best = (score, name)
+            best = (score, name, why)
     if best is not None:
-        return Detection(_load(best[1]), best[0], "detected from config.json and tensor names")
+        score, name, why = best
+        return Detection(_load(name), score, f"detected by {why}")
     return Detection(
         get_family(FALLBACK), 0.0, "fallback: no family plugin recognised this checkpoint"
     )
+
+
+def _evidence(value: Evidence) -> tuple[float, str]:
+    score, why = value if isinstance(value, tuple) else (value, "the plugin's detect()")
+    return min(1.0, max(0.0, float(score))), why

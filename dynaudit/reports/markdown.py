@@ -48,6 +48,7 @@ def render_markdown(report: Report) -> str:
         f"- {len(report.measured)} layers measured, {len(report.skipped)} tensors skipped, "
         f"{report.seconds:.1f} s",
     ]
+    lines += [f"- {esc(note)}" for note in report.family.notes]
     if report.non_finite:
         names = ", ".join(f"`{escape_markdown(n)}`" for n in report.non_finite)
         lines.append(f"- **non-finite weights (NaN/Inf):** {names}")
@@ -66,6 +67,7 @@ def render_markdown(report: Report) -> str:
     lines += [
         _aggregate_row(f"type {escape_markdown(t)}", a) for t, a in report.summary.types.items()
     ]
+    lines += _type_by_depth(report)
     lines += [
         "",
         "## Layers",
@@ -88,3 +90,22 @@ def render_markdown(report: Report) -> str:
         ]
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _type_by_depth(report: Report) -> list[str]:
+    """Mean distance per layer type and depth third: the shape of the paper's Tables 2–3."""
+    groups = list(report.summary.groups)
+    if not report.summary.table:
+        return []
+    lines = [
+        "",
+        "## Mean distance by type and depth",
+        "",
+        "| type | " + " | ".join(groups) + " | all |",
+        "|---|" + "---:|" * (len(groups) + 1),
+    ]
+    for type_, cells in report.summary.table.items():
+        values = [fmt(cells[g].mean_distance) if g in cells else "" for g in groups]
+        overall = fmt(report.summary.types[type_].mean_distance)
+        lines.append(f"| {escape_markdown(type_)} | " + " | ".join(values) + f" | {overall} |")
+    return lines

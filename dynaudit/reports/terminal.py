@@ -45,6 +45,17 @@ def render_terminal(report: Report, console: Console) -> None:
             fmt(agg.fidelity, 3), fmt(agg.fidelity_median, 3),
         )  # fmt: skip
     console.print(summary)
+    if report.summary.table:
+        groups = list(report.summary.groups)
+        by_depth = Table(title="mean distance by type and depth")
+        for column in ("type", *groups, "all"):
+            by_depth.add_column(column, justify="left" if column == "type" else "right")
+        for type_, cells in report.summary.table.items():
+            values = [fmt(cells[g].mean_distance) if g in cells else "" for g in groups]
+            by_depth.add_row(Text(type_), *values, fmt(report.summary.types[type_].mean_distance))
+        console.print(by_depth)
+    for note in report.family.notes:
+        console.print(Text(note, style="dim"))
     console.print(
         f"{len(report.measured)} layers measured, {len(report.skipped)} tensors skipped "
         f"({report.seconds:.1f} s, protocol v{report.protocol_version})"

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynaudit.errors import CheckpointNotFound, UsageError
+from dynaudit.tensors import Checkpoint
 
-__all__ = ["ResolvedSource", "resolve"]
+__all__ = ["ResolvedSource", "open_checkpoint", "resolve"]
 
 _REMOTE_SCHEMES = ("hf://", "models:/", "runs:/")
 
@@ -32,3 +33,17 @@ def resolve(source: str | os.PathLike[str]) -> ResolvedSource:
             "download the checkpoint and pass its directory"
         )
     raise CheckpointNotFound(f"{text}: no such file or directory", path=text)
+
+
+def open_checkpoint(
+    resolved: ResolvedSource, base: str | os.PathLike[str] | None = None
+) -> Checkpoint:
+    """The checkpoint at a resolved source; a PEFT adapter directory opens merged over its
+    base (``base``, or the adapter's ``base_model_name_or_path``)."""
+    from dynaudit.adapters import is_adapter, open_adapter
+
+    if is_adapter(resolved.path):
+        return open_adapter(resolved.path, base)
+    if base is not None:
+        raise UsageError(f"{resolved.uri}: --base applies to LoRA adapter directories only")
+    return Checkpoint.open(resolved.path)

@@ -1,0 +1,230 @@
+"""PEFT LoRA adapters, audited as the merged weights ``W0 + scale · B·A`` over their base.
+
+The merge happens tensor by tensor as layers are read: the base checkpoint stays on disk and
+only the layer being fitted is merged in memory. Variants are merged exactly or refused
+(exit 3), never guessed: rsLoRA (``alpha / √r``), ``rank_pattern``/``alpha_pattern`` (PEFT's
+own matching: a pattern matches a module whose name ends in ``.pattern`` or equals it; the
+first matching key wins), ``fan_in_fan_out`` (weights stored transposed, GPT-2 ``Conv1D``),
+``modules_to_save`` (full tensors replacing the base's). DoRA and other variants are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dynaudit.errors import InputError
+from dynaudit.tensors import Checkpoint, read_json
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ADAPTER_CONFIG", "AdapterCheckpoint", "AdapterRefused", "is_adapter", "open_adapter"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# Settings that change the merged weights in ways this module does not implement.
+_UNSUPPORTED = {
+    "use_dora": "DoRA rescales every column by a learned magnitude",
+    "layer_replication": "layer replication duplicates base layers",
+    "lora_bias": "LoRA biases",
+    "use_qalora": "QA-LoRA",
+    "trainable_token_indices": "trainable token indices",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA",
+    "arrow_config": "Arrow routing",
+    "use_bdlora": "block-diagonal LoRA",
+}
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B))$"
+)
+
+
+class AdapterRefused(InputError):
+    """An adapter dynaudit cannot merge exactly (DoRA, unknown PEFT type, ...)."""
+
+
+def is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+@dataclass
+class _Delta:
+    a: str  # adapter tensor names
+    b: str
+    scale: float
+    embedding: bool
+
+
+@dataclass
+class AdapterCheckpoint(Checkpoint):
+    """The base checkpoint with the adapter merged in on read."""
+
+    adapter: Checkpoint | None = None
+    deltas: dict[str, _Delta] = field(default_factory=dict)
+    replaced: dict[str, str] = field(default_factory=dict)  # base name → adapter tensor
+    fan_in_fan_out: bool = False
+
+    def read(self, name: str) -> torch.Tensor:
+        assert self.adapter is not None
+        if name in self.replaced:
+            weight = self.adapter.read(self.replaced[name])
+        else:
+            weight = super().read(name)
+        delta = self.deltas.get(name)
+        if delta is None:
+            return weight
+        a, b = self.adapter.read(delta.a), self.adapter.read(delta.b)
+        update = (b.flatten(1) @ a.flatten(1)) * delta.scale
+        if delta.embedding or self.fan_in_fan_out:
+            update = update.T
+        return weight.add_(update.reshape(weight.shape))
+
+    def close(self) -> None:
+        super().close()
+        if self.adapter is not None:
+            self.adapter.close()
+
+    def fingerprint(self) -> dict[str, str]:
+        assert self.adapter is not None
+        own = {f"adapter/{k}": v for k, v in self.adapter.fingerprint().items()}
+        return {**super().fingerprint(), **own}
+
+
+def open_adapter(path: Path, base: str | os.PathLike[str] | None = None) -> AdapterCheckpoint:
+    """Open ``path`` (an adapter directory) over its base: ``base`` when given, else the
+    config's ``base_model_name_or_path``."""
+    from dynaudit.sources import resolve
+
+    config = read_json(path / ADAPTER_CONFIG)
+    if not isinstance(config, dict):
+        raise AdapterRefused(f"{path / ADAPTER_CONFIG}: not a JSON object", path=str(path))
+    _check_supported(config, path)
+    base_ref = base if base is not None else config.get("base_model_name_or_path")
+    if not base_ref:
+        raise AdapterRefused(
+            f"{path}: adapter_config.json names no base model; pass --base", path=str(path)
+        )
+    adapter = Checkpoint.open(path / ADAPTER_WEIGHTS)
+    try:
+        base_ckpt = Checkpoint.open(resolve(base_ref).path)
+        merged = AdapterCheckpoint(
+            root=base_ckpt.root,
+            files=base_ckpt.files,
+            tensors=base_ckpt.tensors,
+            config=base_ckpt.config,
+            metadata=base_ckpt.metadata,
+            adapter=adapter,
+            fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+        )
+        _plan_merge(merged, adapter, config, path)
+    except BaseException:
+        adapter.close()
+        raise
+    return merged
+
+
+def _check_supported(config: dict[str, Any], path: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterRefused(
+            f"{path}: PEFT type {peft_type!r} is not merged by dynaudit (LoRA only); merge it "
+            "with merge_and_unload() and audit the merged checkpoint",
+            path=str(path),
+        )
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise AdapterRefused(
+                f"{path}: {what} ({key}) is not merged exactly by dynaudit; merge it with "
+                "merge_and_unload() and audit the merged checkpoint",
+                path=str(path),
+            )
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's matching for rank_pattern/alpha_pattern: the first key ``k`` with
+    ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _plan_merge(
+    merged: AdapterCheckpoint, adapter: Checkpoint, config: dict[str, Any], path: Path
+) -> None:
+    pairs: dict[str, dict[str, str]] = {}
+    for name in adapter.tensors:
+        if not name.startswith(_PREFIX):
+            raise AdapterRefused(f"{path}: unexpected adapter tensor {name!r}", path=str(path))
+        match = _LORA_KEY.match(name)
+        if match:
+            part = match["kind"] or match["emb"]
+            pairs.setdefault(match["module"], {})[part[-1]] = name
+            continue
+        # A full tensor: modules_to_save, or the base layer saved beside its LoRA.
+        target = name[len(_PREFIX) :].replace(".base_layer.", ".")
+        if target not in merged.tensors:
+            raise AdapterRefused(
+                f"{path}: adapter tensor {name!r} replaces {target!r}, which the base lacks",
+                path=str(path),
+            )
+        if adapter.tensors[name].shape != merged.tensors[target].shape:
+            raise AdapterRefused(
+                f"{path}: {name!r} has shape {list(adapter.tensors[name].shape)}, the base's "
+                f"{target!r} {list(merged.tensors[target].shape)} (resized vocabulary?)",
+                path=str(path),
+            )
+        merged.replaced[target] = name
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for module_key, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise AdapterRefused(f"{path}: {module_key} lacks lora_A or lora_B", path=str(path))
+        module = module_key[len(_PREFIX) :]
+        target = f"{module}.weight"
+        if target not in merged.tensors:
+            raise AdapterRefused(
+                f"{path}: the adapter targets {module!r}, which the base checkpoint lacks "
+                "(wrong base model?)",
+                path=str(path),
+            )
+        rank = int(_pattern_value(rank_pattern, module, config.get("r", 8)))
+        alpha = float(_pattern_value(alpha_pattern, module, config.get("lora_alpha", 8)))
+        a_shape = adapter.tensors[parts["A"]].shape
+        embedding = "lora_embedding_A" in parts["A"]
+        stored_rank = a_shape[0]
+        if stored_rank != rank:
+            raise AdapterRefused(
+                f"{path}: {module} has rank {stored_rank}, its config says {rank}",
+                path=str(path),
+            )
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        merged.deltas[target] = _Delta(parts["A"], parts["B"], scale, embedding)
+        _check_shapes(merged, adapter, target, parts, embedding, path)
+
+
+def _check_shapes(
+    merged: AdapterCheckpoint,
+    adapter: Checkpoint,
+    target: str,
+    parts: dict[str, str],
+    embedding: bool,
+    path: Path,
+) -> None:
+    base = merged.tensors[target].shape
+    a, b = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
+    rows, cols = b[0], math.prod(a[1:])
+    if embedding or merged.fan_in_fan_out:
+        rows, cols = cols, rows
+    if rows * cols != math.prod(base) or base[0] != rows:
+        raise AdapterRefused(
+            f"{path}: LoRA update for {target!r} is {rows}×{cols}, the base weight "
+            f"{list(base)} (wrong base model?)",
+            path=str(path),
+        )

@@ -1,0 +1,134 @@
+"""Helpers for writing family plugins: build a :class:`LayerPlan` with its layer graph.
+
+A family walks the checkpoint's names, adds layers with what feeds them, and lets the builder
+skip every tensor it did not use, with a reason. The residual stream is a :class:`Stream`: the
+set of layers whose outputs have been added to it so far (plus the model's input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from dynaudit.errors import InputError
+from dynaudit.families.base import (
+    IDENTITY,
+    Feed,
+    IndexMap,
+    Layer,
+    LayerPlan,
+    ResidualBlock,
+    Skip,
+    matrix_shape,
+)
+from dynaudit.families.naming import skip_reason
+from dynaudit.tensors import Checkpoint
+
+__all__ = ["PlanBuilder", "Stream", "StructureError", "chain_index", "config_int"]
+
+
+class StructureError(InputError):
+    """The checkpoint contradicts its own config.json or its family's architecture."""
+
+
+@dataclass
+class Stream:
+    """A residual stream: the layers whose outputs it sums, and whether it carries the input."""
+
+    producers: list[str] = field(default_factory=list)
+    reads_input: bool = True
+
+    def add(self, *layers: str) -> None:
+        self.producers.extend(layers)
+
+
+class PlanBuilder:
+    """Accumulates layers, feeds and skips; :meth:`build` skips every tensor left unused."""
+
+    def __init__(self, checkpoint: Checkpoint, family: str) -> None:
+        self.checkpoint = checkpoint
+        self.family = family
+        self.plan = LayerPlan(layers=[])
+        self._used: set[str] = set()
+
+    def shape(self, layer: Layer | str) -> tuple[int, int, int]:
+        """``(g, m, n)`` of a planned layer (by object or name)."""
+        if isinstance(layer, str):
+            layer = next(x for x in self.plan.layers if x.name == layer)
+        return matrix_shape(layer, self.checkpoint.tensors[layer.source].shape)
+
+    def outputs(self, name: str) -> int:
+        g, m, _ = self.shape(name)
+        return g * m
+
+    def add(
+        self,
+        layer: Layer,
+        fed_by: Stream | Iterable[str] = (),
+        index: IndexMap = IDENTITY,
+    ) -> Layer:
+        """Plan ``layer``, fed by the given layers (or a stream) through ``index``."""
+        if layer.source not in self.checkpoint.tensors:
+            raise StructureError(f"{self.family}: expected tensor {layer.source!r} is missing")
+        self._used.add(layer.source)
+        self.plan.layers.append(layer)
+        if isinstance(fed_by, Stream):
+            if fed_by.reads_input:
+                self.plan.reads_input.add(layer.name)
+            fed_by = fed_by.producers
+        for src in fed_by:
+            self.plan.feeds.append(Feed(src, layer.name, index))
+        return layer
+
+    def reads_input(self, *names: str) -> None:
+        self.plan.reads_input.update(names)
+
+    def skip(self, name: str, reason: str) -> None:
+        self._used.add(name)
+        self.plan.skipped.append(Skip(name, reason))
+
+    def block(self, name: str, branches: dict[str, tuple[str, ...]], note: str = "") -> None:
+        self.plan.blocks.append(ResidualBlock(name, branches, note))
+
+    def note(self, text: str) -> None:
+        self.plan.notes.append(text)
+
+    def build(self, depth_note: str, widths: Iterable[int] = ()) -> LayerPlan:
+        """The plan, with every tensor not used as a layer skipped and its reason stated."""
+        for name in self.checkpoint.names():
+            if name in self._used:
+                continue
+            reason = skip_reason(self.checkpoint.tensors[name]) or (
+                f"not part of the {self.family} architecture (--family generic audits it)"
+            )
+            self.plan.skipped.append(Skip(name, reason))
+        self.plan.depth_note = depth_note
+        self.plan.widths = list(widths)
+        self.plan.layers.sort(key=lambda layer: layer.depth)  # stable: keeps order within depth
+        return self.plan
+
+
+def chain_index(src_outputs: int, layer: Layer, shape: tuple[int, int, int]) -> IndexMap | None:
+    """The index map when ``layer`` reads the outputs of a single earlier layer directly: a
+    conv reads channels through kh·kw patches, a linear after a conv reads a flattened
+    (channels × h × w) map. None when the widths do not fit together."""
+    g, _, n = shape
+    if layer.kind == "conv":
+        channels_per_group = src_outputs // g if src_outputs % g == 0 else 0
+        if channels_per_group and n % channels_per_group == 0:
+            return IndexMap(repeat=n // channels_per_group)
+        return None
+    if n == src_outputs:
+        return IDENTITY
+    if src_outputs and n % src_outputs == 0:
+        return IndexMap(repeat=n // src_outputs)
+    return None
+
+
+def config_int(config: dict[str, object] | None, *keys: str) -> int | None:
+    """The first of ``keys`` that config.json holds as an integer."""
+    for key in keys:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None

@@ -1,0 +1,189 @@
+"""LLaMA-style decoders: LLaMA, Mistral, Qwen2/3 — the same tensor names, GQA, tied heads.
+
+Per block ``model.layers.N``: ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``,
+reported as query, key, value, output, gate, up, down at depth N; ``lm_head`` (when not tied to
+the embedding) at the top. q/k/v biases (Qwen2) are skipped like every bias.
+
+Graph (pre-norm residual stream; RMSNorm scales channels, it does not mix them):
+q, k, v, gate and up read the stream — the embedding plus every earlier o and down; o reads
+v through the GQA head map (query head h reads key/value head h // (heads / kv_heads));
+down reads gate ⊙ up, channel by channel; the head reads the final stream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from dynaudit.families import Family, IndexMap, Layer, LayerPlan
+from dynaudit.families.build import PlanBuilder, Stream, StructureError, config_int
+from dynaudit.tensors import Checkpoint
+
+__all__ = ["LlamaFamily"]
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_PARTS = {
+    "self_attn.q_proj": "query",
+    "self_attn.k_proj": "key",
+    "self_attn.v_proj": "value",
+    "self_attn.o_proj": "output",
+    "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up",
+    "mlp.down_proj": "down",
+}
+_BLOCK = re.compile(
+    r"^(?P<prefix>(?:[\w.]+\.)?layers)\.(?P<index>\d+)\.(?P<part>"
+    + "|".join(re.escape(p) for p in _PARTS)
+    + r")\.weight$"
+)
+_HEADS = ("lm_head.weight", "score.weight")
+
+
+class LlamaFamily(Family):
+    name = "llama"
+    description = "LLaMA-style decoders (LLaMA, Mistral, Qwen2/3): q/k/v/o, gate/up/down, GQA"
+
+    def detect(self, checkpoint: Checkpoint) -> float | tuple[float, str]:
+        config = checkpoint.config or {}
+        model_type = config.get("model_type")
+        names = [m for m in map(_BLOCK.match, checkpoint.tensors) if m]
+        if model_type in MODEL_TYPES:
+            return (0.95 if names else 0.5), f"config.json model_type {model_type!r}"
+        architectures = config.get("architectures") or []
+        if any(str(a).startswith(("Llama", "Mistral", "Qwen2", "Qwen3")) for a in architectures):
+            return 0.9, f"config.json architectures {architectures!r}"
+        parts = {m["part"] for m in names}
+        if parts == set(_PARTS):
+            return 0.7, "tensor names (self_attn.q_proj … mlp.down_proj)"
+        return 0.0
+
+    def plan(self, checkpoint: Checkpoint) -> LayerPlan:
+        config = checkpoint.config or {}
+        blocks: dict[int, dict[str, str]] = defaultdict(dict)
+        prefixes = set()
+        for name in checkpoint.tensors:
+            match = _BLOCK.match(name)
+            if match:
+                blocks[int(match["index"])][match["part"]] = name
+                prefixes.add(match["prefix"])
+        if not blocks:
+            raise StructureError(f"llama: no {'/'.join(_PARTS)} weights in {checkpoint.root}")
+        if len(prefixes) > 1:
+            raise StructureError(f"llama: several decoder stacks in one checkpoint: {prefixes}")
+        heads = _Heads.read(checkpoint, blocks)
+        expected = config_int(config, "num_hidden_layers")
+        if expected is not None and sorted(blocks) != list(range(expected)):
+            raise StructureError(
+                f"llama: config.json has num_hidden_layers={expected}, the checkpoint has blocks "
+                f"{_ranges(sorted(blocks))}"
+            )
+
+        build = PlanBuilder(checkpoint, "llama")
+        stream = Stream()  # the token embedding: the model's input, not audited
+        hidden = checkpoint.tensors[blocks[min(blocks)]["self_attn.q_proj"]].shape[1]
+        for index in sorted(blocks):
+            parts = blocks[index]
+            missing = [p for p in _PARTS if p not in parts]
+            if missing:
+                raise StructureError(
+                    f"llama: block {index} lacks {', '.join(missing)} (pruned or not a LLaMA?)"
+                )
+            layer = {
+                part: Layer(name, _PARTS[part], index, "linear") for part, name in parts.items()
+            }
+            q, k, v, o = (layer[f"self_attn.{x}_proj"] for x in "qkvo")
+            gate, up, down = (layer[f"mlp.{x}_proj"] for x in ("gate", "up", "down"))
+            heads.check(checkpoint, q, k, v, o)
+            for attn in (q, k, v):
+                build.add(attn, stream)
+            build.add(o, [v.name], heads.value_map())
+            stream.add(o.name)
+            build.add(gate, stream)
+            build.add(up, stream)
+            build.add(down, [gate.name, up.name])
+            stream.add(down.name)
+            build.block(
+                f"block {index}",
+                {"attention": (v.name, o.name), "mlp": (gate.name, up.name, down.name)},
+                note="attention: the value path only (q and k act through the softmax); "
+                "mlp: gate ⊙ up is quadratic in its input",
+            )
+
+        vocab = self._head(build, checkpoint, stream, len(blocks))
+        embed = next((i for n, i in checkpoint.tensors.items() if "embed_tokens" in n), None)
+        vocab_in = embed.shape[0] if embed is not None else vocab
+        return build.build(
+            depth_note="llama family: depth = decoder block index; the head is one above",
+            widths=[w for w in (vocab_in, hidden) if w] + [hidden] * len(blocks) + [vocab],
+        )
+
+    @staticmethod
+    def _head(build: PlanBuilder, checkpoint: Checkpoint, stream: Stream, depth: int) -> int:
+        config = checkpoint.config or {}
+        for name in _HEADS:
+            if name in checkpoint.tensors:
+                build.add(Layer(name, "head", depth, "linear", group="top"), stream)
+                return checkpoint.tensors[name].shape[0]
+        if config.get("tie_word_embeddings", True):
+            build.note("lm_head is tied to the token embedding; embeddings are not audited")
+        else:
+            build.note("no lm_head in this checkpoint (a bare decoder)")
+        return config_int(config, "vocab_size") or 0
+
+
+class _Heads:
+    """Attention geometry from config.json, checked against the tensor shapes."""
+
+    def __init__(self, heads: int | None, kv_heads: int | None, head_dim: int | None) -> None:
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+    @classmethod
+    def read(cls, checkpoint: Checkpoint, blocks: dict[int, dict[str, str]]) -> _Heads:
+        config = checkpoint.config or {}
+        heads = config_int(config, "num_attention_heads")
+        kv_heads = config_int(config, "num_key_value_heads") or heads
+        head_dim = config_int(config, "head_dim")
+        hidden = config_int(config, "hidden_size")
+        if heads and head_dim is None and hidden:
+            head_dim = hidden // heads
+        first = blocks[min(blocks)]
+        q_rows = checkpoint.tensors[first["self_attn.q_proj"]].shape[0]
+        kv_rows = checkpoint.tensors[first["self_attn.k_proj"]].shape[0]
+        if heads is None and q_rows != kv_rows:
+            raise StructureError(
+                f"llama: grouped-query attention ({q_rows} query vs {kv_rows} key rows) needs "
+                "num_attention_heads and num_key_value_heads from config.json, which is missing"
+            )
+        return cls(heads, kv_heads, head_dim)
+
+    def check(self, checkpoint: Checkpoint, q: Layer, k: Layer, v: Layer, o: Layer) -> None:
+        shape = {x.type: checkpoint.tensors[x.name].shape for x in (q, k, v, o)}
+        if self.heads is None or self.head_dim is None or self.kv_heads is None:
+            return
+        want = {
+            "query": self.heads * self.head_dim,
+            "key": self.kv_heads * self.head_dim,
+            "value": self.kv_heads * self.head_dim,
+        }
+        for kind, rows in want.items():
+            if shape[kind][0] != rows:
+                layer = {"query": q, "key": k, "value": v}[kind]
+                raise StructureError(
+                    f"llama: {layer.name} has {shape[kind][0]} rows; config.json's heads × "
+                    f"head_dim say {rows}"
+                )
+        if shape["output"][1] != want["query"]:
+            raise StructureError(
+                f"llama: {o.name} reads {shape['output'][1]} channels; the heads give "
+                f"{want['query']}"
+            )
+
+    def value_map(self) -> IndexMap:
+        """o_proj input channel → v_proj output neuron (identity without GQA)."""
+        if not (self.heads and self.kv_heads and self.head_dim) or self.heads == self.kv_heads:
+            return IndexMap()
+        return IndexMap(head_dim=self.head_dim, group=self.heads // self.kv_heads)
+
+
+def _ranges(indices: list[int]) -> str:
+    return f"{indices[0]}…{indices[-1]} ({len(indices)})" if indices else "none"

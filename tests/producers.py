@@ -1,0 +1,167 @@
+"""Tiny checkpoints from real producers: transformers ``save_pretrained`` and torch modules
+carrying torchvision / timm tensor names (torchvision and timm themselves do not import beside
+this machine's torch, so their module layouts are rebuilt here, name for name)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+def save_module(module: nn.Module, out: Path, config: dict[str, object] | None = None) -> Path:
+    """``model.safetensors`` (+ ``config.json``) the way a torch training script writes it."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def llama(
+    out: Path, *, dtype: torch.dtype = torch.bfloat16, shards: bool = True, **kw: object
+) -> Path:
+    """``LlamaForCausalLM`` with GQA (4 query heads, 2 key/value heads), 4 blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    settings: dict[str, object] = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
+        "tie_word_embeddings": False,
+    }  # fmt: skip
+    settings.update(kw)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).to(dtype)
+    model.save_pretrained(out, max_shard_size="40KB" if shards else "10GB")
+    return out
+
+
+def qwen2(out: Path) -> Path:
+    """``Qwen2ForCausalLM``: LLaMA names plus q/k/v biases, tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def vit_hf(out: Path) -> Path:
+    """``ViTForImageClassification``: 3 blocks, width 32, 4 heads, 5 classes."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        image_size=16, patch_size=4, num_labels=5,
+    )  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(out)
+    return out
+
+
+def resnet_hf(out: Path, layer_type: str = "basic") -> Path:
+    """``ResNetForImageClassification``: four stages of 1, 1, 2, 1 blocks."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1],
+        layer_type=layer_type, num_labels=5,
+    )  # fmt: skip
+    ResNetForImageClassification(config).save_pretrained(out)
+    return out
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ``BasicBlock`` attribute names."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+
+class TorchvisionResNet18(nn.Module):
+    """torchvision ``resnet18``'s tensor names at a quarter… of its widths (16 → 128)."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        c_in = width
+        for stage in range(4):
+            c_out = width * 2**stage
+            blocks = [
+                _BasicBlock(c_in, c_out, 1 if stage == 0 else 2),
+                _BasicBlock(c_out, c_out, 1),
+            ]
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+            c_in = c_out
+        self.fc = nn.Linear(c_in, classes)
+
+
+class _TimmAttention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+
+class _TimmMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _TimmAttention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _TimmMlp(dim, 4 * dim)
+
+
+class TimmViT(nn.Module):
+    """timm ``VisionTransformer``'s tensor names: fused ``attn.qkv``, ``patch_embed.proj``."""
+
+    def __init__(self, dim: int = 24, depth: int = 4, patch: int = 4, classes: int = 7) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.Sequential(*[_TimmBlock(dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+
+def timm_vit(out: Path, dim: int = 24, depth: int = 4, heads: int = 3) -> Path:
+    torch.manual_seed(0)
+    config = {
+        "architecture": "vit_tiny_patch4_16",
+        "num_classes": 7,
+        "num_features": dim,
+        "model_args": {"embed_dim": dim, "depth": depth, "num_heads": heads},
+    }
+    return save_module(TimmViT(dim, depth), out, config)
+
+
+def torchvision_resnet18(out: Path) -> Path:
+    torch.manual_seed(0)
+    return save_module(TorchvisionResNet18(), out)
