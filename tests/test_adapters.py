@@ -1,0 +1,127 @@
+"""PEFT LoRA adapters audited as merged weights, checked against PEFT's own merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dynaudit import measure
+from dynaudit.adapters import AdapterRefused, open_adapter
+from tests import producers
+from tests.conftest import small_settings
+
+SETTINGS = small_settings(steps=40)
+
+
+@pytest.fixture(scope="module")
+def base_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float32 tiny LLaMA (GQA) written by ``save_pretrained``."""
+    return producers.llama(tmp_path_factory.mktemp("lora") / "base", dtype=torch.float32)
+
+
+def make_adapter(base: Path, out: Path, **lora: Any) -> tuple[Path, Path]:
+    """A PEFT adapter over ``base`` with random (non-zero) A and B, and the checkpoint PEFT
+    writes after ``merge_and_unload()``: (adapter dir, merged dir)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM.from_pretrained(base)
+    config = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], **lora,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out / "adapter")
+    peft_model.merge_and_unload().save_pretrained(out / "merged")
+    return out / "adapter", out / "merged"
+
+
+def numbers(report: Any) -> dict[str, tuple[float, float, float]]:
+    return {
+        layer.name: (layer.discrepancy, layer.mean_distance, layer.fidelity)
+        for layer in report.measured
+    }
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"v_proj": 3}},
+    ],
+    ids=["lora", "rslora", "patterns"],
+)
+def test_adapter_measures_like_peft_merged_checkpoint(
+    base_llama: Path, tmp_path: Path, lora: dict[str, Any]
+) -> None:
+    adapter, merged = make_adapter(base_llama, tmp_path, **lora)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == base_llama
+    # Merging on read gives PEFT's merged weights, tensor for tensor.
+    with open_adapter(adapter) as ours:
+        from dynaudit.tensors import Checkpoint
+
+        with Checkpoint.open(merged) as theirs:
+            assert set(ours.tensors) == set(theirs.tensors)
+            for name in ours.tensors:
+                torch.testing.assert_close(ours.read(name), theirs.read(name), rtol=0, atol=1e-6)
+    a = measure(adapter, **SETTINGS)
+    b = measure(merged, **SETTINGS)
+    assert a.family.name == "llama" and len(a.measured) == len(b.measured) == 29
+    for name, values in numbers(b).items():
+        assert numbers(a)[name] == pytest.approx(values, rel=1e-4)
+    assert any(key.startswith("adapter/") for key in a.source.files)
+
+
+def test_adapter_base_flag_overrides_the_config(base_llama: Path, tmp_path: Path) -> None:
+    adapter, merged = make_adapter(base_llama, tmp_path)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "nowhere")
+    config_path.write_text(json.dumps(config))
+    report = measure(adapter, base=base_llama, **SETTINGS)
+    for name, values in numbers(measure(merged, **SETTINGS)).items():
+        assert numbers(report)[name] == pytest.approx(values, rel=1e-4)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dynaudit", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_dora_is_refused_with_exit_3(base_llama: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base_llama)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    get_peft_model(model, config).save_pretrained(tmp_path / "dora")
+    with pytest.raises(AdapterRefused, match="DoRA"):
+        open_adapter(tmp_path / "dora")
+    proc = run_cli("measure", str(tmp_path / "dora"), "--q-dim", "8", "--pieces", "2")
+    assert proc.returncode == 3, proc.stderr
+    assert "DoRA" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_adapter_over_the_wrong_base_is_refused(base_llama: Path, tmp_path: Path) -> None:
+    adapter, _ = make_adapter(base_llama, tmp_path)
+    other = producers.qwen2(tmp_path / "other")
+    proc = run_cli("measure", str(adapter), "--base", str(other), "--q-dim", "8", "--pieces", "2")
+    assert proc.returncode == 3
+    assert "wrong base" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_base_flag_on_a_plain_checkpoint_is_a_usage_error(base_llama: Path) -> None:
+    proc = run_cli("measure", str(base_llama), "--base", str(base_llama))
+    assert proc.returncode == 2
+    assert "adapter" in proc.stderr
