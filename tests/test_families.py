@@ -10,7 +10,7 @@ import pytest
 import torch
 from dynaudit_plugins.generic import GenericFamily, role
 
-from dynaudit import measure
+from dynaudit import inspect, measure
 from dynaudit.errors import UnknownFamily
 from dynaudit.families import (
     Family,
@@ -262,3 +262,21 @@ def test_structure_mismatch_is_an_input_error(family_zoo: dict[str, Path], tmp_p
     (gqa / "config.json").unlink()
     with pytest.raises(StructureError, match="num_key_value_heads"):
         measure(gqa, family="llama", q_dim=8, pieces=2, steps=5)
+
+
+@pytest.mark.parametrize("fixture", ["llama_gqa", "timm_vit", "torchvision_resnet18"])
+def test_inspect_reads_headers_only(
+    fixture: str, family_zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``inspect`` (without --weights) plans, classifies and costs a model from its headers."""
+
+    def no_reads(self: Checkpoint, name: str) -> torch.Tensor:
+        raise AssertionError(f"inspect read tensor data: {name}")
+
+    monkeypatch.setattr(Checkpoint, "read", no_reads)
+    found = inspect(family_zoo[fixture])
+    family, _, count, _, _ = EXPECTED[fixture]
+    assert found.family.name == family and len(found.layers) == count
+    assert found.structure.structural_class and found.structure.degenerate is None
+    assert all(layer.gflop > 0 and layer.rank is None for layer in found.layers)
+    assert all(layer.inputs or layer.reads_input for layer in found.layers)
