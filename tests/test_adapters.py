@@ -125,3 +125,52 @@ def test_base_flag_on_a_plain_checkpoint_is_a_usage_error(base_llama: Path) -> N
     proc = run_cli("measure", str(base_llama), "--base", str(base_llama))
     assert proc.returncode == 2
     assert "adapter" in proc.stderr
+
+
+def test_modules_to_save_replace_the_base_tensor(base_llama: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from dynaudit.tensors import Checkpoint
+
+    torch.manual_seed(2)
+    model = LlamaForCausalLM.from_pretrained(base_llama)
+    config = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj"],
+        modules_to_save=["lm_head"],
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a fine-tuned copy of the head, as training would leave it
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with open_adapter(tmp_path / "adapter") as ours, Checkpoint.open(tmp_path / "merged") as theirs:
+        for name in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+            torch.testing.assert_close(ours.read(name), theirs.read(name), rtol=0, atol=1e-6)
+        with Checkpoint.open(base_llama) as base:
+            assert not torch.equal(ours.read("lm_head.weight"), base.read("lm_head.weight"))
+
+
+def test_fan_in_fan_out_adapter_on_gpt2_conv1d(tmp_path: Path) -> None:
+    """GPT-2 stores Conv1D weights (in, out): PEFT's fan_in_fan_out update is transposed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dynaudit.tensors import Checkpoint
+
+    torch.manual_seed(3)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    lora = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with open_adapter(tmp_path / "adapter") as ours, Checkpoint.open(tmp_path / "merged") as theirs:
+        changed = [n for n in ours.deltas]
+        assert len(changed) == 4 and all(".attn.c_attn." in n or ".mlp.c_fc." in n for n in changed)
+        for name in changed:
+            torch.testing.assert_close(ours.read(name), theirs.read(name), rtol=0, atol=1e-6)
