@@ -121,8 +121,9 @@ class Structure(BaseModel):
 
 
 class BranchGain(BaseModel):
-    """Product of the spectral norms along a residual branch: an upper bound on the branch's
-    Lipschitz constant only where every step is Lipschitz — an indicator, not a guarantee."""
+    """Product of the spectral norms of the matrices along a residual branch: an indicator of
+    the branch's gain, not a bound — activations, token mixing in attention, the softmax and
+    the conv operator norm (up to √(kh·kw) × the reshaped kernel's) all stand between them."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -50,8 +50,11 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
     }
 
 
-def test_every_installed_family_has_fixtures() -> None:
-    assert set(available_families()) <= set(OWN_FIXTURES)
+def test_every_first_party_family_has_fixtures() -> None:
+    ours = {
+        n for n, origin in available_families().items() if origin.startswith("dynaudit_plugins")
+    }
+    assert ours == set(OWN_FIXTURES)
 
 
 @pytest.mark.parametrize(
@@ -280,3 +283,17 @@ def test_inspect_reads_headers_only(
     assert found.structure.structural_class and found.structure.degenerate is None
     assert all(layer.gflop > 0 and layer.rank is None for layer in found.layers)
     assert all(layer.inputs or layer.reads_input for layer in found.layers)
+
+
+def test_resnet_without_a_stem_is_a_structure_error(write_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """A block conv named ``...conv1.weight`` is not mistaken for the stem."""
+    tensors = {
+        "layer1.0.conv1.weight": torch.randn(8, 8, 3, 3),
+        "layer1.0.conv2.weight": torch.randn(8, 8, 3, 3),
+        "fc.weight": torch.randn(4, 8),
+    }
+    with (
+        Checkpoint.open(write_checkpoint(tensors)) as checkpoint,
+        pytest.raises(StructureError, match="without a stem"),
+    ):
+        get_family("cnn").plan(checkpoint)

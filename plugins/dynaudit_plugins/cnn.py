@@ -117,7 +117,10 @@ def _feed(build: PlanBuilder, layer: Layer, sources: list[str]) -> None:
 
 def _plan_resnet(checkpoint: Checkpoint, blocks: Blocks) -> LayerPlan:
     build = PlanBuilder(checkpoint, "cnn")
-    stem_name = next((n for n in checkpoint.names() if n.endswith(_STEMS)), None)
+    in_blocks = {name for parts in blocks.values() for name in parts.values()}
+    stem_name = next(
+        (n for n in checkpoint.names() if n.endswith(_STEMS) and n not in in_blocks), None
+    )
     if stem_name is None or len(checkpoint.tensors[stem_name].shape) != 4:
         raise StructureError("cnn: ResNet blocks without a stem convolution (conv1)")
     in_channels = checkpoint.tensors[stem_name].shape[1]

@@ -114,7 +114,7 @@ class LlamaFamily(Family):
         vocab_in = embed.shape[0] if embed is not None else vocab
         return build.build(
             depth_note="llama family: depth = decoder block index; the head is one above",
-            widths=[w for w in (vocab_in, hidden) if w] + [hidden] * len(blocks) + [vocab],
+            widths=[w for w in (vocab_in, hidden, *[hidden] * len(blocks), vocab) if w],
         )
 
     @staticmethod
@@ -146,6 +146,10 @@ class _Heads:
         hidden = config_int(config, "hidden_size")
         if heads and head_dim is None and hidden:
             head_dim = hidden // heads
+        if heads and kv_heads != heads and head_dim is None:
+            raise StructureError(
+                "llama: grouped-query attention needs head_dim or hidden_size in config.json"
+            )
         first = blocks[min(blocks)]
         q_rows = checkpoint.tensors[first["self_attn.q_proj"]].shape[0]
         kv_rows = checkpoint.tensors[first["self_attn.k_proj"]].shape[0]

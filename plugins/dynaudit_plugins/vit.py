@@ -163,7 +163,7 @@ def _split_qkv(checkpoint: Checkpoint, name: str, width: int, depth: int) -> tup
     if declared is None:
         raise StructureError(
             f"vit: {name} fuses q, k and v; config.json must give the embedding width "
-            "(num_features or model_args.embed_dim) to split it"
+            "(embed_dim, hidden_size, num_features or model_args.embed_dim) to split it"
         )
     rows, cols = checkpoint.tensors[name].shape
     if declared != width or rows != 3 * declared or cols != declared:

@@ -50,6 +50,8 @@ class DenseKernelsFamily(Family):
             layers,
             sorted(skipped, key=lambda skip: skip.name),
             depth_note="dense-kernels family: depth is the order of N in dense_<N>",
+            # Kernels need not chain (a model may branch); each is said to read the input.
+            reads_input={layer.name for layer in layers},
         )
 
 
