@@ -23,7 +23,14 @@ from dynaudit.tensors import Checkpoint, read_json
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ADAPTER_CONFIG", "AdapterCheckpoint", "AdapterRefused", "is_adapter", "open_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterCheckpoint",
+    "AdapterRefused",
+    "is_adapter",
+    "open_adapter",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -88,8 +88,13 @@ def test_adapter_base_flag_overrides_the_config(base_llama: Path, tmp_path: Path
     config["base_model_name_or_path"] = str(tmp_path / "nowhere")
     config_path.write_text(json.dumps(config))
     report = measure(adapter, base=base_llama, **SETTINGS)
-    for name, values in numbers(measure(merged, **SETTINGS)).items():
+    expected = numbers(measure(merged, **SETTINGS))
+    for name, values in expected.items():
         assert numbers(report)[name] == pytest.approx(values, rel=1e-4)
+    # Pointing at the adapter's weights file audits the adapter, not its bare A and B.
+    weights_file = measure(adapter / "adapter_model.safetensors", base=base_llama, **SETTINGS)
+    assert weights_file.family.name == "llama"
+    assert numbers(weights_file) == numbers(report)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

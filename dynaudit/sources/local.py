@@ -40,10 +40,12 @@ def open_checkpoint(
 ) -> Checkpoint:
     """The checkpoint at a resolved source; a PEFT adapter directory opens merged over its
     base (``base``, or the adapter's ``base_model_name_or_path``)."""
-    from dynaudit.adapters import is_adapter, open_adapter
+    from dynaudit.adapters import ADAPTER_WEIGHTS, is_adapter, open_adapter
 
     if is_adapter(resolved.path):
         return open_adapter(resolved.path, base)
+    if resolved.path.name == ADAPTER_WEIGHTS and is_adapter(resolved.path.parent):
+        return open_adapter(resolved.path.parent, base)  # the adapter's weights file itself
     if base is not None:
         raise UsageError(f"{resolved.uri}: --base applies to LoRA adapter directories only")
     return Checkpoint.open(resolved.path)
