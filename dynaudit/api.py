@@ -50,8 +50,8 @@ def measure(
     ``settings`` are :class:`~dynaudit.config.FitSettings` fields (``q_dim``, ``pieces``,
     ``steps``, ``seed``, ``seeds``, ``device``, ...). A LoRA adapter directory is measured
     as its merged weights over ``base`` (default: the adapter's ``base_model_name_or_path``).
-    ``scales`` fixes the per-layer
-    reference scale s (by tensor name); by default each matrix is scaled by its own RMS.
+    ``scales`` fixes the per-layer reference scale s (by layer name); by default each matrix
+    is scaled by its own RMS.
     """
     import torch
 
@@ -161,7 +161,7 @@ def inspect(
     """Headers only: family, layer graph, shapes, dtypes, size, structural class and the fit's
     cost. With ``weights=True`` also reads every layer for its rank and spectral norm, the
     degenerate layers and the gain of every residual branch."""
-    from dynaudit.structure import branch_widths, chain_widths, check_matrices, classify
+    from dynaudit.structure import chain_widths, check_matrices, classify, path_widths
 
     fit = settings_from(settings)
     resolved = resolve(source)
@@ -169,6 +169,7 @@ def inspect(
         detection = detect_family(checkpoint, family)
         plan = detection.family.plan(checkpoint)
         checks = check_matrices(checkpoint, plan, detection.family) if weights else {}
+        fed_by = plan.fed_by()
         layers = []
         for layer in plan.layers:
             info = checkpoint.tensors[layer.source]
@@ -180,7 +181,7 @@ def inspect(
                     name=layer.name, type=layer.type, depth=layer.depth,
                     shape=[m, n] if layer.rows else list(info.shape), dtype=info.dtype,
                     matrices=g, neurons=m + n, gflop=flop / 1e9,
-                    inputs=[feed.src for feed in plan.inputs_of(layer.name)],
+                    inputs=fed_by[layer.name],
                     reads_input=layer.name in plan.reads_input,
                     rank=check.rank if check else None,
                     full_rank=min(m, n),
@@ -189,11 +190,12 @@ def inspect(
             )  # fmt: skip
         widths = chain_widths(plan, checkpoint)
         kind, reason = classify(widths)
+        by_name = {layer.name: layer for layer in plan.layers}
         branch_classes: dict[str, int] = {}
         gains = []
         for block in plan.blocks:
             for branch, names in block.branches.items():
-                branch_kind, _ = classify(branch_widths(plan, checkpoint, names))
+                branch_kind, _ = classify(path_widths([by_name[n] for n in names], checkpoint))
                 branch_classes[branch_kind] = branch_classes.get(branch_kind, 0) + 1
                 if checks:
                     gains.append(

@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 __all__ = [
     "MatrixCheck",
     "StructuralClass",
-    "branch_widths",
     "chain_widths",
     "check_matrices",
     "classify",
+    "path_widths",
     "rank_tolerance",
 ]
 
@@ -57,24 +57,17 @@ def classify(widths: Sequence[int]) -> tuple[StructuralClass, str]:
 
 def chain_widths(plan: LayerPlan, checkpoint: Checkpoint) -> list[int]:
     """The plan's main-path widths: as the family states them, or the layers as a chain."""
-    if plan.widths:
-        return list(plan.widths)
-    if not plan.layers:
+    return list(plan.widths) if plan.widths else path_widths(plan.layers, checkpoint)
+
+
+def path_widths(path: Sequence[Layer], checkpoint: Checkpoint) -> list[int]:
+    """Widths along layers taken in order (a chain, or a residual branch): the first layer's
+    input, then each layer's outputs."""
+    if not path:
         return []
-    first = plan.layers[0]
-    out = [_input_width(first, checkpoint)]
-    for layer in plan.layers:
+    out = [_input_width(path[0], checkpoint)]
+    for layer in path:
         g, m, _ = matrix_shape(layer, checkpoint.tensors[layer.source].shape)
-        out.append(g * m)
-    return out
-
-
-def branch_widths(plan: LayerPlan, checkpoint: Checkpoint, branch: Sequence[str]) -> list[int]:
-    """Widths through a residual branch: its input, then each layer's outputs."""
-    layers = {layer.name: layer for layer in plan.layers}
-    out = [_input_width(layers[branch[0]], checkpoint)]
-    for name in branch:
-        g, m, _ = matrix_shape(layers[name], checkpoint.tensors[layers[name].source].shape)
         out.append(g * m)
     return out
 

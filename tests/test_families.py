@@ -92,8 +92,8 @@ def test_every_installed_family_honours_the_contract(
             index = feed.index.indices(g, n)
             assert index.shape == (g, n)
             assert set(index.flatten().tolist()) == set(range(src_g * src_m)), feed
-        for layer in plan.layers:
-            assert layer.name in plan.reads_input or plan.inputs_of(layer.name), layer.name
+        for layer_name, sources in plan.fed_by().items():
+            assert layer_name in plan.reads_input or sources, layer_name
         _assert_acyclic(names, [(f.src, f.dst) for f in plan.feeds])
         for block in plan.blocks:
             assert all(x in shapes for branch in block.branches.values() for x in branch)

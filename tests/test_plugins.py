@@ -94,6 +94,15 @@ def measure(
     return proc, report
 
 
+def family_and_layers(
+    report: dict[str, object],
+) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """A JSON report's ``family`` object and ``layers`` list, checked to be those types."""
+    family, layers = report["family"], report["layers"]
+    assert isinstance(family, dict) and isinstance(layers, list)
+    return family, layers
+
+
 def plugin_entries(stdout: str) -> dict[str, str]:
     """``dynaudit plugins`` output as {name: its two lines}: a name line, an indented one."""
     entries: dict[str, str] = {}
@@ -131,12 +140,9 @@ def test_keras_checkpoint_is_detected_by_the_plugin(
     plugin_env: dict[str, str], keras_checkpoint: Path, tmp_path: Path
 ) -> None:
     _, report = measure(keras_checkpoint, tmp_path / "r.json", plugin_env)
-    family = report["family"]
-    assert isinstance(family, dict)
+    family, layers = family_and_layers(report)
     assert family["name"] == "dense-kernels"
     assert family["confidence"] == pytest.approx(0.9)
-    layers = report["layers"]
-    assert isinstance(layers, list)
     measured = {x["name"]: x for x in layers if "shape" in x}
     assert list(measured) == ["dense_0/kernel", "dense_1/kernel"]
     assert [x["depth"] for x in measured.values()] == [0, 1]
@@ -154,8 +160,7 @@ def test_family_flag_selects_the_plugin(
     _, report = measure(
         keras_checkpoint, tmp_path / "r.json", plugin_env, "--family", "dense-kernels"
     )
-    family = report["family"]
-    assert isinstance(family, dict)
+    family, _ = family_and_layers(report)
     assert family["name"] == "dense-kernels"
     assert "chosen" in str(family["detected_by"])
 
@@ -176,11 +181,8 @@ def test_detection_still_works_with_broken_plugins_installed(
     plugin_env: dict[str, str], torch_checkpoint: Path, tmp_path: Path
 ) -> None:
     _, report = measure(torch_checkpoint, tmp_path / "r.json", plugin_env)
-    family = report["family"]
-    assert isinstance(family, dict)
+    family, layers = family_and_layers(report)
     assert family["name"] == "generic"
-    layers = report["layers"]
-    assert isinstance(layers, list)
     assert [x["name"] for x in layers if "shape" in x] == ["0.weight", "1.weight"]
 
 

@@ -151,8 +151,12 @@ class LayerPlan:
     widths: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # anything else the report should say
 
-    def inputs_of(self, name: str) -> list[Feed]:
-        return [feed for feed in self.feeds if feed.dst == name]
+    def fed_by(self) -> dict[str, list[str]]:
+        """Layer name → the layers whose outputs feed it (empty for input-only layers)."""
+        out: dict[str, list[str]] = {layer.name: [] for layer in self.layers}
+        for feed in self.feeds:
+            out[feed.dst].append(feed.src)
+        return out
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ set of layers whose outputs have been added to it so far (plus the model's input
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,7 +26,14 @@ from dynaudit.families.base import (
 from dynaudit.families.naming import skip_reason
 from dynaudit.tensors import Checkpoint
 
-__all__ = ["PlanBuilder", "Stream", "StructureError", "chain_index", "config_int"]
+__all__ = [
+    "PlanBuilder",
+    "Stream",
+    "StructureError",
+    "chain_index",
+    "config_int",
+    "index_blocks",
+]
 
 
 class StructureError(InputError):
@@ -50,11 +59,12 @@ class PlanBuilder:
         self.family = family
         self.plan = LayerPlan(layers=[])
         self._used: set[str] = set()
+        self._planned: dict[str, Layer] = {}
 
     def shape(self, layer: Layer | str) -> tuple[int, int, int]:
         """``(g, m, n)`` of a planned layer (by object or name)."""
         if isinstance(layer, str):
-            layer = next(x for x in self.plan.layers if x.name == layer)
+            layer = self._planned[layer]
         return matrix_shape(layer, self.checkpoint.tensors[layer.source].shape)
 
     def outputs(self, name: str) -> int:
@@ -71,6 +81,7 @@ class PlanBuilder:
         if layer.source not in self.checkpoint.tensors:
             raise StructureError(f"{self.family}: expected tensor {layer.source!r} is missing")
         self._used.add(layer.source)
+        self._planned[layer.name] = layer
         self.plan.layers.append(layer)
         if isinstance(fed_by, Stream):
             if fed_by.reads_input:
@@ -123,6 +134,21 @@ def chain_index(src_outputs: int, layer: Layer, shape: tuple[int, int, int]) -> 
     if src_outputs and n % src_outputs == 0:
         return IndexMap(repeat=n // src_outputs)
     return None
+
+
+def index_blocks(
+    checkpoint: Checkpoint, pattern: re.Pattern[str]
+) -> tuple[dict[int, dict[str, str]], set[str]]:
+    """Tensors matching ``pattern`` (groups ``index``, ``part`` and optionally ``prefix``)
+    as ``{block index: {part: tensor name}}``, and the distinct prefixes seen."""
+    blocks: dict[int, dict[str, str]] = defaultdict(dict)
+    prefixes = set()
+    for name in checkpoint.tensors:
+        match = pattern.match(name)
+        if match:
+            blocks[int(match["index"])][match["part"]] = name
+            prefixes.add(match.groupdict().get("prefix") or "")
+    return dict(blocks), prefixes
 
 
 def config_int(config: dict[str, object] | None, *keys: str) -> int | None:

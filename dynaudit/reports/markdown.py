@@ -92,20 +92,31 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _type_by_depth(report: Report) -> list[str]:
-    """Mean distance per layer type and depth third: the shape of the paper's Tables 2–3."""
+def type_by_depth(report: Report) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Mean distance per layer type and depth third, the shape of the paper's Tables 2–3:
+    the column names (the depth groups present, then "all") and one formatted row per type."""
     groups = list(report.summary.groups)
-    if not report.summary.table:
+    rows = [
+        (
+            type_,
+            [fmt(cells[g].mean_distance) if g in cells else "" for g in groups]
+            + [fmt(report.summary.types[type_].mean_distance)],
+        )
+        for type_, cells in report.summary.table.items()
+    ]
+    return [*groups, "all"], rows
+
+
+def _type_by_depth(report: Report) -> list[str]:
+    columns, rows = type_by_depth(report)
+    if not rows:
         return []
     lines = [
         "",
         "## Mean distance by type and depth",
         "",
-        "| type | " + " | ".join(groups) + " | all |",
-        "|---|" + "---:|" * (len(groups) + 1),
+        "| type | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
-    for type_, cells in report.summary.table.items():
-        values = [fmt(cells[g].mean_distance) if g in cells else "" for g in groups]
-        overall = fmt(report.summary.types[type_].mean_distance)
-        lines.append(f"| {escape_markdown(type_)} | " + " | ".join(values) + f" | {overall} |")
+    lines += [f"| {escape_markdown(t)} | " + " | ".join(values) + " |" for t, values in rows]
     return lines

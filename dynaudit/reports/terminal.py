@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dynaudit.report import Report
-from dynaudit.reports.markdown import fmt
+from dynaudit.reports.markdown import fmt, type_by_depth
 
 __all__ = ["render_terminal"]
 
@@ -45,14 +45,13 @@ def render_terminal(report: Report, console: Console) -> None:
             fmt(agg.fidelity, 3), fmt(agg.fidelity_median, 3),
         )  # fmt: skip
     console.print(summary)
-    if report.summary.table:
-        groups = list(report.summary.groups)
+    columns, by_type = type_by_depth(report)
+    if by_type:
         by_depth = Table(title="mean distance by type and depth")
-        for column in ("type", *groups, "all"):
+        for column in ("type", *columns):
             by_depth.add_column(column, justify="left" if column == "type" else "right")
-        for type_, cells in report.summary.table.items():
-            values = [fmt(cells[g].mean_distance) if g in cells else "" for g in groups]
-            by_depth.add_row(Text(type_), *values, fmt(report.summary.types[type_].mean_distance))
+        for type_, values in by_type:
+            by_depth.add_row(Text(type_), *values)
         console.print(by_depth)
     for note in report.family.notes:
         console.print(Text(note, style="dim"))

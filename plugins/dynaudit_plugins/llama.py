@@ -13,10 +13,15 @@ down reads gate ⊙ up, channel by channel; the head reads the final stream.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 from dynaudit.families import Family, IndexMap, Layer, LayerPlan
-from dynaudit.families.build import PlanBuilder, Stream, StructureError, config_int
+from dynaudit.families.build import (
+    PlanBuilder,
+    Stream,
+    StructureError,
+    config_int,
+    index_blocks,
+)
 from dynaudit.tensors import Checkpoint
 
 __all__ = ["LlamaFamily"]
@@ -59,13 +64,7 @@ class LlamaFamily(Family):
 
     def plan(self, checkpoint: Checkpoint) -> LayerPlan:
         config = checkpoint.config or {}
-        blocks: dict[int, dict[str, str]] = defaultdict(dict)
-        prefixes = set()
-        for name in checkpoint.tensors:
-            match = _BLOCK.match(name)
-            if match:
-                blocks[int(match["index"])][match["part"]] = name
-                prefixes.add(match["prefix"])
+        blocks, prefixes = index_blocks(checkpoint, _BLOCK)
         if not blocks:
             raise StructureError(f"llama: no {'/'.join(_PARTS)} weights in {checkpoint.root}")
         if len(prefixes) > 1:

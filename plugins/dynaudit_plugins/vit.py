@@ -14,10 +14,15 @@ the head and the pooler read the final stream.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 from dynaudit.families import Family, Layer, LayerPlan
-from dynaudit.families.build import PlanBuilder, Stream, StructureError, config_int
+from dynaudit.families.build import (
+    PlanBuilder,
+    Stream,
+    StructureError,
+    config_int,
+    index_blocks,
+)
 from dynaudit.tensors import Checkpoint
 
 __all__ = ["ViTFamily"]
@@ -69,11 +74,7 @@ class ViTFamily(Family):
         return 0.0
 
     def plan(self, checkpoint: Checkpoint) -> LayerPlan:
-        blocks: dict[int, dict[str, str]] = defaultdict(dict)
-        for name in checkpoint.tensors:
-            match = _BLOCK.match(name)
-            if match:
-                blocks[int(match["index"])][match["part"]] = name
+        blocks, _ = index_blocks(checkpoint, _BLOCK)
         scheme = _scheme(blocks)
         build = PlanBuilder(checkpoint, "vit")
         stream = Stream(reads_input=False)
