@@ -147,8 +147,8 @@ def _check_supported(config: dict[str, Any], path: Path) -> None:
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise AdapterRefused(
-                f"{path}: {what} ({key}) is not merged exactly by dynaudit; merge it with "
-                "merge_and_unload() and audit the merged checkpoint",
+                f"{path}: {what} ({key}), which dynaudit does not merge exactly; merge it "
+                "with merge_and_unload() and audit the merged checkpoint",
                 path=str(path),
             )
 
