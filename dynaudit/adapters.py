@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ from dynaudit.tensors import Checkpoint, read_json
 
 if TYPE_CHECKING:
     import torch
+
+    from dynaudit.sources import SourceOptions
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -97,15 +100,17 @@ class AdapterCheckpoint(Checkpoint):
         if self.adapter is not None:
             self.adapter.close()
 
-    def fingerprint(self) -> dict[str, str]:
+    def fingerprint(self, digest: Callable[[Path], str] | None = None) -> dict[str, str]:
         assert self.adapter is not None
-        own = {f"adapter/{k}": v for k, v in self.adapter.fingerprint().items()}
-        return {**super().fingerprint(), **own}
+        own = {f"adapter/{k}": v for k, v in self.adapter.fingerprint(digest).items()}
+        return {**super().fingerprint(digest), **own}
 
 
-def open_adapter(path: Path, base: str | os.PathLike[str] | None = None) -> AdapterCheckpoint:
+def open_adapter(
+    path: Path, base: str | os.PathLike[str] | None = None, options: SourceOptions | None = None
+) -> AdapterCheckpoint:
     """Open ``path`` (an adapter directory) over its base: ``base`` when given, else the
-    config's ``base_model_name_or_path``."""
+    config's ``base_model_name_or_path`` (a local path or a Hub repo id)."""
     from dynaudit.sources import resolve
 
     config = read_json(path / ADAPTER_CONFIG)
@@ -119,7 +124,7 @@ def open_adapter(path: Path, base: str | os.PathLike[str] | None = None) -> Adap
         )
     adapter = Checkpoint.open(path / ADAPTER_WEIGHTS)
     try:
-        base_ckpt = Checkpoint.open(resolve(base_ref).path)
+        base_ckpt = Checkpoint.open(resolve(base_ref, options).path)
         merged = AdapterCheckpoint(
             root=base_ckpt.root,
             files=base_ckpt.files,

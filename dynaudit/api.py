@@ -12,16 +12,23 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dynaudit import __version__
-from dynaudit.config import FitSettings
+from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.dynamics.kernel import fit_steps
 from dynaudit.engine import Progress, measure_plan
 from dynaudit.errors import UsageError
 from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
-from dynaudit.report import FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
-from dynaudit.sources import open_checkpoint, resolve
+from dynaudit.report import CacheInfo, FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
+from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
 from dynaudit.structure import StructuralClass
 
-__all__ = ["InspectedLayer", "Inspection", "inspect", "measure", "settings_from"]
+__all__ = [
+    "InspectedLayer",
+    "Inspection",
+    "SourceOptions",
+    "inspect",
+    "measure",
+    "settings_from",
+]
 
 
 def settings_from(overrides: dict[str, Any]) -> FitSettings:
@@ -43,25 +50,54 @@ def measure(
     base: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     scales: dict[str, float] | None = None,
+    sources: SourceOptions | None = None,
+    cache: bool = True,
     **settings: Any,
 ) -> Report:
     """Fit every layer of a checkpoint and report its dynamical discrepancy.
 
-    ``settings`` are :class:`~dynaudit.config.FitSettings` fields (``q_dim``, ``pieces``,
-    ``steps``, ``seed``, ``seeds``, ``device``, ...). A LoRA adapter directory is measured
-    as its merged weights over ``base`` (default: the adapter's ``base_model_name_or_path``).
-    ``scales`` fixes the per-layer reference scale s (by layer name); by default each matrix
-    is scaled by its own RMS.
+    ``source`` is any SPEC §3 form: a local path, ``hf://org/name[@rev]`` or ``org/name``,
+    ``models:/…`` or ``runs:/…``; ``sources`` says how to reach remote ones. ``settings``
+    are :class:`~dynaudit.config.FitSettings` fields (``q_dim``, ``pieces``, ``steps``,
+    ``seed``, ``seeds``, ``device``, ...). A LoRA adapter directory is measured as its merged
+    weights over ``base`` (default: the adapter's ``base_model_name_or_path``). ``scales``
+    fixes the per-layer reference scale s (by layer name); by default each matrix is scaled by
+    its own RMS. With ``cache`` (the default), a checkpoint already measured with the same
+    settings is not fitted again: the stored report is returned, marked as a cache hit.
     """
     import torch
 
+    from dynaudit.cache import ResultCache, cache_root, result_key
     from dynaudit.runtime import pick_device, torch_scope
+    from dynaudit.sources import verify_download
 
     fit = settings_from(settings)
+    options = sources or SourceOptions()
     started = time.perf_counter()
-    resolved = resolve(source)
+    resolved = resolve(source, options)
     device = pick_device(fit.device)
-    with open_checkpoint(resolved, base) as checkpoint:
+    store = ResultCache(cache_root(options.cache_dir)) if cache else None
+    digest = store.digest if store else None
+    verify_download(resolved, digest)
+    with open_checkpoint(resolved, base, options) as checkpoint:
+        fingerprint = checkpoint.fingerprint(digest)
+        source_info = SourceInfo(
+            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
+            files=fingerprint,
+        )  # fmt: skip
+        key = result_key(
+            fingerprint, fit.numeric(), family=family, scales=scales, version=__version__,
+            protocol=PROTOCOL_VERSION,
+        )  # fmt: skip
+        cached = store.load(key) if store else None
+        if cached is not None:
+            return cached.model_copy(
+                update={
+                    "source": source_info,
+                    "cache": CacheInfo(hit=True, key=key, measured_at=cached.created_at),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
         detection = detect_family(checkpoint, family)
         plan = detection.family.plan(checkpoint)
         with torch_scope(device, fit.threads):
@@ -69,24 +105,23 @@ def measure(
             layers, non_finite = measure_plan(
                 checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress
             )
-        fingerprint = checkpoint.fingerprint()
-    return Report(
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report = Report(
         tool={"name": "dynaudit", "version": __version__},
-        source=SourceInfo(
-            uri=resolved.uri,
-            path=str(resolved.path),
-            revision=resolved.revision,
-            files=fingerprint,
-        ),
+        source=source_info,
         family=_family_info(detection, plan),
         settings={**fit.numeric(), "device": device.type, "threads": threads},
         layers=[*layers, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
         summary=summarize(layers),
         non_finite=non_finite,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        cache=CacheInfo(hit=False, key=key, measured_at=created) if store else None,
+        created_at=created,
         host=platform.node(),
         seconds=round(time.perf_counter() - started, 3),
     )
+    if store is not None:
+        store.store(key, report)
+    return report
 
 
 class InspectedLayer(BaseModel):
@@ -156,16 +191,24 @@ def inspect(
     family: str | None = None,
     base: str | os.PathLike[str] | None = None,
     weights: bool = False,
+    sources: SourceOptions | None = None,
     **settings: Any,
 ) -> Inspection:
     """Headers only: family, layer graph, shapes, dtypes, size, structural class and the fit's
     cost. With ``weights=True`` also reads every layer for its rank and spectral norm, the
-    degenerate layers and the gain of every residual branch."""
+    degenerate layers and the gain of every residual branch. A Hub model's headers are read
+    with ranged requests: no weights are downloaded unless ``weights=True``."""
     from dynaudit.structure import chain_widths, check_matrices, classify, path_widths
 
     fit = settings_from(settings)
-    resolved = resolve(source)
-    with open_checkpoint(resolved, base) as checkpoint:
+    options = sources or SourceOptions()
+    remote = None if weights or base is not None else open_headers(source, options)
+    if remote is not None:
+        uri, opened = remote
+    else:
+        resolved = resolve(source, options)
+        uri, opened = resolved.uri, open_checkpoint(resolved, base, options)
+    with opened as checkpoint:
         detection = detect_family(checkpoint, family)
         plan = detection.family.plan(checkpoint)
         checks = check_matrices(checkpoint, plan, detection.family) if weights else {}
@@ -214,7 +257,7 @@ def inspect(
             rank_rule=RANK_RULE if weights else None,
         )
         return Inspection(
-            uri=resolved.uri,
+            uri=uri,
             files=[str(f) for f in checkpoint.files],
             family=_family_info(detection, plan),
             layers=layers,

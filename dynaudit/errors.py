@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "AccessDenied",
     "CheckpointNotFound",
     "CorruptCheckpoint",
     "DynauditError",
@@ -17,6 +18,8 @@ __all__ = [
     "NonFiniteWeights",
     "PickleRefused",
     "PluginError",
+    "RemoteNotFound",
+    "SourceUnreachable",
     "UnknownFamily",
     "UsageError",
 ]
@@ -61,6 +64,18 @@ class InputError(DynauditError):
 
 class CheckpointNotFound(InputError, FileNotFoundError):
     """No checkpoint at the given path or URI."""
+
+
+class RemoteNotFound(CheckpointNotFound):
+    """A Hub repo, revision or file, or an MLflow model, version or run, does not exist."""
+
+
+class SourceUnreachable(InputError):
+    """The Hugging Face endpoint or MLflow server cannot be reached (or offline, not cached)."""
+
+
+class AccessDenied(InputError):
+    """The server refused the credentials (401/403, gated or private repo)."""
 
 
 class EmptyCheckpoint(InputError):

@@ -14,6 +14,7 @@ from dynaudit.config import PROTOCOL_VERSION
 __all__ = [
     "DEPTH_GROUPS",
     "Aggregate",
+    "CacheInfo",
     "FamilyInfo",
     "LayerResult",
     "Report",
@@ -38,6 +39,12 @@ class SourceInfo(_Model):
     path: str
     revision: str | None = None
     files: dict[str, str] = Field(description="weight file → sha256")
+
+
+class CacheInfo(_Model):
+    hit: bool = Field(description="true: these numbers were reused from the result cache")
+    key: str = Field(description="sha256 of the fingerprint, settings, family and protocol")
+    measured_at: str = Field(description="when the numbers were computed")
 
 
 class FamilyInfo(_Model):
@@ -110,6 +117,7 @@ class Report(_Model):
     layers: list[LayerResult | SkippedLayer]
     summary: Summary
     non_finite: list[str] = Field(default_factory=list, description="tensors with NaN/Inf")
+    cache: CacheInfo | None = Field(None, description="result cache use (null: cache disabled)")
     created_at: str
     host: str
     seconds: float
@@ -125,7 +133,7 @@ class Report(_Model):
     def numbers(self) -> dict[str, Any]:
         """The report without timings, timestamps, host or thread count: two runs on the same
         inputs and settings must agree on this exactly."""
-        data = self.model_dump(exclude={"created_at", "host", "seconds"})
+        data = self.model_dump(exclude={"created_at", "host", "seconds", "cache"})
         data["settings"] = {k: v for k, v in data["settings"].items() if k != "threads"}
         for layer in data["layers"]:
             layer.pop("seconds", None)

@@ -14,7 +14,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from dynaudit.errors import CheckpointNotFound, CorruptCheckpoint, EmptyCheckpoi
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Checkpoint", "TensorInfo", "natural_key"]
+__all__ = ["Checkpoint", "TensorInfo", "natural_key", "parse_header", "sha256_file"]
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -71,25 +71,38 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one ``.safetensors`` header; returns (tensors, metadata)."""
+    """Parse and validate one local ``.safetensors`` header; returns (tensors, metadata)."""
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise CorruptCheckpoint(
-                    f"{path}: not a safetensors file (only {size} bytes)", path=str(path)
-                )
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CorruptCheckpoint(
-                    f"{path}: not a safetensors file or truncated "
-                    f"(header claims {header_len} bytes, file has {size})",
-                    path=str(path),
-                )
-            raw = fh.read(header_len)
+
+            def read(offset: int, length: int) -> bytes:
+                fh.seek(offset)
+                return fh.read(length)
+
+            return parse_header(path, size, read)
     except OSError as exc:
         raise CorruptCheckpoint(f"{path}: cannot read ({exc.strerror})", path=str(path)) from exc
+
+
+def parse_header(
+    path: Path, size: int, read: Callable[[int, int], bytes]
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header from ``read(offset, length)`` over a file of
+    ``size`` bytes (local or remote); offsets are checked against ``size``."""
+    prefix = read(0, 8) if size >= 8 else b""
+    if len(prefix) < 8:
+        raise CorruptCheckpoint(
+            f"{path}: not a safetensors file (only {size} bytes)", path=str(path)
+        )
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise CorruptCheckpoint(
+            f"{path}: not a safetensors file or truncated "
+            f"(header claims {header_len} bytes, file has {size})",
+            path=str(path),
+        )
+    raw = read(8, header_len)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -271,17 +284,24 @@ class Checkpoint:
                 self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._maps[file]
 
-    def fingerprint(self) -> dict[str, str]:
-        """sha256 of every weight file, keyed by its name relative to the checkpoint root."""
-        digests = {}
-        for file in self.files:
-            digest = hashlib.sha256()
-            with file.open("rb") as fh:
-                while chunk := fh.read(4 * 1024 * 1024):
-                    digest.update(chunk)
-            key = file.name if self.root.is_file() else str(file.relative_to(self.root))
-            digests[key] = digest.hexdigest()
-        return digests
+    def fingerprint(self, digest: Callable[[Path], str] | None = None) -> dict[str, str]:
+        """sha256 of every weight file, keyed by its name relative to the checkpoint root.
+        ``digest`` computes one file's (default :func:`sha256_file`; the result cache passes a
+        memoised one)."""
+        digest = digest or sha256_file
+        key_of = (lambda f: f.name) if self.root.is_file() else (lambda f: self.relative(f))
+        return {key_of(file): digest(file) for file in self.files}
+
+    def relative(self, file: Path) -> str:
+        return file.relative_to(self.root).as_posix()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(4 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _pickle_message(path: Path) -> str:
@@ -303,8 +323,9 @@ def _weight_files(root: Path) -> tuple[list[Path], dict[str, Any] | None]:
         files = []
         for name in names:
             shard = root / name
-            # An index must not point outside its directory (``../``, absolute paths, links).
-            if Path(name).name != name or not shard.resolve().is_relative_to(root.resolve()):
+            # An index must not point outside its directory (``../``, absolute paths). The
+            # check is on the name: shards may be symlinks, as in the Hugging Face cache.
+            if Path(name).name != name or name in ("", ".", ".."):
                 raise CorruptCheckpoint(
                     f"{index}: shard {name!r} is outside the checkpoint directory",
                     path=str(index),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,14 +11,24 @@ import torch
 from safetensors.torch import save_file
 
 from experiments import zoo
+from tests.hubserver import LocalHub
+from tests.mlflowserver import MlflowServer
 
 
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test sees the developer's caches, tokens or debug switches."""
-    for var in ("DYNAUDIT_DEBUG", "HF_TOKEN", "GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY"):
+    """No test sees the developer's caches, tokens, servers or debug switches."""
+    for var in (
+        "DYNAUDIT_DEBUG", "HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "GITHUB_ACTIONS",
+        "GITHUB_STEP_SUMMARY", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN",
+    ):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # huggingface_hub reads HF_HOME when imported: point the in-process client there too.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setenv("DYNAUDIT_CACHE_DIR", str(tmp_path / "dynaudit-cache"))
     monkeypatch.setenv("CI", "true")
 
 
@@ -74,3 +84,19 @@ def write_checkpoint(tmp_path: Path) -> WriteCheckpoint:
 def small_settings(**overrides: object) -> dict[str, object]:
     """Fit settings for tests that are not about the defaults: small and fast."""
     return {"q_dim": 16, "pieces": 4, "steps": 60, **overrides}
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
+    """A local Hugging Face–compatible endpoint (tests/hubserver.py), for the real client."""
+    server = LocalHub(tmp_path_factory.mktemp("hub-storage")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` (sqlite backend, local artifacts, job execution off)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()

@@ -41,7 +41,7 @@ def test_measure_twice_gives_identical_numbers(digits_mlp: Path, tmp_path: Path)
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     for out in (first, second):
-        proc = run("measure", str(digits_mlp), *FAST, "--json", str(out), "--quiet")
+        proc = run("measure", str(digits_mlp), *FAST, "--json", str(out), "--quiet", "--no-cache")
         assert proc.returncode == 0, proc.stderr
     a = Report.model_validate_json(first.read_text())
     b = Report.model_validate_json(second.read_text())

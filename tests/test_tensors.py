@@ -170,3 +170,19 @@ def test_bad_indexes_are_corrupt(tmp_path: Path, weight_map: dict[str, str], pro
     (tmp_path / "outside.safetensors").write_bytes(b"")
     with pytest.raises(CorruptCheckpoint, match=problem):
         Checkpoint.open(_sharded(tmp_path, weight_map))
+
+
+def test_symlinked_shards_open_like_the_hugging_face_cache(tmp_path: Path) -> None:
+    """The HF cache keeps shards as symlinks into ../../blobs; an index naming them is fine
+    (the escape check is on the names, not on where links lead)."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    save_file({"a": torch.ones(2, 2)}, str(blobs / "0123abcd"))
+    snapshot = tmp_path / "snapshots" / "commit"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model-00001-of-00001.safetensors").symlink_to("../../blobs/0123abcd")
+    (snapshot / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}})
+    )
+    with Checkpoint.open(snapshot) as checkpoint:
+        assert checkpoint.read("a").sum().item() == 4

@@ -16,6 +16,7 @@ from dynaudit.errors import (
     NonFiniteWeights,
     PickleRefused,
     PluginError,
+    RemoteNotFound,
     UnknownFamily,
     UsageError,
 )
@@ -35,6 +36,7 @@ EXIT_CODES = {
 _NEXT_STEP: list[tuple[type[BaseException], str]] = [
     (UnknownFamily, "`dynaudit plugins` lists the installed families"),
     (UsageError, "see `dynaudit COMMAND --help`"),
+    (RemoteNotFound, ""),  # remote sources say what to do in their own message
     (CheckpointNotFound, "check the path"),
     (EmptyCheckpoint, "point at a .safetensors file or a directory that holds one"),
     (PickleRefused, ""),

@@ -7,12 +7,15 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from dynaudit.cli._errors import EXIT_CODES
+
+if TYPE_CHECKING:
+    from dynaudit.sources import SourceOptions
 
 _EPILOG = "Exit codes: " + "; ".join(
     f"{code} {text.split(':')[0]}" for code, text in EXIT_CODES.items()
@@ -28,7 +31,14 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-Source = Annotated[str, typer.Argument(help="checkpoint: a .safetensors file or a directory")]
+Source = Annotated[
+    str,
+    typer.Argument(
+        help="checkpoint: a .safetensors file or directory, hf://org/name[@rev] or org/name "
+        "(Hugging Face Hub), models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, "
+        "models:/m-ID or runs:/RUN_ID/PATH (MLflow)"
+    ),
+]
 Family = Annotated[
     str | None, typer.Option("--family", help="family plugin to use (default: detected)")
 ]
@@ -43,6 +53,43 @@ Steps = Annotated[int | None, typer.Option(help="Adam steps per fit")]
 Seed = Annotated[int | None, typer.Option(help="seed of the first cold fit")]
 Seeds = Annotated[int | None, typer.Option(help="cold fits per layer; >1 reports the spread")]
 Threads = Annotated[int | None, typer.Option(help="torch threads (default: torch's)")]
+HfEndpoint = Annotated[
+    str | None,
+    typer.Option("--hf-endpoint", help="Hugging Face Hub URL (default: HF_ENDPOINT or the Hub)"),
+]
+HfToken = Annotated[
+    str | None,
+    typer.Option(
+        "--hf-token",
+        help="Hub token (default: HF_TOKEN; prefer the variable: flags show in process lists)",
+        show_default=False,
+    ),
+]
+MlflowUri = Annotated[
+    str | None,
+    typer.Option("--mlflow-uri", help="MLflow tracking server (default: MLFLOW_TRACKING_URI)"),
+]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        envvar="DYNAUDIT_CACHE_DIR",
+        help="result and download cache (default: ~/.cache/dynaudit)",
+    ),
+]
+NoCache = Annotated[
+    bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
+]
+
+
+def _sources(
+    hf_endpoint: str | None, hf_token: str | None, mlflow_uri: str | None, cache_dir: Path | None
+) -> SourceOptions:
+    from dynaudit.sources import SourceOptions
+
+    return SourceOptions(
+        hf_endpoint=hf_endpoint, hf_token=hf_token, mlflow_uri=mlflow_uri, cache_dir=cache_dir
+    )
 
 
 def _console() -> Console:
@@ -67,6 +114,11 @@ def measure(
     seed: Seed = None,
     seeds: Seeds = None,
     threads: Threads = None,
+    hf_endpoint: HfEndpoint = None,
+    hf_token: HfToken = None,
+    mlflow_uri: MlflowUri = None,
+    cache_dir: CacheDir = None,
+    no_cache: NoCache = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="write the JSON report (schema v1) here")
     ] = None,
@@ -84,6 +136,7 @@ def measure(
         report = run(
             source, family=family, base=base, progress=progress, q_dim=q_dim, pieces=pieces,
             steps=steps, seed=seed, seeds=seeds, device=device, threads=threads,
+            sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir), cache=not no_cache,
         )  # fmt: skip
     if json_path is not None:
         write_json(report, json_path)
@@ -111,6 +164,10 @@ def inspect(
     pieces: Pieces = None,
     steps: Steps = None,
     seeds: Seeds = None,
+    hf_endpoint: HfEndpoint = None,
+    hf_token: HfToken = None,
+    mlflow_uri: MlflowUri = None,
+    cache_dir: CacheDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> int:
     """Headers only (no weights read): family, layer graph, shapes, dtypes, size, structural
@@ -124,7 +181,7 @@ def inspect(
 
     found = run(
         source, family=family, base=base, weights=weights, q_dim=q_dim, pieces=pieces,
-        steps=steps, seeds=seeds,
+        steps=steps, seeds=seeds, sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir),
     )  # fmt: skip
     if as_json:
         typer.echo(found.model_dump_json(indent=2))
@@ -225,8 +282,9 @@ def demo(
         accuracy = build_demo_checkpoint(target)
         typer.echo(f"trained: held-out accuracy {accuracy:.1%}; auditing it:", err=True)
         return measure(str(target), family=None, base=None, device="auto", q_dim=None, pieces=None,
-                       steps=None, seed=None, seeds=2, threads=None, json_path=None,
-                       markdown_path=None, quiet=False)  # fmt: skip
+                       steps=None, seed=None, seeds=2, threads=None, hf_endpoint=None,
+                       hf_token=None, mlflow_uri=None, cache_dir=None, no_cache=True,
+                       json_path=None, markdown_path=None, quiet=False)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -33,6 +33,14 @@ def _aggregate_row(label: str, agg: Aggregate) -> str:
     )
 
 
+def cache_note(report: Report) -> str:
+    assert report.cache is not None
+    return (
+        f"result cache hit: numbers measured {report.cache.measured_at} from files with the same "
+        f"sha256 and settings (key {report.cache.key[:12]}; --no-cache to fit again)"
+    )
+
+
 def render_markdown(report: Report) -> str:
     esc = escape_markdown
     settings = report.settings
@@ -48,6 +56,10 @@ def render_markdown(report: Report) -> str:
         f"- {len(report.measured)} layers measured, {len(report.skipped)} tensors skipped, "
         f"{report.seconds:.1f} s",
     ]
+    if report.source.revision:
+        lines.append(f"- revision `{esc(report.source.revision)}`")
+    if report.cache is not None and report.cache.hit:
+        lines.append(f"- {esc(cache_note(report))}")
     lines += [f"- {esc(note)}" for note in report.family.notes]
     if report.non_finite:
         names = ", ".join(f"`{escape_markdown(n)}`" for n in report.non_finite)

@@ -7,14 +7,15 @@ from rich.table import Table
 from rich.text import Text
 
 from dynaudit.report import Report
-from dynaudit.reports.markdown import fmt, type_by_depth
+from dynaudit.reports.markdown import cache_note, fmt, type_by_depth
 
 __all__ = ["render_terminal"]
 
 
 def render_terminal(report: Report, console: Console) -> None:
+    revision = f" (revision {report.source.revision[:12]})" if report.source.revision else ""
     table = Table(
-        title=Text(f"dynaudit · {report.source.uri} · family {report.family.name}"),
+        title=Text(f"dynaudit · {report.source.uri}{revision} · family {report.family.name}"),
         caption=Text(report.family.depth_note),
         show_lines=False,
     )
@@ -59,5 +60,7 @@ def render_terminal(report: Report, console: Console) -> None:
         f"{len(report.measured)} layers measured, {len(report.skipped)} tensors skipped "
         f"({report.seconds:.1f} s, protocol v{report.protocol_version})"
     )
+    if report.cache is not None and report.cache.hit:
+        console.print(Text(cache_note(report), style="dim"))
     if report.non_finite:
         console.print(Text(f"non-finite weights: {', '.join(report.non_finite)}", style="red"))

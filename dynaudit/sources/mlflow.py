@@ -1,0 +1,262 @@
+"""MLflow: ``models:/name/version``, ``models:/name@alias``, ``models:/name/latest``,
+``models:/m-<id>`` and ``runs:/<run_id>/path``, through the MLflow client.
+
+The tracking server comes from ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` (also used as the
+registry); MLflow's own auth variables apply. Retries and timeouts are bounded unless the user
+set MLflow's variables, so a dead server fails in seconds. Only the files an audit reads are
+downloaded, into dynaudit's cache, keyed by the server, the artifact location and the listing,
+so a second audit of the same model version does not download it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dynaudit.errors import (
+    AccessDenied,
+    InputError,
+    RemoteNotFound,
+    SourceUnreachable,
+    UsageError,
+)
+from dynaudit.sources.base import SIDE_FILES, ResolvedSource, SourceOptions, weight_files
+from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, read_json
+
+__all__ = ["SCHEMES", "MlflowRef", "fetch", "parse"]
+
+SCHEMES = ("models:/", "runs:/")
+# Bounded unless set by the user: MLflow's defaults retry for minutes against a dead server.
+RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+_MAX_FILES = 10_000  # an artifact tree larger than this is not a checkpoint
+
+_MODEL = re.compile(
+    r"^models:/(?:(?P<model_id>m-[0-9a-f]+)"
+    r"|(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest)))(?:/(?P<path>.*))?$"
+)
+_RUN = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)(?:/(?P<path>.*))?$")
+
+
+@dataclass(frozen=True)
+class MlflowRef:
+    uri: str
+    name: str | None = None
+    version: str | None = None  # digits or "latest"
+    alias: str | None = None
+    model_id: str | None = None
+    run_id: str | None = None
+    path: str = ""
+
+
+def parse(uri: str) -> MlflowRef:
+    if match := _MODEL.match(uri):
+        return MlflowRef(
+            uri, name=match["name"], version=match["version"], alias=match["alias"],
+            model_id=match["model_id"], path=(match["path"] or "").strip("/"),
+        )  # fmt: skip
+    if match := _RUN.match(uri):
+        return MlflowRef(uri, run_id=match["run_id"], path=(match["path"] or "").strip("/"))
+    raise UsageError(
+        f"{uri}: not an MLflow model URI; use models:/NAME/VERSION, models:/NAME@ALIAS, "
+        "models:/NAME/latest, models:/m-ID or runs:/RUN_ID/PATH"
+    )
+
+
+def tracking_uri(options: SourceOptions) -> str:
+    uri = options.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError(
+            "no MLflow tracking server given: set MLFLOW_TRACKING_URI or pass --mlflow-uri"
+        )
+    return uri
+
+
+@contextlib.contextmanager
+def client_environment() -> Iterator[None]:
+    """For the duration: MLflow's HTTP retries bounded and, in CI logs and pipes, its download
+    progress bars off — each only where the user has not set the variable."""
+    defaults = dict(RETRY_DEFAULTS)
+    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+    if ci or not sys.stderr.isatty():
+        defaults["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    added = [k for k in defaults if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
+    """Resolve ``uri`` on the tracking server and download the checkpoint's files."""
+    ref = parse(uri)
+    server = tracking_uri(options)
+
+    from mlflow import MlflowClient  # after the checks above: importing MLflow takes seconds
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with client_environment(), _mlflow_errors(ref, server):
+        client = MlflowClient(tracking_uri=server, registry_uri=server)
+        location, revision = _artifact_location(client, ref)
+        repo = get_artifact_repository(location, tracking_uri=server, registry_uri=server)
+        listing = _list_files(repo, ref)
+        root = _checkpoint_root(ref, listing)
+        names = {p[len(root) + 1 :] if root else p for p in listing if _under(p, root)}
+
+        def read_index() -> Any:
+            return read_json(_download(repo, [_join(root, INDEX_NAME)], options, server, location))
+
+        weights = weight_files(uri, names, read_index)
+        wanted = [_join(root, n) for n in [*SIDE_FILES, *weights] if n in names]
+        folder = _download(repo, wanted, options, server, location, sizes=listing)
+    path = folder / root if root else folder
+    return ResolvedSource(uri=uri, path=path, revision=revision)
+
+
+def _artifact_location(client: Any, ref: MlflowRef) -> tuple[str, str]:
+    """Where the artifacts live, and the immutable revision (version number, model or run id)."""
+    if ref.run_id is not None:
+        run = client.get_run(ref.run_id)
+        return _join(run.info.artifact_uri, ref.path), ref.run_id
+    if ref.model_id is not None:
+        return _join(client.get_logged_model(ref.model_id).artifact_location, ref.path), (
+            ref.model_id
+        )
+    assert ref.name is not None
+    if ref.alias is not None:
+        version = str(client.get_model_version_by_alias(ref.name, ref.alias).version)
+    elif ref.version == "latest":
+        versions = client.search_model_versions(f"name = '{ref.name}'")
+        if not versions:
+            raise RemoteNotFound(f"{ref.uri}: registered model {ref.name!r} has no versions")
+        version = str(max(int(v.version) for v in versions))
+    else:
+        version = str(client.get_model_version(ref.name, ref.version).version)
+    location = client.get_model_version_download_uri(ref.name, version)
+    return _join(location, ref.path), f"{ref.name}/{version}"
+
+
+def _list_files(repo: Any, ref: MlflowRef) -> dict[str, int]:
+    """Every file under the artifact location (path → size), breadth first, bounded."""
+    files: dict[str, int] = {}
+    pending = [""]
+    while pending:
+        folder = pending.pop(0)
+        for info in repo.list_artifacts(folder or None):
+            if info.is_dir:
+                pending.append(info.path)
+            else:
+                files[info.path] = int(info.file_size or 0)
+            if len(files) > _MAX_FILES:
+                raise InputError(f"{ref.uri}: more than {_MAX_FILES} artifacts; not a checkpoint")
+    if not files:
+        raise RemoteNotFound(f"{ref.uri}: no artifacts at this location (wrong path?)")
+    return files
+
+
+def _checkpoint_root(ref: MlflowRef, listing: dict[str, int]) -> str:
+    """The folder that holds the weights: the location itself, or its one sub-folder with
+    safetensors weights (e.g. ``model/`` of a transformers-flavour model)."""
+    folders = sorted(
+        {p.rpartition("/")[0] for p in listing if p.endswith((".safetensors", INDEX_NAME))},
+        key=lambda f: (f.count("/"), f),
+    )
+    if "" in folders or not folders:
+        if not folders and any(p.endswith(PICKLE_SUFFIXES) for p in listing):
+            weight_files(ref.uri, set(listing), dict)  # raises the pickle refusal
+        return ""
+    shallow = [f for f in folders if f.count("/") == folders[0].count("/")]
+    if len(shallow) > 1:
+        raise UsageError(
+            f"{ref.uri}: several checkpoints in these artifacts ({', '.join(shallow)}); "
+            f"name one, e.g. {ref.uri.rstrip('/')}/{shallow[0]}"
+        )
+    return shallow[0]
+
+
+def _download(
+    repo: Any,
+    paths: list[str],
+    options: SourceOptions,
+    server: str,
+    location: str,
+    sizes: dict[str, int] | None = None,
+) -> Path:
+    """Download ``paths`` into a cache folder keyed by server, location and listing; return
+    the folder (or, with one path and no sizes, that file). Complete folders are renamed into
+    place, so a folder that exists is whole and is reused as is."""
+    from dynaudit.cache import cache_root
+
+    listing = sorted((p, (sizes or {}).get(p, -1)) for p in paths)
+    key = hashlib.sha256(json.dumps([server, location, listing]).encode()).hexdigest()[:32]
+    downloads = cache_root(options.cache_dir) / "mlflow"
+    final = downloads / key
+    if not final.is_dir():
+        staging = downloads / f".tmp-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            for path in paths:
+                repo.download_artifacts(path, dst_path=str(staging))
+            try:
+                staging.rename(final)
+            except OSError:  # another process finished the same download first
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final / paths[0] if sizes is None and len(paths) == 1 else final
+
+
+def _join(root: str, path: str) -> str:
+    return f"{root.rstrip('/')}/{path}" if root and path else root or path
+
+
+def _under(path: str, root: str) -> bool:
+    return not root or path.startswith(root + "/")
+
+
+@contextlib.contextmanager
+def _mlflow_errors(ref: MlflowRef, server: str) -> Iterator[None]:
+    """The client's exceptions as one-line input errors naming the URI and what to do."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        code = getattr(exc, "error_code", "")
+        text = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0][:300]
+        if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in text.lower():
+            raise RemoteNotFound(f"{ref.uri}: not found on {server} ({text})") from exc
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            raise AccessDenied(
+                f"{ref.uri}: {server} refused the credentials ({text}); check "
+                "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD"
+            ) from exc
+        if "max retries" in text.lower() or "connection" in text.lower():
+            raise SourceUnreachable(
+                f"{ref.uri}: cannot reach the MLflow server at {server}; check --mlflow-uri / "
+                "MLFLOW_TRACKING_URI and that the server is up"
+            ) from exc
+        raise InputError(f"{ref.uri}: MLflow error from {server}: {text}") from exc
+    except requests.RequestException as exc:
+        raise SourceUnreachable(
+            f"{ref.uri}: cannot reach the MLflow server at {server} ({type(exc).__name__}); "
+            "check --mlflow-uri / MLFLOW_TRACKING_URI and that the server is up"
+        ) from exc

@@ -1,0 +1,390 @@
+"""Sources through their real clients: the Hugging Face Hub (huggingface_hub against a local
+endpoint), MLflow (a real ``mlflow server``), and the result cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dynaudit
+from dynaudit.report import Report
+from dynaudit.sources import SourceOptions
+from tests.hubserver import LocalHub
+from tests.mlflowserver import MlflowServer, free_port
+
+FAST = {"q_dim": 16, "pieces": 4, "steps": 60}
+FAST_FLAGS = ["--q-dim", "16", "--pieces", "4", "--steps", "60"]
+TOKEN = "hf_test_secret_0123456789abcdef"
+ERROR_SECONDS = 15
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "dynaudit", *args],
+        capture_output=True, text=True, timeout=300, cwd=cwd,
+        env={**os.environ, "CI": "true", **(env or {})},
+    )  # fmt: skip
+
+
+def figures(report: Report) -> dict[str, Any]:
+    """The measured numbers, without where they came from."""
+    data = report.numbers()
+    return {"layers": data["layers"], "summary": data["summary"], "family": data["family"]}
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny LLaMA re-saved by transformers in 1 MB shards, plus the files a real
+    Hub repo has that an audit must not download (a pickle, a tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("sharded-llama")
+    LlamaForCausalLM.from_pretrained(tiny_llama).save_pretrained(out, max_shard_size="1MB")
+    (out / "pytorch_model.bin").write_bytes(b"a pickle must never be downloaded")
+    (out / "tokenizer.json").write_text("{}")
+    (out / "README.md").write_text("---\nbase_model: org/base\n---\n# tiny llama\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_numbers(sharded_llama: Path) -> dict[str, Any]:
+    return figures(dynaudit.measure(sharded_llama, cache=False, **FAST))
+
+
+@pytest.fixture(scope="session")
+def published(hub: LocalHub, sharded_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """org/tiny-llama (tag v1), a gated copy, a pickle-only repo and one with a missing shard;
+    returns the commit of v1."""
+    commit = hub.add("org/tiny-llama", sharded_llama, revisions=("main", "v1"))
+    hub.add("org/gated-llama", sharded_llama, token=TOKEN, gated=True)
+    pickles = tmp_path_factory.mktemp("pickle-only")
+    (pickles / "pytorch_model.bin").write_bytes(b"pickle")
+    (pickles / "config.json").write_text("{}")
+    hub.add("org/pickle-only", pickles)
+    broken = tmp_path_factory.mktemp("missing-shard")
+    for file in sharded_llama.iterdir():
+        shutil.copy(file, broken / file.name)
+    next(broken.glob("model-00002-*.safetensors")).unlink()
+    hub.add("org/missing-shard", broken)
+    return commit
+
+
+# -- Hugging Face Hub -------------------------------------------------------------------
+
+
+def test_hub_measure_equals_local(
+    hub: LocalHub, published: str, local_numbers: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "hub.json"
+    start = len(hub.requests)
+    proc = cli(
+        "measure", "hf://org/tiny-llama@v1", "--hf-endpoint", hub.url, *FAST_FLAGS,
+        "--json", str(out), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = Report.model_validate_json(out.read_text())
+    assert figures(report) == local_numbers
+    assert report.source.uri == "hf://org/tiny-llama@v1"
+    assert report.source.revision == published
+    downloaded = {
+        r.path.rsplit("/", 1)[-1]
+        for r in hub.requests[start:]
+        if r.method == "GET" and r.body_bytes
+    }
+    shards = {f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)}
+    assert downloaded == {"config.json", "model.safetensors.index.json", "README.md"} | shards
+    assert not any("pytorch_model.bin" in r.path for r in hub.requests)
+
+
+def test_hub_inspect_reads_only_the_headers(
+    hub: LocalHub, published: str, sharded_llama: Path
+) -> None:
+    from dynaudit.api import inspect
+
+    before = hub.served(".safetensors")
+    remote = inspect("org/tiny-llama", sources=SourceOptions(hf_endpoint=hub.url))
+    served = hub.served(".safetensors") - before
+    weights = sum(f.stat().st_size for f in sharded_llama.glob("*.safetensors"))
+    assert served <= 4 * 64 * 1024 < weights
+    local = inspect(sharded_llama)
+    assert remote.layers == local.layers and remote.structure == local.structure
+    assert remote.uri == "org/tiny-llama" and len(remote.files) == 4
+
+
+def test_a_local_path_wins_over_a_repo_id(
+    hub: LocalHub, published: str, sharded_llama: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(sharded_llama, tmp_path / "org" / "tiny-llama")
+    start = len(hub.requests)
+    proc = cli(
+        "measure", "org/tiny-llama", "--hf-endpoint", hub.url, *FAST_FLAGS, "--json", "r.json",
+        "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(hub.requests) == start
+    assert json.loads((tmp_path / "r.json").read_text())["source"]["revision"] is None
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "needles"),
+    [
+        ("hf://org/no-such-repo", [], ["no repository 'org/no-such-repo'", "HF_TOKEN"]),
+        ("org/no-such-repo", [], ["nor is it a local path"]),
+        ("hf://org/tiny-llama@v9", [], ["no revision 'v9'"]),
+        ("hf://org/missing-shard", [], ["names shard", "missing"]),
+        ("hf://org/gated-llama", [], ["gated", "HF_TOKEN"]),
+        ("hf://org/gated-llama", ["--hf-token", "hf_wrong"], ["gated"]),
+        ("hf://org/pickle-only", [], ["pickle", "safetensors"]),
+        ("hf://org/tiny-llama", ["--hf-endpoint", "http://127.0.0.1:{dead}"], ["cannot reach"]),
+        ("hf://not a repo", [], ["hf://org/name"]),
+    ],
+)
+def test_hub_failures_are_one_line_exit_3(
+    hub: LocalHub, published: str, source: str, extra: list[str], needles: list[str]
+) -> None:
+    extra = [e.format(dead=free_port()) for e in extra]
+    endpoint = [] if "--hf-endpoint" in extra else ["--hf-endpoint", hub.url]
+    started = time.monotonic()
+    proc = cli("measure", source, *endpoint, *extra, *FAST_FLAGS)
+    elapsed = time.monotonic() - started
+    expected = 2 if source == "hf://not a repo" else 3
+    assert proc.returncode == expected, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert source in lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert elapsed < ERROR_SECONDS
+    assert "hf_wrong" not in proc.stderr
+
+
+def test_the_token_is_used_and_never_shown(hub: LocalHub, published: str, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    proc = cli(
+        "measure", "hf://org/gated-llama", "--hf-endpoint", hub.url, *FAST_FLAGS,
+        "--json", str(out), "--markdown", str(tmp_path / "r.md"),
+        env={"HF_TOKEN": TOKEN, "DYNAUDIT_DEBUG": "0"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    flag = cli(
+        "measure", "hf://org/gated-llama", "--hf-endpoint", hub.url, "--hf-token", TOKEN,
+        *FAST_FLAGS, "--no-cache", "--quiet",
+    )  # fmt: skip
+    assert flag.returncode == 0, flag.stderr
+    cache = Path(os.environ["DYNAUDIT_CACHE_DIR"])
+    texts = [proc.stdout, proc.stderr, flag.stdout, flag.stderr, out.read_text()]
+    texts += [(tmp_path / "r.md").read_text()]
+    texts += [p.read_text(errors="replace") for p in cache.rglob("*") if p.is_file()]
+    assert not any(TOKEN in text for text in texts)
+
+
+def test_hub_download_is_checked_against_the_hubs_sha256(
+    hub: LocalHub, published: str, tmp_path: Path
+) -> None:
+    options = SourceOptions(hf_endpoint=hub.url)
+    report = dynaudit.measure("hf://org/tiny-llama", sources=options, **FAST)
+    shard = Path(report.source.path) / "model-00001-of-00004.safetensors"
+    blob = shard.resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # same size, one flipped byte: the client's cache still trusts it
+    blob.write_bytes(bytes(data))
+    proc = cli("measure", "hf://org/tiny-llama", "--hf-endpoint", hub.url, *FAST_FLAGS)
+    assert proc.returncode == 3, proc.stderr
+    assert "does not match the sha256" in proc.stderr and "model-00001" in proc.stderr
+
+
+def test_offline_mode_uses_the_populated_cache(
+    hub: LocalHub, published: str, local_numbers: dict[str, Any], tmp_path: Path
+) -> None:
+    """HF_HUB_OFFLINE is read when huggingface_hub is imported: each run is a subprocess."""
+    warm = {"HF_HOME": str(tmp_path / "warm")}
+    online = cli("measure", "hf://org/tiny-llama@v1", "--hf-endpoint", hub.url, *FAST_FLAGS,
+                 "--quiet", env=warm)  # fmt: skip
+    assert online.returncode == 0, online.stderr
+    dead = f"http://127.0.0.1:{free_port()}"  # proves nothing is asked of the network
+    out = tmp_path / "offline.json"
+    offline = cli(
+        "measure", "hf://org/tiny-llama@v1", "--hf-endpoint", dead, *FAST_FLAGS, "--no-cache",
+        "--json", str(out), "--quiet", env={**warm, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
+    report = Report.model_validate_json(out.read_text())
+    assert figures(report) == local_numbers and report.source.revision == published
+    empty = cli(
+        "measure", "hf://org/tiny-llama@v1", *FAST_FLAGS,
+        env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert empty.returncode == 3
+    assert "HF_HUB_OFFLINE" in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
+
+
+# -- MLflow -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def registered(mlflow_server: MlflowServer, sharded_llama: Path) -> dict[str, str]:
+    """The tiny LLaMA logged as run artifacts, registered as tiny-llama version 1 with alias
+    champion, and as a logged model (MLflow 3's models:/m-<id>)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    experiment = client.create_experiment("dynaudit-sources")
+    run = client.create_run(experiment)
+    run_id = run.info.run_id
+    client.log_artifacts(run_id, str(sharded_llama), "checkpoint")
+    client.set_terminated(run_id)
+    client.create_registered_model("tiny-llama")
+    version = client.create_model_version(
+        "tiny-llama", source=f"runs:/{run_id}/checkpoint", run_id=run_id
+    )
+    client.set_registered_model_alias("tiny-llama", "champion", version.version)
+    logged = client.create_logged_model(experiment_id=experiment, name="tiny-llama")
+    client.log_model_artifacts(logged.model_id, str(sharded_llama))
+    client.finalize_logged_model(logged.model_id, "READY")
+    return {"run_id": run_id, "model_id": logged.model_id, "version": str(version.version)}
+
+
+@pytest.mark.parametrize("uri", ["models:/tiny-llama/1", "models:/tiny-llama@champion"])
+def test_mlflow_measure_equals_local(
+    mlflow_server: MlflowServer,
+    registered: dict[str, str],
+    local_numbers: dict[str, Any],
+    tmp_path: Path,
+    uri: str,
+) -> None:
+    out = tmp_path / "r.json"
+    proc = cli("measure", uri, *FAST_FLAGS, "--json", str(out), "--quiet",
+               env={"MLFLOW_TRACKING_URI": mlflow_server.url})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Downloading artifacts" not in proc.stderr  # no progress bars in CI logs
+    report = Report.model_validate_json(out.read_text())
+    assert figures(report) == local_numbers
+    assert report.source.uri == uri and report.source.revision == "tiny-llama/1"
+
+
+def test_every_mlflow_form_resolves_to_the_same_checkpoint(
+    mlflow_server: MlflowServer, registered: dict[str, str], local_numbers: dict[str, Any]
+) -> None:
+    options = SourceOptions(mlflow_uri=mlflow_server.url)
+    for uri in (
+        "models:/tiny-llama/latest",
+        f"models:/{registered['model_id']}",
+        f"runs:/{registered['run_id']}/checkpoint",
+    ):
+        report = dynaudit.measure(uri, sources=options, cache=False, **FAST)
+        assert figures(report) == local_numbers, uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("models:/no-such-model/1", "not found"),
+        ("models:/tiny-llama/99", "not found"),
+        ("models:/tiny-llama@no-such-alias", "not found"),
+        ("runs:/0123456789abcdef/checkpoint", "not found"),
+    ],
+)
+def test_mlflow_failures_are_one_line_exit_3(
+    mlflow_server: MlflowServer, registered: dict[str, str], uri: str, needle: str
+) -> None:
+    started = time.monotonic()
+    proc = cli("measure", uri, "--mlflow-uri", mlflow_server.url, *FAST_FLAGS)
+    assert time.monotonic() - started < ERROR_SECONDS
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and uri in lines[0] and needle in lines[0], proc.stderr
+
+
+def test_a_dead_mlflow_server_fails_within_seconds() -> None:
+    """With MLflow's own retry settings unset: dynaudit bounds them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "measure", "models:/tiny-llama/1",
+         "--mlflow-uri", f"http://127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=120, env={**env, "CI": "true"},
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot reach the MLflow server" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert elapsed < ERROR_SECONDS, elapsed
+
+
+def test_an_mlflow_uri_needs_a_tracking_server() -> None:
+    proc = cli("measure", "models:/tiny-llama/1")
+    assert proc.returncode == 2
+    assert "MLFLOW_TRACKING_URI" in proc.stderr
+
+
+# -- Result cache -----------------------------------------------------------------------
+
+
+def test_a_second_measure_hits_the_cache(sharded_llama: Path) -> None:
+    settings = {"q_dim": 32, "pieces": 8, "steps": 150}
+    first = dynaudit.measure(sharded_llama, **settings)
+    started = time.perf_counter()
+    second = dynaudit.measure(sharded_llama, **settings)
+    elapsed = time.perf_counter() - started
+    assert first.cache is not None and not first.cache.hit
+    assert second.cache is not None and second.cache.hit
+    assert second.cache.key == first.cache.key
+    assert figures(second) == figures(first)
+    assert elapsed < first.seconds / 5, (elapsed, first.seconds)
+    other = dynaudit.measure(sharded_llama, **{**settings, "seed": 1})
+    assert other.cache is not None and not other.cache.hit
+    fresh = dynaudit.measure(sharded_llama, cache=False, **settings)
+    assert fresh.cache is None and figures(fresh) == figures(first)
+
+
+def test_the_cli_says_when_it_used_the_cache(digits_mlp: Path, tmp_path: Path) -> None:
+    first = cli("measure", str(digits_mlp), *FAST_FLAGS)
+    second = cli("measure", str(digits_mlp), *FAST_FLAGS, "--markdown", str(tmp_path / "r.md"))
+    assert first.returncode == second.returncode == 0
+    assert "result cache hit" not in first.stdout
+    assert "result cache hit" in second.stdout and "--no-cache" in second.stdout
+    assert "result cache hit" in (tmp_path / "r.md").read_text()
+
+
+def test_concurrent_runs_share_the_cache_safely(digits_mlp: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "CI": "true"}
+    command = [sys.executable, "-m", "dynaudit", "measure", str(digits_mlp), *FAST_FLAGS]
+    runs = [
+        subprocess.Popen(
+            [*command, "--json", str(tmp_path / f"{i}.json"), "--quiet"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    for proc in runs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    a, b = (Report.model_validate_json((tmp_path / f"{i}.json").read_text()) for i in range(2))
+    assert figures(a) == figures(b)
+    entries = list(Path(os.environ["DYNAUDIT_CACHE_DIR"]).glob("results/*/*/report.json"))
+    assert len(entries) == 1
+    Report.model_validate_json(entries[0].read_text())
+    assert not list(Path(os.environ["DYNAUDIT_CACHE_DIR"]).glob("results/*/.tmp-*"))
+
+
+def test_a_corrupt_cache_entry_is_replaced(digits_mlp: Path) -> None:
+    first = dynaudit.measure(digits_mlp, **FAST)
+    assert first.cache is not None
+    cache = Path(os.environ["DYNAUDIT_CACHE_DIR"])
+    entry = cache / "results" / first.cache.key[:2] / first.cache.key / "report.json"
+    entry.write_text('{"truncated": ')
+    again = dynaudit.measure(digits_mlp, **FAST)
+    assert again.cache is not None and not again.cache.hit
+    assert figures(again) == figures(first)
+    assert Report.model_validate_json(entry.read_text()).cache is not None
