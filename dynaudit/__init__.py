@@ -20,6 +20,7 @@ __all__ = [
     "DynauditError",
     "FitSettings",
     "Report",
+    "SourceOptions",
     "__version__",
     "inspect",
     "measure",
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from dynaudit.config import PROTOCOL_VERSION, FitSettings
     from dynaudit.errors import DynauditError
     from dynaudit.report import Report
+    from dynaudit.sources.base import SourceOptions
 
 _LAZY = {
     "measure": "dynaudit.api",
@@ -38,6 +40,7 @@ _LAZY = {
     "PROTOCOL_VERSION": "dynaudit.config",
     "DynauditError": "dynaudit.errors",
     "Report": "dynaudit.report",
+    "SourceOptions": "dynaudit.sources.base",
 }
 
 

@@ -166,6 +166,32 @@ def test_hub_failures_are_one_line_exit_3(
     assert "hf_wrong" not in proc.stderr
 
 
+def test_an_adapter_on_the_hub_merges_over_its_base_on_the_hub(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    """The adapter's base_model_name_or_path names a Hub repo: fetched with the same options."""
+    import torch
+
+    from tests import producers
+    from tests.test_adapters import make_adapter
+
+    base = producers.llama(tmp_path / "base", dtype=torch.float32)
+    adapter, merged = make_adapter(base, tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/lora-base"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    hub.add("org/lora-base", base)
+    hub.add("org/lora", adapter)
+    options = SourceOptions(hf_endpoint=hub.url)
+    remote = dynaudit.measure("hf://org/lora", sources=options, cache=False, **FAST)
+    local = dynaudit.measure(merged, cache=False, **FAST)
+    assert len(remote.measured) == len(local.measured) == 29
+    for ours, theirs in zip(remote.measured, local.measured, strict=True):
+        assert ours.name == theirs.name
+        assert ours.mean_distance == pytest.approx(theirs.mean_distance, rel=1e-4)
+    assert any(name.startswith("adapter/") for name in remote.source.files)
+
+
 def test_the_token_is_used_and_never_shown(hub: LocalHub, published: str, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     proc = cli(
