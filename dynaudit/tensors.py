@@ -306,8 +306,9 @@ def sha256_file(path: Path) -> str:
 
 def _pickle_message(path: Path) -> str:
     return (
-        f"{path}: pickle checkpoints can execute code when loaded and are not read; "
-        "convert to safetensors (e.g. save_pretrained(..., safe_serialization=True))"
+        f"{path}: pickle checkpoints can execute code when loaded and are not read by default; "
+        "convert to safetensors (save_pretrained(..., safe_serialization=True)), or pass "
+        "--allow-pickle to read plain weights with torch.load(weights_only=True)"
     )
 
 

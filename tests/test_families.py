@@ -267,6 +267,20 @@ def test_structure_mismatch_is_an_input_error(family_zoo: dict[str, Path], tmp_p
         measure(gqa, family="llama", q_dim=8, pieces=2, steps=5)
 
 
+def test_a_llama_block_missing_its_query_is_a_structure_error(
+    family_zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Was a KeyError (exit 4) when the first block lacked q_proj, e.g. one shard of several."""
+    from safetensors.torch import save_file
+
+    with Checkpoint.open(family_zoo["llama_gqa"]) as checkpoint:
+        kept = {n: checkpoint.read(n) for n in checkpoint.names() if "0.self_attn.q_proj" not in n}
+    save_file(kept, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((family_zoo["llama_gqa"] / "config.json").read_text())
+    with pytest.raises(StructureError, match=r"block 0 lacks self_attn\.q_proj"):
+        measure(tmp_path, q_dim=8, pieces=2, steps=5)
+
+
 @pytest.mark.parametrize("fixture", ["llama_gqa", "timm_vit", "torchvision_resnet18"])
 def test_inspect_reads_headers_only(
     fixture: str, family_zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch

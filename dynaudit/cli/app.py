@@ -77,19 +77,32 @@ CacheDir = Annotated[
         help="result and download cache (default: ~/.cache/dynaudit)",
     ),
 ]
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="read pickle weights (.bin/.pt) with torch.load(weights_only=True), which builds "
+        "tensors only and runs no code from the file; refused otherwise",
+    ),
+]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
 ]
 
 
 def _sources(
-    hf_endpoint: str | None, hf_token: str | None, mlflow_uri: str | None, cache_dir: Path | None
+    hf_endpoint: str | None,
+    hf_token: str | None,
+    mlflow_uri: str | None,
+    cache_dir: Path | None,
+    allow_pickle: bool,
 ) -> SourceOptions:
     from dynaudit.sources import SourceOptions
 
     return SourceOptions(
-        hf_endpoint=hf_endpoint, hf_token=hf_token, mlflow_uri=mlflow_uri, cache_dir=cache_dir
-    )
+        hf_endpoint=hf_endpoint, hf_token=hf_token, mlflow_uri=mlflow_uri, cache_dir=cache_dir,
+        allow_pickle=allow_pickle,
+    )  # fmt: skip
 
 
 def _console() -> Console:
@@ -118,6 +131,7 @@ def measure(
     hf_token: HfToken = None,
     mlflow_uri: MlflowUri = None,
     cache_dir: CacheDir = None,
+    allow_pickle: AllowPickle = False,
     no_cache: NoCache = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="write the JSON report (schema v1) here")
@@ -136,7 +150,8 @@ def measure(
         report = run(
             source, family=family, base=base, progress=progress, q_dim=q_dim, pieces=pieces,
             steps=steps, seed=seed, seeds=seeds, device=device, threads=threads,
-            sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir), cache=not no_cache,
+            sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
+            cache=not no_cache,
         )  # fmt: skip
     if json_path is not None:
         write_json(report, json_path)
@@ -168,6 +183,7 @@ def inspect(
     hf_token: HfToken = None,
     mlflow_uri: MlflowUri = None,
     cache_dir: CacheDir = None,
+    allow_pickle: AllowPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> int:
     """Headers only (no weights read): family, layer graph, shapes, dtypes, size, structural
@@ -181,7 +197,8 @@ def inspect(
 
     found = run(
         source, family=family, base=base, weights=weights, q_dim=q_dim, pieces=pieces,
-        steps=steps, seeds=seeds, sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir),
+        steps=steps, seeds=seeds,
+        sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
     )  # fmt: skip
     if as_json:
         typer.echo(found.model_dump_json(indent=2))
@@ -283,7 +300,8 @@ def demo(
         typer.echo(f"trained: held-out accuracy {accuracy:.1%}; auditing it:", err=True)
         return measure(str(target), family=None, base=None, device="auto", q_dim=None, pieces=None,
                        steps=None, seed=None, seeds=2, threads=None, hf_endpoint=None,
-                       hf_token=None, mlflow_uri=None, cache_dir=None, no_cache=True,
+                       hf_token=None, mlflow_uri=None, cache_dir=None, allow_pickle=False,
+                       no_cache=True,
                        json_path=None, markdown_path=None, quiet=False)  # fmt: skip
 
 

@@ -10,6 +10,8 @@ from typing import Any
 from dynaudit.errors import EmptyCheckpoint, InputError, PickleRefused, RemoteNotFound
 from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, natural_key
 
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
 __all__ = ["SIDE_FILES", "ResolvedSource", "SourceOptions", "weight_files"]
 
 # Small files an audit reads besides the weights (the model card carries `base_model`).
@@ -25,7 +27,8 @@ class SourceOptions:
     hf_endpoint: str | None = None
     hf_token: str | None = field(default=None, repr=False)  # never printed or logged
     mlflow_uri: str | None = None
-    cache_dir: Path | None = None  # where MLflow downloads are kept (default: dynaudit's cache)
+    cache_dir: Path | None = None  # MLflow downloads, converted pickles (default: dynaudit's)
+    allow_pickle: bool = False  # read pickle weights with torch.load(weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -38,32 +41,46 @@ class ResolvedSource:
     expected_sha256: Mapping[str, str] = field(default_factory=dict)  # file → sha256 vouched for
 
 
-def weight_files(uri: str, names: Collection[str], read_index: Callable[[], Any]) -> list[str]:
+def weight_files(
+    uri: str,
+    names: Collection[str],
+    read_index: Callable[[str], Any],
+    *,
+    allow_pickle: bool = False,
+) -> list[str]:
     """Which of a remote checkpoint's files (paths relative to its root) to fetch, by the rules
     local directories follow: the index's shards, else ``model.safetensors``, else every
-    top-level ``.safetensors``. Pickles are never fetched."""
+    top-level ``.safetensors``. Pickle weights only with ``allow_pickle`` and no safetensors."""
     if INDEX_NAME in names:
-        index = read_index()
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError(f"{uri}: {INDEX_NAME} has no 'weight_map'")
-        shards = sorted({str(s) for s in weight_map.values()}, key=natural_key)
-        missing = [s for s in shards if s not in names or "/" in s]
-        if missing:
-            raise RemoteNotFound(
-                f"{uri}: {INDEX_NAME} names shard {missing[0]!r}, which is missing"
-            )
-        return shards
+        return _shards(uri, INDEX_NAME, names, read_index)
     if "model.safetensors" in names:
         return ["model.safetensors"]
     top = sorted((n for n in names if n.endswith(".safetensors") and "/" not in n), key=natural_key)
     if top:
         return top
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and "/" not in n)
+    if pickles and allow_pickle:
+        if PICKLE_INDEX in names:
+            return [PICKLE_INDEX, *_shards(uri, PICKLE_INDEX, names, read_index)]
+        return ["pytorch_model.bin"] if "pytorch_model.bin" in names else pickles
     if pickles:
         raise PickleRefused(
             f"{uri}: only pickle weights ({pickles[0]}), which can execute code when loaded and "
-            "are not downloaded; publish safetensors weights (save_pretrained(..., "
-            "safe_serialization=True)) and audit those"
+            "are not downloaded by default; publish safetensors weights, or pass --allow-pickle "
+            "to read plain weights with torch.load(weights_only=True)"
         )
     raise EmptyCheckpoint(f"{uri}: no .safetensors weights found")
+
+
+def _shards(
+    uri: str, index_name: str, names: Collection[str], read_index: Callable[[str], Any]
+) -> list[str]:
+    index = read_index(index_name)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{uri}: {index_name} has no 'weight_map'")
+    shards = sorted({str(s) for s in weight_map.values()}, key=natural_key)
+    missing = [s for s in shards if s not in names or "/" in s]
+    if missing:
+        raise RemoteNotFound(f"{uri}: {index_name} names shard {missing[0]!r}, which is missing")
+    return shards

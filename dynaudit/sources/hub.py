@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynaudit.errors import AccessDenied, RemoteNotFound, SourceUnreachable, UsageError
 from dynaudit.sources.base import SIDE_FILES, ResolvedSource, SourceOptions, weight_files
-from dynaudit.tensors import INDEX_NAME, Checkpoint, TensorInfo, parse_header, read_json
+from dynaudit.tensors import Checkpoint, TensorInfo, parse_header, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +74,10 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
         assert info.sha is not None
         commit = info.sha
         files = {sibling.rfilename: sibling for sibling in info.siblings or []}
-        weights = weight_files(repo.uri, set(files), lambda: _download_index(repo, commit, options))
+        weights = weight_files(
+            repo.uri, set(files), lambda name: _download_index(repo, name, commit, options),
+            allow_pickle=options.allow_pickle,
+        )  # fmt: skip
         wanted = [name for name in SIDE_FILES if name in files] + weights
         folder = Path(
             snapshot_download(
@@ -88,7 +91,7 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
             f"{repo.uri}: the revision moved to another commit during the download; retry, "
             "or pin a commit with @<sha>"
         )
-    expected = {n: files[n].lfs.sha256 for n in weights if files[n].lfs is not None}  # type: ignore[union-attr]
+    expected = {n: f.lfs.sha256 for n in weights if (f := files[n]).lfs is not None}
     return ResolvedSource(uri=repo.uri, path=folder, revision=info.sha, expected_sha256=expected)
 
 
@@ -120,9 +123,11 @@ def open_remote_headers(repo: HubRepo, options: SourceOptions) -> tuple[str, Che
         assert info.sha is not None
         commit = info.sha
         files = {sibling.rfilename: sibling for sibling in info.siblings or []}
-        if "adapter_config.json" in files:
-            return None
-        weights = weight_files(repo.uri, set(files), lambda: _download_index(repo, commit, options))
+        if "adapter_config.json" in files or not any(n.endswith(".safetensors") for n in files):
+            return None  # an adapter needs its base; pickles have no header to read remotely
+        weights = weight_files(
+            repo.uri, set(files), lambda name: _download_index(repo, name, commit, options)
+        )
         headers = build_hf_headers(token=options.hf_token)
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
@@ -178,11 +183,11 @@ def _prefetched(read: Any) -> Any:
     return cached
 
 
-def _download_index(repo: HubRepo, commit: str, options: SourceOptions) -> Any:
+def _download_index(repo: HubRepo, name: str, commit: str, options: SourceOptions) -> Any:
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(
-        repo.repo_id, INDEX_NAME, revision=commit, endpoint=options.hf_endpoint,
+        repo.repo_id, name, revision=commit, endpoint=options.hf_endpoint,
         token=options.hf_token,
     )  # fmt: skip
     return read_json(Path(path))

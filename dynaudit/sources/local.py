@@ -29,4 +29,10 @@ def open_checkpoint(
         )  # the adapter's weights file itself
     if base is not None:
         raise UsageError(f"{resolved.uri}: --base applies to LoRA adapter directories only")
+    if options is not None and options.allow_pickle:
+        from dynaudit.cache import cache_root
+        from dynaudit.pickles import convert_pickles, is_pickle_only
+
+        if is_pickle_only(resolved.path):
+            return Checkpoint.open(convert_pickles(resolved.path, cache_root(options.cache_dir)))
     return Checkpoint.open(resolved.path)

@@ -116,13 +116,13 @@ def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
         location, revision = _artifact_location(client, ref)
         repo = get_artifact_repository(location, tracking_uri=server, registry_uri=server)
         listing = _list_files(repo, ref)
-        root = _checkpoint_root(ref, listing)
+        root = _checkpoint_root(ref, listing, options.allow_pickle)
         names = {p[len(root) + 1 :] if root else p for p in listing if _under(p, root)}
 
-        def read_index() -> Any:
-            return read_json(_download(repo, [_join(root, INDEX_NAME)], options, server, location))
+        def read_index(name: str) -> Any:
+            return read_json(_download(repo, [_join(root, name)], options, server, location))
 
-        weights = weight_files(uri, names, read_index)
+        weights = weight_files(uri, names, read_index, allow_pickle=options.allow_pickle)
         wanted = [_join(root, n) for n in [*SIDE_FILES, *weights] if n in names]
         folder = _download(repo, wanted, options, server, location, sizes=listing)
     path = folder / root if root else folder
@@ -170,16 +170,18 @@ def _list_files(repo: Any, ref: MlflowRef) -> dict[str, int]:
     return files
 
 
-def _checkpoint_root(ref: MlflowRef, listing: dict[str, int]) -> str:
+def _checkpoint_root(ref: MlflowRef, listing: dict[str, int], allow_pickle: bool) -> str:
     """The folder that holds the weights: the location itself, or its one sub-folder with
-    safetensors weights (e.g. ``model/`` of a transformers-flavour model)."""
-    folders = sorted(
-        {p.rpartition("/")[0] for p in listing if p.endswith((".safetensors", INDEX_NAME))},
-        key=lambda f: (f.count("/"), f),
-    )
+    safetensors weights (e.g. ``model/`` of a transformers-flavour model) — or, with
+    ``allow_pickle`` and no safetensors anywhere, pickle weights."""
+    suffixes: tuple[str, ...] = (".safetensors", INDEX_NAME)
+    folders = sorted({p.rpartition("/")[0] for p in listing if p.endswith(suffixes)})
+    if not folders and allow_pickle:
+        folders = sorted({p.rpartition("/")[0] for p in listing if p.endswith(PICKLE_SUFFIXES)})
+    folders.sort(key=lambda f: (f.count("/"), f))
     if "" in folders or not folders:
         if not folders and any(p.endswith(PICKLE_SUFFIXES) for p in listing):
-            weight_files(ref.uri, set(listing), dict)  # raises the pickle refusal
+            weight_files(ref.uri, set(listing), lambda _: {})  # raises the pickle refusal
         return ""
     shallow = [f for f in folders if f.count("/") == folders[0].count("/")]
     if len(shallow) > 1:

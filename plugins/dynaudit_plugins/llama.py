@@ -69,6 +69,13 @@ class LlamaFamily(Family):
             raise StructureError(f"llama: no {'/'.join(_PARTS)} weights in {checkpoint.root}")
         if len(prefixes) > 1:
             raise StructureError(f"llama: several decoder stacks in one checkpoint: {prefixes}")
+        for index, parts in sorted(blocks.items()):
+            missing = [p for p in _PARTS if p not in parts]
+            if missing:
+                raise StructureError(
+                    f"llama: block {index} lacks {', '.join(missing)} (pruned, one shard of "
+                    "several, or not a LLaMA?)"
+                )
         heads = _Heads.read(checkpoint, blocks)
         expected = config_int(config, "num_hidden_layers")
         if expected is not None and sorted(blocks) != list(range(expected)):
@@ -82,11 +89,6 @@ class LlamaFamily(Family):
         hidden = checkpoint.tensors[blocks[min(blocks)]["self_attn.q_proj"]].shape[1]
         for index in sorted(blocks):
             parts = blocks[index]
-            missing = [p for p in _PARTS if p not in parts]
-            if missing:
-                raise StructureError(
-                    f"llama: block {index} lacks {', '.join(missing)} (pruned or not a LLaMA?)"
-                )
             layer = {
                 part: Layer(name, _PARTS[part], index, "linear") for part, name in parts.items()
             }

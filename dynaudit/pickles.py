@@ -1,0 +1,163 @@
+"""Pickle checkpoints (``pytorch_model.bin``, ``.pt``), read only with ``--allow-pickle``.
+
+Even then they go through ``torch.load(weights_only=True)`` only: PyTorch's restricted
+unpickler, which rebuilds tensors and plain containers and refuses every other global, so no
+code from the file runs. Each pickle is converted once into a safetensors file in dynaudit's
+cache (``<cache>/pickles/<sha256 of the pickles>/``, renamed into place when complete) and the
+audit reads that like any other checkpoint. A converted shard is memory-mapped while it is
+written, so only one shard's tensors are ever touched at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dynaudit.errors import EmptyCheckpoint, PickleRefused
+from dynaudit.sources.base import PICKLE_INDEX
+from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, natural_key, read_json, sha256_file
+
+__all__ = ["PICKLE_INDEX", "convert_pickles", "is_pickle_only", "pickle_files"]
+
+_SIDE_FILES = ("config.json", "README.md")
+_WRAPPERS = ("state_dict", "model", "module")  # common training-script containers
+
+
+def is_pickle_only(path: Path) -> bool:
+    """A pickle file, or a directory with pickle weights and no safetensors."""
+    if path.is_file():
+        return path.suffix in PICKLE_SUFFIXES
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return False
+    return any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir())
+
+
+def pickle_files(path: Path) -> list[Path]:
+    """The pickle weight files: the file itself, the shards of ``pytorch_model.bin.index.json``,
+    ``pytorch_model.bin``, or every top-level pickle."""
+    if path.is_file():
+        return [path]
+    index = path / PICKLE_INDEX
+    if index.is_file():
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise PickleRefused(f"{index}: no 'weight_map' in the index", path=str(index))
+        names = sorted({str(v) for v in weight_map.values()}, key=natural_key)
+        if any(Path(n).name != n or n in (".", "..") for n in names):
+            raise PickleRefused(f"{index}: a shard is outside the directory", path=str(index))
+        return [path / n for n in names]
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    found = sorted(
+        (p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES),
+        key=lambda p: natural_key(p.name),
+    )
+    if not found:
+        raise EmptyCheckpoint(f"{path}: no weights in this directory", path=str(path))
+    return found
+
+
+def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | None = None) -> Path:
+    """A directory of safetensors files holding the tensors of the pickle(s) at ``path``."""
+    files = pickle_files(path)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise PickleRefused(f"{missing[0]}: shard named by the index is missing", path=str(path))
+    digest = digest or sha256_file
+    key = hashlib.sha256(json.dumps([digest(f) for f in files]).encode()).hexdigest()[:32]
+    final = cache / "pickles" / key
+    if final.is_dir():
+        return final
+    staging = final.with_name(f".tmp-{uuid.uuid4().hex}")
+    staging.mkdir(parents=True)
+    try:
+        names = (
+            ["model.safetensors"]
+            if len(files) == 1
+            else [
+                f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+            ]
+        )
+        weight_map: dict[str, str] = {}
+        for file, name in zip(files, names, strict=True):
+            tensors = _load(file)
+            _save(tensors, staging / name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        if len(files) > 1:
+            (staging / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+        root = path.parent if path.is_file() else path
+        for side in _SIDE_FILES:
+            if (root / side).is_file():
+                shutil.copyfile(root / side, staging / side)
+        try:
+            staging.rename(final)
+        except OSError:  # converted by another process meanwhile
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _load(file: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notes from the restricted unpickler
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(file, map_location="cpu", weights_only=True)  # legacy format
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise PickleRefused(
+            f"{file}: torch.load(weights_only=True) refused it ({_reason(exc)}); it holds more "
+            "than plain weights, or is damaged: convert it to safetensors where you trust it",
+            path=str(file),
+        ) from exc
+    for wrapper in _WRAPPERS:
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise PickleRefused(
+            f"{file}: not a state dict (a mapping of tensor names to tensors)", path=str(file)
+        )
+    return state
+
+
+def _reason(exc: BaseException) -> str:
+    """The unpickler's own reason (e.g. ``Unsupported global: GLOBAL posix.system``), without
+    torch's advice to retry with ``weights_only=False`` — the one thing not to do here."""
+    text = str(exc)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().rstrip(".")[:200]
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    return "not a weights file" if "weights_only" in first else first
+
+
+def _save(tensors: dict[str, Any], out: Path) -> None:
+    """Write ``tensors`` as safetensors; tensors sharing storage (tied weights) are copied,
+    since safetensors stores each tensor on its own."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    plain = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        plain[name] = tensor.clone() if pointer in seen and tensor.numel() else tensor
+        seen.add(pointer)
+    save_file(plain, str(out))
