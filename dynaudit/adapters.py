@@ -95,6 +95,14 @@ class AdapterCheckpoint(Checkpoint):
             update = update.T
         return weight.add_(update.reshape(weight.shape))
 
+    def merge_plan(self) -> dict[str, Any]:
+        """How the adapter is merged (targets, factors, scales): part of the result cache key."""
+        return {
+            "deltas": {name: vars(delta) for name, delta in sorted(self.deltas.items())},
+            "replaced": dict(sorted(self.replaced.items())),
+            "fan_in_fan_out": self.fan_in_fan_out,
+        }
+
     def close(self) -> None:
         super().close()
         if self.adapter is not None:
@@ -107,11 +115,15 @@ class AdapterCheckpoint(Checkpoint):
 
 
 def open_adapter(
-    path: Path, base: str | os.PathLike[str] | None = None, options: SourceOptions | None = None
+    path: Path,
+    base: str | os.PathLike[str] | None = None,
+    options: SourceOptions | None = None,
+    digest: Callable[[Path], str] | None = None,
 ) -> AdapterCheckpoint:
     """Open ``path`` (an adapter directory) over its base: ``base`` when given, else the
-    config's ``base_model_name_or_path`` (a local path or a Hub repo id)."""
-    from dynaudit.sources import resolve
+    config's ``base_model_name_or_path`` (any SOURCE form, opened like a SOURCE: checked
+    against its source's hashes, pickles only with ``allow_pickle``)."""
+    from dynaudit.sources import open_checkpoint, resolve
 
     config = read_json(path / ADAPTER_CONFIG)
     if not isinstance(config, dict):
@@ -124,7 +136,7 @@ def open_adapter(
         )
     adapter = Checkpoint.open(path / ADAPTER_WEIGHTS)
     try:
-        base_ckpt = Checkpoint.open(resolve(base_ref, options).path)
+        base_ckpt = open_checkpoint(resolve(base_ref, options), None, options, digest)
         merged = AdapterCheckpoint(
             root=base_ckpt.root,
             files=base_ckpt.files,

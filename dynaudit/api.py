@@ -20,6 +20,7 @@ from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
 from dynaudit.report import CacheInfo, FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
 from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
 from dynaudit.structure import StructuralClass
+from dynaudit.tensors import Checkpoint
 
 __all__ = [
     "InspectedLayer",
@@ -69,7 +70,6 @@ def measure(
 
     from dynaudit.cache import ResultCache, cache_root, result_key
     from dynaudit.runtime import pick_device, torch_scope
-    from dynaudit.sources import verify_download
 
     fit = settings_from(settings)
     options = sources or SourceOptions()
@@ -78,8 +78,7 @@ def measure(
     device = pick_device(fit.device)
     store = ResultCache(cache_root(options.cache_dir)) if cache else None
     digest = store.digest if store else None
-    verify_download(resolved, digest)
-    with open_checkpoint(resolved, base, options) as checkpoint:
+    with open_checkpoint(resolved, base, options, digest) as checkpoint:
         fingerprint = checkpoint.fingerprint(digest)
         source_info = SourceInfo(
             uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
@@ -87,7 +86,7 @@ def measure(
         )  # fmt: skip
         key = result_key(
             fingerprint, fit.numeric(), family=family, scales=scales, version=__version__,
-            protocol=PROTOCOL_VERSION,
+            protocol=PROTOCOL_VERSION, context=_cache_context(checkpoint),
         )  # fmt: skip
         cached = store.load(key) if store else None
         if cached is not None:
@@ -275,6 +274,16 @@ RANK_RULE = (
     "rank = singular values above max(u·rms(W)·(√m+√n), σ_max·max(m,n)·ε_f32), u the storage "
     "dtype's unit roundoff"
 )
+
+
+def _cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Besides the weight files, what a report depends on: the config the family plugins read,
+    how an adapter is merged, and which plugins are installed (they decide the family)."""
+    from dynaudit.adapters import AdapterCheckpoint
+    from dynaudit.families import available_families
+
+    merge = checkpoint.merge_plan() if isinstance(checkpoint, AdapterCheckpoint) else None
+    return {"config": checkpoint.config, "merge": merge, "plugins": available_families()}
 
 
 def _family_info(detection: Detection, plan: LayerPlan) -> FamilyInfo:

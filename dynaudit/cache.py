@@ -14,10 +14,12 @@ reader never sees half an entry, and two processes storing the same key at once 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -29,10 +31,11 @@ from pydantic import ValidationError
 from dynaudit.report import Report
 from dynaudit.tensors import sha256_file
 
-__all__ = ["ResultCache", "cache_root", "result_key"]
+__all__ = ["ResultCache", "cache_root", "publish_dir", "result_key"]
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_root(configured: str | os.PathLike[str] | None = None) -> Path:
@@ -52,9 +55,11 @@ def result_key(
     scales: Mapping[str, float] | None,
     version: str,
     protocol: int,
+    context: Mapping[str, Any],
 ) -> str:
-    """What determines a report's numbers: the files' contents, the settings that change the
-    numbers, the requested family, reference scales, the protocol and the tool version."""
+    """What determines a report's numbers: the weight files' contents, the settings that change
+    the numbers, the requested family, reference scales, the protocol and the tool version, and
+    ``context`` — the checkpoint's config, how an adapter is merged, the installed plugins."""
     material = {
         "files": dict(sorted(fingerprint.items())),
         "settings": dict(sorted(settings.items())),
@@ -62,8 +67,23 @@ def result_key(
         "scales": dict(sorted(scales.items())) if scales else None,
         "protocol": protocol,
         "version": version,
+        "context": context,
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    text = json.dumps(material, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def publish_dir(staging: Path, final: Path) -> bool:
+    """Rename a complete ``staging`` folder to ``final``; False when another process published
+    ``final`` first (``staging`` is then removed). Either way ``final`` is whole afterwards."""
+    try:
+        staging.rename(final)
+        return True
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if final.is_dir():
+            return False
+        raise
 
 
 class ResultCache:
@@ -74,52 +94,55 @@ class ResultCache:
         return self.root / "results" / key[:2] / key
 
     def load(self, key: str) -> Report | None:
+        """The stored report, or None. An entry that does not parse is moved aside."""
         entry = self._entry(key)
         try:
-            text = (entry / REPORT_FILE).read_text(encoding="utf-8")
+            data = (entry / REPORT_FILE).read_bytes()
         except OSError:
             return None
         try:
-            return Report.model_validate_json(text)
-        except ValidationError:
+            return Report.model_validate_json(data)
+        except (ValidationError, ValueError):
             log.warning("ignoring an unreadable cache entry %s", entry)
             self._discard(entry)
             return None
 
     def store(self, key: str, report: Report) -> None:
+        """Best effort: a cache that cannot be written costs a warning, never the report."""
         entry = self._entry(key)
-        entry.parent.mkdir(parents=True, exist_ok=True)
         staging = entry.parent / f".tmp-{uuid.uuid4().hex}"
-        staging.mkdir()
         try:
+            staging.mkdir(parents=True)
             _write_synced(staging / REPORT_FILE, report.model_dump_json(indent=1))
-            try:
-                staging.rename(entry)
-            except OSError:
-                if (entry / REPORT_FILE).is_file():
-                    return  # stored by another process meanwhile: theirs is as good
+            if entry.is_dir() and not (entry / REPORT_FILE).is_file():
                 self._discard(entry)  # a broken leftover: replace it
-                staging.rename(entry)
+            publish_dir(staging, entry)
+        except OSError as exc:
+            log.warning("could not write the result cache at %s: %s", self.root, exc)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def digest(self, path: Path) -> str:
         """sha256 of ``path``, remembered by (real path, size, mtime, inode) so an unchanged
-        multi-GB checkpoint is hashed once."""
+        multi-GB checkpoint is hashed once. The memo is best effort: if it cannot be read or
+        written, the file is simply hashed."""
         stat = path.stat()
         ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_dev}"
         memo = self.root / "hashes" / hashlib.sha256(ident.encode()).hexdigest()
-        try:
-            known = memo.read_text(encoding="ascii").strip()
-            if len(known) == 64:
+        with contextlib.suppress(OSError, ValueError):
+            known = memo.read_bytes().decode("ascii").strip()
+            if _SHA256.fullmatch(known):
                 return known
-        except OSError:
-            pass
         value = sha256_file(path)
-        memo.parent.mkdir(parents=True, exist_ok=True)
         temporary = memo.with_name(f".tmp-{uuid.uuid4().hex}")
-        _write_synced(temporary, value)
-        os.replace(temporary, memo)
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            _write_synced(temporary, value)
+            os.replace(temporary, memo)
+        except OSError as exc:
+            log.warning("could not write the hash memo at %s: %s", memo.parent, exc)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
         return value
 
     def _discard(self, entry: Path) -> None:

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dynaudit.cache import publish_dir
 from dynaudit.errors import EmptyCheckpoint, PickleRefused
 from dynaudit.sources.base import PICKLE_INDEX
-from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, natural_key, read_json, sha256_file
+from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, natural_key, read_index, sha256_file
 
 __all__ = ["PICKLE_INDEX", "convert_pickles", "is_pickle_only", "pickle_files"]
 
@@ -46,14 +47,7 @@ def pickle_files(path: Path) -> list[Path]:
         return [path]
     index = path / PICKLE_INDEX
     if index.is_file():
-        data = read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise PickleRefused(f"{index}: no 'weight_map' in the index", path=str(index))
-        names = sorted({str(v) for v in weight_map.values()}, key=natural_key)
-        if any(Path(n).name != n or n in (".", "..") for n in names):
-            raise PickleRefused(f"{index}: a shard is outside the directory", path=str(index))
-        return [path / n for n in names]
+        return [path / name for name in read_index(index)[0]]
     if (path / "pytorch_model.bin").is_file():
         return [path / "pytorch_model.bin"]
     found = sorted(
@@ -72,7 +66,10 @@ def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | Non
     if missing:
         raise PickleRefused(f"{missing[0]}: shard named by the index is missing", path=str(path))
     digest = digest or sha256_file
-    key = hashlib.sha256(json.dumps([digest(f) for f in files]).encode()).hexdigest()[:32]
+    root = path.parent if path.is_file() else path
+    sides = [root / side for side in _SIDE_FILES if (root / side).is_file()]
+    material = [[f.name, digest(f)] for f in [*files, *sides]]
+    key = hashlib.sha256(json.dumps(material).encode()).hexdigest()[:32]
     final = cache / "pickles" / key
     if final.is_dir():
         return final
@@ -93,15 +90,9 @@ def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | Non
             weight_map.update(dict.fromkeys(tensors, name))
         if len(files) > 1:
             (staging / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
-        root = path.parent if path.is_file() else path
-        for side in _SIDE_FILES:
-            if (root / side).is_file():
-                shutil.copyfile(root / side, staging / side)
-        try:
-            staging.rename(final)
-        except OSError:  # converted by another process meanwhile
-            if not final.is_dir():
-                raise
+        for side in sides:
+            shutil.copyfile(side, staging / side.name)
+        publish_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final

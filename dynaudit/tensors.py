@@ -23,8 +23,16 @@ from dynaudit.errors import CheckpointNotFound, CorruptCheckpoint, EmptyCheckpoi
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Self
 
-__all__ = ["Checkpoint", "TensorInfo", "natural_key", "parse_header", "sha256_file"]
+__all__ = [
+    "Checkpoint",
+    "TensorInfo",
+    "natural_key",
+    "parse_header",
+    "read_index",
+    "sha256_file",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -206,10 +214,28 @@ class Checkpoint:
             files, config_dir, weight_map = [root], root.parent, None
         else:
             (files, weight_map), config_dir = _weight_files(root), root
+        config_path = config_dir / "config.json"
+        return cls.assemble(
+            root,
+            [(file, *read_header(file)) for file in files],
+            config=read_json(config_path) if config_path.is_file() else None,
+            weight_map=weight_map,
+        )
+
+    @classmethod
+    def assemble(
+        cls,
+        root: Path,
+        headers: list[tuple[Path, dict[str, TensorInfo], dict[str, str]]],
+        *,
+        config: Any = None,
+        weight_map: dict[str, Any] | None = None,
+    ) -> Self:
+        """A checkpoint from parsed headers (local or remote), checked as a whole: no tensor in
+        two files, and every index entry in the shard it names."""
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
-        for file in files:
-            file_tensors, file_meta = read_header(file)
+        for file, file_tensors, file_meta in headers:
             for name, info in file_tensors.items():
                 if name in tensors:
                     raise CorruptCheckpoint(
@@ -220,11 +246,9 @@ class Checkpoint:
             metadata.update(file_meta)
         if weight_map is not None:
             _check_index(root / INDEX_NAME, weight_map, tensors)
-        config_path = config_dir / "config.json"
-        config = read_json(config_path) if config_path.is_file() else None
         return cls(
             root=root,
-            files=files,
+            files=[file for file, _, _ in headers],
             tensors=tensors,
             config=config if isinstance(config, dict) else None,
             metadata=metadata,
@@ -312,31 +336,35 @@ def _pickle_message(path: Path) -> str:
     )
 
 
+def read_index(index: Path) -> tuple[list[str], dict[str, Any]]:
+    """A sharded checkpoint's index (safetensors or pickle): its shard names in natural order,
+    each checked to stay in the index's directory, and the weight map."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpoint(f"{index}: no 'weight_map' in the index", path=str(index))
+    names = sorted({str(f) for f in weight_map.values()}, key=natural_key)
+    for name in names:
+        # No ``../`` or absolute paths. The check is on the name, not on where a link leads:
+        # shards may be symlinks, as in the Hugging Face cache.
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CorruptCheckpoint(
+                f"{index}: shard {name!r} is outside the checkpoint directory", path=str(index)
+            )
+    return names, weight_map
+
+
 def _weight_files(root: Path) -> tuple[list[Path], dict[str, Any] | None]:
     """The weight files of a directory, and the index's weight map when it has one."""
     index = root / INDEX_NAME
     if index.is_file():
-        data = read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CorruptCheckpoint(f"{index}: no 'weight_map' in the index", path=str(index))
-        names = sorted({str(f) for f in weight_map.values()}, key=natural_key)
-        files = []
+        names, weight_map = read_index(index)
         for name in names:
-            shard = root / name
-            # An index must not point outside its directory (``../``, absolute paths). The
-            # check is on the name: shards may be symlinks, as in the Hugging Face cache.
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise CorruptCheckpoint(
-                    f"{index}: shard {name!r} is outside the checkpoint directory",
-                    path=str(index),
-                )
-            if not shard.is_file():
+            if not (root / name).is_file():
                 raise CorruptCheckpoint(
                     f"{index}: names shard {name!r}, which is missing", path=str(index)
                 )
-            files.append(shard)
-        return files, weight_map
+        return [root / name for name in names], weight_map
     single = root / "model.safetensors"
     if single.is_file():
         return [single], None

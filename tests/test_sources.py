@@ -119,6 +119,15 @@ def test_hub_inspect_reads_only_the_headers(
     assert remote.uri == "org/tiny-llama" and len(remote.files) == 4
 
 
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(hub: LocalHub, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    start = len(hub.requests)
+    for typo in ("out/model.safetensors", "out/modle", "ckpt/model.safetensors"):
+        proc = cli("measure", typo, "--hf-endpoint", hub.url, cwd=tmp_path)
+        assert proc.returncode == 3 and "no such file or directory" in proc.stderr, proc.stderr
+    assert len(hub.requests) == start
+
+
 def test_a_local_path_wins_over_a_repo_id(
     hub: LocalHub, published: str, sharded_llama: Path, tmp_path: Path
 ) -> None:
@@ -145,6 +154,7 @@ def test_a_local_path_wins_over_a_repo_id(
         ("hf://org/pickle-only", [], ["pickle", "safetensors"]),
         ("hf://org/tiny-llama", ["--hf-endpoint", "http://127.0.0.1:{dead}"], ["cannot reach"]),
         ("hf://not a repo", [], ["hf://org/name"]),
+        ("hf://org/two..dots", [], ["not a valid Hub repository id"]),
     ],
 )
 def test_hub_failures_are_one_line_exit_3(
@@ -155,7 +165,7 @@ def test_hub_failures_are_one_line_exit_3(
     started = time.monotonic()
     proc = cli("measure", source, *endpoint, *extra, *FAST_FLAGS)
     elapsed = time.monotonic() - started
-    expected = 2 if source == "hf://not a repo" else 3
+    expected = 2 if source in ("hf://not a repo", "hf://org/two..dots") else 3
     assert proc.returncode == expected, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -345,6 +355,26 @@ def test_a_dead_mlflow_server_fails_within_seconds() -> None:
     assert elapsed < ERROR_SECONDS, elapsed
 
 
+def test_credentials_in_a_server_url_are_not_printed() -> None:
+    dead = free_port()
+    proc = cli("measure", "models:/tiny-llama/1", "--mlflow-uri",
+               f"http://user:s3cretpw@127.0.0.1:{dead}")  # fmt: skip
+    assert proc.returncode == 3 and "s3cretpw" not in proc.stderr
+    assert f"http://***@127.0.0.1:{dead}" in proc.stderr
+
+
+def test_mlflow_uris_parse_like_mlflow() -> None:
+    from dynaudit.sources.mlflow import parse
+
+    assert parse("models:/m-0123abc").model_id == "m-0123abc"
+    version = parse("models:/m-0123abc/1")  # version 1 of a registered model named m-0123abc
+    assert (version.name, version.version, version.model_id) == ("m-0123abc", "1", None)
+    nested = parse("models:/tiny@champion/model")
+    assert (nested.name, nested.alias, nested.path) == ("tiny", "champion", "model")
+    with pytest.raises(dynaudit.DynauditError, match="not an MLflow model URI"):
+        parse("models:/")
+
+
 def test_an_mlflow_uri_needs_a_tracking_server() -> None:
     proc = cli("measure", "models:/tiny-llama/1")
     assert proc.returncode == 2
@@ -404,13 +434,39 @@ def test_concurrent_runs_share_the_cache_safely(digits_mlp: Path, tmp_path: Path
     assert not list(Path(os.environ["DYNAUDIT_CACHE_DIR"]).glob("results/*/.tmp-*"))
 
 
-def test_a_corrupt_cache_entry_is_replaced(digits_mlp: Path) -> None:
+@pytest.mark.parametrize("garbage", [b'{"truncated": ', b"\xff\xfe not utf-8"])
+def test_a_corrupt_cache_entry_is_replaced(digits_mlp: Path, garbage: bytes) -> None:
     first = dynaudit.measure(digits_mlp, **FAST)
     assert first.cache is not None
     cache = Path(os.environ["DYNAUDIT_CACHE_DIR"])
     entry = cache / "results" / first.cache.key[:2] / first.cache.key / "report.json"
-    entry.write_text('{"truncated": ')
+    entry.write_bytes(garbage)
+    for memo in (cache / "hashes").iterdir():
+        memo.write_bytes(garbage)
     again = dynaudit.measure(digits_mlp, **FAST)
     assert again.cache is not None and not again.cache.hit
     assert figures(again) == figures(first)
     assert Report.model_validate_json(entry.read_text()).cache is not None
+
+
+def test_an_unwritable_cache_costs_a_warning_not_the_report(
+    digits_mlp: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    options = SourceOptions(cache_dir=blocked / "cache")
+    report = dynaudit.measure(digits_mlp, sources=options, **FAST)
+    assert report.measured and "could not write" in caplog.text
+
+
+def test_the_cache_key_covers_the_config(digits_mlp: Path, tmp_path: Path) -> None:
+    """Family plugins read config.json (head counts, tying): a changed config is a new key."""
+    copy = shutil.copytree(digits_mlp, tmp_path / "copy")
+    first = dynaudit.measure(copy, **FAST)
+    config = (
+        json.loads((copy / "config.json").read_text()) if (copy / "config.json").exists() else {}
+    )
+    (copy / "config.json").write_text(json.dumps({**config, "edited": True}))
+    second = dynaudit.measure(copy, **FAST)
+    assert first.cache is not None and second.cache is not None
+    assert not second.cache.hit and second.cache.key != first.cache.key

@@ -8,13 +8,16 @@ of the pipeline only ever reads local files.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-from dynaudit.errors import CheckpointNotFound, CorruptCheckpoint
+from dynaudit.errors import CheckpointNotFound
+from dynaudit.sources import hub
 from dynaudit.sources.base import ResolvedSource, SourceOptions
-from dynaudit.sources.local import open_checkpoint
-from dynaudit.tensors import Checkpoint, sha256_file
+from dynaudit.sources.local import open_checkpoint, verify_download
+from dynaudit.tensors import Checkpoint
+
+# Names that are files, not Hub repositories: a missing one is a typo, not a repo id.
+LOCAL_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 __all__ = [
     "ResolvedSource",
@@ -32,19 +35,16 @@ def resolve(source: str | os.PathLike[str], options: SourceOptions | None = None
     ``hf://`` always means the Hub and ``models:/``/``runs:/`` MLflow; otherwise an existing
     local path wins over a bare ``org/name``, which then means the Hub.
     """
-    from dynaudit.sources import hub, mlflow
+    from dynaudit.sources import mlflow
 
     options = options or SourceOptions()
     text = os.fspath(source)
     if text.startswith(mlflow.SCHEMES):
         return mlflow.fetch(text, options)
-    path = Path(text).expanduser()
-    if not text.startswith(hub.SCHEME) and path.exists():
-        return ResolvedSource(uri=text, path=path)
-    repo = hub.parse(text)
-    if repo is not None:
-        return hub.fetch(repo, options)
-    raise CheckpointNotFound(f"{text}: no such file or directory", path=text)
+    local = _local(text)
+    if local is not None:
+        return ResolvedSource(uri=text, path=local)
+    return hub.fetch(_hub_repo(text), options)
 
 
 def open_headers(
@@ -53,27 +53,25 @@ def open_headers(
     """A Hub checkpoint's tensor headers read remotely (ranged requests, no weights
     downloaded), as ``(uri, checkpoint)``; ``None`` when SOURCE is not a Hub model (or an
     adapter, whose base must be opened too): the caller then resolves it as usual."""
-    from dynaudit.sources import hub
+    from dynaudit.sources import mlflow
 
     text = os.fspath(source)
-    if not text.startswith(hub.SCHEME) and Path(text).expanduser().exists():
+    if text.startswith(mlflow.SCHEMES) or _local(text) is not None:
         return None
+    return hub.open_remote_headers(_hub_repo(text), options or SourceOptions())
+
+
+def _local(text: str) -> Path | None:
+    """The local path SOURCE names, if it exists (``hf://`` never names one)."""
+    path = Path(text).expanduser()
+    return path if not text.startswith(hub.SCHEME) and path.exists() else None
+
+
+def _hub_repo(text: str) -> hub.HubRepo:
+    """SOURCE as a Hub repository, unless it reads as a mistyped local path."""
     repo = hub.parse(text)
-    if repo is None:
-        return None
-    return hub.open_remote_headers(repo, options or SourceOptions())
-
-
-def verify_download(resolved: ResolvedSource, digest: Callable[[Path], str] | None = None) -> None:
-    """Check downloaded files against the sha256 their source published (the Hub's LFS
-    hashes); a mismatch is a corrupt download."""
-    digest = digest or sha256_file
-    for name, expected in resolved.expected_sha256.items():
-        actual = digest(resolved.path / name)
-        if actual != expected:
-            raise CorruptCheckpoint(
-                f"{resolved.uri}: {name} does not match the sha256 the source published "
-                f"({expected[:12]}…, got {actual[:12]}…); delete it from the cache "
-                f"({(resolved.path / name).resolve()}) and retry",
-                path=str(resolved.path / name),
-            )
+    first = Path(text.split("/", 1)[0]).expanduser()
+    looks_local = text.endswith(LOCAL_SUFFIXES) or (first.exists() and first != Path(text))
+    if repo is None or (looks_local and not text.startswith(hub.SCHEME)):
+        raise CheckpointNotFound(f"{text}: no such file or directory", path=text)
+    return repo

@@ -6,13 +6,14 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from dynaudit.errors import EmptyCheckpoint, InputError, PickleRefused, RemoteNotFound
 from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, natural_key
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
-__all__ = ["SIDE_FILES", "ResolvedSource", "SourceOptions", "weight_files"]
+__all__ = ["SIDE_FILES", "ResolvedSource", "SourceOptions", "redact_url", "weight_files"]
 
 # Small files an audit reads besides the weights (the model card carries `base_model`).
 SIDE_FILES = ("config.json", INDEX_NAME, "adapter_config.json", "README.md")
@@ -84,3 +85,11 @@ def _shards(
     if missing:
         raise RemoteNotFound(f"{uri}: {index_name} names shard {missing[0]!r}, which is missing")
     return shards
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the credentials a user may have put in it (``https://user:pw@host``)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))

@@ -10,18 +10,25 @@ can check the download against it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import importlib
 import re
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynaudit.errors import AccessDenied, RemoteNotFound, SourceUnreachable, UsageError
-from dynaudit.sources.base import SIDE_FILES, ResolvedSource, SourceOptions, weight_files
-from dynaudit.tensors import Checkpoint, TensorInfo, parse_header, read_json
+from dynaudit.sources.base import (
+    SIDE_FILES,
+    ResolvedSource,
+    SourceOptions,
+    redact_url,
+    weight_files,
+)
+from dynaudit.tensors import INDEX_NAME, Checkpoint, parse_header, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +65,7 @@ def parse(text: str) -> HubRepo | None:
 def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
     """Download what an audit reads into the Hugging Face cache (or find it there when
     ``HF_HUB_OFFLINE`` is set) and return the snapshot directory."""
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     with _hub_errors(repo, options):
         if constants.HF_HUB_OFFLINE:
@@ -69,16 +76,9 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
                 )
             )  # fmt: skip
             return ResolvedSource(uri=repo.uri, path=folder, revision=folder.name)
-        api = HfApi(endpoint=options.hf_endpoint, token=options.hf_token)
-        info = api.model_info(repo.repo_id, revision=repo.revision, files_metadata=True)
-        assert info.sha is not None
-        commit = info.sha
-        files = {sibling.rfilename: sibling for sibling in info.siblings or []}
-        weights = weight_files(
-            repo.uri, set(files), lambda name: _download_index(repo, name, commit, options),
-            allow_pickle=options.allow_pickle,
-        )  # fmt: skip
-        wanted = [name for name in SIDE_FILES if name in files] + weights
+        listing = _Listing.fetch(repo, options)
+        weights = listing.weights(allow_pickle=options.allow_pickle)
+        wanted = [name for name in SIDE_FILES if name in listing.files] + weights
         folder = Path(
             snapshot_download(
                 repo.repo_id, revision=repo.revision or constants.DEFAULT_REVISION,
@@ -86,13 +86,15 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
                 allow_patterns=[glob.escape(name) for name in wanted], tqdm_class=_tqdm_class(),
             )
         )  # fmt: skip
-    if folder.name != info.sha:
+    if folder.name != listing.commit:
         raise SourceUnreachable(
             f"{repo.uri}: the revision moved to another commit during the download; retry, "
             "or pin a commit with @<sha>"
         )
-    expected = {n: f.lfs.sha256 for n in weights if (f := files[n]).lfs is not None}
-    return ResolvedSource(uri=repo.uri, path=folder, revision=info.sha, expected_sha256=expected)
+    expected = {n: f.lfs.sha256 for n in weights if (f := listing.files[n]).lfs is not None}
+    return ResolvedSource(
+        uri=repo.uri, path=folder, revision=listing.commit, expected_sha256=expected
+    )
 
 
 class RemoteCheckpoint(Checkpoint):
@@ -104,93 +106,116 @@ class RemoteCheckpoint(Checkpoint):
 
 def open_remote_headers(repo: HubRepo, options: SourceOptions) -> tuple[str, Checkpoint] | None:
     """Headers of every weight file of a Hub model, read with ranged GETs (a few KiB per
-    file); ``None`` for an adapter repo, whose base must be opened as well."""
-    from huggingface_hub import (
-        HfApi,
-        constants,
-        get_session,
-        hf_hub_download,
-        hf_hub_url,
-        hf_raise_for_status,
-    )
-    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+    file) and validated like local ones; ``None`` when they cannot be read that way (an
+    adapter, whose base must be opened too; pickles, which have no header; offline)."""
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return None  # the cache has what there is; open it as usual
+        return None
     with _hub_errors(repo, options):
-        api = HfApi(endpoint=options.hf_endpoint, token=options.hf_token)
-        info = api.model_info(repo.repo_id, revision=repo.revision, files_metadata=True)
-        assert info.sha is not None
-        commit = info.sha
-        files = {sibling.rfilename: sibling for sibling in info.siblings or []}
-        if "adapter_config.json" in files or not any(n.endswith(".safetensors") for n in files):
-            return None  # an adapter needs its base; pickles have no header to read remotely
-        weights = weight_files(
-            repo.uri, set(files), lambda name: _download_index(repo, name, commit, options)
-        )
-        headers = build_hf_headers(token=options.hf_token)
-        tensors: dict[str, TensorInfo] = {}
-        metadata: dict[str, str] = {}
+        listing = _Listing.fetch(repo, options)
+        names = listing.files
+        if "adapter_config.json" in names or not any(n.endswith(".safetensors") for n in names):
+            return None
+        weights = listing.weights()
+        headers = []
         for name in weights:
-            url = hf_hub_url(repo.repo_id, name, revision=commit, endpoint=options.hf_endpoint)
-            size = files[name].size or 0
-
-            def read(offset: int, length: int, url: str = url) -> bytes:
-                last = offset + max(length, _HEADER_PROBE if offset == 0 else length) - 1
-                response = get_session().get(
-                    url, headers={**headers, "Range": f"bytes={offset}-{last}"},
-                    follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
-                )  # fmt: skip
-                hf_raise_for_status(response)
-                return bytes(response.content[:length])
-
-            found, meta = parse_header(Path(name), size, _prefetched(read))
-            tensors.update(found)
-            metadata.update(meta)
-        config = None
-        if "config.json" in files:
-            config = read_json(
-                Path(
-                    hf_hub_download(
-                        repo.repo_id, "config.json", revision=commit,
-                        endpoint=options.hf_endpoint, token=options.hf_token,
-                    )
-                )
-            )  # fmt: skip
-    checkpoint = RemoteCheckpoint(
-        root=Path(f"{repo.label}"),
-        files=[Path(name) for name in weights],
-        tensors=tensors,
-        config=config if isinstance(config, dict) else None,
-        metadata=metadata,
-    )
+            size = names[name].size or 0
+            read = _prefetched(functools.partial(_read_range, repo, listing.commit, name, options))
+            headers.append((Path(name), *parse_header(Path(name), size, read)))
+        config = listing.json("config.json") if "config.json" in names else None
+        index = listing.json(INDEX_NAME) if INDEX_NAME in names else None
+    checkpoint = RemoteCheckpoint.assemble(
+        Path(repo.label), headers, config=config,
+        weight_map=index.get("weight_map") if isinstance(index, dict) else None,
+    )  # fmt: skip
     return repo.uri, checkpoint
 
 
-def _prefetched(read: Any) -> Any:
+@dataclass
+class _Listing:
+    """A repository's files at one commit (with sizes and LFS sha256), from one API call."""
+
+    repo: HubRepo
+    options: SourceOptions
+    commit: str
+    files: dict[str, Any]  # name → huggingface_hub.RepoSibling
+    _json: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fetch(cls, repo: HubRepo, options: SourceOptions) -> _Listing:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=options.hf_endpoint, token=options.hf_token)
+        info = api.model_info(repo.repo_id, revision=repo.revision, files_metadata=True)
+        assert info.sha is not None
+        return cls(repo, options, info.sha, {s.rfilename: s for s in info.siblings or []})
+
+    def weights(self, allow_pickle: bool = False) -> list[str]:
+        return weight_files(self.repo.uri, set(self.files), self.json, allow_pickle=allow_pickle)
+
+    def json(self, name: str) -> Any:
+        """A small JSON file of the commit, through the client's cache."""
+        from huggingface_hub import hf_hub_download
+
+        if name not in self._json:
+            path = hf_hub_download(
+                self.repo.repo_id, name, revision=self.commit, endpoint=self.options.hf_endpoint,
+                token=self.options.hf_token,
+            )  # fmt: skip
+            self._json[name] = read_json(Path(path))
+        return self._json[name]
+
+
+def _read_range(repo: HubRepo, commit: str, name: str, options: SourceOptions, offset: int,
+                length: int) -> bytes:  # fmt: skip
+    """``length`` bytes of a Hub file from ``offset``, streamed and cut off: a server that
+    ignores ``Range`` costs one connection, never the whole file."""
+    from huggingface_hub import constants, get_session, hf_hub_url, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    url = hf_hub_url(repo.repo_id, name, revision=commit, endpoint=options.hf_endpoint)
+    headers = {
+        **build_hf_headers(token=options.hf_token),
+        "Range": f"bytes={offset}-{offset + length - 1}",
+    }
+    data = bytearray()
+    with get_session().stream(
+        "GET",
+        url,
+        headers=headers,
+        follow_redirects=True,
+        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+    ) as response:
+        if response.status_code >= 400:
+            response.read()
+            hf_raise_for_status(response)
+        if response.status_code != 206 and offset:
+            raise SourceUnreachable(
+                f"{repo.uri}: the endpoint ignores Range requests, so headers cannot be read "
+                "alone; use `inspect --weights` to download the checkpoint"
+            )
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= length:
+                break
+    return bytes(data[:length])
+
+
+def _prefetched(read: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
     """Serve the 8-byte length and the header from one ranged request when they fit in it."""
-    cache: dict[str, bytes] = {}
+    head = b""
 
     def cached(offset: int, length: int) -> bytes:
+        nonlocal head
         if offset == 0:
-            cache["head"] = read(0, _HEADER_PROBE)
-            return cache["head"][:length]
-        head = cache.get("head", b"")
+            head = read(0, max(length, _HEADER_PROBE))
+            return head[:length]
         if offset + length <= len(head):
             return head[offset : offset + length]
-        return bytes(read(offset, length))
+        return read(offset, length)
 
     return cached
-
-
-def _download_index(repo: HubRepo, name: str, commit: str, options: SourceOptions) -> Any:
-    from huggingface_hub import hf_hub_download
-
-    path = hf_hub_download(
-        repo.repo_id, name, revision=commit, endpoint=options.hf_endpoint,
-        token=options.hf_token,
-    )  # fmt: skip
-    return read_json(Path(path))
 
 
 def _tqdm_class() -> Any:
@@ -226,10 +251,14 @@ def _hub_errors(repo: HubRepo, options: SourceOptions) -> Iterator[None]:
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
-    endpoint = (options.hf_endpoint or constants.ENDPOINT).rstrip("/")
+    endpoint = redact_url((options.hf_endpoint or constants.ENDPOINT).rstrip("/"))
     uri = repo.uri
     try:
         yield
+    except hf.HFValidationError as exc:
+        raise UsageError(
+            f"{uri}: not a valid Hub repository id or revision; expected hf://org/name[@revision]"
+        ) from exc
     except hf.GatedRepoError as exc:
         raise AccessDenied(
             f"{uri}: {repo.repo_id} is gated; request access on the Hub, then set HF_TOKEN "
@@ -252,10 +281,15 @@ def _hub_errors(repo: HubRepo, options: SourceOptions) -> Iterator[None]:
             f"({_url_tail(exc)}); the upload looks incomplete"
         ) from exc
     except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled) as exc:
+        if constants.HF_HUB_OFFLINE:
+            raise SourceUnreachable(
+                f"{uri}: HF_HUB_OFFLINE is set and the checkpoint is not (completely) in the "
+                f"Hugging Face cache at {constants.HF_HUB_CACHE}; run once online, or unset "
+                "HF_HUB_OFFLINE"
+            ) from exc
         raise SourceUnreachable(
-            f"{uri}: HF_HUB_OFFLINE is set and the checkpoint is not (completely) in the "
-            f"Hugging Face cache at {constants.HF_HUB_CACHE}; run once online, or unset "
-            "HF_HUB_OFFLINE"
+            f"{uri}: the download from {endpoint} failed and the files are not in the cache; "
+            "check the network and retry"
         ) from exc
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None

@@ -25,12 +25,19 @@ from typing import Any
 
 from dynaudit.errors import (
     AccessDenied,
+    DynauditError,
     InputError,
     RemoteNotFound,
     SourceUnreachable,
     UsageError,
 )
-from dynaudit.sources.base import SIDE_FILES, ResolvedSource, SourceOptions, weight_files
+from dynaudit.sources.base import (
+    SIDE_FILES,
+    ResolvedSource,
+    SourceOptions,
+    redact_url,
+    weight_files,
+)
 from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, read_json
 
 __all__ = ["SCHEMES", "MlflowRef", "fetch", "parse"]
@@ -41,13 +48,15 @@ RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",  # per socket read: large downloads still work
 }
 _MAX_FILES = 10_000  # an artifact tree larger than this is not a checkpoint
 
+# models:/m-<id> is a logged model only as the whole URI, as in MLflow: models:/m-x/1 is version
+# 1 of a registered model named "m-x".
 _MODEL = re.compile(
-    r"^models:/(?:(?P<model_id>m-[0-9a-f]+)"
-    r"|(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest)))(?:/(?P<path>.*))?$"
+    r"^models:/(?:(?P<model_id>m-[0-9a-f]+)/?$"
+    r"|(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))(?:/(?P<path>.*))?$)"
 )
 _RUN = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)(?:/(?P<path>.*))?$")
 
@@ -120,11 +129,12 @@ def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
         names = {p[len(root) + 1 :] if root else p for p in listing if _under(p, root)}
 
         def read_index(name: str) -> Any:
-            return read_json(_download(repo, [_join(root, name)], options, server, location))
+            path = _join(root, name)
+            return read_json(_download(repo, [path], options, server, location, listing))
 
         weights = weight_files(uri, names, read_index, allow_pickle=options.allow_pickle)
         wanted = [_join(root, n) for n in [*SIDE_FILES, *weights] if n in names]
-        folder = _download(repo, wanted, options, server, location, sizes=listing)
+        folder = _download(repo, wanted, options, server, location, listing)
     path = folder / root if root else folder
     return ResolvedSource(uri=uri, path=path, revision=revision)
 
@@ -198,15 +208,15 @@ def _download(
     options: SourceOptions,
     server: str,
     location: str,
-    sizes: dict[str, int] | None = None,
+    listing: dict[str, int],
 ) -> Path:
-    """Download ``paths`` into a cache folder keyed by server, location and listing; return
-    the folder (or, with one path and no sizes, that file). Complete folders are renamed into
-    place, so a folder that exists is whole and is reused as is."""
-    from dynaudit.cache import cache_root
+    """Download ``paths`` into a cache folder keyed by server, location and the files' sizes;
+    return the folder (for a single JSON file, the file). A folder is published by renaming a
+    complete staging folder, so one that exists is whole and is reused as is."""
+    from dynaudit.cache import cache_root, publish_dir
 
-    listing = sorted((p, (sizes or {}).get(p, -1)) for p in paths)
-    key = hashlib.sha256(json.dumps([server, location, listing]).encode()).hexdigest()[:32]
+    files = sorted((p, listing.get(p, -1)) for p in paths)
+    key = hashlib.sha256(json.dumps([server, location, files]).encode()).hexdigest()[:32]
     downloads = cache_root(options.cache_dir) / "mlflow"
     final = downloads / key
     if not final.is_dir():
@@ -215,14 +225,10 @@ def _download(
         try:
             for path in paths:
                 repo.download_artifacts(path, dst_path=str(staging))
-            try:
-                staging.rename(final)
-            except OSError:  # another process finished the same download first
-                if not final.is_dir():
-                    raise
+            publish_dir(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return final / paths[0] if sizes is None and len(paths) == 1 else final
+    return final / paths[0] if len(paths) == 1 and paths[0].endswith(".json") else final
 
 
 def _join(root: str, path: str) -> str:
@@ -239,11 +245,18 @@ def _mlflow_errors(ref: MlflowRef, server: str) -> Iterator[None]:
     import requests
     from mlflow.exceptions import MlflowException
 
+    server = redact_url(server)
+    unreachable = (
+        f"{ref.uri}: cannot reach the MLflow server at {server}; check --mlflow-uri / "
+        "MLFLOW_TRACKING_URI and that the server is up"
+    )
     try:
         yield
+    except DynauditError:
+        raise
     except MlflowException as exc:
         code = getattr(exc, "error_code", "")
-        text = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0][:300]
+        text = str(getattr(exc, "message", exc)).strip().splitlines()[0][:300]
         if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in text.lower():
             raise RemoteNotFound(f"{ref.uri}: not found on {server} ({text})") from exc
         if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
@@ -252,13 +265,18 @@ def _mlflow_errors(ref: MlflowRef, server: str) -> Iterator[None]:
                 "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD"
             ) from exc
         if "max retries" in text.lower() or "connection" in text.lower():
-            raise SourceUnreachable(
-                f"{ref.uri}: cannot reach the MLflow server at {server}; check --mlflow-uri / "
-                "MLFLOW_TRACKING_URI and that the server is up"
-            ) from exc
+            raise SourceUnreachable(unreachable) from exc
         raise InputError(f"{ref.uri}: MLflow error from {server}: {text}") from exc
     except requests.RequestException as exc:
-        raise SourceUnreachable(
-            f"{ref.uri}: cannot reach the MLflow server at {server} ({type(exc).__name__}); "
-            "check --mlflow-uri / MLFLOW_TRACKING_URI and that the server is up"
+        raise SourceUnreachable(unreachable) from exc
+    except ImportError as exc:
+        raise InputError(
+            f"{ref.uri}: the artifact store needs the Python package {exc.name!r}, which is not "
+            f"installed (e.g. boto3 for s3://, google-cloud-storage for gs://); install it"
+        ) from exc
+    except Exception as exc:  # the artifact store's own client (cloud SDKs, ...)
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise InputError(
+            f"{ref.uri}: downloading from the artifact store failed: {type(exc).__name__}"
+            + (f": {text}" if text else "")
         ) from exc
