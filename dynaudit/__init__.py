@@ -17,11 +17,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "CheckReport",
     "DynauditError",
     "FitSettings",
+    "Policy",
     "Report",
     "SourceOptions",
     "__version__",
+    "baseline",
+    "check",
+    "compare",
     "inspect",
     "measure",
 ]
@@ -30,12 +35,19 @@ if TYPE_CHECKING:
     from dynaudit.api import inspect, measure
     from dynaudit.config import PROTOCOL_VERSION, FitSettings
     from dynaudit.errors import DynauditError
-    from dynaudit.report import Report
+    from dynaudit.gate import baseline, check, compare
+    from dynaudit.policy import Policy
+    from dynaudit.report import CheckReport, Report
     from dynaudit.sources.base import SourceOptions
 
 _LAZY = {
     "measure": "dynaudit.api",
     "inspect": "dynaudit.api",
+    "baseline": "dynaudit.gate",
+    "check": "dynaudit.gate",
+    "compare": "dynaudit.gate",
+    "Policy": "dynaudit.policy",
+    "CheckReport": "dynaudit.report",
     "FitSettings": "dynaudit.config",
     "PROTOCOL_VERSION": "dynaudit.config",
     "DynauditError": "dynaudit.errors",

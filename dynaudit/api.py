@@ -7,20 +7,23 @@ import os
 import platform
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dynaudit import __version__
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.dynamics.kernel import fit_steps
-from dynaudit.engine import Progress, measure_plan
+from dynaudit.engine import CoordsSink, Progress, measure_plan
 from dynaudit.errors import UsageError
 from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
 from dynaudit.report import CacheInfo, FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
 from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
 from dynaudit.structure import StructuralClass
 from dynaudit.tensors import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "InspectedLayer",
@@ -66,10 +69,8 @@ def measure(
     its own RMS. With ``cache`` (the default), a checkpoint already measured with the same
     settings is not fitted again: the stored report is returned, marked as a cache hit.
     """
-    import torch
-
     from dynaudit.cache import ResultCache, cache_root, result_key
-    from dynaudit.runtime import pick_device, torch_scope
+    from dynaudit.runtime import pick_device
 
     fit = settings_from(settings)
     options = sources or SourceOptions()
@@ -97,30 +98,56 @@ def measure(
                     "seconds": round(time.perf_counter() - started, 3),
                 }
             )
-        detection = detect_family(checkpoint, family)
-        plan = detection.family.plan(checkpoint)
-        with torch_scope(device, fit.threads):
-            threads = torch.get_num_threads()
-            layers, non_finite = measure_plan(
-                checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress
-            )
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report = Report(
+        report = fit_report(
+            checkpoint, source_info, family, fit, device, scales=scales, progress=progress,
+            started=started,
+        )  # fmt: skip
+    if store is not None:
+        report = report.model_copy(
+            update={"cache": CacheInfo(hit=False, key=key, measured_at=report.created_at)}
+        )
+        store.store(key, report)
+    return report
+
+
+def fit_report(
+    checkpoint: Checkpoint,
+    source_info: SourceInfo,
+    family: str | None,
+    fit: FitSettings,
+    device: torch.device,
+    *,
+    scales: dict[str, float] | None = None,
+    progress: Progress | None = None,
+    sink: CoordsSink | None = None,
+    started: float,
+) -> Report:
+    """Detect the family, plan and fit an opened checkpoint: the report of ``measure``."""
+    import torch
+
+    from dynaudit.runtime import torch_scope
+
+    detection = detect_family(checkpoint, family)
+    plan = detection.family.plan(checkpoint)
+    with torch_scope(device, fit.threads):
+        threads = torch.get_num_threads()
+        layers, non_finite = measure_plan(
+            checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress,
+            sink=sink,
+        )  # fmt: skip
+    return Report(
         tool={"name": "dynaudit", "version": __version__},
         source=source_info,
-        family=_family_info(detection, plan),
+        family=family_info(detection, plan),
         settings={**fit.numeric(), "device": device.type, "threads": threads},
         layers=[*layers, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
         summary=summarize(layers),
         non_finite=non_finite,
-        cache=CacheInfo(hit=False, key=key, measured_at=created) if store else None,
-        created_at=created,
+        cache=None,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(),
         seconds=round(time.perf_counter() - started, 3),
     )
-    if store is not None:
-        store.store(key, report)
-    return report
 
 
 class InspectedLayer(BaseModel):
@@ -258,7 +285,7 @@ def inspect(
         return Inspection(
             uri=uri,
             files=[str(f) for f in checkpoint.files],
-            family=_family_info(detection, plan),
+            family=family_info(detection, plan),
             layers=layers,
             skipped=[SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped],
             structure=structure,
@@ -286,7 +313,7 @@ def _cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
     return {"config": checkpoint.config, "merge": merge, "plugins": available_families()}
 
 
-def _family_info(detection: Detection, plan: LayerPlan) -> FamilyInfo:
+def family_info(detection: Detection, plan: LayerPlan) -> FamilyInfo:
     return FamilyInfo(
         name=detection.family.name,
         confidence=detection.confidence,

@@ -23,6 +23,12 @@ class FitSettings(BaseModel):
     mu: float = Field(0.03, gt=0, description="weight of the mean squared coordinate norm")
     steps: int = Field(400, ge=1, le=1_000_000, description="Adam steps per fit")
     lr: float = Field(0.05, gt=0, description="peak learning rate, in units of RMS(W/s)")
+    warm_steps: int = Field(
+        100, ge=1, le=1_000_000, description="Adam steps of a warm refit (comparisons, §4.9)"
+    )
+    warm_lr: float = Field(
+        0.005, gt=0, description="peak learning rate of a warm refit, in units of RMS(W/s)"
+    )
     seed: int = Field(0, ge=0, description="seed of the first cold fit")
     seeds: int = Field(1, ge=1, le=64, description="cold fits per layer (spread when > 1)")
     device: Literal["auto", "cpu", "cuda"] = "auto"

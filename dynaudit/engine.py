@@ -25,13 +25,16 @@ from dynaudit.families.base import matrix_shape
 from dynaudit.report import LayerResult, Spread, depth_groups
 from dynaudit.tensors import Checkpoint
 
-__all__ = ["Progress", "layer_groups", "measure_plan"]
+__all__ = ["CoordsSink", "Loaded", "Progress", "layer_groups", "load_layer", "measure_plan"]
 
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, current layer)
+# Called after each cold fit of a batch: (layers, owner of each matrix, seed offset, coords
+# (b, H, m + n, k), target W/s (b, m, n)). Baselines keep the coordinates through it.
+CoordsSink = Callable[[list[Layer], list[int], int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
-class _Loaded:
+class Loaded:
     layer: Layer
     matrices: torch.Tensor  # (g, m, n) float32, W as stored
     scale: float | None
@@ -68,21 +71,21 @@ def _batches(
         yield batch
 
 
-def _load(
+def load_layer(
     checkpoint: Checkpoint, family: Family, layer: Layer, scales: dict[str, float] | None
-) -> _Loaded:
+) -> Loaded:
     weight = family.matrices(layer, checkpoint.read(layer.source))
     if not bool(torch.isfinite(weight).all()):
-        return _Loaded(layer, weight, None, "non-finite weights (NaN/Inf)", non_finite=True)
+        return Loaded(layer, weight, None, "non-finite weights (NaN/Inf)", non_finite=True)
     if scales is not None and layer.name in scales:
         scale = scales[layer.name]
     else:
         scale = float(rms(weight.reshape(1, -1, weight.shape[-1])))
     if not bool(weight.any()):
-        return _Loaded(layer, weight, scale, "all-zero matrix")
+        return Loaded(layer, weight, scale, "all-zero matrix")
     if scale == 0.0:
-        return _Loaded(layer, weight, scale, "reference matrix is all zeros (scale 0)")
-    return _Loaded(layer, weight, scale)
+        return Loaded(layer, weight, scale, "reference matrix is all zeros (scale 0)")
+    return Loaded(layer, weight, scale)
 
 
 def measure_plan(
@@ -94,17 +97,19 @@ def measure_plan(
     *,
     scales: dict[str, float] | None = None,
     progress: Progress | None = None,
+    sink: CoordsSink | None = None,
 ) -> tuple[list[LayerResult], list[str]]:
-    """Fit every planned layer; returns results in plan order and the non-finite tensors."""
+    """Fit every planned layer; returns results in plan order and the non-finite tensors.
+    ``sink`` receives every cold fit's coordinates (baselines store them)."""
     groups = layer_groups(plan.layers)
     results: dict[str, LayerResult] = {}
     non_finite: list[str] = []
     done = 0
     for batch in _batches(checkpoint, plan.layers, settings):
         started = time.perf_counter()
-        loaded = [_load(checkpoint, family, layer, scales) for layer in batch]
+        loaded = [load_layer(checkpoint, family, layer, scales) for layer in batch]
         fit = [item for item in loaded if item.reason is None]
-        metrics = _fit_batch(fit, settings, device) if fit else {}
+        metrics = _fit_batch(fit, settings, device, sink) if fit else {}
         seconds = (time.perf_counter() - started) / len(batch)
         for item in loaded:
             layer = item.layer
@@ -116,7 +121,7 @@ def measure_plan(
                 name=layer.name,
                 type=layer.type,
                 depth=layer.depth,
-                group=groups[layer.name],  # type: ignore[arg-type]
+                group=groups[layer.name],
                 shape=[m, n] if layer.rows else list(checkpoint.tensors[layer.source].shape),
                 matrices=g,
                 neurons=m + n,
@@ -139,7 +144,7 @@ def measure_plan(
 
 
 def _fit_batch(
-    items: list[_Loaded], settings: FitSettings, device: torch.device
+    items: list[Loaded], settings: FitSettings, device: torch.device, sink: CoordsSink | None
 ) -> dict[str, tuple[float, float, float, Spread | None]]:
     """Cold-fit a batch of same-shape layers once per seed; per layer: 𝒟, mean distance,
     fidelity (of the first seed's fit) and the spread over seeds."""
@@ -162,6 +167,8 @@ def _fit_batch(
         ]
         init = init_coordinates(m, n, settings, seeds, size)
         coords = fit_coordinates(target, settings, init)
+        if sink is not None:
+            sink([item.layer for item in items], owners, offset, coords, target)
         d, md = discrepancy(coords)
         per_seed.append(
             (_per_layer_mean(d, owners, len(items)), _per_layer_mean(md, owners, len(items)))

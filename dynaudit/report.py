@@ -10,11 +10,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dynaudit.config import PROTOCOL_VERSION
+from dynaudit.policy import Comparison, Policy, Verdict
 
 __all__ = [
     "DEPTH_GROUPS",
     "Aggregate",
+    "BaselineInfo",
     "CacheInfo",
+    "CheckReport",
     "FamilyInfo",
     "LayerResult",
     "Report",
@@ -183,3 +186,31 @@ def summarize(layers: list[LayerResult]) -> Summary:
             for t in sorted(by_type)
         },
     )
+
+
+class BaselineInfo(_Model):
+    ref: str = Field(description="the baseline as given or found")
+    resolved_from: str = Field(description="where it came from (--baseline, adapter base, ...)")
+    source: SourceInfo = Field(description="the checkpoint the baseline was made from")
+    created_at: str
+    seeds: int
+    stored: bool = Field(description="false: measured on the fly for this check")
+
+
+class CheckReport(_Model):
+    """The result of `dynaudit check` / `compare` (JSON schema v1, kind "check")."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["check"] = "check"
+    tool: dict[str, str]
+    protocol_version: int = PROTOCOL_VERSION
+    source: SourceInfo
+    baseline: BaselineInfo
+    family: FamilyInfo
+    settings: dict[str, Any]
+    policy: Policy
+    comparison: Comparison
+    verdict: Verdict
+    created_at: str
+    host: str
+    seconds: float

@@ -15,6 +15,7 @@ from rich.console import Console
 from dynaudit.cli._errors import EXIT_CODES
 
 if TYPE_CHECKING:
+    from dynaudit.report import CheckReport
     from dynaudit.sources import SourceOptions
 
 _EPILOG = "Exit codes: " + "; ".join(
@@ -85,6 +86,12 @@ AllowPickle = Annotated[
         "tensors only and runs no code from the file; refused otherwise",
     ),
 ]
+PolicyPath = Annotated[
+    Path | None, typer.Option("--policy", help="TOML gate policy (default: pyproject's)")
+]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="write the JSON report")]
+MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="write the Markdown report")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no table on stdout")]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
 ]
@@ -139,7 +146,7 @@ def measure(
     markdown_path: Annotated[
         Path | None, typer.Option("--markdown", help="write the Markdown report here")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no table on stdout")] = False,
+    quiet: Quiet = False,
 ) -> int:
     """Fit every layer and report its discrepancy, mean distance and fidelity."""
     from dynaudit.api import measure as run
@@ -162,6 +169,146 @@ def measure(
     if report.non_finite:
         raise NonFiniteWeights(report.non_finite)
     return 0
+
+
+@app.command("baseline", epilog=_EPILOG)
+def baseline_command(
+    source: Source,
+    out: Annotated[
+        Path, typer.Option("--out", help="baseline directory to create (never overwritten)")
+    ],
+    family: Family = None,
+    base: Base = None,
+    device: Device = "auto",
+    q_dim: QDim = None,
+    pieces: Pieces = None,
+    steps: Steps = None,
+    seed: Seed = None,
+    seeds: Annotated[
+        int | None, typer.Option(help="K cold fits (and null refits) per layer (default 3)")
+    ] = None,
+    threads: Threads = None,
+    hf_endpoint: HfEndpoint = None,
+    hf_token: HfToken = None,
+    mlflow_uri: MlflowUri = None,
+    cache_dir: CacheDir = None,
+    allow_pickle: AllowPickle = False,
+) -> int:
+    """Store a baseline: K cold fits of every layer, their null refits, scales and settings."""
+    from dynaudit.gate import baseline as run
+
+    with _progress() as progress:
+        made = run(
+            source, out, family=family, base=base, progress=progress, device=device,
+            q_dim=q_dim, pieces=pieces, steps=steps, seed=seed, seeds=seeds, threads=threads,
+            sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
+        )  # fmt: skip
+    fitted = sum(1 for layer in made.layers if layer.coords)
+    typer.echo(
+        f"baseline of {made.source.uri} written to {out}: {fitted} layers × {made.seeds} seeds, "
+        f"family {made.family.name}, protocol v{made.protocol_version}"
+    )
+    return 0
+
+
+@app.command(epilog=_EPILOG)
+def check(
+    source: Source,
+    baseline_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="baseline directory, or a checkpoint (any SOURCE form) measured on the fly; "
+            "default: [tool.dynaudit] baseline, the adapter's base, the model card's base_model",
+        ),
+    ] = None,
+    policy_path: PolicyPath = None,
+    max_drop_all: Annotated[
+        float | None, typer.Option(help="% drop of all layers that fails")
+    ] = None,
+    max_drop_group: Annotated[
+        float | None, typer.Option(help="% drop of a depth third that fails")
+    ] = None,
+    max_layer_change: Annotated[
+        float | None, typer.Option(help="% change of any layer that fails")
+    ] = None,
+    family: Family = None,
+    base: Base = None,
+    device: Device = "auto",
+    hf_endpoint: HfEndpoint = None,
+    hf_token: HfToken = None,
+    mlflow_uri: MlflowUri = None,
+    cache_dir: CacheDir = None,
+    allow_pickle: AllowPickle = False,
+    json_path: JsonOut = None,
+    markdown_path: MarkdownOut = None,
+    quiet: Quiet = False,
+) -> int:
+    """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
+    from dynaudit.gate import check as run
+    from dynaudit.policy import load_policy
+
+    policy = load_policy(
+        policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
+        max_layer_change=max_layer_change,
+    )  # fmt: skip
+    with _progress() as progress:
+        report = run(
+            source, baseline_ref, policy=policy, family=family, base=base, progress=progress,
+            device=device,
+            sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
+        )  # fmt: skip
+    return _finish_check(report, json_path, markdown_path, quiet)
+
+
+@app.command(epilog=_EPILOG)
+def compare(
+    a: Annotated[str, typer.Argument(help="the reference checkpoint (measured as the baseline)")],
+    b: Annotated[str, typer.Argument(help="the checkpoint to compare with it")],
+    policy_path: PolicyPath = None,
+    device: Device = "auto",
+    q_dim: QDim = None,
+    pieces: Pieces = None,
+    steps: Steps = None,
+    seeds: Seeds = None,
+    hf_endpoint: HfEndpoint = None,
+    hf_token: HfToken = None,
+    mlflow_uri: MlflowUri = None,
+    cache_dir: CacheDir = None,
+    allow_pickle: AllowPickle = False,
+    json_path: JsonOut = None,
+    markdown_path: MarkdownOut = None,
+    quiet: Quiet = False,
+) -> int:
+    """Compare two checkpoints: A is measured on the fly as the baseline of B."""
+    from dynaudit.gate import compare as run
+    from dynaudit.policy import load_policy
+
+    with _progress() as progress:
+        report = run(
+            a, b, policy=load_policy(policy_path), progress=progress, device=device,
+            q_dim=q_dim, pieces=pieces, steps=steps, seeds=seeds,
+            sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
+        )  # fmt: skip
+    return _finish_check(report, json_path, markdown_path, quiet)
+
+
+def _finish_check(
+    report: CheckReport, json_path: Path | None, markdown_path: Path | None, quiet: bool
+) -> int:
+    from dynaudit.errors import NonFiniteWeights
+    from dynaudit.reports import write_text_atomic
+    from dynaudit.reports.check import render_check_markdown, render_check_terminal
+
+    if json_path is not None:
+        write_text_atomic(json_path, report.model_dump_json(indent=2) + "\n")
+    if markdown_path is not None:
+        write_text_atomic(markdown_path, render_check_markdown(report))
+    if not quiet:
+        render_check_terminal(report, _console())
+    if report.comparison.non_finite:
+        raise NonFiniteWeights(report.comparison.non_finite)
+    return 0 if report.verdict.passed else 1
 
 
 @app.command(epilog=_EPILOG)

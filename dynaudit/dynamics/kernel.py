@@ -39,6 +39,7 @@ __all__ = [
     "reconstruct",
     "rms",
     "sum_squares",
+    "warm_steps",
     "work_bytes",
 ]
 
@@ -57,8 +58,17 @@ def fit_steps(settings: FitSettings, m: int, n: int) -> int:
     fixed budget would leave 𝒟 depending on the budget. Such matrices are small, so the extra
     steps cost at most what a matrix with ρ = 1/2 costs (docs/method.md, "step budget").
     """
+    return settings.steps * _budget_factor(settings, m, n)
+
+
+def warm_steps(settings: FitSettings, m: int, n: int) -> int:
+    """Adam steps of a warm refit (SPEC §4.9), scaled like :func:`fit_steps`."""
+    return settings.warm_steps * _budget_factor(settings, m, n)
+
+
+def _budget_factor(settings: FitSettings, m: int, n: int) -> int:
     rho = settings.q_dim * (m + n) / (m * n)
-    return settings.steps * min(8, max(1, round(2 * rho)))
+    return min(8, max(1, round(2 * rho)))
 
 
 def sum_squares(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,246 @@
+"""The gate's entry points: ``baseline``, ``check`` and ``compare`` (SPEC §2, §4.9, §5, §6)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dynaudit import __version__
+from dynaudit.api import family_info, fit_report, settings_from
+from dynaudit.compare import (
+    Baseline,
+    BaselineLayer,
+    BaselineWriter,
+    check_architecture,
+    check_settings,
+    compare_plan,
+    discard,
+    is_baseline,
+    load_baseline,
+    staging_for,
+)
+from dynaudit.config import PROTOCOL_VERSION
+from dynaudit.engine import Progress
+from dynaudit.errors import UsageError
+from dynaudit.families import detect_family
+from dynaudit.families.base import matrix_shape
+from dynaudit.policy import Policy, decide
+from dynaudit.report import BaselineInfo, CheckReport, LayerResult, SourceInfo
+from dynaudit.sources import SourceOptions, open_checkpoint, resolve
+from dynaudit.tensors import read_json
+
+__all__ = ["DEFAULT_BASELINE_SEEDS", "baseline", "check", "compare", "find_baseline"]
+
+DEFAULT_BASELINE_SEEDS = 3  # K cold fits per layer (SPEC §4.9: "default ≥ 3")
+
+
+def baseline(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    sources: SourceOptions | None = None,
+    progress: Progress | None = None,
+    **settings: Any,
+) -> Baseline:
+    """Measure ``source`` with K cold fits and their null refits and store it as a baseline
+    directory at ``out`` (written atomically; an existing ``out`` is never overwritten)."""
+    from dynaudit.runtime import pick_device
+
+    settings.setdefault("seeds", DEFAULT_BASELINE_SEEDS)
+    fit = settings_from(settings)
+    options = sources or SourceOptions()
+    started = time.perf_counter()
+    target = Path(out)
+    staging = staging_for(target)
+    try:
+        resolved = resolve(source, options)
+        device = pick_device(fit.device)
+        writer = BaselineWriter(staging, fit)
+        with open_checkpoint(resolved, base, options) as checkpoint:
+            source_info = SourceInfo(
+                uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
+                files=checkpoint.fingerprint(),
+            )  # fmt: skip
+            report = fit_report(
+                checkpoint, source_info, family, fit, device, progress=progress,
+                sink=writer.sink, started=started,
+            )  # fmt: skip
+            shapes = {
+                layer.name: list(matrix_shape(layer, checkpoint.tensors[layer.source].shape))
+                for layer in detect_family(checkpoint, report.family.name)
+                .family.plan(checkpoint)
+                .layers
+            }
+        made = Baseline(
+            protocol_version=PROTOCOL_VERSION,
+            tool={"name": "dynaudit", "version": __version__},
+            created_at=report.created_at,
+            source=source_info,
+            family=report.family,
+            settings=fit.numeric(),
+            seeds=fit.seeds,
+            layers=[
+                _baseline_layer(layer, shapes[layer.name], writer) for layer in report.measured
+            ],
+            report=report,
+        )
+        writer.finish(made, target)
+    except BaseException:
+        discard(staging)
+        raise
+    return made
+
+
+def _baseline_layer(layer: LayerResult, shape: list[int], writer: BaselineWriter) -> BaselineLayer:
+    return BaselineLayer(
+        name=layer.name, type=layer.type, depth=layer.depth, group=layer.group, shape=shape,
+        scale=layer.scale, coords=writer.files.get(layer.name),
+        cold_mean_distance=writer.cold.get(layer.name, []),
+        null_mean_distance=writer.null.get(layer.name, []), reason=layer.reason,
+    )  # fmt: skip
+
+
+def check(
+    source: str | os.PathLike[str],
+    baseline_ref: str | os.PathLike[str] | None = None,
+    *,
+    policy: Policy | None = None,
+    family: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    sources: SourceOptions | None = None,
+    progress: Progress | None = None,
+    **settings: Any,
+) -> CheckReport:
+    """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
+    measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
+    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's."""
+    from dynaudit.runtime import pick_device, torch_scope
+
+    options = sources or SourceOptions()
+    started = time.perf_counter()
+    resolved = resolve(source, options)
+    if baseline_ref is None:
+        ref, found_from = find_baseline(resolved.path, base)
+    else:
+        ref, found_from = os.fspath(baseline_ref), "--baseline"
+    with _baseline_at(ref, options, settings) as (stored, root, kept):
+        check_settings(stored, {k: v for k, v in settings.items() if k != "device"}, str(ref))
+        fit = stored.fit_settings().model_copy(update={"device": settings.get("device", "auto")})
+        device = pick_device(fit.device)
+        with open_checkpoint(resolved, base, options) as checkpoint:
+            fingerprint = checkpoint.fingerprint()
+            detection = detect_family(checkpoint, family or stored.family.name)
+            plan = detection.family.plan(checkpoint)
+            check_architecture(stored, checkpoint, plan, resolved.uri)
+            with torch_scope(device, fit.threads):
+                comparison = compare_plan(
+                    checkpoint, plan, detection.family, stored, root, device, progress
+                )
+    chosen = policy or Policy()
+    return CheckReport(
+        tool={"name": "dynaudit", "version": __version__},
+        source=SourceInfo(
+            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
+            files=fingerprint,
+        ),
+        baseline=BaselineInfo(
+            ref=str(ref), resolved_from=found_from, source=stored.source,
+            created_at=stored.created_at, seeds=stored.seeds, stored=kept,
+        ),
+        family=family_info(detection, plan),
+        settings={**fit.numeric(), "device": device.type},
+        policy=chosen,
+        comparison=comparison,
+        verdict=decide(comparison, chosen),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(),
+        seconds=round(time.perf_counter() - started, 3),
+    )  # fmt: skip
+
+
+def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], **kwargs: Any) -> CheckReport:
+    """``check(b, baseline=a)``: two checkpoints, A measured on the fly as the baseline."""
+    return check(b, a, **kwargs)
+
+
+@contextlib.contextmanager
+def _baseline_at(
+    ref: str, options: SourceOptions, settings: dict[str, Any]
+) -> Iterator[tuple[Baseline, Path, bool]]:
+    """A stored baseline directory, or a temporary one made from a checkpoint on the fly."""
+    path = Path(ref).expanduser()
+    if is_baseline(path):
+        yield load_baseline(path), path, True
+        return
+    with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
+        made = Path(tmp) / "baseline"
+        baseline(ref, made, sources=options, **{k: v for k, v in settings.items() if v is not None})
+        yield load_baseline(made), made, False
+
+
+def find_baseline(checkpoint: Path, base: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """The baseline of a checkpoint when none is given (SPEC §2): ``[tool.dynaudit] baseline``
+    in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
+    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``."""
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    project = Path("pyproject.toml")
+    if project.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            table = tomllib.loads(project.read_text(encoding="utf-8")).get("tool", {})
+            configured = table.get("dynaudit", {}).get("baseline")
+            if isinstance(configured, str) and configured:
+                return configured, "[tool.dynaudit] baseline in pyproject.toml"
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    adapter = folder / "adapter_config.json"
+    if base is not None:
+        return os.fspath(base), "--base (the adapter's base model)"
+    if adapter.is_file():
+        config = read_json(adapter)
+        named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if isinstance(named, str) and named:
+            return named, "the adapter's base_model_name_or_path"
+    card = folder / "README.md"
+    if card.is_file():
+        named = _card_base_model(card.read_text(encoding="utf-8", errors="replace"))
+        if named:
+            return named, "the model card's base_model"
+    raise UsageError(
+        f"{checkpoint}: no baseline given and none declared; pass --baseline REF (a baseline "
+        "directory or the base checkpoint), or set `baseline` under [tool.dynaudit] in "
+        "pyproject.toml"
+    )
+
+
+def _card_base_model(text: str) -> str | None:
+    """``base_model`` from a model card's YAML front matter (a string, or the first of a list)."""
+    match = re.match(r"^---\s*\n(.*?)\n---", text, flags=re.DOTALL)
+    if match is None:
+        return None
+    lines = match.group(1).splitlines()
+    for i, line in enumerate(lines):
+        found = re.match(r"^base_model:\s*(.*)$", line)
+        if not found:
+            continue
+        value = found.group(1).strip().strip("'\"")
+        if value:
+            return value
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        item = re.match(r"^\s*-\s*(.+)$", following)
+        return item.group(1).strip().strip("'\"") if item else None
+    return None

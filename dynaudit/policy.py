@@ -1,0 +1,206 @@
+"""The gate (SPEC §6): a comparison's figures, the policy, and the pure decision between them.
+
+A comparison gives, per layer and per group, the relative change of the mean distance against
+the baseline's null refits (mean ± std over the K baseline seeds), the noise it must beat and
+the neurons' displacement. The policy is two-sided:
+
+- **capacity loss** (the paper's signal): the all-layers mean distance drops by more than
+  ``max_drop_all`` %, or a depth group's by more than ``max_drop_group`` %, *and* the drop is
+  more than ``noise_multiple`` × its noise;
+- **damage**: any layer's mean distance moves by more than ``max_layer_change`` % in either
+  direction, or its neurons are displaced by more than ``max_displacement`` (in units of the
+  reference's mean distance) — heavy noise, re-initialisation or pruning can *raise* the
+  discrepancy while wrecking the layer; a layer that became all zeros; NaN/Inf weights.
+
+:func:`decide` is a pure function of the comparison and the policy.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dynaudit.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Change",
+    "Comparison",
+    "GroupComparison",
+    "LayerComparison",
+    "Policy",
+    "Verdict",
+    "decide",
+    "load_policy",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Change(_Model):
+    """Relative change of the mean distance against the baseline, over the K baseline seeds."""
+
+    mean: float = Field(description="mean over seeds of (new − null) / null")
+    std: float = Field(description="standard deviation over seeds (0 with one seed)")
+    absolute: float = Field(description="mean over seeds of new − null, in units of s")
+    seeds: int
+
+
+class LayerComparison(_Model):
+    name: str
+    type: str
+    depth: int
+    group: Literal["bottom", "middle", "top"]
+    shape: list[int]
+    baseline_mean_distance: float | None = Field(description="mean of the K null refits")
+    mean_distance: float | None = Field(description="mean of the K warm refits")
+    change: Change | None
+    displacement: float | None = Field(
+        description="mean neuron displacement from the null refit after per-piece Procrustes "
+        "alignment, in units of the baseline's mean distance (mean over seeds)"
+    )
+    null_drift: float | None = Field(description="|null − cold| / cold, mean over seeds")
+    noise: float | None = Field(description="max(std, null drift, floor): what a change must beat")
+    fidelity: float | None
+    reason: str | None = Field(None, description="why the figures are null (damage or NaN)")
+    seconds: float = 0.0
+
+
+class GroupComparison(_Model):
+    layers: int
+    change: Change | None = Field(description="mean of the layers' relative changes, per seed")
+    noise: float | None
+    displacement: float | None = Field(description="largest layer displacement in the group")
+
+
+class Comparison(_Model):
+    layers: list[LayerComparison]
+    all: GroupComparison
+    groups: dict[str, GroupComparison]
+    types: dict[str, GroupComparison]
+    non_finite: list[str] = Field(default_factory=list)
+    zeroed: list[str] = Field(default_factory=list, description="layers that became all zeros")
+
+
+class Policy(BaseModel):
+    """Gate thresholds (percent unless stated). Defaults: docs/gate.md, from the calibration in
+    experiments/calibrate_gate.py."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_drop_all: float = Field(2.0, ge=0, description="% drop of the all-layers mean distance")
+    max_drop_group: float = Field(3.0, ge=0, description="% drop of any depth group's")
+    noise_multiple: float = Field(3.0, ge=0, description="a drop must exceed z × its noise")
+    max_layer_change: float = Field(
+        20.0, gt=0, description="% change of any layer, either direction (damage)"
+    )
+    max_displacement: float | None = Field(
+        None, gt=0, description="neuron displacement bound (units of the mean distance); none"
+    )
+    noise_floor: float = Field(0.05, ge=0, description="% below which no change is noise-free")
+
+
+class Verdict(_Model):
+    verdict: Literal["pass", "fail"]
+    reasons: list[str] = Field(description="why it failed; what was checked when it passed")
+    failing_groups: list[str] = Field(default_factory=list)
+    failing_layers: list[str] = Field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+
+def decide(comparison: Comparison, policy: Policy) -> Verdict:
+    """The gate's verdict: a pure function of the figures and the thresholds."""
+    reasons: list[str] = []
+    groups: list[str] = []
+    layers: list[str] = []
+    if comparison.non_finite:
+        reasons.append(f"non-finite weights (NaN/Inf) in {_names(comparison.non_finite)}")
+        layers += comparison.non_finite
+    if comparison.zeroed:
+        reasons.append(f"damage: all-zero weights in {_names(comparison.zeroed)}")
+        layers += comparison.zeroed
+    scopes = [("all layers", "all", comparison.all, policy.max_drop_all)]
+    scopes += [(f"{g} third", g, c, policy.max_drop_group) for g, c in comparison.groups.items()]
+    for label, key, group, limit in scopes:
+        if group.change is None or group.noise is None:
+            continue
+        change, noise = group.change, max(group.noise, policy.noise_floor / 100)
+        drop = -change.mean
+        if drop > limit / 100 and drop > policy.noise_multiple * noise:
+            reasons.append(
+                f"capacity loss: {label} mean distance {_pct(change.mean)} "
+                f"± {_pct(change.std, False)} (limit −{limit:g}%, noise {_pct(noise, False)})"
+            )
+            groups.append(key)
+    for layer in comparison.layers:
+        moved = layer.change
+        if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
+            reasons.append(
+                f"damage: {layer.name} mean distance {_pct(moved.mean)} ± {_pct(moved.std, False)} "
+                f"(limit ±{policy.max_layer_change:g}%)"
+            )
+            layers.append(layer.name)
+        elif (
+            policy.max_displacement is not None
+            and layer.displacement is not None
+            and layer.displacement > policy.max_displacement
+        ):
+            reasons.append(
+                f"damage: {layer.name} neurons displaced by {layer.displacement:.3g} "
+                f"(limit {policy.max_displacement:g})"
+            )
+            layers.append(layer.name)
+    third = {x.name: x.group for x in comparison.layers}
+    for name in layers:
+        if name in third and third[name] not in groups:
+            groups.append(third[name])
+    if reasons:
+        return Verdict(
+            verdict="fail", reasons=reasons, failing_groups=groups, failing_layers=layers
+        )
+    checked = (
+        f"no drop beyond −{policy.max_drop_all:g}% (all) / −{policy.max_drop_group:g}% (thirds) "
+        f"above {policy.noise_multiple:g}× noise; no layer beyond ±{policy.max_layer_change:g}%"
+    )
+    return Verdict(verdict="pass", reasons=[checked])
+
+
+def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
+    """The policy from ``path`` (a TOML file with the fields at top level or under
+    ``[tool.dynaudit.policy]``), else ``[tool.dynaudit.policy]`` of ./pyproject.toml, else the
+    defaults; ``overrides`` (flags) win. Invalid values are a usage error (exit 2)."""
+    table: dict[str, Any] = {}
+    source = path if path is not None else Path("pyproject.toml")
+    if path is not None or source.is_file():
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"{source}: cannot read the policy ({exc})") from exc
+        nested = data.get("tool", {}).get("dynaudit", {}).get("policy")
+        table = nested if isinstance(nested, dict) else (data if path is not None else {})
+    table = {**table, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return Policy(**table)
+    except (ValidationError, TypeError) as exc:
+        raise UsageError(f"invalid gate policy ({source}): {exc}".splitlines()[0]) from exc
+
+
+def _pct(value: float, sign: bool = True) -> str:
+    return f"{value * 100:+.2f}%" if sign else f"{value * 100:.2f}%"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")

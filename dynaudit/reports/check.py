@@ -1,0 +1,118 @@
+"""Renderings of a :class:`~dynaudit.report.CheckReport`: Markdown (what a reviewer reads
+before a release) and the rich terminal table. Strings from checkpoints are escaped in both."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from dynaudit.policy import Change, GroupComparison
+from dynaudit.report import CheckReport
+from dynaudit.reports.markdown import escape_markdown, fmt
+
+__all__ = ["render_check_markdown", "render_check_terminal"]
+
+
+def _change(change: Change | None) -> str:
+    if change is None:
+        return "—"
+    return f"{change.mean * 100:+.2f}% ± {change.std * 100:.2f}%"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:.2f}%"
+
+
+def _groups(report: CheckReport) -> list[tuple[str, GroupComparison]]:
+    comparison = report.comparison
+    rows = [("all layers", comparison.all)]
+    rows += [(f"{g} third", c) for g, c in comparison.groups.items()]
+    rows += [(f"type {t}", c) for t, c in comparison.types.items()]
+    return rows
+
+
+def render_check_markdown(report: CheckReport) -> str:
+    esc = escape_markdown
+    verdict = report.verdict
+    mark = "✅ pass" if verdict.passed else "❌ fail"
+    base = report.baseline
+    lines = [
+        f"# dynaudit check: {esc(report.source.uri)} — {mark}",
+        "",
+        f"- baseline: `{esc(base.ref)}` ({esc(base.resolved_from)}; made from "
+        f"{esc(base.source.uri)}, {base.seeds} seeds, "
+        f"{'stored' if base.stored else 'measured on the fly'})",
+        f"- family: **{esc(report.family.name)}** ({esc(report.family.detected_by)})",
+        f"- protocol v{report.protocol_version}; q_dim {report.settings['q_dim']}, "
+        f"H {report.settings['pieces']}, {report.settings['steps']} cold / "
+        f"{report.settings['warm_steps']} warm steps; {report.seconds:.1f} s",
+        "",
+        "## Verdict",
+        "",
+        *[f"- {esc(reason)}" for reason in verdict.reasons],
+        "",
+        "Change = relative change of the mean distance against the baseline's null refits, "
+        "mean ± std over its seeds; noise = max(std, null drift), what a drop must exceed "
+        f"{report.policy.noise_multiple:g}× (floor {report.policy.noise_floor:g}%).",
+        "",
+        "## Groups",
+        "",
+        "| group | layers | change | noise | max displacement |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, group in _groups(report):
+        lines.append(
+            f"| {esc(label)} | {group.layers} | {_change(group.change)} | {_pct(group.noise)} "
+            f"| {fmt(group.displacement, 3)} |"
+        )
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "| layer | type | third | baseline mean dist | mean dist | change | displacement |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    failing = set(verdict.failing_layers)
+    for layer in report.comparison.layers:
+        name = f"**{esc(layer.name)}**" if layer.name in failing else esc(layer.name)
+        change = esc(layer.reason) if layer.reason else _change(layer.change)
+        lines.append(
+            f"| {name} | {esc(layer.type)} | {layer.group} | "
+            f"{fmt(layer.baseline_mean_distance)} | {fmt(layer.mean_distance)} | {change} | "
+            f"{fmt(layer.displacement, 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_check_terminal(report: CheckReport, console: Console) -> None:
+    table = Table(
+        title=Text(f"dynaudit check · {report.source.uri} vs {report.baseline.ref}"),
+        caption=Text(f"baseline from {report.baseline.resolved_from}"),
+    )
+    for column in ("layer", "type", "third", "base md", "md", "change", "displacement"):
+        left = column in ("layer", "type", "third")
+        table.add_column(column, justify="left" if left else "right", overflow="fold")
+    failing = set(report.verdict.failing_layers)
+    for layer in report.comparison.layers:
+        style = "red" if layer.name in failing else ""
+        change = Text(layer.reason or _change(layer.change), style=style)
+        table.add_row(
+            Text(layer.name, style=style), Text(layer.type), layer.group,
+            fmt(layer.baseline_mean_distance), fmt(layer.mean_distance), change,
+            fmt(layer.displacement, 3),
+        )  # fmt: skip
+    console.print(table)
+    groups = Table(title="groups (mean of the layers' relative changes)")
+    for column in ("group", "layers", "change", "noise", "max displacement"):
+        groups.add_column(column, justify="left" if column == "group" else "right")
+    for label, group in _groups(report):
+        groups.add_row(
+            Text(label), str(group.layers), _change(group.change), _pct(group.noise),
+            fmt(group.displacement, 3),
+        )  # fmt: skip
+    console.print(groups)
+    style = "bold green" if report.verdict.passed else "bold red"
+    console.print(Text(f"verdict: {report.verdict.verdict}", style=style))
+    for reason in report.verdict.reasons:
+        console.print(Text(f"  {reason}"), soft_wrap=True)
