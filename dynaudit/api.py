@@ -56,6 +56,7 @@ def measure(
     scales: dict[str, float] | None = None,
     sources: SourceOptions | None = None,
     cache: bool = True,
+    layers: str | None = None,
     **settings: Any,
 ) -> Report:
     """Fit every layer of a checkpoint and report its dynamical discrepancy.
@@ -68,6 +69,8 @@ def measure(
     fixes the per-layer reference scale s (by layer name); by default each matrix is scaled by
     its own RMS. With ``cache`` (the default), a checkpoint already measured with the same
     settings is not fitted again: the stored report is returned, marked as a cache hit.
+    ``layers``, a regular expression, measures only the layers whose names it matches (the
+    others are listed as skipped).
     """
     from dynaudit.cache import ResultCache, cache_root, result_key
     from dynaudit.runtime import pick_device
@@ -87,7 +90,7 @@ def measure(
         )  # fmt: skip
         key = result_key(
             fingerprint, fit.numeric(), family=family, scales=scales, version=__version__,
-            protocol=PROTOCOL_VERSION, context=_cache_context(checkpoint),
+            protocol=PROTOCOL_VERSION, context={**_cache_context(checkpoint), "layers": layers},
         )  # fmt: skip
         cached = store.load(key) if store else None
         if cached is not None:
@@ -100,7 +103,7 @@ def measure(
             )
         report = fit_report(
             checkpoint, source_info, family, fit, device, scales=scales, progress=progress,
-            started=started,
+            started=started, layers=layers,
         )  # fmt: skip
     if store is not None:
         report = report.model_copy(
@@ -121,6 +124,7 @@ def fit_report(
     progress: Progress | None = None,
     sink: CoordsSink | None = None,
     started: float,
+    layers: str | None = None,
 ) -> Report:
     """Detect the family, plan and fit an opened checkpoint: the report of ``measure``."""
     import torch
@@ -128,10 +132,10 @@ def fit_report(
     from dynaudit.runtime import torch_scope
 
     detection = detect_family(checkpoint, family)
-    plan = detection.family.plan(checkpoint)
+    plan = select_layers(detection.family.plan(checkpoint), layers)
     with torch_scope(device, fit.threads):
         threads = torch.get_num_threads()
-        layers, non_finite = measure_plan(
+        measured, non_finite = measure_plan(
             checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress,
             sink=sink,
         )  # fmt: skip
@@ -140,8 +144,8 @@ def fit_report(
         source=source_info,
         family=family_info(detection, plan),
         settings={**fit.numeric(), "device": device.type, "threads": threads},
-        layers=[*layers, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
-        summary=summarize(layers),
+        layers=[*measured, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
+        summary=summarize(measured),
         non_finite=non_finite,
         cache=None,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -311,6 +315,27 @@ def _cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
 
     merge = checkpoint.merge_plan() if isinstance(checkpoint, AdapterCheckpoint) else None
     return {"config": checkpoint.config, "merge": merge, "plugins": available_families()}
+
+
+def select_layers(plan: LayerPlan, pattern: str | None) -> LayerPlan:
+    """Only the layers whose names match ``pattern`` (a regular expression, searched); the
+    others join the skipped list. None keeps every layer."""
+    import dataclasses
+    import re
+
+    from dynaudit.families import Skip
+
+    if pattern is None:
+        return plan
+    try:
+        wanted = re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--layers {pattern!r}: not a regular expression ({exc})") from exc
+    kept = [layer for layer in plan.layers if wanted.search(layer.name)]
+    if not kept:
+        raise UsageError(f"--layers {pattern!r} matches none of the {len(plan.layers)} layers")
+    dropped = [Skip(layer.name, "not selected") for layer in plan.layers if layer not in kept]
+    return dataclasses.replace(plan, layers=kept, skipped=[*plan.skipped, *dropped])
 
 
 def family_info(detection: Detection, plan: LayerPlan) -> FamilyInfo:

@@ -86,6 +86,7 @@ class Baseline(_Model):
     seeds: int
     layers: list[BaselineLayer]
     report: Report = Field(description="the reference's own measurement (cold fits)")
+    stored_at: str | None = Field(None, description="where it was stored (dir or runs:/ URI)")
 
     def fit_settings(self) -> FitSettings:
         return FitSettings(**self.settings)

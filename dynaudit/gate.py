@@ -44,16 +44,27 @@ DEFAULT_BASELINE_SEEDS = 3  # K cold fits per layer (SPEC §4.9: "default ≥ 3"
 
 def baseline(
     source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     *,
     family: str | None = None,
     base: str | os.PathLike[str] | None = None,
     sources: SourceOptions | None = None,
     progress: Progress | None = None,
+    mlflow: bool = False,
+    experiment: str | None = None,
     **settings: Any,
 ) -> Baseline:
     """Measure ``source`` with K cold fits and their null refits and store it as a baseline
-    directory at ``out`` (written atomically; an existing ``out`` is never overwritten)."""
+    directory at ``out`` (written atomically; an existing ``out`` is never overwritten), and/or
+    with ``mlflow`` as the artifacts of a new MLflow run (``Baseline.stored_at`` says where)."""
+    if out is None and not mlflow:
+        raise UsageError("a baseline needs --out DIR, --mlflow, or both")
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
+            return baseline(
+                source, Path(tmp) / "baseline", family=family, base=base, sources=sources,
+                progress=progress, mlflow=True, experiment=experiment, **settings,
+            )  # fmt: skip
     from dynaudit.runtime import pick_device
 
     settings.setdefault("seeds", DEFAULT_BASELINE_SEEDS)
@@ -98,6 +109,15 @@ def baseline(
     except BaseException:
         discard(staging)
         raise
+    if mlflow:
+        from dynaudit.tracking import store_baseline
+
+        ref = store_baseline(
+            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment
+        )
+        made = made.model_copy(update={"stored_at": ref})
+    else:
+        made = made.model_copy(update={"stored_at": str(target)})
     return made
 
 
@@ -130,7 +150,7 @@ def check(
     started = time.perf_counter()
     resolved = resolve(source, options)
     if baseline_ref is None:
-        ref, found_from = find_baseline(resolved.path, base)
+        ref, found_from = find_baseline(resolved.path, base, os.fspath(source), options)
     else:
         ref, found_from = os.fspath(baseline_ref), "--baseline"
     with _baseline_at(ref, options, settings) as (stored, root, kept):
@@ -182,16 +202,31 @@ def _baseline_at(
     if is_baseline(path):
         yield load_baseline(path), path, True
         return
+    if ref.startswith("runs:/"):
+        from dynaudit.tracking import fetch_baseline
+
+        with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
+            fetched = fetch_baseline(ref, Path(tmp), options.mlflow_uri)
+            if is_baseline(fetched):
+                yield load_baseline(fetched), fetched, True
+                return
+        # not a stored baseline: a checkpoint logged in a run, measured on the fly below
     with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
         made = Path(tmp) / "baseline"
         baseline(ref, made, sources=options, **{k: v for k, v in settings.items() if v is not None})
         yield load_baseline(made), made, False
 
 
-def find_baseline(checkpoint: Path, base: str | os.PathLike[str] | None) -> tuple[str, str]:
+def find_baseline(
+    checkpoint: Path,
+    base: str | os.PathLike[str] | None,
+    source: str = "",
+    options: SourceOptions | None = None,
+) -> tuple[str, str]:
     """The baseline of a checkpoint when none is given (SPEC §2): ``[tool.dynaudit] baseline``
     in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
-    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``."""
+    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``, the MLflow
+    model version's ``dynaudit.baseline`` tag."""
     import sys
 
     if sys.version_info >= (3, 11):
@@ -220,6 +255,12 @@ def find_baseline(checkpoint: Path, base: str | os.PathLike[str] | None) -> tupl
         named = _card_base_model(card.read_text(encoding="utf-8", errors="replace"))
         if named:
             return named, "the model card's base_model"
+    if source.startswith("models:/"):
+        from dynaudit.tracking import declared_baseline
+
+        tagged = declared_baseline(source, (options or SourceOptions()).mlflow_uri)
+        if tagged:
+            return tagged, "the MLflow model version's dynaudit.baseline tag"
     raise UsageError(
         f"{checkpoint}: no baseline given and none declared; pass --baseline REF (a baseline "
         "directory or the base checkpoint), or set `baseline` under [tool.dynaudit] in "

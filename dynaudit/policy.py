@@ -33,6 +33,7 @@ else:  # pragma: no cover
 __all__ = [
     "Change",
     "Comparison",
+    "Finding",
     "GroupComparison",
     "LayerComparison",
     "Policy",
@@ -109,9 +110,19 @@ class Policy(BaseModel):
     noise_floor: float = Field(0.05, ge=0, description="% below which no change is noise-free")
 
 
+class Finding(_Model):
+    """One reason a check failed, with what it concerns (for annotations and JUnit)."""
+
+    kind: Literal["capacity_loss", "damage", "non_finite"]
+    groups: list[str] = Field(description="'all', depth thirds and layer types it concerns")
+    layers: list[str] = Field(default_factory=list)
+    message: str
+
+
 class Verdict(_Model):
     verdict: Literal["pass", "fail"]
     reasons: list[str] = Field(description="why it failed; what was checked when it passed")
+    findings: list[Finding] = Field(default_factory=list)
     failing_groups: list[str] = Field(default_factory=list)
     failing_layers: list[str] = Field(default_factory=list)
 
@@ -122,15 +133,27 @@ class Verdict(_Model):
 
 def decide(comparison: Comparison, policy: Policy) -> Verdict:
     """The gate's verdict: a pure function of the figures and the thresholds."""
-    reasons: list[str] = []
-    groups: list[str] = []
-    layers: list[str] = []
+    by_name = {layer.name: layer for layer in comparison.layers}
+
+    def about(names: list[str]) -> list[str]:
+        scopes = ["all"]
+        for name in names:
+            layer = by_name.get(name)
+            if layer is not None:
+                scopes += [s for s in (layer.group, layer.type) if s not in scopes]
+        return scopes
+
+    findings: list[Finding] = []
     if comparison.non_finite:
-        reasons.append(f"non-finite weights (NaN/Inf) in {_names(comparison.non_finite)}")
-        layers += comparison.non_finite
+        names = comparison.non_finite
+        message = f"non-finite weights (NaN/Inf) in {_names(names)}"
+        findings.append(
+            Finding(kind="non_finite", groups=about(names), layers=names, message=message)
+        )
     if comparison.zeroed:
-        reasons.append(f"damage: all-zero weights in {_names(comparison.zeroed)}")
-        layers += comparison.zeroed
+        names = comparison.zeroed
+        message = f"damage: all-zero weights in {_names(names)}"
+        findings.append(Finding(kind="damage", groups=about(names), layers=names, message=message))
     scopes = [("all layers", "all", comparison.all, policy.max_drop_all)]
     scopes += [(f"{g} third", g, c, policy.max_drop_group) for g, c in comparison.groups.items()]
     for label, key, group, limit in scopes:
@@ -139,37 +162,42 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
         change, noise = group.change, max(group.noise, policy.noise_floor / 100)
         drop = -change.mean
         if drop > limit / 100 and drop > policy.noise_multiple * noise:
-            reasons.append(
+            message = (
                 f"capacity loss: {label} mean distance {_pct(change.mean)} "
                 f"± {_pct(change.std, False)} (limit −{limit:g}%, noise {_pct(noise, False)})"
             )
-            groups.append(key)
+            findings.append(
+                Finding(kind="capacity_loss", groups=sorted({"all", key}), message=message)
+            )
     for layer in comparison.layers:
         moved = layer.change
+        problem: str | None = None
         if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
-            reasons.append(
-                f"damage: {layer.name} mean distance {_pct(moved.mean)} ± {_pct(moved.std, False)} "
-                f"(limit ±{policy.max_layer_change:g}%)"
+            problem = (
+                f"damage: {layer.name} mean distance {_pct(moved.mean)} "
+                f"± {_pct(moved.std, False)} (limit ±{policy.max_layer_change:g}%)"
             )
-            layers.append(layer.name)
         elif (
             policy.max_displacement is not None
             and layer.displacement is not None
             and layer.displacement > policy.max_displacement
         ):
-            reasons.append(
+            problem = (
                 f"damage: {layer.name} neurons displaced by {layer.displacement:.3g} "
                 f"(limit {policy.max_displacement:g})"
             )
-            layers.append(layer.name)
-    third = {x.name: x.group for x in comparison.layers}
-    for name in layers:
-        if name in third and third[name] not in groups:
-            groups.append(third[name])
-    if reasons:
+        if problem is not None:
+            findings.append(
+                Finding(kind="damage", groups=about([layer.name]), layers=[layer.name],
+                        message=problem)
+            )  # fmt: skip
+    if findings:
+        groups = list(dict.fromkeys(g for f in findings for g in f.groups))
+        layers = list(dict.fromkeys(n for f in findings for n in f.layers))
         return Verdict(
-            verdict="fail", reasons=reasons, failing_groups=groups, failing_layers=layers
-        )
+            verdict="fail", reasons=[f.message for f in findings], findings=findings,
+            failing_groups=groups, failing_layers=layers,
+        )  # fmt: skip
     checked = (
         f"no drop beyond −{policy.max_drop_all:g}% (all) / −{policy.max_drop_group:g}% (thirds) "
         f"above {policy.noise_multiple:g}× noise; no layer beyond ±{policy.max_layer_change:g}%"

@@ -204,9 +204,6 @@ def train_tiny_llama(
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     data = torch.frombuffer(bytearray(stdlib_corpus()), dtype=torch.uint8).long()
-    if len(data) <= seq_len + 1:
-        raise ValueError("corpus shorter than one window")
-
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=hidden_size,
@@ -222,16 +219,62 @@ def train_tiny_llama(
         pad_token_id=None,
     )
     model = LlamaForCausalLM(config)
-    model.train()
+    first, last = _train_lm(model, data, steps=steps, lr=lr, seed=seed, seq_len=seq_len)
+    if not last < 0.85 * first:
+        raise RuntimeError(f"LM training did not converge: loss {first:.3f} -> {last:.3f}")
+    _save_pretrained(model, out_dir, max_shard_size)
+    return {"train_loss_first": first, "train_loss_last": last, "path": str(out_dir)}
 
+
+def finetune_tiny_llama(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    modules: Sequence[str],
+    steps: int = 100,
+    lr: float = 3e-4,
+    seed: int = 0,
+    seq_len: int = 64,
+    clip: float | None = 1.0,
+) -> dict[str, Any]:
+    """Continue training a tiny LLaMA on another corpus (other stdlib files): a real
+    fine-tune. ``clip=None`` and a large ``lr`` make the catastrophic kind."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    data = torch.frombuffer(bytearray(stdlib_corpus(modules)), dtype=torch.uint8).long()
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    first, last = _train_lm(
+        model, data, steps=steps, lr=lr, seed=seed, seq_len=seq_len, clip=clip, warmup=False
+    )
+    _save_pretrained(model, Path(out_dir), None)
+    return {"train_loss_first": first, "train_loss_last": last, "path": str(out_dir)}
+
+
+def _train_lm(
+    model: Any,
+    data: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    seq_len: int,
+    clip: float | None = 1.0,
+    warmup: bool = True,
+) -> tuple[float, float]:
+    """AdamW on random windows of ``data``; returns the first batch's loss and the mean of the
+    last (up to) 10, because single-batch losses of random windows are noisy."""
+    if len(data) <= seq_len + 1:
+        raise ValueError("corpus shorter than one window")
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, steps // 10)
+    ramp = max(1, steps // 10) if warmup else 1
 
     def lr_factor(step: int) -> float:
         # Short warm-up avoids the early blow-ups a high LR causes in a freshly initialised LM.
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
+        if step < ramp:
+            return (step + 1) / ramp
+        progress = (step - ramp) / max(1, steps - ramp)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
@@ -245,17 +288,16 @@ def train_tiny_llama(
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-
-    first = losses[0]
     tail = losses[-min(10, len(losses)) :]
-    last = sum(tail) / len(tail)
-    if not last < 0.85 * first:
-        raise RuntimeError(f"LM training did not converge: loss {first:.3f} -> {last:.3f}")
+    return losses[0], sum(tail) / len(tail)
 
+
+def _save_pretrained(model: Any, out_dir: Path, max_shard_size: int | str | None) -> None:
     save_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
         save_kwargs["max_shard_size"] = max_shard_size
@@ -263,7 +305,6 @@ def train_tiny_llama(
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         save_kwargs["safe_serialization"] = True
     model.save_pretrained(out_dir, **save_kwargs)
-    return {"train_loss_first": first, "train_loss_last": last, "path": str(out_dir)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -92,6 +92,17 @@ PolicyPath = Annotated[
 JsonOut = Annotated[Path | None, typer.Option("--json", help="write the JSON report")]
 MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="write the Markdown report")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no table on stdout")]
+JunitOut = Annotated[
+    Path | None, typer.Option("--junit", help="write JUnit XML (one test case per group)")
+]
+LogMlflow = Annotated[
+    bool,
+    typer.Option(
+        "--mlflow",
+        help="log metrics, settings, tags and the reports to MLflow (--mlflow-uri or "
+        "MLFLOW_TRACKING_URI; the active run, else a new run in MLFLOW_EXPERIMENT_NAME)",
+    ),
+]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
 ]
@@ -140,6 +151,7 @@ def measure(
     cache_dir: CacheDir = None,
     allow_pickle: AllowPickle = False,
     no_cache: NoCache = False,
+    log_mlflow: LogMlflow = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="write the JSON report (schema v1) here")
     ] = None,
@@ -160,6 +172,10 @@ def measure(
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
             cache=not no_cache,
         )  # fmt: skip
+    if log_mlflow:
+        from dynaudit.tracking import log_report
+
+        log_report(report, tracking_uri=mlflow_uri)
     if json_path is not None:
         write_json(report, json_path)
     if markdown_path is not None:
@@ -193,6 +209,17 @@ def baseline_command(
     mlflow_uri: MlflowUri = None,
     cache_dir: CacheDir = None,
     allow_pickle: AllowPickle = False,
+    log_mlflow: Annotated[
+        bool,
+        typer.Option(
+            "--mlflow",
+            help="store it as the artifacts of a new MLflow run (and tag the model version "
+            "when SOURCE is one); prints the runs:/ URI to use as --baseline",
+        ),
+    ] = False,
+    experiment: Annotated[
+        str | None, typer.Option(help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME)")
+    ] = None,
 ) -> int:
     """Store a baseline: K cold fits of every layer, their null refits, scales and settings."""
     from dynaudit.gate import baseline as run
@@ -202,11 +229,15 @@ def baseline_command(
             source, out, family=family, base=base, progress=progress, device=device,
             q_dim=q_dim, pieces=pieces, steps=steps, seed=seed, seeds=seeds, threads=threads,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
+            mlflow=log_mlflow, experiment=experiment,
         )  # fmt: skip
     fitted = sum(1 for layer in made.layers if layer.coords)
+    where = " and ".join(
+        x for x in (str(out) if out else "", made.stored_at if log_mlflow else "") if x
+    )
     typer.echo(
-        f"baseline of {made.source.uri} written to {out}: {fitted} layers × {made.seeds} seeds, "
-        f"family {made.family.name}, protocol v{made.protocol_version}"
+        f"baseline of {made.source.uri} stored in {where}: {fitted} layers × {made.seeds} "
+        f"seeds, family {made.family.name}, protocol v{made.protocol_version}"
     )
     return 0
 
@@ -242,6 +273,8 @@ def check(
     allow_pickle: AllowPickle = False,
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
+    junit_path: JunitOut = None,
+    log_mlflow: LogMlflow = False,
     quiet: Quiet = False,
 ) -> int:
     """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
@@ -258,7 +291,11 @@ def check(
             device=device,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
-    return _finish_check(report, json_path, markdown_path, quiet)
+    if log_mlflow:
+        from dynaudit.tracking import log_report
+
+        log_report(report, tracking_uri=mlflow_uri)
+    return _finish_check(report, json_path, markdown_path, junit_path, quiet)
 
 
 @app.command(epilog=_EPILOG)
@@ -278,6 +315,7 @@ def compare(
     allow_pickle: AllowPickle = False,
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
+    junit_path: JunitOut = None,
     quiet: Quiet = False,
 ) -> int:
     """Compare two checkpoints: A is measured on the fly as the baseline of B."""
@@ -290,22 +328,33 @@ def compare(
             q_dim=q_dim, pieces=pieces, steps=steps, seeds=seeds,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
-    return _finish_check(report, json_path, markdown_path, quiet)
+    return _finish_check(report, json_path, markdown_path, junit_path, quiet)
 
 
 def _finish_check(
-    report: CheckReport, json_path: Path | None, markdown_path: Path | None, quiet: bool
+    report: CheckReport,
+    json_path: Path | None,
+    markdown_path: Path | None,
+    junit_path: Path | None,
+    quiet: bool,
 ) -> int:
+    """Write the requested files, report to GitHub Actions when inside it, print the table;
+    the exit code is the verdict's."""
     from dynaudit.errors import NonFiniteWeights
     from dynaudit.reports import write_text_atomic
     from dynaudit.reports.check import render_check_markdown, render_check_terminal
+    from dynaudit.reports.ci import render_junit, report_to_github
 
     if json_path is not None:
         write_text_atomic(json_path, report.model_dump_json(indent=2) + "\n")
     if markdown_path is not None:
         write_text_atomic(markdown_path, render_check_markdown(report))
+    if junit_path is not None:
+        write_text_atomic(junit_path, render_junit(report))
     if not quiet:
         render_check_terminal(report, _console())
+    for line in report_to_github(report):
+        typer.echo(line)
     if report.comparison.non_finite:
         raise NonFiniteWeights(report.comparison.non_finite)
     return 0 if report.verdict.passed else 1
@@ -409,6 +458,52 @@ def inspect(
     return 0
 
 
+@app.command(epilog=_EPILOG)
+def plot(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="a check report (JSON) → per-layer bars; several measure reports (JSON) → "
+            "trajectory; a baseline directory → neuron map"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write")] = Path("dynaudit.png"),
+    layer: Annotated[
+        str | None, typer.Option(help="neuron map: the layer (default: the first)")
+    ] = None,
+    method: Annotated[str, typer.Option(help="neuron map: pca, or tsne (scikit-learn)")] = "pca",
+) -> int:
+    """PNG plots: base vs checked per layer, a trajectory over reports, a neuron map."""
+    import json
+
+    from dynaudit.compare import is_baseline
+    from dynaudit.errors import InputError, UsageError
+    from dynaudit.plots import plot_bars, plot_neurons, plot_trajectory
+    from dynaudit.report import CheckReport, Report
+
+    if len(inputs) == 1 and is_baseline(inputs[0]):
+        written = plot_neurons(inputs[0], layer, out, method)
+    else:
+        loaded: list[Report | CheckReport] = []
+        for path in inputs:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                kind = CheckReport if data.get("kind") == "check" else Report
+                loaded.append(kind.model_validate(data))
+            except (OSError, ValueError, AttributeError) as exc:
+                raise InputError(f"{path}: not a dynaudit report or baseline ({exc})") from exc
+        checks = [r for r in loaded if isinstance(r, CheckReport)]
+        if len(loaded) == 1 and checks:
+            written = plot_bars(checks[0], out)
+        elif checks:
+            raise UsageError("a trajectory is drawn from measure reports, not check reports")
+        else:
+            measured = [r for r in loaded if isinstance(r, Report)]
+            written = plot_trajectory(measured, [p.stem for p in inputs], out)
+    typer.echo(f"wrote {written}")
+    return 0
+
+
 @app.command()
 def plugins() -> int:
     """Installed family plugins and where they come from."""
@@ -448,7 +543,7 @@ def demo(
         return measure(str(target), family=None, base=None, device="auto", q_dim=None, pieces=None,
                        steps=None, seed=None, seeds=2, threads=None, hf_endpoint=None,
                        hf_token=None, mlflow_uri=None, cache_dir=None, allow_pickle=False,
-                       no_cache=True,
+                       no_cache=True, log_mlflow=False,
                        json_path=None, markdown_path=None, quiet=False)  # fmt: skip
 
 

@@ -1,0 +1,156 @@
+"""Calibrate the gate: real gentle fine-tunes vs damaged copies of a trained tiny LLaMA.
+
+    python -m experiments.calibrate_gate --quick      # < 2 min: CI smoke test
+    python -m experiments.calibrate_gate --out docs/evidence/gate-calibration.json
+
+A base LLaMA is trained on stdlib sources, then (a) fine-tuned gently — other stdlib files,
+small learning rates, a few dozen steps, several seeds — and (b) damaged: Gaussian noise,
+a block collapsed to low rank, a zeroed and a re-initialised layer, a catastrophic high-LR
+fine-tune. Each is checked against a baseline of the base. The table shows, per case, the
+all-layers and per-third changes, the largest layer change and the verdict under the current
+default policy; the thresholds are then placed between what gentle fine-tunes reach and what
+damage reaches (docs/gate.md). Nothing here is tuned until it "passes": the numbers are
+reported as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from experiments import zoo
+
+FINETUNE_MODULES = ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "string.py")
+
+
+def _derive(base: Path, out: Path, change: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
+    shutil.copytree(base, out)
+    state = load_file(str(base / "model.safetensors"))
+    save_file({k: change(k, v) for k, v in state.items()}, str(out / "model.safetensors"))
+    return out
+
+
+def _damages(base: Path, work: Path, seed: int) -> dict[str, Path]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def noise(level: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        def apply(_: str, v: torch.Tensor) -> torch.Tensor:
+            return v + level * v.std() * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
+
+        return apply
+
+    def collapse(name: str, v: torch.Tensor) -> torch.Tensor:
+        if v.dim() != 2 or "layers.1." not in name:
+            return v
+        u, s, vh = torch.linalg.svd(v, full_matrices=False)
+        return (u[:, :4] * s[:4]) @ vh[:4]
+
+    def zero(name: str, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(v) if "layers.2.mlp.down_proj" in name else v
+
+    def reinit(name: str, v: torch.Tensor) -> torch.Tensor:
+        if "layers.2.self_attn.v_proj" not in name:
+            return v
+        return torch.randn(v.shape, generator=gen) * 0.02  # transformers' initializer_range
+
+    return {
+        "noise 25%": _derive(base, work / "noise25", noise(0.25)),
+        "noise 100%": _derive(base, work / "noise100", noise(1.0)),
+        "block 1 rank 4": _derive(base, work / "collapse", collapse),
+        "zeroed layer": _derive(base, work / "zeroed", zero),
+        "re-initialised layer": _derive(base, work / "reinit", reinit),
+    }
+
+
+def run(quick: bool, work: Path) -> dict[str, Any]:
+    import dynaudit
+
+    settings = {"q_dim": 32, "pieces": 4, "steps": 150} if quick else {}
+    base = work / "base"
+    zoo.train_tiny_llama(base, steps=150 if quick else 400)
+    gentle: dict[str, Path] = {}
+    lrs = (3e-4,) if quick else (1e-4, 3e-4, 1e-3)
+    seeds = (0,) if quick else (0, 1, 2)
+    for lr in lrs:
+        for seed in seeds:
+            out = work / f"ft-{lr:g}-{seed}"
+            zoo.finetune_tiny_llama(base, out, modules=FINETUNE_MODULES, steps=60, lr=lr, seed=seed)
+            gentle[f"fine-tune lr {lr:g} seed {seed}"] = out
+    damaged = _damages(base, work, seed=0)
+    catastrophic = work / "catastrophic"
+    zoo.finetune_tiny_llama(base, catastrophic, modules=FINETUNE_MODULES, steps=60, lr=3e-2,
+                            seed=0, clip=None)  # fmt: skip
+    damaged["catastrophic fine-tune (lr 3e-2, no clipping)"] = catastrophic
+    baseline = work / "baseline"
+    started = time.perf_counter()
+    dynaudit.baseline(base, baseline, **settings)
+    rows = []
+    for kind, cases in (("gentle", gentle), ("damaged", damaged), ("self", {"base": base})):
+        for name, path in cases.items():
+            report = dynaudit.check(path, baseline)
+            comparison = report.comparison
+            changes = [x.change.mean for x in comparison.layers if x.change is not None]
+            rows.append({
+                "case": name, "kind": kind, "verdict": report.verdict.verdict,
+                "all": comparison.all.change.mean if comparison.all.change else None,
+                "all_std": comparison.all.change.std if comparison.all.change else None,
+                "noise": comparison.all.noise,
+                "groups": {g: c.change.mean if c.change else None
+                           for g, c in comparison.groups.items()},
+                "max_layer": max(changes, key=abs) if changes else None,
+                "max_displacement": max((x.displacement or 0.0) for x in comparison.layers),
+                "zeroed": comparison.zeroed, "reasons": report.verdict.reasons[:3],
+            })  # fmt: skip
+    gentle_rows = [r for r in rows if r["kind"] == "gentle"]
+    summary = {
+        "gentle_max_abs_layer": max(abs(r["max_layer"]) for r in gentle_rows),
+        "gentle_min_all": min(r["all"] for r in gentle_rows),
+        "gentle_min_group": min(
+            min(v for v in r["groups"].values() if v is not None) for r in gentle_rows
+        ),
+        "gentle_max_displacement": max(r["max_displacement"] for r in gentle_rows),
+    }
+    return {"settings": settings or "defaults", "rows": rows, "summary": summary,
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"{'case':48} {'kind':8} {'all':>9} {'bottom':>8} {'middle':>8} {'top':>8} "
+          f"{'max layer':>10} {'displ':>6} verdict")  # fmt: skip
+    for row in result["rows"]:
+        groups = row["groups"]
+        cells = [f"{(groups.get(g) or 0) * 100:+7.2f}%" for g in ("bottom", "middle", "top")]
+        print(f"{row['case']:48} {row['kind']:8} {row['all'] * 100:+8.3f}% {' '.join(cells)} "
+              f"{row['max_layer'] * 100:+9.2f}% {row['max_displacement']:6.3f} "
+              f"{row['verdict']}")  # fmt: skip
+    print("gentle fine-tunes reach:", json.dumps(result["summary"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run for CI (< 2 min)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dynaudit-calibrate-") as tmp:
+        result = run(args.quick, Path(tmp))
+    _print(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    gentle = [r for r in result["rows"] if r["kind"] == "gentle"]
+    print(f"{statistics.fmean(r['all'] for r in gentle) * 100:+.3f}% mean all-layers change "
+          "over gentle fine-tunes")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

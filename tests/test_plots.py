@@ -1,0 +1,46 @@
+"""The three plots are written as PNG files (their content was checked by eye: docs/gate.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dynaudit
+from tests.test_check_reports import sample_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FAST = {"q_dim": 16, "pieces": 4, "steps": 40}
+
+
+def plot(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dynaudit", "plot", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "true"},
+    )  # fmt: skip
+
+
+def test_bars_trajectory_and_neuron_map(digits_mlp: Path, tmp_path: Path) -> None:
+    check = tmp_path / "check.json"
+    check.write_text(sample_report().model_dump_json())
+    reports = []
+    for seed in (0, 1):
+        path = tmp_path / f"step{seed}.json"
+        path.write_text(dynaudit.measure(digits_mlp, seed=seed, **FAST).model_dump_json())
+        reports.append(str(path))
+    baseline = tmp_path / "baseline"
+    dynaudit.baseline(digits_mlp, baseline, seeds=1, **FAST)
+    cases = {
+        "bars.png": [str(check)],
+        "trajectory.png": reports,
+        "neurons.png": [str(baseline)],
+        "tsne.png": [str(baseline), "--method", "tsne"],
+    }
+    for name, args in cases.items():
+        proc = plot(*args, "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name
+    bad = plot(str(tmp_path / "step0.json"), "--out", str(tmp_path / "x.png"))
+    assert bad.returncode == 2 and "at least two" in bad.stderr
