@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gate_calibration_quick(tmp_path: Path) -> None:
     """Gentle real fine-tune passes; noise at 100 %, a collapsed block, a zeroed and a
-    re-initialised layer and a catastrophic fine-tune fail (expected before the first run)."""
+    re-initialised layer and a catastrophic fine-tune fail. (Written after the first quick
+    run; noise at 25 % is left out: it passes today, see docs/gate.md.)"""
     out = tmp_path / "calibration.json"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.calibrate_gate", "--quick", "--out", str(out)],
