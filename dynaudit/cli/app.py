@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -126,11 +125,6 @@ def _sources(
 def _console() -> Console:
     """stdout; logs and pipes get a wide table rather than rich's 80-column default."""
     return Console(width=None if sys.stdout.isatty() else 140)
-
-
-def _interactive() -> bool:
-    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
-    return sys.stderr.isatty() and not ci
 
 
 @app.command(epilog=_EPILOG)
@@ -550,7 +544,9 @@ def demo(
 @contextlib.contextmanager
 def _progress() -> Iterator[Callable[[int, int, str], None] | None]:
     """A rich progress bar over layers on an interactive terminal; silent in CI and pipes."""
-    if not _interactive():
+    from dynaudit.terminal import interactive
+
+    if not interactive():
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

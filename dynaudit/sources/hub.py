@@ -14,7 +14,6 @@ import functools
 import glob
 import importlib
 import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,12 +219,11 @@ def _prefetched(read: Callable[[int, int], bytes]) -> Callable[[int, int], bytes
 
 def _tqdm_class() -> Any:
     """The client's progress bars on an interactive terminal; silence in CI logs and pipes."""
-    import os
-
     from huggingface_hub.utils import tqdm  # type: ignore[attr-defined]
 
-    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
-    if sys.stderr.isatty() and not ci:
+    from dynaudit.terminal import interactive
+
+    if interactive():
         return None
 
     class Quiet(tqdm):

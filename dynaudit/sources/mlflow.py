@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,9 +98,10 @@ def tracking_uri(options: SourceOptions) -> str:
 def client_environment() -> Iterator[None]:
     """For the duration: MLflow's HTTP retries bounded and, in CI logs and pipes, its download
     progress bars off — each only where the user has not set the variable."""
+    from dynaudit.terminal import interactive
+
     defaults = dict(RETRY_DEFAULTS)
-    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
-    if ci or not sys.stderr.isatty():
+    if not interactive():
         defaults["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     added = [k for k in defaults if k not in os.environ]
     os.environ.update({k: defaults[k] for k in added})
