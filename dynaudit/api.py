@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -20,7 +21,7 @@ from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
 from dynaudit.report import CacheInfo, FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
 from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
 from dynaudit.structure import StructuralClass
-from dynaudit.tensors import Checkpoint
+from dynaudit.tensors import Checkpoint, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +82,9 @@ def measure(
     resolved = resolve(source, options)
     device = pick_device(fit.device)
     store = ResultCache(cache_root(options.cache_dir)) if cache else None
-    digest = store.digest if store else None
+    # Without the cache's memo, still hash each file once (a download is verified, then
+    # fingerprinted).
+    digest = store.digest if store else functools.cache(sha256_file)
     with open_checkpoint(resolved, base, options, digest) as checkpoint:
         fingerprint = checkpoint.fingerprint(digest)
         source_info = SourceInfo(
@@ -90,7 +93,7 @@ def measure(
         )  # fmt: skip
         key = result_key(
             fingerprint, fit.numeric(), family=family, scales=scales, version=__version__,
-            protocol=PROTOCOL_VERSION, context={**_cache_context(checkpoint), "layers": layers},
+            protocol=PROTOCOL_VERSION, context={**cache_context(checkpoint), "layers": layers},
         )  # fmt: skip
         cached = store.load(key) if store else None
         if cached is not None:
@@ -101,9 +104,10 @@ def measure(
                     "seconds": round(time.perf_counter() - started, 3),
                 }
             )
+        detection, plan = plan_checkpoint(checkpoint, family, layers)
         report = fit_report(
-            checkpoint, source_info, family, fit, device, scales=scales, progress=progress,
-            started=started, layers=layers,
+            checkpoint, source_info, detection, plan, fit, device, scales=scales,
+            progress=progress, started=started,
         )  # fmt: skip
     if store is not None:
         report = report.model_copy(
@@ -113,10 +117,19 @@ def measure(
     return report
 
 
+def plan_checkpoint(
+    checkpoint: Checkpoint, family: str | None, layers: str | None = None
+) -> tuple[Detection, LayerPlan]:
+    """Detect (or take) the family and plan an opened checkpoint; ``layers`` selects."""
+    detection = detect_family(checkpoint, family)
+    return detection, select_layers(detection.family.plan(checkpoint), layers)
+
+
 def fit_report(
     checkpoint: Checkpoint,
     source_info: SourceInfo,
-    family: str | None,
+    detection: Detection,
+    plan: LayerPlan,
     fit: FitSettings,
     device: torch.device,
     *,
@@ -124,15 +137,12 @@ def fit_report(
     progress: Progress | None = None,
     sink: CoordsSink | None = None,
     started: float,
-    layers: str | None = None,
 ) -> Report:
-    """Detect the family, plan and fit an opened checkpoint: the report of ``measure``."""
+    """Fit the planned layers of an opened checkpoint: the report of ``measure``."""
     import torch
 
     from dynaudit.runtime import torch_scope
 
-    detection = detect_family(checkpoint, family)
-    plan = select_layers(detection.family.plan(checkpoint), layers)
     with torch_scope(device, fit.threads):
         threads = torch.get_num_threads()
         measured, non_finite = measure_plan(
@@ -307,7 +317,7 @@ RANK_RULE = (
 )
 
 
-def _cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
+def cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
     """Besides the weight files, what a report depends on: the config the family plugins read,
     how an adapter is merged, and which plugins are installed (they decide the family)."""
     from dynaudit.adapters import AdapterCheckpoint

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from dynaudit import __version__
-from dynaudit.api import family_info, fit_report, settings_from
-from dynaudit.compare import (
+from dynaudit.api import family_info, fit_report, plan_checkpoint, settings_from
+from dynaudit.comparison import (
     Baseline,
+    BaselineError,
     BaselineLayer,
     BaselineWriter,
     check_architecture,
@@ -25,19 +29,21 @@ from dynaudit.compare import (
     discard,
     is_baseline,
     load_baseline,
+    matrix_shapes,
     staging_for,
 )
 from dynaudit.config import PROTOCOL_VERSION
 from dynaudit.engine import Progress
 from dynaudit.errors import UsageError
 from dynaudit.families import detect_family
-from dynaudit.families.base import matrix_shape
 from dynaudit.policy import Policy, decide
 from dynaudit.report import BaselineInfo, CheckReport, LayerResult, SourceInfo
 from dynaudit.sources import SourceOptions, open_checkpoint, resolve
 from dynaudit.tensors import read_json
 
 __all__ = ["DEFAULT_BASELINE_SEEDS", "baseline", "check", "compare", "find_baseline"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASELINE_SEEDS = 3  # K cold fits per layer (SPEC §4.9: "default ≥ 3")
 
@@ -77,21 +83,18 @@ def baseline(
         resolved = resolve(source, options)
         device = pick_device(fit.device)
         writer = BaselineWriter(staging, fit)
-        with open_checkpoint(resolved, base, options) as checkpoint:
+        digest = _file_digest(options)
+        with open_checkpoint(resolved, base, options, digest) as checkpoint:
             source_info = SourceInfo(
                 uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-                files=checkpoint.fingerprint(),
+                files=checkpoint.fingerprint(digest),
             )  # fmt: skip
+            detection, plan = plan_checkpoint(checkpoint, family)
             report = fit_report(
-                checkpoint, source_info, family, fit, device, progress=progress,
+                checkpoint, source_info, detection, plan, fit, device, progress=progress,
                 sink=writer.sink, started=started,
             )  # fmt: skip
-            shapes = {
-                layer.name: list(matrix_shape(layer, checkpoint.tensors[layer.source].shape))
-                for layer in detect_family(checkpoint, report.family.name)
-                .family.plan(checkpoint)
-                .layers
-            }
+            shapes = matrix_shapes(checkpoint, plan)
         made = Baseline(
             protocol_version=PROTOCOL_VERSION,
             tool={"name": "dynaudit", "version": __version__},
@@ -121,6 +124,14 @@ def baseline(
     return made
 
 
+def _file_digest(options: SourceOptions) -> Callable[[Path], str]:
+    """sha256 of a file, remembered in the cache's hash memo (an unchanged multi-GB checkpoint
+    is hashed once across measure, baseline and check)."""
+    from dynaudit.cache import ResultCache, cache_root
+
+    return ResultCache(cache_root(options.cache_dir)).digest
+
+
 def _baseline_layer(layer: LayerResult, shape: list[int], writer: BaselineWriter) -> BaselineLayer:
     return BaselineLayer(
         name=layer.name, type=layer.type, depth=layer.depth, group=layer.group, shape=shape,
@@ -139,11 +150,14 @@ def check(
     base: str | os.PathLike[str] | None = None,
     sources: SourceOptions | None = None,
     progress: Progress | None = None,
+    cache: bool = True,
     **settings: Any,
 ) -> CheckReport:
     """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
     measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
-    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's."""
+    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's. A
+    baseline measured on the fly is kept in the cache for the next check (``cache=False``:
+    measured into a temporary directory and dropped)."""
     from dynaudit.runtime import pick_device, torch_scope
 
     options = sources or SourceOptions()
@@ -153,12 +167,13 @@ def check(
         ref, found_from = find_baseline(resolved.path, base, os.fspath(source), options)
     else:
         ref, found_from = os.fspath(baseline_ref), "--baseline"
-    with _baseline_at(ref, options, settings) as (stored, root, kept):
+    with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
         check_settings(stored, {k: v for k, v in settings.items() if k != "device"}, str(ref))
         fit = stored.fit_settings().model_copy(update={"device": settings.get("device", "auto")})
         device = pick_device(fit.device)
-        with open_checkpoint(resolved, base, options) as checkpoint:
-            fingerprint = checkpoint.fingerprint()
+        digest = _file_digest(options)
+        with open_checkpoint(resolved, base, options, digest) as checkpoint:
+            fingerprint = checkpoint.fingerprint(digest)
             detection = detect_family(checkpoint, family or stored.family.name)
             plan = detection.family.plan(checkpoint)
             check_architecture(stored, checkpoint, plan, resolved.uri)
@@ -195,9 +210,10 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], **kwargs: Any)
 
 @contextlib.contextmanager
 def _baseline_at(
-    ref: str, options: SourceOptions, settings: dict[str, Any]
+    ref: str, options: SourceOptions, settings: dict[str, Any], cache: bool
 ) -> Iterator[tuple[Baseline, Path, bool]]:
-    """A stored baseline directory, or a temporary one made from a checkpoint on the fly."""
+    """A stored baseline directory, or one made from a checkpoint on the fly (kept in the
+    cache unless ``cache`` is False)."""
     path = Path(ref).expanduser()
     if is_baseline(path):
         yield load_baseline(path), path, True
@@ -211,10 +227,59 @@ def _baseline_at(
                 yield load_baseline(fetched), fetched, True
                 return
         # not a stored baseline: a checkpoint logged in a run, measured on the fly below
+    settings = {k: v for k, v in settings.items() if v is not None}
+    cached = _cached_baseline(ref, options, settings) if cache else None
+    if cached is not None:
+        yield load_baseline(cached), cached, False
+        return
     with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
         made = Path(tmp) / "baseline"
-        baseline(ref, made, sources=options, **{k: v for k, v in settings.items() if v is not None})
+        baseline(ref, made, sources=options, **settings)
         yield load_baseline(made), made, False
+
+
+def _cached_baseline(ref: str, options: SourceOptions, settings: dict[str, Any]) -> Path | None:
+    """The baseline of checkpoint ``ref`` in the cache (``<cache>/baselines/<key>``), made
+    there first if needed: a CI job checking against the same base measures it once. The key
+    is the result cache's (file sha256s, settings, config, plugins, versions). None when the
+    cache cannot be written (the caller measures into a temporary directory)."""
+    from dynaudit.api import cache_context
+    from dynaudit.cache import cache_root, result_key
+
+    fit = settings_from({"seeds": DEFAULT_BASELINE_SEEDS, **settings})
+    resolved = resolve(ref, options)
+    digest = _file_digest(options)
+    with open_checkpoint(resolved, None, options, digest) as checkpoint:
+        key = result_key(
+            checkpoint.fingerprint(digest), fit.numeric(), family=None, scales=None,
+            version=__version__, protocol=PROTOCOL_VERSION,
+            context={**cache_context(checkpoint), "kind": "baseline"},
+        )  # fmt: skip
+    entry = cache_root(options.cache_dir) / "baselines" / key[:2] / key
+    if is_baseline(entry):
+        try:
+            load_baseline(entry)
+            return entry
+        except BaselineError as exc:
+            log.warning("remaking a damaged cached baseline: %s", exc)
+            trash = entry.with_name(f".trash-{uuid.uuid4().hex}")
+            with contextlib.suppress(OSError):
+                entry.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("could not write the baseline cache at %s: %s", entry.parent, exc)
+        return None
+    if not os.access(entry.parent, os.W_OK):
+        log.warning("the baseline cache at %s is not writable", entry.parent)
+        return None
+    try:
+        baseline(ref, entry, sources=options, **settings)
+    except UsageError:
+        if not is_baseline(entry):  # not a lost race with another process: a real error
+            raise
+    return entry
 
 
 def find_baseline(

@@ -89,7 +89,7 @@ def plot_neurons(baseline_dir: Path, layer: str | None, out: Path, method: str =
     import torch
     from safetensors.torch import load_file
 
-    from dynaudit.compare import load_baseline
+    from dynaudit.comparison import load_baseline
 
     plt = _pyplot()
     stored = load_baseline(baseline_dir)

@@ -102,12 +102,12 @@ class Policy(BaseModel):
     max_drop_group: float = Field(3.0, ge=0, description="% drop of any depth group's")
     noise_multiple: float = Field(3.0, ge=0, description="a drop must exceed z × its noise")
     max_layer_change: float = Field(
-        20.0, gt=0, description="% change of any layer, either direction (damage)"
+        25.0, gt=0, description="% change of any layer, either direction (damage)"
     )
     max_displacement: float | None = Field(
-        None, gt=0, description="neuron displacement bound (units of the mean distance); none"
+        None, gt=0, description="neuron displacement bound (units of the mean distance); off"
     )
-    noise_floor: float = Field(0.05, ge=0, description="% below which no change is noise-free")
+    noise_floor: float = Field(0.05, ge=0, description="the smallest noise assumed, %")
 
 
 class Finding(_Model):

@@ -194,7 +194,9 @@ class BaselineInfo(_Model):
     source: SourceInfo = Field(description="the checkpoint the baseline was made from")
     created_at: str
     seeds: int
-    stored: bool = Field(description="false: measured on the fly for this check")
+    stored: bool = Field(
+        description="false: measured from the checkpoint for a check (then kept in the cache)"
+    )
 
 
 class CheckReport(_Model):

@@ -40,7 +40,7 @@ def _derive(base: Path, out: Path, change: Callable[[str, torch.Tensor], torch.T
     return out
 
 
-def _damages(base: Path, work: Path, seed: int) -> dict[str, Path]:
+def _damages(base: Path, work: Path, seed: int, levels: tuple[float, ...]) -> dict[str, Path]:
     gen = torch.Generator().manual_seed(seed)
 
     def noise(level: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -63,9 +63,10 @@ def _damages(base: Path, work: Path, seed: int) -> dict[str, Path]:
             return v
         return torch.randn(v.shape, generator=gen) * 0.02  # transformers' initializer_range
 
+    noisy = {f"noise {level:.0%}": _derive(base, work / f"noise{level:g}", noise(level))
+             for level in levels}  # fmt: skip
     return {
-        "noise 25%": _derive(base, work / "noise25", noise(0.25)),
-        "noise 100%": _derive(base, work / "noise100", noise(1.0)),
+        **noisy,
         "block 1 rank 4": _derive(base, work / "collapse", collapse),
         "zeroed layer": _derive(base, work / "zeroed", zero),
         "re-initialised layer": _derive(base, work / "reinit", reinit),
@@ -86,22 +87,37 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
             out = work / f"ft-{lr:g}-{seed}"
             zoo.finetune_tiny_llama(base, out, modules=FINETUNE_MODULES, steps=60, lr=lr, seed=seed)
             gentle[f"fine-tune lr {lr:g} seed {seed}"] = out
-    damaged = _damages(base, work, seed=0)
+    levels = (0.25, 1.0) if quick else (0.05, 0.1, 0.25, 0.5, 1.0)
+    damaged = _damages(base, work, seed=0, levels=levels)
     catastrophic = work / "catastrophic"
     zoo.finetune_tiny_llama(base, catastrophic, modules=FINETUNE_MODULES, steps=60, lr=3e-2,
                             seed=0, clip=None)  # fmt: skip
     damaged["catastrophic fine-tune (lr 3e-2, no clipping)"] = catastrophic
+    longer: dict[str, Path] = {}
+    if not quick:
+        # Not gentle, not damage: where an ordinary, longer fine-tune lands.
+        out = work / "ft-long"
+        zoo.finetune_tiny_llama(base, out, modules=FINETUNE_MODULES, steps=300, lr=1e-3, seed=0)
+        longer["fine-tune lr 0.001, 300 steps"] = out
     baseline = work / "baseline"
     started = time.perf_counter()
     dynaudit.baseline(base, baseline, **settings)
     rows = []
-    for kind, cases in (("gentle", gentle), ("damaged", damaged), ("self", {"base": base})):
+    groups = (
+        ("gentle", gentle),
+        ("longer", longer),
+        ("damaged", damaged),
+        ("self", {"base": base}),
+    )
+    for kind, cases in groups:
         for name, path in cases.items():
             report = dynaudit.check(path, baseline)
             comparison = report.comparison
             changes = [x.change.mean for x in comparison.layers if x.change is not None]
             rows.append({
                 "case": name, "kind": kind, "verdict": report.verdict.verdict,
+                "loss_base_corpus": zoo.lm_loss(path),
+                "loss_finetune_corpus": zoo.lm_loss(path, FINETUNE_MODULES),
                 "all": comparison.all.change.mean if comparison.all.change else None,
                 "all_std": comparison.all.change.std if comparison.all.change else None,
                 "noise": comparison.all.noise,
@@ -110,6 +126,10 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
                 "max_layer": max(changes, key=abs) if changes else None,
                 "max_displacement": max((x.displacement or 0.0) for x in comparison.layers),
                 "zeroed": comparison.zeroed, "reasons": report.verdict.reasons[:3],
+                "layers": [{"name": x.name, "group": x.group, "displacement": x.displacement,
+                            "change": x.change.mean if x.change else None,
+                            "std": x.change.std if x.change else None}
+                           for x in comparison.layers],
             })  # fmt: skip
     gentle_rows = [r for r in rows if r["kind"] == "gentle"]
     summary = {
@@ -126,12 +146,13 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
 
 def _print(result: dict[str, Any]) -> None:
     print(f"{'case':48} {'kind':8} {'all':>9} {'bottom':>8} {'middle':>8} {'top':>8} "
-          f"{'max layer':>10} {'displ':>6} verdict")  # fmt: skip
+          f"{'max layer':>10} {'displ':>6} {'loss':>6} {'ft loss':>7} verdict")  # fmt: skip
     for row in result["rows"]:
         groups = row["groups"]
         cells = [f"{(groups.get(g) or 0) * 100:+7.2f}%" for g in ("bottom", "middle", "top")]
         print(f"{row['case']:48} {row['kind']:8} {row['all'] * 100:+8.3f}% {' '.join(cells)} "
               f"{row['max_layer'] * 100:+9.2f}% {row['max_displacement']:6.3f} "
+              f"{row['loss_base_corpus']:6.3f} {row['loss_finetune_corpus']:7.3f} "
               f"{row['verdict']}")  # fmt: skip
     print("gentle fine-tunes reach:", json.dumps(result["summary"]))
 

@@ -251,6 +251,27 @@ def finetune_tiny_llama(
     return {"train_loss_first": first, "train_loss_last": last, "path": str(out_dir)}
 
 
+def lm_loss(
+    model_dir: Path,
+    modules: Sequence[str] = CORPUS_MODULES,
+    *,
+    windows: int = 128,
+    seq_len: int = 64,
+    seed: int = 1234,
+) -> float:
+    """Mean next-byte loss of a saved tiny LLaMA on fixed windows of ``modules``: the ground
+    truth the calibration compares the gate's verdicts with."""
+    from transformers import LlamaForCausalLM
+
+    data = torch.frombuffer(bytearray(stdlib_corpus(modules)), dtype=torch.uint8).long()
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - seq_len, (windows,), generator=gen)
+    batch = data[starts[:, None] + torch.arange(seq_len)]
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return float(model(input_ids=batch, labels=batch).loss)
+
+
 def _train_lm(
     model: Any,
     data: torch.Tensor,

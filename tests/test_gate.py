@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dynaudit
-from dynaudit.compare import BaselineError
+from dynaudit.comparison import BaselineError
 from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, Policy, decide
 
 # Small enough for tests, large enough for the warm refits to follow real damage: with
@@ -186,6 +186,31 @@ def test_nan_weights_exit_1(tiny_llama: Path, stored: Path, tmp_path: Path) -> N
     assert "layers.2.mlp.up_proj" in proc.stderr and "non-finite" in proc.stderr
 
 
+@pytest.mark.slow
+def test_real_fine_tunes_from_the_cli(tiny_llama: Path, stored: Path, tmp_path: Path) -> None:
+    """Acceptance (b) and (c) with real fine-tunes: a gentle one is decided by the policy with
+    its deltas and spread shown; a catastrophic one exits 1 naming layers and groups."""
+    from experiments import zoo
+    from experiments.calibrate_gate import FINETUNE_MODULES
+
+    gentle, wrecked = tmp_path / "gentle", tmp_path / "catastrophic"
+    zoo.finetune_tiny_llama(tiny_llama, gentle, modules=FINETUNE_MODULES, steps=30, lr=3e-4)
+    zoo.finetune_tiny_llama(
+        tiny_llama, wrecked, modules=FINETUNE_MODULES, steps=30, lr=3e-2, clip=None
+    )
+    out = tmp_path / "gentle.json"
+    proc = cli("check", str(gentle), "--baseline", str(stored), "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = dynaudit.CheckReport.model_validate_json(out.read_text())
+    change = report.comparison.all.change
+    assert change is not None and change.seeds == 3 and change.std > 0
+    assert 0 < abs(change.mean) < 0.02  # it moved, a little
+    assert f"{change.mean * 100:+.2f}% ± {change.std * 100:.2f}%" in proc.stdout
+    proc = cli("check", str(wrecked), "--baseline", str(stored))
+    assert proc.returncode == 1
+    assert "damage: model.layers." in proc.stdout and "all layers" in proc.stdout
+
+
 def _rewrite(baseline_dir: Path, change: Any) -> None:
     """Edit baseline.json and re-sign the manifest, as a different dynaudit would have written."""
     from dynaudit.tensors import sha256_file
@@ -241,6 +266,78 @@ def test_a_baseline_is_never_overwritten(tiny_llama: Path, stored: Path) -> None
     assert proc.returncode == 2 and "never overwritten" in proc.stderr
     assert (stored / "manifest.json").read_text() == before
     assert not list(stored.parent.glob(".*tmp-*"))
+
+
+def figures(report: dynaudit.CheckReport) -> list[Any]:
+    """What a comparison measured, without timings."""
+    return [(x.name, x.change, x.displacement) for x in report.comparison.layers]
+
+
+def test_the_public_compare_is_the_function() -> None:
+    """Regression: a module named dynaudit.compare replaced the function once imported."""
+    import dynaudit.gate  # imports every gate module
+
+    assert callable(dynaudit.compare) and dynaudit.compare.__module__ == "dynaudit.gate"
+
+
+def test_a_checkpoint_baseline_is_measured_once_and_kept_in_the_cache(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dynaudit.gate
+
+    made: list[Path] = []
+    real = dynaudit.gate.baseline
+
+    def counting(source: Any, out: Any = None, **kwargs: Any) -> Any:
+        made.append(Path(out))
+        return real(source, out, **kwargs)
+
+    monkeypatch.setattr(dynaudit.gate, "baseline", counting)
+    bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
+    first = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
+    second = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
+    cache = Path(os.environ["DYNAUDIT_CACHE_DIR"])
+    (entry,) = made
+    assert entry.parent.parent == cache / "baselines"
+    assert figures(second) == figures(first)
+    assert second.baseline.created_at == first.baseline.created_at and not second.baseline.stored
+    # a damaged entry is remade, not trusted
+    coords = next((entry / "coords").iterdir())
+    data = bytearray(coords.read_bytes())
+    data[-1] ^= 0x01
+    coords.write_bytes(bytes(data))
+    third = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
+    assert made == [entry, entry] and figures(third) == figures(first)
+    dynaudit.compare(tiny_llama, bf16, seeds=2, cache=False, **SETTINGS)
+    assert len(made) == 3 and cache not in made[-1].parents
+    assert len(list((cache / "baselines").glob("*/*"))) == 1
+
+
+def test_an_interrupted_baseline_leaves_nothing(tiny_llama: Path, tmp_path: Path) -> None:
+    """Ctrl-C while the layers are being fitted: exit 130, no baseline, no staging folder."""
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynaudit", "baseline", str(tiny_llama), "--out", str(out),
+         "--q-dim", "64", "--pieces", "4", "--steps", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CI": "true"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".interrupted.tmp-*/coords")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no staging folder"
+            time.sleep(0.1)
+        time.sleep(2)  # into the fits
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".interrupted*"))
 
 
 def test_an_adapter_without_baseline_finds_its_base(tmp_path: Path) -> None:

@@ -237,6 +237,36 @@ def test_hub_download_is_checked_against_the_hubs_sha256(
     assert "does not match the sha256" in proc.stderr and "model-00001" in proc.stderr
 
 
+def test_each_downloaded_file_is_hashed_once(
+    hub: LocalHub, published: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: with the cache off, a download was hashed to verify it, then again to
+    fingerprint it; with the cache on, `check` re-hashed what `measure` had memoised."""
+    import dynaudit.tensors
+
+    hashed: list[str] = []
+    real = dynaudit.tensors.sha256_file
+
+    def counting(path: Path) -> str:
+        if Path(path).name.startswith("model-"):  # not the baseline's own files
+            hashed.append(Path(path).name)
+        return real(path)
+
+    for module in ("dynaudit.tensors", "dynaudit.api", "dynaudit.cache", "dynaudit.sources.local"):
+        monkeypatch.setattr(f"{module}.sha256_file", counting, raising=False)
+    options = SourceOptions(hf_endpoint=hub.url)
+    report = dynaudit.measure("hf://org/tiny-llama", sources=options, cache=False, **FAST)
+    assert sorted(hashed) == sorted(report.source.files) and len(hashed) == 4
+    hashed.clear()
+    dynaudit.measure("hf://org/tiny-llama", sources=options, **FAST)
+    first = list(hashed)
+    hashed.clear()
+    stored = Path(os.environ["DYNAUDIT_CACHE_DIR"]) / "baseline"
+    dynaudit.baseline("hf://org/tiny-llama", stored, sources=options, seeds=1, **FAST)
+    dynaudit.check("hf://org/tiny-llama", stored, sources=options)
+    assert len(first) == 4 and hashed == []  # memoised by the first cached measure
+
+
 def test_offline_mode_uses_the_populated_cache(
     hub: LocalHub, published: str, local_numbers: dict[str, Any], tmp_path: Path
 ) -> None:

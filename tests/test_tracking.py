@@ -53,6 +53,28 @@ def test_a_report_is_logged_with_metrics_params_tags_and_artifacts(
     assert listed == {"dynaudit/report.json", "dynaudit/report.md"}
 
 
+def test_compare_logs_to_mlflow_from_the_cli(mlflow_server: MlflowServer, digits_mlp: Path) -> None:
+    """Regression: `compare` had no --mlflow (only `check` logged)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "compare", str(digits_mlp), str(digits_mlp),
+         "--q-dim", "16", "--pieces", "4", "--steps", "60", "--mlflow",
+         "--mlflow-uri", mlflow_server.url, "--quiet"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CI": "true", "MLFLOW_EXPERIMENT_NAME": "dynaudit-compare"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    client = client_for(mlflow_server)
+    experiment = client.get_experiment_by_name("dynaudit-compare")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["dynaudit.verdict"] == "pass"
+    assert run.data.metrics["dynaudit/change/all"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_a_baseline_stored_in_mlflow_is_found_and_read_back(
     mlflow_server: MlflowServer, tiny_llama: Path, tmp_path: Path
 ) -> None:

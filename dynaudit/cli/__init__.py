@@ -25,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Exit):
             return exc.exit_code
         return report_error(exc)
+    if result == 130:  # Typer turns Ctrl-C into a silent 130; no command returns it
+        return report_error(KeyboardInterrupt())
     return result if isinstance(result, int) else 0
 
 

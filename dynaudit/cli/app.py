@@ -102,8 +102,25 @@ LogMlflow = Annotated[
         "MLFLOW_TRACKING_URI; the active run, else a new run in MLFLOW_EXPERIMENT_NAME)",
     ),
 ]
+MaxDropAll = Annotated[float | None, typer.Option(help="% drop of all layers that fails")]
+MaxDropGroup = Annotated[float | None, typer.Option(help="% drop of a depth third that fails")]
+MaxLayerChange = Annotated[
+    float | None, typer.Option(help="% change of any layer, either direction, that fails")
+]
+MaxDisplacement = Annotated[
+    float | None,
+    typer.Option(help="neuron displacement of any layer that fails (units of its mean distance)"),
+]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
+]
+NoBaselineCache = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        help="measure a checkpoint baseline afresh and do not keep it (default: kept in the "
+        "cache and reused)",
+    ),
 ]
 
 
@@ -243,20 +260,15 @@ def check(
         str | None,
         typer.Option(
             "--baseline",
-            help="baseline directory, or a checkpoint (any SOURCE form) measured on the fly; "
+            help="baseline directory, or a checkpoint (any SOURCE form) measured as one; "
             "default: [tool.dynaudit] baseline, the adapter's base, the model card's base_model",
         ),
     ] = None,
     policy_path: PolicyPath = None,
-    max_drop_all: Annotated[
-        float | None, typer.Option(help="% drop of all layers that fails")
-    ] = None,
-    max_drop_group: Annotated[
-        float | None, typer.Option(help="% drop of a depth third that fails")
-    ] = None,
-    max_layer_change: Annotated[
-        float | None, typer.Option(help="% change of any layer that fails")
-    ] = None,
+    max_drop_all: MaxDropAll = None,
+    max_drop_group: MaxDropGroup = None,
+    max_layer_change: MaxLayerChange = None,
+    max_displacement: MaxDisplacement = None,
     family: Family = None,
     base: Base = None,
     device: Device = "auto",
@@ -269,6 +281,7 @@ def check(
     markdown_path: MarkdownOut = None,
     junit_path: JunitOut = None,
     log_mlflow: LogMlflow = False,
+    no_cache: NoBaselineCache = False,
     quiet: Quiet = False,
 ) -> int:
     """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
@@ -277,19 +290,17 @@ def check(
 
     policy = load_policy(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
-        max_layer_change=max_layer_change,
+        max_layer_change=max_layer_change, max_displacement=max_displacement,
     )  # fmt: skip
     with _progress() as progress:
         report = run(
             source, baseline_ref, policy=policy, family=family, base=base, progress=progress,
-            device=device,
+            device=device, cache=not no_cache,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
-    if log_mlflow:
-        from dynaudit.tracking import log_report
-
-        log_report(report, tracking_uri=mlflow_uri)
-    return _finish_check(report, json_path, markdown_path, junit_path, quiet)
+    return _finish_check(
+        report, json_path, markdown_path, junit_path, quiet, log_mlflow, mlflow_uri
+    )
 
 
 @app.command(epilog=_EPILOG)
@@ -297,6 +308,11 @@ def compare(
     a: Annotated[str, typer.Argument(help="the reference checkpoint (measured as the baseline)")],
     b: Annotated[str, typer.Argument(help="the checkpoint to compare with it")],
     policy_path: PolicyPath = None,
+    max_drop_all: MaxDropAll = None,
+    max_drop_group: MaxDropGroup = None,
+    max_layer_change: MaxLayerChange = None,
+    max_displacement: MaxDisplacement = None,
+    family: Family = None,
     device: Device = "auto",
     q_dim: QDim = None,
     pieces: Pieces = None,
@@ -310,19 +326,27 @@ def compare(
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
     junit_path: JunitOut = None,
+    log_mlflow: LogMlflow = False,
+    no_cache: NoBaselineCache = False,
     quiet: Quiet = False,
 ) -> int:
-    """Compare two checkpoints: A is measured on the fly as the baseline of B."""
+    """Compare two checkpoints: A is measured as the baseline of B (and kept in the cache)."""
     from dynaudit.gate import compare as run
     from dynaudit.policy import load_policy
 
+    policy = load_policy(
+        policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
+        max_layer_change=max_layer_change, max_displacement=max_displacement,
+    )  # fmt: skip
     with _progress() as progress:
         report = run(
-            a, b, policy=load_policy(policy_path), progress=progress, device=device,
-            q_dim=q_dim, pieces=pieces, steps=steps, seeds=seeds,
+            a, b, policy=policy, family=family, progress=progress, device=device,
+            q_dim=q_dim, pieces=pieces, steps=steps, seeds=seeds, cache=not no_cache,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
-    return _finish_check(report, json_path, markdown_path, junit_path, quiet)
+    return _finish_check(
+        report, json_path, markdown_path, junit_path, quiet, log_mlflow, mlflow_uri
+    )
 
 
 def _finish_check(
@@ -331,14 +355,20 @@ def _finish_check(
     markdown_path: Path | None,
     junit_path: Path | None,
     quiet: bool,
+    log_mlflow: bool,
+    mlflow_uri: str | None,
 ) -> int:
-    """Write the requested files, report to GitHub Actions when inside it, print the table;
-    the exit code is the verdict's."""
+    """Log to MLflow when asked, write the requested files, report to GitHub Actions when
+    inside it, print the table; the exit code is the verdict's."""
     from dynaudit.errors import NonFiniteWeights
     from dynaudit.reports import write_text_atomic
     from dynaudit.reports.check import render_check_markdown, render_check_terminal
     from dynaudit.reports.ci import render_junit, report_to_github
 
+    if log_mlflow:
+        from dynaudit.tracking import log_report
+
+        log_report(report, tracking_uri=mlflow_uri)
     if json_path is not None:
         write_text_atomic(json_path, report.model_dump_json(indent=2) + "\n")
     if markdown_path is not None:
@@ -470,7 +500,7 @@ def plot(
     """PNG plots: base vs checked per layer, a trajectory over reports, a neuron map."""
     import json
 
-    from dynaudit.compare import is_baseline
+    from dynaudit.comparison import is_baseline
     from dynaudit.errors import InputError, UsageError
     from dynaudit.plots import plot_bars, plot_neurons, plot_trajectory
     from dynaudit.report import CheckReport, Report

@@ -41,8 +41,8 @@ def render_check_markdown(report: CheckReport) -> str:
         f"# dynaudit check: {esc(report.source.uri)} — {mark}",
         "",
         f"- baseline: `{esc(base.ref)}` ({esc(base.resolved_from)}; made from "
-        f"{esc(base.source.uri)}, {base.seeds} seeds, "
-        f"{'stored' if base.stored else 'measured on the fly'})",
+        f"{esc(base.source.uri)} at {esc(base.created_at)}, {base.seeds} seeds, "
+        f"{'stored' if base.stored else 'measured from the checkpoint'})",
         f"- family: **{esc(report.family.name)}** ({esc(report.family.detected_by)})",
         f"- protocol v{report.protocol_version}; q_dim {report.settings['q_dim']}, "
         f"H {report.settings['pieces']}, {report.settings['steps']} cold / "

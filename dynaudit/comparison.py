@@ -232,14 +232,19 @@ def check_settings(baseline: Baseline, requested: dict[str, Any], where: str) ->
         )
 
 
+def matrix_shapes(checkpoint: Checkpoint, plan: LayerPlan) -> dict[str, list[int]]:
+    """(groups, m, n) of every planned layer, from the headers."""
+    return {
+        layer.name: list(matrix_shape(layer, checkpoint.tensors[layer.source].shape))
+        for layer in plan.layers
+    }
+
+
 def check_architecture(
     baseline: Baseline, checkpoint: Checkpoint, plan: LayerPlan, uri: str
 ) -> None:
     """The checkpoint must have the baseline's layers with the same matrix shapes."""
-    ours = {
-        layer.name: list(matrix_shape(layer, checkpoint.tensors[layer.source].shape))
-        for layer in plan.layers
-    }
+    ours = matrix_shapes(checkpoint, plan)
     theirs = {layer.name: layer.shape for layer in baseline.layers}
     missing = sorted(set(theirs) - set(ours))
     extra = sorted(set(ours) - set(theirs))
