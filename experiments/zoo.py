@@ -98,7 +98,7 @@ def _fit_classifier(
     return float((pred == y_val).float().mean())
 
 
-def _save_state_dict(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> Path:
+def save_state_dict(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     # safetensors refuses non-contiguous or shared storage, so copy each tensor out explicitly.
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -148,8 +148,10 @@ def train_digits_mlp(
     x_tr, y_tr, x_va, y_va = _digits_split(seed)
     model = build_mlp(hidden)
     acc = _fit_classifier(model, x_tr, y_tr, x_va, y_va, epochs=epochs, seed=seed)
-    path = _save_state_dict(model, out_dir, {"model_type": "mlp", "hidden": list(hidden)})
-    return {"val_accuracy": acc, "path": str(path)}
+    with torch.no_grad():
+        fitted = float((model(x_tr).argmax(dim=1) == y_tr).float().mean())
+    path = save_state_dict(model, out_dir, {"model_type": "mlp", "hidden": list(hidden)})
+    return {"val_accuracy": acc, "train_accuracy": fitted, "path": str(path)}
 
 
 def train_digits_lenet(out_dir: Path, *, epochs: int = 30, seed: int = 0) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def train_digits_lenet(out_dir: Path, *, epochs: int = 30, seed: int = 0) -> dic
         epochs=epochs,
         seed=seed,
     )
-    path = _save_state_dict(model, out_dir, {"model_type": "lenet"})
+    path = save_state_dict(model, out_dir, {"model_type": "lenet"})
     return {"val_accuracy": acc, "path": str(path)}
 
 

@@ -30,3 +30,43 @@ def test_gate_calibration_quick(tmp_path: Path) -> None:
     for case in ("noise 100%", "block 1 rank 4", "zeroed layer", "re-initialised layer",
                  "catastrophic fine-tune (lr 3e-2, no clipping)"):  # fmt: skip
         assert verdicts[case] == "fail", case
+
+
+@pytest.mark.slow
+def test_width_quick(tmp_path: Path) -> None:
+    """The width experiment (Theorem 3.1) runs and writes its figure. 𝒟, a sum over neuron
+    pairs, must grow with the width by construction: a check on the measurement itself."""
+    out, png = tmp_path / "width.json", tmp_path / "width.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.width", "--quick", "--out", str(out),
+         "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "true"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert png.stat().st_size > 10_000
+    trained = result["summary"]["0.weight trained"]
+    assert list(trained["per_width"]) == ["16", "64", "256"]
+    assert trained["spearman_discrepancy"] == 1.0
+    assert all(0.3 < r["fidelity"] <= 1 for r in result["rows"])
+    assert all(r["train_accuracy"] > 0.9 for r in result["rows"] if r["state"] == "trained")
+
+
+@pytest.mark.slow
+def test_training_quick(tmp_path: Path) -> None:
+    """The training-trajectory experiment (Fig. 3, Table 2) runs: checkpoints learn, every
+    fit reaches a usable fidelity, and the figure is written."""
+    out, png = tmp_path / "training.json", tmp_path / "training.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.training", "--quick", "--out", str(out),
+         "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "true"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert png.stat().st_size > 10_000
+    for name in ("mlp", "lenet"):
+        item = result["summary"][name]
+        assert item["first"]["val_accuracy"] < 0.3 < 0.85 < item["last"]["val_accuracy"]
+        assert -1 <= item["spearman_mean_distance_vs_accuracy"] <= 1
+        assert item["min_fidelity"] > 0.1  # q_dim 32 on a 256 × 256 matrix: about 0.2
