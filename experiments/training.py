@@ -84,9 +84,7 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
 
     epochs = EPOCHS_QUICK if quick else EPOCHS_FULL
     seeds = (0,) if quick else (0, 1, 2)
-    settings: dict[str, Any] = (
-        {"q_dim": 32, "pieces": 4, "steps": 150, "seeds": 2} if quick else {"seeds": 3}
-    )
+    settings = zoo.replication_settings(quick)
     started = time.perf_counter()
     rows = []
     for name in _models():

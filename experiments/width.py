@@ -63,9 +63,7 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
 
     widths = WIDTHS_QUICK if quick else WIDTHS_FULL
     train_seeds = (0,) if quick else (0, 1, 2)
-    settings: dict[str, Any] = (
-        {"q_dim": 32, "pieces": 4, "steps": 150, "seeds": 2} if quick else {"seeds": 3}
-    )
+    settings = zoo.replication_settings(quick)
     epochs = 40 if quick else 150
     rows = []
     started = time.perf_counter()

@@ -55,6 +55,12 @@ _BATCH_SIZE = 64
 _LLAMA_BATCH_SIZE = 16
 
 
+def replication_settings(quick: bool) -> dict[str, Any]:
+    """dynaudit settings of the replication experiments: the defaults with K = 3 fit seeds;
+    in quick mode (CI smoke tests) a small fit with K = 2."""
+    return {"q_dim": 32, "pieces": 4, "steps": 150, "seeds": 2} if quick else {"seeds": 3}
+
+
 def _digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(x_train, y_train, x_val, y_val)`` for the 8×8 digits, pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits
