@@ -86,6 +86,17 @@ def publish_dir(staging: Path, final: Path) -> bool:
         raise
 
 
+def discard_dir(entry: Path) -> None:
+    """Remove a damaged cache entry: renamed aside first (one atomic step, so no reader sees
+    it half deleted), then deleted."""
+    trash = entry.with_name(f".trash-{uuid.uuid4().hex}")
+    try:
+        entry.rename(trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 class ResultCache:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -104,7 +115,7 @@ class ResultCache:
             return Report.model_validate_json(data)
         except (ValidationError, ValueError):
             log.warning("ignoring an unreadable cache entry %s", entry)
-            self._discard(entry)
+            discard_dir(entry)
             return None
 
     def store(self, key: str, report: Report) -> None:
@@ -115,7 +126,7 @@ class ResultCache:
             staging.mkdir(parents=True)
             _write_synced(staging / REPORT_FILE, report.model_dump_json(indent=1))
             if entry.is_dir() and not (entry / REPORT_FILE).is_file():
-                self._discard(entry)  # a broken leftover: replace it
+                discard_dir(entry)  # a broken leftover: replace it
             publish_dir(staging, entry)
         except OSError as exc:
             log.warning("could not write the result cache at %s: %s", self.root, exc)
@@ -144,14 +155,6 @@ class ResultCache:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
         return value
-
-    def _discard(self, entry: Path) -> None:
-        trash = entry.with_name(f".trash-{uuid.uuid4().hex}")
-        try:
-            entry.rename(trash)
-        except OSError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_synced(path: Path, text: str) -> None:

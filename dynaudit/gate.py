@@ -7,10 +7,8 @@ import logging
 import os
 import platform
 import re
-import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,14 +30,15 @@ from dynaudit.comparison import (
     matrix_shapes,
     staging_for,
 )
-from dynaudit.config import PROTOCOL_VERSION
+from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.engine import Progress
 from dynaudit.errors import UsageError
 from dynaudit.families import detect_family
 from dynaudit.policy import Policy, decide
 from dynaudit.report import BaselineInfo, CheckReport, LayerResult, SourceInfo
 from dynaudit.sources import SourceOptions, open_checkpoint, resolve
-from dynaudit.tensors import read_json
+from dynaudit.sources.base import ResolvedSource
+from dynaudit.tensors import Checkpoint, read_json
 
 __all__ = ["DEFAULT_BASELINE_SEEDS", "baseline", "check", "compare", "find_baseline"]
 
@@ -71,30 +70,60 @@ def baseline(
                 source, Path(tmp) / "baseline", family=family, base=base, sources=sources,
                 progress=progress, mlflow=True, experiment=experiment, **settings,
             )  # fmt: skip
-    from dynaudit.runtime import pick_device
-
     settings.setdefault("seeds", DEFAULT_BASELINE_SEEDS)
     fit = settings_from(settings)
     options = sources or SourceOptions()
     started = time.perf_counter()
     target = Path(out)
+    staging_for(target)  # refuse an existing ``out`` before any work
+    resolved = resolve(source, options)
+    digest = _file_digest(options)
+    with open_checkpoint(resolved, base, options, digest) as checkpoint:
+        made = _write_baseline(
+            checkpoint, resolved, target, fit, family=family, digest=digest, progress=progress,
+            started=started,
+        )  # fmt: skip
+    if mlflow:
+        from dynaudit.tracking import store_baseline
+
+        ref = store_baseline(
+            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment
+        )
+        made = made.model_copy(update={"stored_at": ref})
+    else:
+        made = made.model_copy(update={"stored_at": str(target)})
+    return made
+
+
+def _write_baseline(
+    checkpoint: Checkpoint,
+    resolved: ResolvedSource,
+    target: Path,
+    fit: FitSettings,
+    *,
+    family: str | None,
+    digest: Callable[[Path], str],
+    progress: Progress | None = None,
+    started: float | None = None,
+) -> Baseline:
+    """Measure an opened checkpoint into a new baseline directory ``target``, staged beside it
+    and renamed into place: an interruption or an error leaves nothing behind."""
+    from dynaudit.runtime import pick_device
+
+    started = time.perf_counter() if started is None else started
     staging = staging_for(target)
     try:
-        resolved = resolve(source, options)
-        device = pick_device(fit.device)
         writer = BaselineWriter(staging, fit)
-        digest = _file_digest(options)
-        with open_checkpoint(resolved, base, options, digest) as checkpoint:
-            source_info = SourceInfo(
-                uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-                files=checkpoint.fingerprint(digest),
-            )  # fmt: skip
-            detection, plan = plan_checkpoint(checkpoint, family)
-            report = fit_report(
-                checkpoint, source_info, detection, plan, fit, device, progress=progress,
-                sink=writer.sink, started=started,
-            )  # fmt: skip
-            shapes = matrix_shapes(checkpoint, plan)
+        source_info = SourceInfo(
+            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
+            files=checkpoint.fingerprint(digest),
+        )  # fmt: skip
+        detection, plan = plan_checkpoint(checkpoint, family)
+        report = fit_report(
+            checkpoint, source_info, detection, plan, fit, pick_device(fit.device),
+            progress=progress, sink=writer.sink, started=started,
+        )  # fmt: skip
+        shapes = matrix_shapes(checkpoint, plan)
         made = Baseline(
             protocol_version=PROTOCOL_VERSION,
             tool={"name": "dynaudit", "version": __version__},
@@ -112,15 +141,6 @@ def baseline(
     except BaseException:
         discard(staging)
         raise
-    if mlflow:
-        from dynaudit.tracking import store_baseline
-
-        ref = store_baseline(
-            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment
-        )
-        made = made.model_copy(update={"stored_at": ref})
-    else:
-        made = made.model_copy(update={"stored_at": str(target)})
     return made
 
 
@@ -230,7 +250,7 @@ def _baseline_at(
     settings = {k: v for k, v in settings.items() if v is not None}
     cached = _cached_baseline(ref, options, settings) if cache else None
     if cached is not None:
-        yield load_baseline(cached), cached, False
+        yield *cached, False
         return
     with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
         made = Path(tmp) / "baseline"
@@ -238,13 +258,15 @@ def _baseline_at(
         yield load_baseline(made), made, False
 
 
-def _cached_baseline(ref: str, options: SourceOptions, settings: dict[str, Any]) -> Path | None:
+def _cached_baseline(
+    ref: str, options: SourceOptions, settings: dict[str, Any]
+) -> tuple[Baseline, Path] | None:
     """The baseline of checkpoint ``ref`` in the cache (``<cache>/baselines/<key>``), made
     there first if needed: a CI job checking against the same base measures it once. The key
     is the result cache's (file sha256s, settings, config, plugins, versions). None when the
     cache cannot be written (the caller measures into a temporary directory)."""
     from dynaudit.api import cache_context
-    from dynaudit.cache import cache_root, result_key
+    from dynaudit.cache import cache_root, discard_dir, result_key
 
     fit = settings_from({"seeds": DEFAULT_BASELINE_SEEDS, **settings})
     resolved = resolve(ref, options)
@@ -255,31 +277,28 @@ def _cached_baseline(ref: str, options: SourceOptions, settings: dict[str, Any])
             version=__version__, protocol=PROTOCOL_VERSION,
             context={**cache_context(checkpoint), "kind": "baseline"},
         )  # fmt: skip
-    entry = cache_root(options.cache_dir) / "baselines" / key[:2] / key
-    if is_baseline(entry):
+        entry = cache_root(options.cache_dir) / "baselines" / key[:2] / key
+        if is_baseline(entry):
+            try:
+                return load_baseline(entry), entry
+            except BaselineError as exc:
+                log.warning("remaking a damaged cached baseline: %s", exc)
+                discard_dir(entry)
         try:
-            load_baseline(entry)
-            return entry
-        except BaselineError as exc:
-            log.warning("remaking a damaged cached baseline: %s", exc)
-            trash = entry.with_name(f".trash-{uuid.uuid4().hex}")
-            with contextlib.suppress(OSError):
-                entry.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        log.warning("could not write the baseline cache at %s: %s", entry.parent, exc)
-        return None
-    if not os.access(entry.parent, os.W_OK):
-        log.warning("the baseline cache at %s is not writable", entry.parent)
-        return None
-    try:
-        baseline(ref, entry, sources=options, **settings)
-    except UsageError:
-        if not is_baseline(entry):  # not a lost race with another process: a real error
-            raise
-    return entry
+            entry.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("could not write the baseline cache at %s: %s", entry.parent, exc)
+            return None
+        if not os.access(entry.parent, os.W_OK):
+            log.warning("the baseline cache at %s is not writable", entry.parent)
+            return None
+        try:
+            made = _write_baseline(checkpoint, resolved, entry, fit, family=None, digest=digest)
+        except UsageError:
+            if not is_baseline(entry):  # not a lost race with another process: a real error
+                raise
+            return load_baseline(entry), entry
+    return made, entry
 
 
 def find_baseline(

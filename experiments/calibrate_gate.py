@@ -15,11 +15,9 @@ reported as measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from experiments import zoo
+from experiments._cli import experiment_main
 
 FINETUNE_MODULES = ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "string.py")
 
@@ -40,7 +39,7 @@ def _derive(base: Path, out: Path, change: Callable[[str, torch.Tensor], torch.T
     return out
 
 
-def _damages(base: Path, work: Path, seed: int, levels: tuple[float, ...]) -> dict[str, Path]:
+def damaged_copies(base: Path, work: Path, seed: int, levels: tuple[float, ...]) -> dict[str, Path]:
     gen = torch.Generator().manual_seed(seed)
 
     def noise(level: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -88,7 +87,7 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
             zoo.finetune_tiny_llama(base, out, modules=FINETUNE_MODULES, steps=60, lr=lr, seed=seed)
             gentle[f"fine-tune lr {lr:g} seed {seed}"] = out
     levels = (0.25, 1.0) if quick else (0.05, 0.1, 0.25, 0.5, 1.0)
-    damaged = _damages(base, work, seed=0, levels=levels)
+    damaged = damaged_copies(base, work, seed=0, levels=levels)
     catastrophic = work / "catastrophic"
     zoo.finetune_tiny_llama(base, catastrophic, modules=FINETUNE_MODULES, steps=60, lr=3e-2,
                             seed=0, clip=None)  # fmt: skip
@@ -144,7 +143,7 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
-def _print(result: dict[str, Any]) -> None:
+def show(result: dict[str, Any]) -> None:
     print(f"{'case':48} {'kind':8} {'all':>9} {'bottom':>8} {'middle':>8} {'top':>8} "
           f"{'max layer':>10} {'displ':>6} {'loss':>6} {'ft loss':>7} verdict")  # fmt: skip
     for row in result["rows"]:
@@ -155,22 +154,13 @@ def _print(result: dict[str, Any]) -> None:
               f"{row['loss_base_corpus']:6.3f} {row['loss_finetune_corpus']:7.3f} "
               f"{row['verdict']}")  # fmt: skip
     print("gentle fine-tunes reach:", json.dumps(result["summary"]))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small run for CI (< 2 min)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="dynaudit-calibrate-") as tmp:
-        result = run(args.quick, Path(tmp))
-    _print(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
     gentle = [r for r in result["rows"] if r["kind"] == "gentle"]
     print(f"{statistics.fmean(r['all'] for r in gentle) * 100:+.3f}% mean all-layers change "
           "over gentle fine-tunes")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    experiment_main(__doc__, "calibrate", run, show, argv=argv)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,7 @@ the all-layers mean distance (and 𝒟) with validation accuracy over the checkp
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import zoo
+from experiments._cli import experiment_main
 from experiments.width import spearman
 
 EPOCHS_FULL = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -52,7 +50,7 @@ def train_along(name: str, out: Path, epochs: tuple[int, ...], seed: int) -> lis
     """Train ``name`` from scratch, saving a checkpoint at each of ``epochs``."""
     build, config, images = _models()[name]
     torch.manual_seed(seed)
-    x_tr, y_tr, x_va, y_va = zoo._digits_split(seed)
+    x_tr, y_tr, x_va, y_va = zoo.digits_split(seed)
     if images:
         x_tr, x_va = x_tr.view(-1, 1, 8, 8), x_va.view(-1, 1, 8, 8)
     model = build()
@@ -173,14 +171,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small run for CI (< 2 min)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--plot", type=Path, help="write the figure (PNG) here")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="dynaudit-training-") as tmp:
-        result = run(args.quick, Path(tmp))
+def show(result: dict[str, Any]) -> None:
     for name, item in result["summary"].items():
         first, last = item["first"], item["last"]
         print(f"{name}: ρ(mean distance, accuracy) "
@@ -189,11 +180,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{last['epoch']}: mean distance {first['mean_distance']:.3f} → "
               f"{last['mean_distance']:.3f}, accuracy {first['val_accuracy']:.3f} → "
               f"{last['val_accuracy']:.3f}")  # fmt: skip
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot:
-        plot(result, args.plot)
+
+
+def main(argv: list[str] | None = None) -> None:
+    experiment_main(__doc__, "training", run, show, plot, argv=argv)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,7 @@ and untrained nets; nothing is tuned until it agrees.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import torch
 
 from experiments import zoo
+from experiments._cli import experiment_main
 
 WIDTHS_FULL = (16, 32, 64, 128, 256, 512)
 WIDTHS_QUICK = (16, 64, 256)
@@ -150,7 +148,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def _print(result: dict[str, Any]) -> None:
+def show(result: dict[str, Any]) -> None:
     for key, item in result["summary"].items():
         cells = " ".join(f"{w}:{f['mean_distance']:.3f}" for w, f in item["per_width"].items())
         print(f"{key:22} ρ(mean distance) {item['spearman_mean_distance']:+.2f} "
@@ -158,19 +156,7 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small run for CI (< 2 min)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--plot", type=Path, help="write the figure (PNG) here")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="dynaudit-width-") as tmp:
-        result = run(args.quick, Path(tmp))
-    _print(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot:
-        plot(result, args.plot)
+    experiment_main(__doc__, "width", run, show, plot, argv=argv)
 
 
 if __name__ == "__main__":

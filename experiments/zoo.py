@@ -27,6 +27,8 @@ from torch.nn import functional as F
 __all__ = [
     "LeNet",
     "build_mlp",
+    "digits_split",
+    "fit_classifier",
     "stdlib_corpus",
     "train_digits_lenet",
     "train_digits_mlp",
@@ -61,7 +63,7 @@ def replication_settings(quick: bool) -> dict[str, Any]:
     return {"q_dim": 32, "pieces": 4, "steps": 150, "seeds": 2} if quick else {"seeds": 3}
 
 
-def _digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(x_train, y_train, x_val, y_val)`` for the 8×8 digits, pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits
 
@@ -74,7 +76,7 @@ def _digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     return x[tr], y[tr], x[va], y[va]
 
 
-def _fit_classifier(
+def fit_classifier(
     model: nn.Module,
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -151,9 +153,9 @@ def train_digits_mlp(
     """Train an MLP on sklearn digits and save ``model.safetensors`` + ``config.json``."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    x_tr, y_tr, x_va, y_va = _digits_split(seed)
+    x_tr, y_tr, x_va, y_va = digits_split(seed)
     model = build_mlp(hidden)
-    acc = _fit_classifier(model, x_tr, y_tr, x_va, y_va, epochs=epochs, seed=seed)
+    acc = fit_classifier(model, x_tr, y_tr, x_va, y_va, epochs=epochs, seed=seed)
     with torch.no_grad():
         fitted = float((model(x_tr).argmax(dim=1) == y_tr).float().mean())
     path = save_state_dict(model, out_dir, {"model_type": "mlp", "hidden": list(hidden)})
@@ -164,9 +166,9 @@ def train_digits_lenet(out_dir: Path, *, epochs: int = 30, seed: int = 0) -> dic
     """Train a LeNet-style CNN on the 8×8 digits; saves like :func:`train_digits_mlp`."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    x_tr, y_tr, x_va, y_va = _digits_split(seed)
+    x_tr, y_tr, x_va, y_va = digits_split(seed)
     model = LeNet()
-    acc = _fit_classifier(
+    acc = fit_classifier(
         model,
         x_tr.view(-1, 1, 8, 8),
         y_tr,
@@ -211,7 +213,7 @@ def train_tiny_llama(
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    data = torch.frombuffer(bytearray(stdlib_corpus()), dtype=torch.uint8).long()
+    data = _byte_tensor(stdlib_corpus())
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=hidden_size,
@@ -238,19 +240,20 @@ def finetune_tiny_llama(
     base_dir: Path,
     out_dir: Path,
     *,
-    modules: Sequence[str],
+    modules: Sequence[str] = (),
+    text: bytes | None = None,
     steps: int = 100,
     lr: float = 3e-4,
     seed: int = 0,
     seq_len: int = 64,
     clip: float | None = 1.0,
 ) -> dict[str, Any]:
-    """Continue training a tiny LLaMA on another corpus (other stdlib files): a real
-    fine-tune. ``clip=None`` and a large ``lr`` make the catastrophic kind."""
+    """Continue training a tiny LLaMA on another corpus (other stdlib files, or ``text``):
+    a real fine-tune. ``clip=None`` and a large ``lr`` make the catastrophic kind."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    data = torch.frombuffer(bytearray(stdlib_corpus(modules)), dtype=torch.uint8).long()
+    data = _byte_tensor(text if text is not None else stdlib_corpus(modules))
     model = LlamaForCausalLM.from_pretrained(base_dir)
     first, last = _train_lm(
         model, data, steps=steps, lr=lr, seed=seed, seq_len=seq_len, clip=clip, warmup=False
@@ -263,21 +266,26 @@ def lm_loss(
     model_dir: Path,
     modules: Sequence[str] = CORPUS_MODULES,
     *,
+    text: bytes | None = None,
     windows: int = 128,
     seq_len: int = 64,
     seed: int = 1234,
 ) -> float:
-    """Mean next-byte loss of a saved tiny LLaMA on fixed windows of ``modules``: the ground
-    truth the calibration compares the gate's verdicts with."""
+    """Mean next-byte loss of a saved tiny LLaMA on fixed windows of ``modules`` (or of
+    ``text``): the ground truth the calibration compares the gate's verdicts with."""
     from transformers import LlamaForCausalLM
 
-    data = torch.frombuffer(bytearray(stdlib_corpus(modules)), dtype=torch.uint8).long()
+    data = _byte_tensor(text if text is not None else stdlib_corpus(modules))
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(data) - seq_len, (windows,), generator=gen)
     batch = data[starts[:, None] + torch.arange(seq_len)]
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         return float(model(input_ids=batch, labels=batch).loss)
+
+
+def _byte_tensor(text: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
 
 def _train_lm(

@@ -285,14 +285,14 @@ def test_a_checkpoint_baseline_is_measured_once_and_kept_in_the_cache(
 ) -> None:
     import dynaudit.gate
 
-    made: list[Path] = []
-    real = dynaudit.gate.baseline
+    made: list[Path] = []  # every baseline directory measured, in order
+    real = dynaudit.gate._write_baseline
 
-    def counting(source: Any, out: Any = None, **kwargs: Any) -> Any:
-        made.append(Path(out))
-        return real(source, out, **kwargs)
+    def counting(checkpoint: Any, resolved: Any, target: Path, *args: Any, **kwargs: Any) -> Any:
+        made.append(target)
+        return real(checkpoint, resolved, target, *args, **kwargs)
 
-    monkeypatch.setattr(dynaudit.gate, "baseline", counting)
+    monkeypatch.setattr(dynaudit.gate, "_write_baseline", counting)
     bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
     first = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
     second = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
