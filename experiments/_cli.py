@@ -16,6 +16,24 @@ from typing import Any
 Result = dict[str, Any]
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported when a figure is asked for."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, out: Path) -> None:
+    """Lay out, write as PNG (creating the folder) and release the figure."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    pyplot().close(fig)
+
+
 def experiment_main(
     doc: str | None,
     name: str,

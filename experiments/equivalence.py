@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from experiments import zoo
-from experiments._cli import experiment_main
+from experiments._cli import experiment_main, pyplot, save_figure
 
 Q_DIMS_FULL = (8, 16, 32, 64, 128)
 Q_DIMS_QUICK = (8, 32)
@@ -235,11 +235,7 @@ def show(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (key, per_q) in enumerate(result["summary"].items()):
         q = [int(x) for x in per_q]
@@ -257,10 +253,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     left.axhline(0, color="grey", lw=0.5)
     right.set_ylabel("fidelity 1 − ‖Ŵ − W‖/‖W‖")
     fig.suptitle("Layers replaced by their dynamical systems (digits)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:

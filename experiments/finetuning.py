@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import zoo
-from experiments._cli import experiment_main
+from experiments._cli import experiment_main, pyplot, save_figure
 
 # Not in the base corpus (zoo.CORPUS_MODULES); present from Python 3.10 through 3.13.
 TASK_MODULES = (
@@ -232,11 +232,7 @@ def show(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cells = ("first", "bottom", "middle", "top", "last", "all")
     fig, axes = plt.subplots(1, len(TYPES) + 1, figsize=(13, 4), sharey=True)
     width = 0.8 / max(1, len(result["summary"]))
@@ -250,10 +246,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     axes[0].set_ylabel("change of the mean distance vs the base (%)")
     axes[0].legend(fontsize=7)
     fig.suptitle("Fine-tuning a tiny LLaMA on three task formats")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:

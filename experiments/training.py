@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import zoo
-from experiments._cli import experiment_main
+from experiments._cli import experiment_main, pyplot, save_figure
 from experiments.width import spearman
 
 EPOCHS_FULL = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -137,11 +137,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = sorted({r["model"] for r in result["rows"]})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models, strict=True):
@@ -165,10 +161,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
         lines = ax.get_legend_handles_labels()
         more = twin.get_legend_handles_labels()
         ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def show(result: dict[str, Any]) -> None:

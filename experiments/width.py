@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from experiments import zoo
-from experiments._cli import experiment_main
+from experiments._cli import experiment_main, pyplot, save_figure
 
 WIDTHS_FULL = (16, 32, 64, 128, 256, 512)
 WIDTHS_QUICK = (16, 64, 256)
@@ -118,11 +118,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, item in result["summary"].items():
         layer, state = key.split()
@@ -142,10 +138,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("hidden width H")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def show(result: dict[str, Any]) -> None:
