@@ -38,6 +38,7 @@ from experiments.finetuning import task_text
 from experiments.width import spearman
 
 STATS = ("relative_delta", "spectral", "stable_rank", "nuclear_frobenius")
+MILD = {"noise 10%": "mild"}
 
 
 def weight_stats(weight: torch.Tensor) -> dict[str, float]:
@@ -60,7 +61,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _cases(base: Path, work: Path, quick: bool) -> dict[str, tuple[str, Path]]:
-    """name → (kind, checkpoint): kind is "fine-tune" or "damage"."""
+    """name → (kind, checkpoint): kind is "fine-tune", "damage", or "mild" for noise the gate
+    calibration found as harmless as a gentle fine-tune (10 %: base loss +0.010, docs/gate.md),
+    reported but left out of the separation."""
     cases: dict[str, tuple[str, Path]] = {}
     tasks = ("classification",) if quick else ("classification", "extraction", "translation")
     for task in tasks:
@@ -81,7 +84,7 @@ def _cases(base: Path, work: Path, quick: bool) -> dict[str, tuple[str, Path]]:
         out = work / "catastrophic"
         zoo.finetune_tiny_llama(base, out, modules=FINETUNE_MODULES, steps=60, lr=3e-2, clip=None)
         damaged["catastrophic fine-tune"] = out
-    cases.update({name: ("damage", path) for name, path in damaged.items()})
+    cases.update({name: (MILD.get(name, "damage"), path) for name, path in damaged.items()})
     return cases
 
 
@@ -217,7 +220,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     rows = result["rows"]
     fig, axes = plt.subplots(1, len(STATS) + 1, figsize=(4 * (len(STATS) + 1), 3.8))
     for ax, k in zip(axes, STATS, strict=False):
-        for kind, color in (("fine-tune", "C0"), ("damage", "C3")):
+        for kind, color in (("fine-tune", "C0"), ("mild", "C1"), ("damage", "C3")):
             mine = [r for r in rows if r["kind"] == kind]
             ax.scatter([r[k] for r in mine], [r["dynaudit"] * 100 for r in mine], s=8,
                        color=color, alpha=0.6, label=kind)  # fmt: skip
