@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dynaudit import __version__
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
+from dynaudit.distributed import Ranks, current
 from dynaudit.dynamics.kernel import fit_steps
 from dynaudit.engine import CoordsSink, Progress, measure_plan
 from dynaudit.errors import UsageError
@@ -79,6 +80,7 @@ def measure(
     fit = settings_from(settings)
     options = sources or SourceOptions()
     started = time.perf_counter()
+    ranks = current()  # a torchrun job: joined before any device is chosen
     resolved = resolve(source, options)
     device = pick_device(fit.device)
     store = ResultCache(cache_root(options.cache_dir)) if cache else None
@@ -96,6 +98,8 @@ def measure(
             protocol=PROTOCOL_VERSION, context={**cache_context(checkpoint), "layers": layers},
         )  # fmt: skip
         cached = store.load(key) if store else None
+        if ranks is not None:  # rank 0's cache decides for the whole job
+            cached = ranks.from_main(cached)
         if cached is not None:
             return cached.model_copy(
                 update={
@@ -107,9 +111,9 @@ def measure(
         detection, plan = plan_checkpoint(checkpoint, family, layers)
         report = fit_report(
             checkpoint, source_info, detection, plan, fit, device, scales=scales,
-            progress=progress, started=started,
+            progress=progress, started=started, ranks=ranks,
         )  # fmt: skip
-    if store is not None:
+    if store is not None and (ranks is None or ranks.is_main):
         report = report.model_copy(
             update={"cache": CacheInfo(hit=False, key=key, measured_at=report.created_at)}
         )
@@ -137,8 +141,10 @@ def fit_report(
     progress: Progress | None = None,
     sink: CoordsSink | None = None,
     started: float,
+    ranks: Ranks | None = None,
 ) -> Report:
-    """Fit the planned layers of an opened checkpoint: the report of ``measure``."""
+    """Fit the planned layers of an opened checkpoint: the report of ``measure`` (with
+    ``ranks``, sharded over a torchrun job)."""
     import torch
 
     from dynaudit.runtime import torch_scope
@@ -147,7 +153,7 @@ def fit_report(
         threads = torch.get_num_threads()
         measured, non_finite = measure_plan(
             checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress,
-            sink=sink,
+            sink=sink, ranks=ranks,
         )  # fmt: skip
     return Report(
         tool={"name": "dynaudit", "version": __version__},

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dynaudit.config import FitSettings
+from dynaudit.distributed import Ranks, assign
 from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
@@ -71,6 +72,15 @@ def _batches(
         yield batch
 
 
+def _batch_cost(checkpoint: Checkpoint, batch: list[Layer], settings: FitSettings) -> float:
+    """Relative fit cost of a batch (entries × steps), to balance the ranks of a job."""
+    cost = 0.0
+    for layer in batch:
+        g, m, n = matrix_shape(layer, checkpoint.tensors[layer.source].shape)
+        cost += g * m * n * fit_steps(settings, m, n)
+    return cost
+
+
 def load_layer(
     checkpoint: Checkpoint, family: Family, layer: Layer, scales: dict[str, float] | None
 ) -> Loaded:
@@ -98,14 +108,22 @@ def measure_plan(
     scales: dict[str, float] | None = None,
     progress: Progress | None = None,
     sink: CoordsSink | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[list[LayerResult], list[str]]:
     """Fit every planned layer; returns results in plan order and the non-finite tensors.
-    ``sink`` receives every cold fit's coordinates (baselines store them)."""
+    ``sink`` receives every cold fit's coordinates (baselines store them). With ``ranks``
+    (a torchrun job), this rank fits its share of the batches and every rank gets all
+    results."""
     groups = layer_groups(plan.layers)
     results: dict[str, LayerResult] = {}
     non_finite: list[str] = []
+    batches = list(_batches(checkpoint, plan.layers, settings))
+    if ranks is not None:
+        owners = assign([_batch_cost(checkpoint, b, settings) for b in batches], ranks.size)
+        batches = [b for b, owner in zip(batches, owners, strict=True) if owner == ranks.rank]
+    total = sum(len(batch) for batch in batches)
     done = 0
-    for batch in _batches(checkpoint, plan.layers, settings):
+    for batch in batches:
         started = time.perf_counter()
         loaded = [load_layer(checkpoint, family, layer, scales) for layer in batch]
         fit = [item for item in loaded if item.reason is None]
@@ -138,9 +156,14 @@ def measure_plan(
             )
             done += 1
             if progress is not None:
-                progress(done, len(plan.layers), layer.name)
+                progress(done, total, layer.name)
         del loaded, fit
-    return [results[layer.name] for layer in plan.layers], non_finite
+    if ranks is not None:
+        for part, flagged in ranks.gather((results, non_finite)):
+            results.update(part)
+            non_finite += [name for name in flagged if name not in non_finite]
+    order = [layer.name for layer in plan.layers]
+    return [results[name] for name in order], [name for name in order if name in non_finite]
 
 
 def _fit_batch(

@@ -31,6 +31,7 @@ from dynaudit.comparison import (
     staging_for,
 )
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
+from dynaudit.distributed import require_single_process
 from dynaudit.engine import Progress
 from dynaudit.errors import UsageError
 from dynaudit.families import detect_family
@@ -62,6 +63,7 @@ def baseline(
     """Measure ``source`` with K cold fits and their null refits and store it as a baseline
     directory at ``out`` (written atomically; an existing ``out`` is never overwritten), and/or
     with ``mlflow`` as the artifacts of a new MLflow run (``Baseline.stored_at`` says where)."""
+    require_single_process("baseline")
     if out is None and not mlflow:
         raise UsageError("a baseline needs --out DIR, --mlflow, or both")
     if out is None:
@@ -180,6 +182,7 @@ def check(
     measured into a temporary directory and dropped)."""
     from dynaudit.runtime import pick_device, torch_scope
 
+    require_single_process("check")
     options = sources or SourceOptions()
     started = time.perf_counter()
     resolved = resolve(source, options)

@@ -129,14 +129,14 @@ def task_text(name: str, seed: int = 0) -> bytes:
 def run(quick: bool, work: Path) -> dict[str, Any]:
     import dynaudit
 
-    settings = {k: v for k, v in zoo.replication_settings(quick).items() if k != "seeds"}
+    settings = zoo.replication_settings(quick)  # K fit seeds are the baseline's K
     steps, seeds = (30, (0,)) if quick else (200, (0, 1))
     lr = 3e-4
     started = time.perf_counter()
     base = work / "base"
     zoo.train_tiny_llama(base, steps=150 if quick else 400)
     baseline = work / "baseline"
-    dynaudit.baseline(base, baseline, seeds=2 if quick else 3, **settings)
+    dynaudit.baseline(base, baseline, **settings)
     texts = {name: task_text(name) for name in TASKS}
     base_loss = {name: zoo.lm_loss(base, text=text) for name, text in texts.items()}
     rows = []
@@ -161,7 +161,7 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
                   f"(± {rows[-1]['all_std'] * 100:.2f}), task loss {base_loss[name]:.3f} → "
                   f"{rows[-1]['task_loss_after']:.3f}", flush=True)  # fmt: skip
     return {
-        "settings": settings or "defaults", "finetune": {"steps": steps, "lr": lr},
+        "settings": settings, "finetune": {"steps": steps, "lr": lr},
         "seeds": list(seeds), "base_corpus_loss": zoo.lm_loss(base), "rows": rows,
         "summary": summarize(rows), "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

@@ -91,11 +91,11 @@ def _cases(base: Path, work: Path, quick: bool) -> dict[str, tuple[str, Path]]:
 def run(quick: bool, work: Path) -> dict[str, Any]:
     import dynaudit
 
-    settings = {k: v for k, v in zoo.replication_settings(quick).items() if k != "seeds"}
+    settings = zoo.replication_settings(quick)  # K fit seeds are the baseline's K
     started = time.perf_counter()
     base = work / "base"
     zoo.train_tiny_llama(base, steps=150 if quick else 400)
-    stored = dynaudit.baseline(base, work / "baseline", seeds=2 if quick else 3, **settings)
+    stored = dynaudit.baseline(base, work / "baseline", **settings)
     reference = _weights(base)
     base_stats = {x.name: weight_stats(reference[x.name]) for x in stored.layers}
     rows, cases = [], []
@@ -139,7 +139,7 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
         ],
     }
     return {
-        "settings": settings or "defaults", "rows": rows, "cases": cases, "protocol": protocol,
+        "settings": settings, "rows": rows, "cases": cases, "protocol": protocol,
         "summary": summarize(rows, cases, protocol),
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

@@ -173,16 +173,20 @@ def measure(
 ) -> int:
     """Fit every layer and report its discrepancy, mean distance and fidelity."""
     from dynaudit.api import measure as run
+    from dynaudit.distributed import is_main
     from dynaudit.errors import NonFiniteWeights
     from dynaudit.reports import render_markdown, render_terminal, write_json, write_text_atomic
 
-    with _progress() as progress:
+    main_rank = is_main()  # under torchrun every rank fits its share; rank 0 reports
+    with _progress() if main_rank else contextlib.nullcontext() as progress:
         report = run(
             source, family=family, base=base, progress=progress, q_dim=q_dim, pieces=pieces,
             steps=steps, seed=seed, seeds=seeds, device=device, threads=threads,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
             cache=not no_cache,
         )  # fmt: skip
+    if not main_rank:
+        return 0
     if log_mlflow:
         from dynaudit.tracking import log_report
 

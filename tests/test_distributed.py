@@ -1,0 +1,117 @@
+"""Layers sharded over a torchrun job: the same report as one process (SPEC §4.6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynaudit.distributed import Ranks, assign
+from tests.conftest import small_settings
+
+SETTINGS = ["--q-dim", "32", "--pieces", "4", "--steps", "100", "--seeds", "2", "--no-cache"]
+
+
+def test_assign_gives_each_rank_a_fair_and_fixed_share() -> None:
+    costs = [8.0, 1.0, 1.0, 4.0, 4.0, 2.0]
+    owners = assign(costs, 2)
+    assert owners == assign(costs, 2)  # every rank computes the same assignment
+    loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in (0, 1)]
+    assert sorted(loads) == [10.0, 10.0]
+    assert assign(costs, 1) == [0] * len(costs)
+    assert sorted(assign([1.0, 1.0], 4)) == [0, 1]  # more ranks than batches: some idle
+
+
+def test_each_rank_fits_its_own_share(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a process group: each rank's share is recorded as it is exchanged; the shares
+    are disjoint, cover every layer, and the merged report equals one process's."""
+    import dynaudit
+    import dynaudit.api
+
+    whole = dynaudit.measure(tiny_llama, cache=False, **small_settings())
+    everything = {layer.name: layer for layer in whole.measured}
+    shares: dict[int, set[str]] = {}
+
+    class Recorded(Ranks):
+        def from_main(self, value: object) -> object:
+            return value
+
+        def gather(self, value: object) -> list[object]:
+            shares[self.rank] = set(value[0])  # type: ignore[index]
+            return [value, (everything, [])]
+
+    for rank in (0, 1):
+        monkeypatch.setattr(dynaudit.api, "current", lambda rank=rank: Recorded(rank, 2))
+        merged = dynaudit.measure(tiny_llama, cache=False, **small_settings())
+        assert [x.discrepancy for x in merged.measured] == [x.discrepancy for x in whole.measured]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == set(everything)
+
+
+def _numbers(path: Path) -> dict[str, tuple[float, float, float]]:
+    report = json.loads(path.read_text())
+    return {
+        layer["name"]: (layer["discrepancy"], layer["mean_distance"], layer["fidelity"])
+        for layer in report["layers"]
+        if "discrepancy" in layer and layer["discrepancy"] is not None
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_report(tiny_llama: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m dynaudit measure`` on CPU (gloo): one report, from
+    rank 0, with every layer's numbers within 1e-5 of a one-process run on one thread."""
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    single = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "measure", str(tiny_llama), "--json", str(one),
+         "--threads", "1", "--quiet", *SETTINGS],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "dynaudit", "measure", str(tiny_llama), "--json", str(two), *SETTINGS],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "Traceback" not in sharded.stderr
+    expected, got = _numbers(one), _numbers(two)
+    assert got.keys() == expected.keys() and len(got) == 29
+    for name, values in expected.items():
+        for want, have in zip(values, got[name], strict=True):
+            assert have == pytest.approx(want, rel=1e-5), name
+    # one report, printed once: rank 1 says nothing on stdout
+    assert sharded.stdout.count("summary (means over layers)") == 1
+
+
+def test_baseline_and_check_refuse_to_run_once_per_rank(tiny_llama: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "CI": "true", "WORLD_SIZE": "2"}
+    for argv in (
+        ["baseline", str(tiny_llama), "--out", str(tmp_path / "b")],
+        ["check", str(tiny_llama), "--baseline", str(tiny_llama)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dynaudit", *argv], capture_output=True, text=True,
+            timeout=120, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert "not sharded over torchrun ranks" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_world_size_without_torchrun_is_a_usage_error(tiny_llama: Path) -> None:
+    env = {**os.environ, "CI": "true", "WORLD_SIZE": "2", "RANK": "0"}
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "measure", str(tiny_llama)], capture_output=True,
+        text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "torchrun rendezvous failed" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
