@@ -74,7 +74,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _run_process(
+def run_process(
     argv: list[str], log: Path, extra_env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Run ``argv`` to completion; wall clock, CPU time and peak total RSS of that process."""
@@ -105,7 +105,7 @@ def _run_process(
     }
 
 
-def _revision() -> str:
+def revision_of_dynaudit() -> str:
     """The dynaudit commit measured, with ``-dirty`` when the work tree has local changes."""
     try:
         out = subprocess.run(
@@ -117,21 +117,21 @@ def _revision() -> str:
     return out.stdout.strip()
 
 
-def _check(result: dict[str, Any], what: str) -> None:
+def require_success(result: dict[str, Any], what: str) -> None:
     if result["exit_code"] != 0:
         tail = Path(result["log"]).read_text(errors="replace")[-3000:]
         raise SystemExit(f"{what} failed (exit {result['exit_code']}):\n{tail}")
 
 
-def _measure_dynaudit(ckpt: Path, work: Path, steps: int | None, threads: int) -> dict[str, Any]:
+def measure_dynaudit(ckpt: Path, work: Path, steps: int | None, threads: int) -> dict[str, Any]:
     """Whole-process ``dynaudit measure`` under the memory probe."""
     probe, report = work / "probe.json", work / "dynaudit.json"
     cli = ["measure", str(ckpt), "--quiet", "--json", str(report), "--threads", str(threads)]
     if steps is not None:
         cli += ["--steps", str(steps)]
     argv = [sys.executable, "-m", "bench._probe", str(probe), "--", *cli]
-    result = _run_process(argv, work / "dynaudit.log")
-    _check(result, "dynaudit measure")
+    result = run_process(argv, work / "dynaudit.log")
+    require_success(result, "dynaudit measure")
     result["probe"] = json.loads(probe.read_text())
     data = json.loads(report.read_text())
     measured = [layer for layer in data["layers"] if layer.get("seconds") is not None]
@@ -145,15 +145,15 @@ def _measure_dynaudit(ckpt: Path, work: Path, steps: int | None, threads: int) -
     return result
 
 
-def _measure_weightwatcher(ckpt: Path, work: Path, threads: int | None) -> dict[str, Any]:
+def measure_weightwatcher(ckpt: Path, work: Path, threads: int | None) -> dict[str, Any]:
     """Whole-process WeightWatcher; ``threads`` caps its BLAS/OpenMP pools like dynaudit's."""
     out = work / "weightwatcher.json"
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
     env = {name: str(threads) for name in names} if threads is not None else None
     argv = [sys.executable, "-m", "bench._ww", str(ckpt), str(out)]
-    result = _run_process(argv, work / "ww.log", env)
+    result = run_process(argv, work / "ww.log", env)
     result["thread_env"] = env or {}
-    _check(result, "WeightWatcher analyze")
+    require_success(result, "WeightWatcher analyze")
     result.update(json.loads(out.read_text()))
     return result
 
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     machine = describe()
     machine["torch_threads_used"] = threads
-    revision = _revision()
+    revision = revision_of_dynaudit()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dynaudit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         kernel["load_before"] = mm["load_before"] = load
 
         console.print(f"[3/4] dynaudit measure ({steps or default_steps} steps) ...")
-        dyn = _measure_dynaudit(ckpt, work, steps, threads)
+        dyn = measure_dynaudit(ckpt, work, steps, threads)
         console.print("[4/4] WeightWatcher analyze ...")
-        ww = _measure_weightwatcher(ckpt, work, args.threads)
+        ww = measure_weightwatcher(ckpt, work, args.threads)
 
         m, n = checkpoint["largest_matrix"]  # type: ignore[misc]
         largest = 4 * m * n

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dynaudit import __version__
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, current
+from dynaudit.dynamics.blocks import block_shape
 from dynaudit.dynamics.kernel import fit_steps
 from dynaudit.engine import CoordsSink, Progress, measure_plan
 from dynaudit.errors import UsageError
@@ -263,7 +264,8 @@ def inspect(
         for layer in plan.layers:
             info = checkpoint.tensors[layer.source]
             g, m, n = matrix_shape(layer, info.shape)
-            flop = 6 * m * n * fit.q_dim * fit_steps(fit, m, n) * g * fit.seeds
+            r, c = block_shape(m, n, fit.max_entries)
+            flop = 6 * r * c * fit.q_dim * fit_steps(fit, r, c) * g * fit.seeds
             check = checks.get(layer.name)
             layers.append(
                 InspectedLayer(

@@ -29,7 +29,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
+from dynaudit.distributed import Ranks, assign
 from dynaudit.dynamics import discrepancy, fit_coordinates
+from dynaudit.dynamics.blocks import block_seed, block_shape, take_blocks
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
 from dynaudit.engine import CoordsSink, Progress, layer_groups, load_layer
@@ -160,13 +162,18 @@ class BaselineWriter:
         return out
 
 
-def staging_for(out: Path) -> Path:
-    """A fresh staging directory beside ``out`` (same filesystem, so the rename is atomic);
-    ``out`` must not exist: a baseline is never overwritten."""
+def refuse_existing(out: Path) -> None:
+    """A baseline is never overwritten: ``out`` must not exist yet."""
     if out.exists():
         raise UsageError(
             f"{out}: already exists; a baseline is never overwritten (choose another --out)"
         )
+
+
+def staging_for(out: Path) -> Path:
+    """A fresh staging directory beside ``out`` (same filesystem, so the rename is atomic);
+    ``out`` must not exist."""
+    refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
 
@@ -276,19 +283,27 @@ def compare_plan(
     root: Path,
     device: torch.device,
     progress: Progress | None = None,
+    ranks: Ranks | None = None,
 ) -> Comparison:
-    """Warm-start every layer from the baseline's cold fits on this checkpoint's weights."""
+    """Warm-start every layer from the baseline's cold fits on this checkpoint's weights.
+    With ``ranks`` (a torchrun job), this rank refits its share of the layers and every rank
+    gets the whole comparison."""
     from safetensors.torch import load_file
 
     settings = baseline.fit_settings()
     scales = {layer.name: layer.scale for layer in baseline.layers if layer.scale is not None}
     by_name = {layer.name: layer for layer in baseline.layers}
     groups = layer_groups(plan.layers)
+    mine = plan.layers
+    if ranks is not None:
+        costs = [_refit_cost(by_name[layer.name], settings) for layer in plan.layers]
+        owners = assign(costs, ranks.size)
+        mine = [x for x, owner in zip(plan.layers, owners, strict=True) if owner == ranks.rank]
     results: list[LayerComparison] = []
     per_seed: dict[str, list[float]] = {}
     non_finite: list[str] = []
     zeroed: list[str] = []
-    for done, layer in enumerate(plan.layers, start=1):
+    for done, layer in enumerate(mine, start=1):
         started = time.perf_counter()
         ref = by_name[layer.name]
         loaded = load_layer(checkpoint, family, layer, scales)
@@ -319,7 +334,16 @@ def compare_plan(
             )
         )  # fmt: skip
         if progress is not None:
-            progress(done, len(plan.layers), layer.name)
+            progress(done, len(mine), layer.name)
+    if ranks is not None:
+        parts = ranks.gather((results, per_seed, non_finite, zeroed))
+        by_layer = {x.name: x for part in parts for x in part[0]}
+        results = [by_layer[layer.name] for layer in plan.layers]
+        per_seed = {name: v for part in parts for name, v in part[1].items()}
+        flagged_nan = {name for part in parts for name in part[2]}
+        flagged_zero = {name for part in parts for name in part[3]}
+        non_finite = [x.name for x in plan.layers if x.name in flagged_nan]
+        zeroed = [x.name for x in plan.layers if x.name in flagged_zero]
     return Comparison(
         layers=results,
         all=_group(results, per_seed),
@@ -337,6 +361,15 @@ def compare_plan(
     )
 
 
+def _refit_cost(ref: BaselineLayer, settings: FitSettings) -> float:
+    """Relative cost of a layer's warm refits (fitted entries × steps × seeds)."""
+    if ref.coords is None:
+        return 0.0
+    g, m, n = ref.shape
+    r, c = block_shape(m, n, settings.max_entries)
+    return g * r * c * warm_steps(settings, r, c) * len(ref.null_mean_distance)
+
+
 def _warm_compare(
     target: torch.Tensor,
     stored: dict[str, torch.Tensor],
@@ -344,14 +377,18 @@ def _warm_compare(
     settings: FitSettings,
     device: torch.device,
 ) -> tuple[dict[str, Any], list[float]]:
-    _, m, n = target.shape
-    steps = warm_steps(settings, m, n)
+    g, m, n = target.shape
+    shape = block_shape(m, n, settings.max_entries)
+    steps = warm_steps(settings, *shape)
     means, changes, absolute, moved = [], [], [], []
     fid = None
     for k in range(len(ref.null_mean_distance)):
         cold = stored[f"cold.{k}"].to(device)
         null = stored[f"null.{k}"].to(device)
-        warm = fit_coordinates(target, settings, cold, steps=steps, lr=settings.warm_lr)
+        # The rows and columns this seed's cold fit saw (all of them below max_entries).
+        seeds = [block_seed(settings.seed + k, ref.name, group) for group in range(g)]
+        fitted = take_blocks(target, shape, seeds)
+        warm = fit_coordinates(fitted, settings, cold, steps=steps, lr=settings.warm_lr)
         _, md = discrepancy(warm)
         new = float(md.mean())
         base = ref.null_mean_distance[k]
@@ -360,7 +397,7 @@ def _warm_compare(
         changes.append((new - base) / base if base else 0.0)
         moved.append(displacement(warm, null) / base if base else 0.0)
         if k == 0:
-            fid = float(fidelity_of(warm, target).mean())
+            fid = float(fidelity_of(warm, fitted).mean())
     std = statistics.stdev(changes) if len(changes) > 1 else 0.0
     change = Change(
         mean=statistics.fmean(changes), std=std, absolute=statistics.fmean(absolute),

@@ -10,7 +10,7 @@ __all__ = ["PROTOCOL_VERSION", "FitSettings"]
 
 # Bump whenever a change moves the numbers: reports and baselines of different protocol
 # versions are never compared.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: matrices above max_entries fitted on seeded blocks
 
 
 class FitSettings(BaseModel):
@@ -31,6 +31,12 @@ class FitSettings(BaseModel):
     )
     seed: int = Field(0, ge=0, description="seed of the first cold fit")
     seeds: int = Field(1, ge=1, le=64, description="cold fits per layer (spread when > 1)")
+    max_entries: int = Field(
+        1 << 20,
+        ge=0,
+        description="largest matrix fitted whole; larger ones are fitted on a seeded block of "
+        "about this many entries (0: every matrix whole)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's)")
     tile_bytes: int = Field(

@@ -86,7 +86,7 @@ def require_single_process(command: str) -> None:
 
         raise UsageError(
             f"{command} is not sharded over torchrun ranks yet: run it as one process "
-            "(only measure is)"
+            "(measure, and check against a stored baseline directory, are)"
         )
 
 

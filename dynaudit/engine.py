@@ -19,6 +19,7 @@ import torch
 from dynaudit.config import FitSettings
 from dynaudit.distributed import Ranks, assign
 from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
+from dynaudit.dynamics.blocks import block_seed, block_shape, take_blocks
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
 from dynaudit.families import Family, Layer, LayerPlan
@@ -50,34 +51,43 @@ def layer_groups(layers: list[Layer]) -> dict[str, str]:
     return {layer.name: layer.group or thirds[layer.depth] for layer in layers}
 
 
-def _batches(
-    checkpoint: Checkpoint, layers: list[Layer], settings: FitSettings
-) -> Iterator[list[Layer]]:
-    """Same-shape layers together, each batch's distance buffer within ``tile_bytes``."""
-    shapes = {
-        layer.name: matrix_shape(layer, checkpoint.tensors[layer.source].shape) for layer in layers
-    }
+Shapes = dict[str, tuple[int, int, int]]  # layer → (matrices, m, n), from the headers
+
+
+def _batches(layers: list[Layer], shapes: Shapes, settings: FitSettings) -> Iterator[list[Layer]]:
+    """Same-shape layers together, each batch's distance buffer within ``tile_bytes``. A
+    sampled layer (above ``max_entries``) is fitted alone: its blocks are small enough for an
+    efficient kernel call, and batching it would hold several large matrices at once."""
     ordered = sorted(layers, key=lambda layer: (shapes[layer.name][1:], layer.depth))
     batch: list[Layer] = []
     for layer in ordered:
         g, m, n = shapes[layer.name]
+        sampled = block_shape(m, n, settings.max_entries) != (m, n)
         if batch:
             _, bm, bn = shapes[batch[0].name]
             count = sum(shapes[x.name][0] for x in batch) + g
-            if (bm, bn) != (m, n) or 4 * count * settings.pieces * m * n > settings.tile_bytes:
+            if (
+                sampled
+                or (bm, bn) != (m, n)
+                or 4 * count * settings.pieces * m * n > settings.tile_bytes
+            ):
                 yield batch
                 batch = []
         batch.append(layer)
+        if sampled:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
 
-def _batch_cost(checkpoint: Checkpoint, batch: list[Layer], settings: FitSettings) -> float:
-    """Relative fit cost of a batch (entries × steps), to balance the ranks of a job."""
+def _batch_cost(batch: list[Layer], shapes: Shapes, settings: FitSettings) -> float:
+    """Relative fit cost of a batch (fitted entries × steps), to balance the ranks of a job."""
     cost = 0.0
     for layer in batch:
-        g, m, n = matrix_shape(layer, checkpoint.tensors[layer.source].shape)
-        cost += g * m * n * fit_steps(settings, m, n)
+        g, m, n = shapes[layer.name]
+        r, c = block_shape(m, n, settings.max_entries)
+        cost += g * r * c * fit_steps(settings, r, c)
     return cost
 
 
@@ -117,9 +127,13 @@ def measure_plan(
     groups = layer_groups(plan.layers)
     results: dict[str, LayerResult] = {}
     non_finite: list[str] = []
-    batches = list(_batches(checkpoint, plan.layers, settings))
+    shapes = {
+        layer.name: matrix_shape(layer, checkpoint.tensors[layer.source].shape)
+        for layer in plan.layers
+    }
+    batches = list(_batches(plan.layers, shapes, settings))
     if ranks is not None:
-        owners = assign([_batch_cost(checkpoint, b, settings) for b in batches], ranks.size)
+        owners = assign([_batch_cost(b, shapes, settings) for b in batches], ranks.size)
         batches = [b for b, owner in zip(batches, owners, strict=True) if owner == ranks.rank]
     total = sum(len(batch) for batch in batches)
     done = 0
@@ -132,6 +146,7 @@ def measure_plan(
         for item in loaded:
             layer = item.layer
             g, m, n = item.matrices.shape
+            r, c = block_shape(m, n, settings.max_entries)
             values = metrics.get(layer.name)
             if item.non_finite:
                 non_finite.append(layer.name)
@@ -142,9 +157,10 @@ def measure_plan(
                 group=groups[layer.name],
                 shape=[m, n] if layer.rows else list(checkpoint.tensors[layer.source].shape),
                 matrices=g,
-                neurons=m + n,
+                neurons=r + c,
+                block=[r, c] if (r, c) != (m, n) else None,
                 q_dim=settings.q_dim,
-                steps=fit_steps(settings, m, n),
+                steps=fit_steps(settings, r, c),
                 discrepancy=values[0] if values else None,
                 mean_distance=values[1] if values else None,
                 fidelity=values[2] if values else None,
@@ -179,26 +195,28 @@ def _fit_batch(
     target = target.to(device)
     owners = [i for i, item in enumerate(items) for _ in range(item.matrices.shape[0])]
     group_index = [g for item in items for g in range(item.matrices.shape[0])]
+    names = [items[o].layer.name for o in owners]
+    # Above max_entries, each seed fits its own block of rows and columns (dynamics.blocks).
     _, m, n = target.shape
-    size = rms(target).float().clamp_min(1e-30)
+    shape = block_shape(m, n, settings.max_entries)
     per_seed: list[tuple[list[float], list[float]]] = []
     fidelity: list[float] = []
+    matrices = list(zip(names, group_index, strict=True))
     for offset in range(settings.seeds):
-        seeds = [
-            matrix_seed(settings.seed + offset, items[o].layer.name, g)
-            for o, g in zip(owners, group_index, strict=True)
-        ]
-        init = init_coordinates(m, n, settings, seeds, size)
-        coords = fit_coordinates(target, settings, init)
+        seed = settings.seed + offset
+        seeds = [matrix_seed(seed, name, g) for name, g in matrices]
+        fitted = take_blocks(target, shape, [block_seed(seed, name, g) for name, g in matrices])
+        init = init_coordinates(*shape, settings, seeds, rms(fitted).float().clamp_min(1e-30))
+        coords = fit_coordinates(fitted, settings, init)
         if sink is not None:
-            sink([item.layer for item in items], owners, offset, coords, target)
+            sink([item.layer for item in items], owners, offset, coords, fitted)
         d, md = discrepancy(coords)
         per_seed.append(
             (_per_layer_mean(d, owners, len(items)), _per_layer_mean(md, owners, len(items)))
         )
         if offset == 0:
-            err = squared_error(coords, target, work_bytes(settings, len(owners), m, n))
-            norm = sum_squares(target)
+            err = squared_error(coords, fitted, work_bytes(settings, len(owners), *shape))
+            norm = sum_squares(fitted)
             for i in range(len(items)):
                 mask = torch.tensor([o == i for o in owners], device=err.device)
                 fidelity.append(1.0 - math.sqrt(float(err[mask].sum()) / float(norm[mask].sum())))

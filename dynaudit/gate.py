@@ -28,10 +28,11 @@ from dynaudit.comparison import (
     is_baseline,
     load_baseline,
     matrix_shapes,
+    refuse_existing,
     staging_for,
 )
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
-from dynaudit.distributed import require_single_process
+from dynaudit.distributed import current, require_single_process
 from dynaudit.engine import Progress
 from dynaudit.errors import UsageError
 from dynaudit.families import detect_family
@@ -77,7 +78,7 @@ def baseline(
     options = sources or SourceOptions()
     started = time.perf_counter()
     target = Path(out)
-    staging_for(target)  # refuse an existing ``out`` before any work
+    refuse_existing(target)  # before any work
     resolved = resolve(source, options)
     digest = _file_digest(options)
     with open_checkpoint(resolved, base, options, digest) as checkpoint:
@@ -182,7 +183,6 @@ def check(
     measured into a temporary directory and dropped)."""
     from dynaudit.runtime import pick_device, torch_scope
 
-    require_single_process("check")
     options = sources or SourceOptions()
     started = time.perf_counter()
     resolved = resolve(source, options)
@@ -200,9 +200,10 @@ def check(
             detection = detect_family(checkpoint, family or stored.family.name)
             plan = detection.family.plan(checkpoint)
             check_architecture(stored, checkpoint, plan, resolved.uri)
+            ranks = current()  # a torchrun job: each rank refits its share of the layers
             with torch_scope(device, fit.threads):
                 comparison = compare_plan(
-                    checkpoint, plan, detection.family, stored, root, device, progress
+                    checkpoint, plan, detection.family, stored, root, device, progress, ranks
                 )
     chosen = policy or Policy()
     return CheckReport(
@@ -250,6 +251,7 @@ def _baseline_at(
                 yield load_baseline(fetched), fetched, True
                 return
         # not a stored baseline: a checkpoint logged in a run, measured on the fly below
+    require_single_process("check against a checkpoint (its baseline is measured first)")
     settings = {k: v for k, v in settings.items() if v is not None}
     cached = _cached_baseline(ref, options, settings) if cache else None
     if cached is not None:

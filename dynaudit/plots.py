@@ -90,6 +90,7 @@ def plot_neurons(baseline_dir: Path, layer: str | None, out: Path, method: str =
     from safetensors.torch import load_file
 
     from dynaudit.comparison import load_baseline
+    from dynaudit.dynamics.blocks import block_shape
 
     plt = _pyplot()
     stored = load_baseline(baseline_dir)
@@ -100,7 +101,8 @@ def plot_neurons(baseline_dir: Path, layer: str | None, out: Path, method: str =
         raise UsageError(f"{baseline_dir}: no fitted layer {layer!r} (e.g. {names})")
     coords = load_file(str(baseline_dir / chosen.coords))["cold.0"][0]  # (H, N, k)
     points = coords.permute(1, 0, 2).reshape(coords.shape[1], -1).double()  # (N, H·k)
-    _, m, _ = chosen.shape
+    _, m, n = chosen.shape
+    m, _ = block_shape(m, n, stored.fit_settings().max_entries)  # rows fitted
     if method == "tsne":
         try:
             from sklearn.manifold import TSNE

@@ -74,7 +74,10 @@ class LayerResult(_Model):
     group: Literal["bottom", "middle", "top"]
     shape: list[int]
     matrices: int = Field(description="matrices fitted for the layer (conv groups)")
-    neurons: int = Field(description="N = m + n per matrix")
+    neurons: int = Field(description="N = m + n per matrix (r + c when sampled)")
+    block: list[int] | None = Field(
+        None, description="[r, c] rows and columns fitted when the matrix was sampled"
+    )
     q_dim: int
     steps: int = Field(description="Adam steps of each cold fit (see docs/method.md)")
     discrepancy: float | None

@@ -32,7 +32,7 @@ from experiments._cli import experiment_main
 FINETUNE_MODULES = ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "string.py")
 
 
-def _derive(base: Path, out: Path, change: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
+def derive(base: Path, out: Path, change: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
     shutil.copytree(base, out)
     state = load_file(str(base / "model.safetensors"))
     save_file({k: change(k, v) for k, v in state.items()}, str(out / "model.safetensors"))
@@ -62,13 +62,13 @@ def damaged_copies(base: Path, work: Path, seed: int, levels: tuple[float, ...])
             return v
         return torch.randn(v.shape, generator=gen) * 0.02  # transformers' initializer_range
 
-    noisy = {f"noise {level:.0%}": _derive(base, work / f"noise{level:g}", noise(level))
+    noisy = {f"noise {level:.0%}": derive(base, work / f"noise{level:g}", noise(level))
              for level in levels}  # fmt: skip
     return {
         **noisy,
-        "block 1 rank 4": _derive(base, work / "collapse", collapse),
-        "zeroed layer": _derive(base, work / "zeroed", zero),
-        "re-initialised layer": _derive(base, work / "reinit", reinit),
+        "block 1 rank 4": derive(base, work / "collapse", collapse),
+        "zeroed layer": derive(base, work / "zeroed", zero),
+        "re-initialised layer": derive(base, work / "reinit", reinit),
     }
 
 

@@ -47,7 +47,7 @@ def test_measure_twice_gives_identical_numbers(digits_mlp: Path, tmp_path: Path)
     b = Report.model_validate_json(second.read_text())
     assert a.numbers() == b.numbers()
     data = json.loads(first.read_text())
-    assert data["schema_version"] == 1 and data["protocol_version"] == 1
+    assert data["schema_version"] == 1 and data["protocol_version"] == 2
     assert len(a.measured) == 3
     for layer in a.measured:
         for field in ("discrepancy", "mean_distance", "fidelity", "scale"):

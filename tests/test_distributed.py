@@ -89,19 +89,64 @@ def test_two_ranks_give_the_single_process_report(tiny_llama: Path, tmp_path: Pa
     assert sharded.stdout.count("summary (means over layers)") == 1
 
 
-def test_baseline_and_check_refuse_to_run_once_per_rank(tiny_llama: Path, tmp_path: Path) -> None:
+def _changes(path: Path) -> tuple[str, dict[str, float]]:
+    report = json.loads(path.read_text())
+    layers = report["comparison"]["layers"]
+    return report["verdict"]["verdict"], {
+        x["name"]: x["change"]["mean"] for x in layers if x["change"] is not None
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_check_like_one_process(tiny_llama: Path, tmp_path: Path) -> None:
+    """``torchrun … check --baseline DIR``: each rank refits its share of the layers, rank 0
+    reports the same comparison and verdict as one process."""
+    import dynaudit
+
+    stored = tmp_path / "baseline"
+    dynaudit.baseline(tiny_llama, stored, **small_settings(seeds=2, threads=1))
+    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    check = ["check", str(tiny_llama), "--baseline", str(stored), "--json"]
+    single = subprocess.run(
+        [sys.executable, "-m", "dynaudit", *check, str(one)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "dynaudit", *check, str(two)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    (verdict, expected), (verdict2, got) = _changes(one), _changes(two)
+    assert verdict == verdict2 == "pass"
+    assert got.keys() == expected.keys() and len(got) == 29
+    for name, want in expected.items():
+        assert got[name] == pytest.approx(want, rel=1e-5, abs=1e-9), name
+    assert sharded.stdout.count("verdict") == single.stdout.count("verdict")
+    # against a checkpoint, whose baseline would be measured once per rank: refused
+    refused = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "dynaudit", "check", str(tiny_llama), "--baseline", str(tiny_llama)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "check against a checkpoint (its baseline is measured first) is not sharded" in (
+        refused.stderr
+    )
+
+
+def test_baseline_refuses_to_run_once_per_rank(tiny_llama: Path, tmp_path: Path) -> None:
     env = {**os.environ, "CI": "true", "WORLD_SIZE": "2"}
-    for argv in (
-        ["baseline", str(tiny_llama), "--out", str(tmp_path / "b")],
-        ["check", str(tiny_llama), "--baseline", str(tiny_llama)],
-    ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "dynaudit", *argv], capture_output=True, text=True,
-            timeout=120, env=env,
-        )  # fmt: skip
-        assert proc.returncode == 2, proc.stderr
-        assert "not sharded over torchrun ranks" in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "baseline", str(tiny_llama), "--out",
+         str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "baseline is not sharded over torchrun ranks" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
 
 

@@ -51,6 +51,14 @@ QDim = Annotated[int | None, typer.Option("--q-dim", help="coordinate dimension 
 Pieces = Annotated[int | None, typer.Option("--pieces", help="pieces H (even, divides q_dim)")]
 Steps = Annotated[int | None, typer.Option(help="Adam steps per fit")]
 Seed = Annotated[int | None, typer.Option(help="seed of the first cold fit")]
+MaxEntries = Annotated[
+    int | None,
+    typer.Option(
+        "--max-entries",
+        help="fit larger matrices on a seeded block of about this many entries (0: whole; "
+        "default 1048576)",
+    ),
+]
 Seeds = Annotated[int | None, typer.Option(help="cold fits per layer; >1 reports the spread")]
 Threads = Annotated[int | None, typer.Option(help="torch threads (default: torch's)")]
 HfEndpoint = Annotated[
@@ -153,6 +161,7 @@ def measure(
     q_dim: QDim = None,
     pieces: Pieces = None,
     steps: Steps = None,
+    max_entries: MaxEntries = None,
     seed: Seed = None,
     seeds: Seeds = None,
     threads: Threads = None,
@@ -181,7 +190,8 @@ def measure(
     with _progress() if main_rank else contextlib.nullcontext() as progress:
         report = run(
             source, family=family, base=base, progress=progress, q_dim=q_dim, pieces=pieces,
-            steps=steps, seed=seed, seeds=seeds, device=device, threads=threads,
+            steps=steps, max_entries=max_entries, seed=seed, seeds=seeds, device=device,
+            threads=threads,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
             cache=not no_cache,
         )  # fmt: skip
@@ -214,6 +224,7 @@ def baseline_command(
     q_dim: QDim = None,
     pieces: Pieces = None,
     steps: Steps = None,
+    max_entries: MaxEntries = None,
     seed: Seed = None,
     seeds: Annotated[
         int | None, typer.Option(help="K cold fits (and null refits) per layer (default 3)")
@@ -242,7 +253,8 @@ def baseline_command(
     with _progress() as progress:
         made = run(
             source, out, family=family, base=base, progress=progress, device=device,
-            q_dim=q_dim, pieces=pieces, steps=steps, seed=seed, seeds=seeds, threads=threads,
+            q_dim=q_dim, pieces=pieces, steps=steps, max_entries=max_entries, seed=seed,
+            seeds=seeds, threads=threads,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
             mlflow=log_mlflow, experiment=experiment,
         )  # fmt: skip
@@ -289,6 +301,7 @@ def check(
     quiet: Quiet = False,
 ) -> int:
     """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
+    from dynaudit.distributed import is_main
     from dynaudit.gate import check as run
     from dynaudit.policy import load_policy
 
@@ -296,12 +309,15 @@ def check(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
     )  # fmt: skip
-    with _progress() as progress:
+    main_rank = is_main()  # under torchrun every rank refits its share; rank 0 reports
+    with _progress() if main_rank else contextlib.nullcontext() as progress:
         report = run(
             source, baseline_ref, policy=policy, family=family, base=base, progress=progress,
             device=device, cache=not no_cache,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
+    if not main_rank:
+        return 0
     return _finish_check(
         report, json_path, markdown_path, junit_path, quiet, log_mlflow, mlflow_uri
     )
@@ -321,6 +337,7 @@ def compare(
     q_dim: QDim = None,
     pieces: Pieces = None,
     steps: Steps = None,
+    max_entries: MaxEntries = None,
     seeds: Seeds = None,
     hf_endpoint: HfEndpoint = None,
     hf_token: HfToken = None,
@@ -345,7 +362,8 @@ def compare(
     with _progress() as progress:
         report = run(
             a, b, policy=policy, family=family, progress=progress, device=device,
-            q_dim=q_dim, pieces=pieces, steps=steps, seeds=seeds, cache=not no_cache,
+            q_dim=q_dim, pieces=pieces, steps=steps, max_entries=max_entries, seeds=seeds,
+            cache=not no_cache,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
     return _finish_check(
@@ -402,6 +420,7 @@ def inspect(
     q_dim: QDim = None,
     pieces: Pieces = None,
     steps: Steps = None,
+    max_entries: MaxEntries = None,
     seeds: Seeds = None,
     hf_endpoint: HfEndpoint = None,
     hf_token: HfToken = None,
@@ -421,7 +440,7 @@ def inspect(
 
     found = run(
         source, family=family, base=base, weights=weights, q_dim=q_dim, pieces=pieces,
-        steps=steps, seeds=seeds,
+        steps=steps, max_entries=max_entries, seeds=seeds,
         sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
     )  # fmt: skip
     if as_json:
