@@ -40,6 +40,7 @@ from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
 from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison
 from dynaudit.report import DEPTH_GROUPS, FamilyInfo, Report, SourceInfo
+from dynaudit.runtime import to_device
 from dynaudit.tensors import Checkpoint, sha256_file
 
 __all__ = [
@@ -54,6 +55,10 @@ __all__ = [
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
 COORDS_DIR = "coords"
+
+
+# A writer's files, cold and null mean distances, by layer (exchanged between ranks).
+Records = tuple[dict[str, str], dict[str, list[float]], dict[str, list[float]]]
 
 
 class BaselineError(InputError):
@@ -98,13 +103,16 @@ class Baseline(_Model):
 
 
 class BaselineWriter:
-    """Collects cold fits and their null refits while the engine measures the reference
-    (through :meth:`sink`), writing each layer's coordinates as soon as its last seed is done."""
+    r"""Collects cold fits and their null refits while the engine measures the reference
+    (through :meth:`sink`), writing each layer's coordinates as soon as its last seed is done.
+    Under torchrun every rank writes its own layers' files into the one staging directory
+    (named by plan order, so they never collide) and rank 0 :meth:`absorb`\ s the others'
+    records."""
 
-    def __init__(self, staging: Path, settings: FitSettings) -> None:
+    def __init__(self, staging: Path, settings: FitSettings, layers: list[str]) -> None:
         self.staging = staging
         self.settings = settings
-        (staging / COORDS_DIR).mkdir(parents=True)
+        self._index = {name: i for i, name in enumerate(layers)}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self.cold: dict[str, list[float]] = {}
         self.null: dict[str, list[float]] = {}
@@ -142,9 +150,21 @@ class BaselineWriter:
     def _flush(self, name: str) -> None:
         from safetensors.torch import save_file
 
-        file = f"{COORDS_DIR}/{len(self.files):05d}.safetensors"
+        file = f"{COORDS_DIR}/{self._index[name]:05d}.safetensors"
         save_file(self._pending.pop(name), str(self.staging / file))
         self.files[name] = file
+
+    @property
+    def records(self) -> Records:
+        """What this writer wrote: files, cold and null mean distances, by layer."""
+        return self.files, self.cold, self.null
+
+    def absorb(self, parts: list[Records]) -> None:
+        """Take in the records of every rank of a job (this one's included)."""
+        for files, cold, null in parts:
+            self.files.update(files)
+            self.cold.update(cold)
+            self.null.update(null)
 
     def finish(self, baseline: Baseline, out: Path) -> Path:
         """Write baseline.json and the manifest, then rename the staging directory to ``out``."""
@@ -171,11 +191,13 @@ def refuse_existing(out: Path) -> None:
 
 
 def staging_for(out: Path) -> Path:
-    """A fresh staging directory beside ``out`` (same filesystem, so the rename is atomic);
-    ``out`` must not exist."""
+    """A fresh staging directory beside ``out`` (same filesystem, so the rename is atomic),
+    created with its ``coords/``; ``out`` must not exist."""
     refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    (staging / COORDS_DIR).mkdir(parents=True)
+    return staging
 
 
 def discard(staging: Path) -> None:
@@ -318,7 +340,7 @@ def compare_plan(
             figures["reason"] = f"damage: {loaded.reason}"
         else:
             stored = load_file(str(root / ref.coords))
-            target = loaded.matrices.div_(loaded.scale or 1.0).to(device)
+            target = loaded.matrices.div_(loaded.scale or 1.0)
             figures, changes = _warm_compare(target, stored, ref, settings, device)
             per_seed[layer.name] = changes
         results.append(
@@ -387,7 +409,7 @@ def _warm_compare(
         null = stored[f"null.{k}"].to(device)
         # The rows and columns this seed's cold fit saw (all of them below max_entries).
         seeds = [block_seed(settings.seed + k, ref.name, group) for group in range(g)]
-        fitted = take_blocks(target, shape, seeds)
+        fitted = to_device(take_blocks(target, shape, seeds), device)
         warm = fit_coordinates(fitted, settings, cold, steps=steps, lr=settings.warm_lr)
         _, md = discrepancy(warm)
         new = float(md.mean())

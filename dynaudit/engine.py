@@ -25,6 +25,7 @@ from dynaudit.dynamics.metrics import squared_error
 from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
 from dynaudit.report import LayerResult, Spread, depth_groups
+from dynaudit.runtime import to_device
 from dynaudit.tensors import Checkpoint
 
 __all__ = ["CoordsSink", "Loaded", "Progress", "layer_groups", "load_layer", "measure_plan"]
@@ -192,7 +193,6 @@ def _fit_batch(
     for item in items:
         item.matrices.div_(item.scale or 1.0)
     target = items[0].matrices if len(items) == 1 else torch.cat([i.matrices for i in items])
-    target = target.to(device)
     owners = [i for i, item in enumerate(items) for _ in range(item.matrices.shape[0])]
     group_index = [g for item in items for g in range(item.matrices.shape[0])]
     names = [items[o].layer.name for o in owners]
@@ -205,7 +205,8 @@ def _fit_batch(
     for offset in range(settings.seeds):
         seed = settings.seed + offset
         seeds = [matrix_seed(seed, name, g) for name, g in matrices]
-        fitted = take_blocks(target, shape, [block_seed(seed, name, g) for name, g in matrices])
+        blocks = take_blocks(target, shape, [block_seed(seed, name, g) for name, g in matrices])
+        fitted = to_device(blocks, device)  # only the fitted rows and columns are moved
         init = init_coordinates(*shape, settings, seeds, rms(fitted).float().clamp_min(1e-30))
         coords = fit_coordinates(fitted, settings, init)
         if sink is not None:

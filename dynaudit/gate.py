@@ -32,7 +32,7 @@ from dynaudit.comparison import (
     staging_for,
 )
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
-from dynaudit.distributed import current, require_single_process
+from dynaudit.distributed import Ranks, current, require_single_process
 from dynaudit.engine import Progress
 from dynaudit.errors import UsageError
 from dynaudit.families import detect_family
@@ -64,10 +64,10 @@ def baseline(
     """Measure ``source`` with K cold fits and their null refits and store it as a baseline
     directory at ``out`` (written atomically; an existing ``out`` is never overwritten), and/or
     with ``mlflow`` as the artifacts of a new MLflow run (``Baseline.stored_at`` says where)."""
-    require_single_process("baseline")
     if out is None and not mlflow:
         raise UsageError("a baseline needs --out DIR, --mlflow, or both")
     if out is None:
+        require_single_process("baseline --mlflow without --out")  # one temporary dir per rank
         with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
             return baseline(
                 source, Path(tmp) / "baseline", family=family, base=base, sources=sources,
@@ -79,13 +79,16 @@ def baseline(
     started = time.perf_counter()
     target = Path(out)
     refuse_existing(target)  # before any work
+    ranks = current()  # a torchrun job: each rank fits its share of the layers
     resolved = resolve(source, options)
     digest = _file_digest(options)
     with open_checkpoint(resolved, base, options, digest) as checkpoint:
         made = _write_baseline(
             checkpoint, resolved, target, fit, family=family, digest=digest, progress=progress,
-            started=started,
+            started=started, ranks=ranks,
         )  # fmt: skip
+    if ranks is not None and not ranks.is_main:
+        return made  # rank 0 stores and reports
     if mlflow:
         from dynaudit.tracking import store_baseline
 
@@ -108,24 +111,38 @@ def _write_baseline(
     digest: Callable[[Path], str],
     progress: Progress | None = None,
     started: float | None = None,
+    ranks: Ranks | None = None,
 ) -> Baseline:
     """Measure an opened checkpoint into a new baseline directory ``target``, staged beside it
-    and renamed into place: an interruption or an error leaves nothing behind."""
+    and renamed into place: an interruption or an error leaves nothing behind. With ``ranks``
+    (a torchrun job) each rank fits its share into rank 0's staging directory, which must be
+    on a filesystem every rank sees, and rank 0 completes and renames it."""
     from dynaudit.runtime import pick_device
 
     started = time.perf_counter() if started is None else started
-    staging = staging_for(target)
+    main = ranks is None or ranks.is_main
+    staging = staging_for(target) if main else None
+    if ranks is not None:
+        staging = Path(ranks.from_main(str(staging)))
+        if not staging.is_dir():
+            raise UsageError(
+                f"{target}: rank {ranks.rank} cannot see rank 0's staging directory "
+                f"{staging}; under torchrun --out must be on a filesystem every rank shares"
+            )
+    assert staging is not None
     try:
-        writer = BaselineWriter(staging, fit)
         source_info = SourceInfo(
             uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
             files=checkpoint.fingerprint(digest),
         )  # fmt: skip
         detection, plan = plan_checkpoint(checkpoint, family)
+        writer = BaselineWriter(staging, fit, [layer.name for layer in plan.layers])
         report = fit_report(
             checkpoint, source_info, detection, plan, fit, pick_device(fit.device),
-            progress=progress, sink=writer.sink, started=started,
+            progress=progress, sink=writer.sink, started=started, ranks=ranks,
         )  # fmt: skip
+        if ranks is not None:
+            writer.absorb(ranks.gather(writer.records))
         shapes = matrix_shapes(checkpoint, plan)
         made = Baseline(
             protocol_version=PROTOCOL_VERSION,
@@ -140,9 +157,11 @@ def _write_baseline(
             ],
             report=report,
         )
-        writer.finish(made, target)
+        if main:
+            writer.finish(made, target)
     except BaseException:
-        discard(staging)
+        if main:
+            discard(staging)
         raise
     return made
 

@@ -10,7 +10,7 @@ import torch
 
 from dynaudit.errors import UsageError
 
-__all__ = ["pick_device", "torch_scope"]
+__all__ = ["pick_device", "to_device", "torch_scope"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -20,6 +20,15 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return torch.device(name)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU it goes through pinned memory without blocking
+    the host (the copy is ordered before later work on the same stream); elsewhere it is
+    returned as it is."""
+    if x.device == device or device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,9 @@ from experiments.calibrate_gate import derive
 
 FULL = {"shape": Shape(hidden=768, intermediate=2048, blocks=1, vocab=1024, heads=8),
         "caps": [0, 1 << 20, 1 << 18, 1 << 16], "settings": {}}  # fmt: skip
-QUICK = {"shape": Shape(hidden=256, intermediate=704, blocks=1, vocab=512, heads=4),
-         "caps": [0, 1 << 15], "settings": {"q_dim": 32, "pieces": 4, "steps": 150}}  # fmt: skip
+QUICK = {"shape": Shape(hidden=256, intermediate=640, blocks=1, vocab=256, heads=4),
+         "caps": [0, 1 << 16],
+         "settings": {"q_dim": 16, "pieces": 4, "steps": 100, "seeds": 2}}  # fmt: skip
 
 
 def _variants(base: Path, work: Path) -> dict[str, Path]:

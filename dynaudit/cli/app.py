@@ -248,9 +248,11 @@ def baseline_command(
     ] = None,
 ) -> int:
     """Store a baseline: K cold fits of every layer, their null refits, scales and settings."""
+    from dynaudit.distributed import is_main
     from dynaudit.gate import baseline as run
 
-    with _progress() as progress:
+    main_rank = is_main()  # under torchrun every rank fits its share; rank 0 writes
+    with _progress() if main_rank else contextlib.nullcontext() as progress:
         made = run(
             source, out, family=family, base=base, progress=progress, device=device,
             q_dim=q_dim, pieces=pieces, steps=steps, max_entries=max_entries, seed=seed,
@@ -258,6 +260,8 @@ def baseline_command(
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
             mlflow=log_mlflow, experiment=experiment,
         )  # fmt: skip
+    if not main_rank:
+        return 0
     fitted = sum(1 for layer in made.layers if layer.coords)
     where = " and ".join(
         x for x in (str(out) if out else "", made.stored_at if log_mlflow else "") if x
