@@ -89,6 +89,12 @@ class LayerResult(_Model):
     reason: str | None = Field(None, description="why the metrics are null")
     seconds: float = 0.0
 
+    @property
+    def shape_text(self) -> str:
+        """The shape as reports show it, with the fitted block when the matrix was sampled."""
+        text = "×".join(map(str, self.shape))
+        return f"{text} (block {self.block[0]}×{self.block[1]})" if self.block else text
+
 
 class SkippedLayer(_Model):
     name: str

@@ -64,6 +64,9 @@ def test_a_sampled_layer_reports_its_block(large: Path) -> None:
         assert layer.mean_distance is not None and exact.mean_distance is not None
         assert layer.mean_distance != exact.mean_distance  # another system, not a copy
     assert report.settings["max_entries"] == 1 << 16
+    from dynaudit.reports import render_markdown
+
+    assert "| 640×512 (block 286×256) |" in render_markdown(report)
 
 
 def test_a_sampled_baseline_compares_on_the_same_blocks(large: Path, tmp_path: Path) -> None:

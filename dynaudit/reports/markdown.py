@@ -92,7 +92,7 @@ def render_markdown(report: Report) -> str:
         note = f" ({escape_markdown(layer.reason)})" if layer.reason else ""
         lines.append(
             f"| {esc(layer.name)}{note} | {esc(layer.type)} | {layer.depth} "
-            f"| {'×'.join(map(str, layer.shape))} | {fmt(layer.mean_distance)} | {spread} "
+            f"| {layer.shape_text} | {fmt(layer.mean_distance)} | {spread} "
             f"| {fmt(layer.discrepancy, 2)} | {fmt(layer.fidelity, 3)} | {fmt(layer.scale)} |"
         )
     if report.skipped:

@@ -31,7 +31,7 @@ def render_terminal(report: Report, console: Console) -> None:
         if layer.reason:
             name.append(f"  ({layer.reason})", style="yellow")
         table.add_row(
-            name, Text(layer.type), str(layer.depth), "×".join(map(str, layer.shape)),
+            name, Text(layer.type), str(layer.depth), layer.shape_text,
             fmt(layer.mean_distance), spread, fmt(layer.discrepancy, 2), fmt(layer.fidelity, 3),
         )  # fmt: skip
     console.print(table)
