@@ -108,3 +108,18 @@ def test_value_quick(tmp_path: Path) -> None:
     assert summary["separation"]["dynaudit"]["separates"]
     assert 0 <= summary["r_squared_all_four"] <= 1
     assert all(-1 <= v <= 1 for v in summary["spearman_with_dynaudit"].values())
+
+
+@pytest.mark.slow
+def test_blocks_quick(tmp_path: Path) -> None:
+    """Sampled blocks against the exact fit: some layers sampled, the absolute number moved
+    a little, every verdict as the exact fit's, and layer changes within a point of it.
+    (Bounds written after the first quick run: RMS 0.13 points, max 0.39.)"""
+    result = run_quick("blocks", tmp_path)
+    cmp = result["against_exact"][str(1 << 16)]
+    assert cmp["sampled_layers"] >= 3
+    assert 1.0 < cmp["mean_distance_ratio"][1] < 1.2
+    assert cmp["verdicts_agree"]
+    assert cmp["change_rms_error"] < 0.01 and abs(cmp["change_max_error"]) < 0.02
+    exact, sampled = cmp["all_layers"]["pruned 50 %"]
+    assert exact < -0.01 and sampled < -0.01  # the same direction
