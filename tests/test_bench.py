@@ -24,7 +24,9 @@ def test_exponent_is_the_log_log_slope() -> None:
 @pytest.mark.slow
 def test_series_smoke(tmp_path: Path) -> None:
     """Every phase runs as a real process (dynaudit measure, baseline, check; WeightWatcher)
-    and every ratio the scale issue asks for is printed and recorded."""
+    and every ratio the scale issue asks for is printed and recorded. Needs the ``[bench]``
+    extra (WeightWatcher), which the CI set-up does not install yet."""
+    pytest.importorskip("weightwatcher")
     out = tmp_path / "series.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.series", "--sizes", "4M", "--steps", "5", "--threads", "1",
