@@ -14,6 +14,11 @@ in one run:
 then the ratios the scale issue sets goals for and the exponent of cost against parameter count
 (least squares on log-log). With ``--steps`` below the default, the cold-fit times are also
 extrapolated linearly in steps to the default (as in bench.run).
+
+Each size is held to ``--budget`` minutes (60 by default): from the previous size's seconds per
+counted fit FLOP, the run predicts what this size costs at the requested steps and, if that is
+over budget, fits with fewer steps so that it is not; its times are extrapolated to the default
+like any other.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from bench.run import (
     run_process,
 )
 from dynaudit.config import FitSettings
+from dynaudit.dynamics.blocks import fit_flop
 
 MIB = 2**20
 # Goals of the scale issue (docs/performance.md).
@@ -57,6 +63,8 @@ SIZES = {
     "1.3B": Shape(hidden=2048, intermediate=5632, blocks=22, vocab=32000, heads=32),
 }
 QUICK = ("50M", "220M")
+FULL = ("50M", "220M", "1.3B")
+MIN_STEPS = 20  # below this a capped run says more about start-up than about fitting
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -72,6 +80,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--seeds", type=int, default=1, help="K of the baseline the check uses (default 1)"
     )
     parser.add_argument("--threads", type=int, default=None, help="threads for both tools")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="minutes per size; fewer cold-fit steps above it (default 60)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep checkpoints and logs here")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "series.json")
     return parser.parse_args(argv)  # fmt: skip
@@ -101,30 +115,62 @@ def _dynaudit(work: Path, command: list[str], what: str) -> dict[str, Any]:
     return result
 
 
-def _fit_flop(report: dict[str, Any], settings: FitSettings) -> float:
-    """Counted FLOP of the cold fits (6·r·c·q_dim per step), from the report's layers."""
-    total = 0.0
-    for layer in report["layers"]:
-        if layer.get("mean_distance") is None:
-            continue
-        r, c = layer["block"] or layer["shape"][-2:]
-        total += 6 * r * c * settings.q_dim * layer["steps"] * layer["matrices"]
-    return total
+def fit_tflop(shape: Shape, settings: FitSettings, *, warm: bool = False) -> float:
+    """Counted TFLOP of one cold fit (or warm refit) of every matrix of the checkpoint."""
+    return sum(fit_flop(settings, m, n, warm=warm) for m, n in shape.projections().values()) / 1e12
+
+
+def capped_steps(
+    shape: Shape, previous: dict[str, Any] | None, steps: int, seeds: int, budget_s: float
+) -> tuple[int, float | None]:
+    """Cold-fit steps that keep this size within ``budget_s``, and the predicted seconds at
+    ``steps``. The prediction takes the previous size's seconds per counted TFLOP for the cold
+    fits (measure, and the baseline's ``seeds`` fits) and for the warm check, and scales
+    WeightWatcher and everything else by the parameter count."""
+    if previous is None:
+        return steps, None
+    rate = previous["dynaudit"]["fit_s"] / previous["fit_tflop_run"]
+    cold = rate * (1 + seeds) * fit_tflop(shape, FitSettings(steps=steps))
+    growth = shape_parameters(shape) / previous["parameters"]
+    warm = previous["check"]["wall_s"] * seeds / previous["baseline_seeds"]
+    warm *= fit_tflop(shape, FitSettings()) / previous["fit_tflop_default"]
+    fixed = warm + growth * (previous["weightwatcher"]["wall_s"] + previous["io_floor"]["seconds"])
+    predicted = cold + fixed
+    if predicted <= budget_s:
+        return steps, predicted
+    fitting = int(steps * max(0.0, budget_s - fixed) / cold)
+    return min(steps, max(MIN_STEPS, fitting)), predicted
+
+
+def shape_parameters(shape: Shape) -> int:
+    """Parameters of the generated checkpoint: the projections, the embedding and the norms."""
+    projections = sum(m * n for m, n in shape.projections().values())
+    return projections + shape.vocab * shape.hidden + (2 * shape.blocks + 1) * shape.hidden
 
 
 def run_size(
-    label: str, shape: Shape, work: Path, args: argparse.Namespace, threads: int
+    label: str,
+    shape: Shape,
+    work: Path,
+    args: argparse.Namespace,
+    threads: int,
+    previous: dict[str, Any] | None,
 ) -> dict[str, Any]:
     console = Console(stderr=True)
     work.mkdir(parents=True, exist_ok=True)
+    requested = args.steps or FitSettings().steps
+    steps, predicted = capped_steps(shape, previous, requested, args.seeds, args.budget * 60)
+    if steps < requested:
+        console.print(f"[{label}] predicted {predicted / 60:.0f} min at {requested} steps, over "
+                      f"the {args.budget:g}-minute budget: cold fits at {steps} steps")  # fmt: skip
     console.print(f"[{label}] generating {shape} ...")
     checkpoint = generate(work / "checkpoint", shape, seed=0)
     ckpt = Path(str(checkpoint["path"]))
     io = io_floor(ckpt)
     console.print(f"[{label}] I/O floor {io['seconds']:.1f} s; dynaudit measure ...")
-    dyn = measure_dynaudit(ckpt, work, args.steps, threads)
-    report = json.loads((work / "dynaudit.json").read_text())
-    common = ["--threads", str(threads)] + (["--steps", str(args.steps)] if args.steps else [])
+    started = time.perf_counter()
+    dyn = measure_dynaudit(ckpt, work, steps, threads)
+    common = ["--threads", str(threads), "--steps", str(steps)]
     console.print(f"[{label}] baseline (K = {args.seeds}) ...")
     baseline = _dynaudit(work, ["baseline", str(ckpt), "--out", str(work / "baseline"),
                                 "--seeds", str(args.seeds), *common], "baseline")  # fmt: skip
@@ -134,6 +180,8 @@ def run_size(
                       "check")  # fmt: skip
     console.print(f"[{label}] WeightWatcher analyze ...")
     ww = measure_weightwatcher(ckpt, work, args.threads)
+    elapsed = time.perf_counter() - started
+    report = json.loads((work / "dynaudit.json").read_text())
     m, n = checkpoint["largest_matrix"]  # type: ignore[misc]
     largest = 4 * m * n
     default_steps = FitSettings().steps
@@ -144,11 +192,20 @@ def run_size(
         "checkpoint": checkpoint,
         "parameters": checkpoint["parameters"],
         "largest_matrix_bytes": largest,
+        "steps": dyn["steps"],
+        "budget": {
+            "minutes": args.budget,
+            "predicted_s": predicted,
+            "elapsed_s": elapsed,
+            "requested_steps": requested,
+        },
         "io_floor": io,
         "dynaudit": dyn,
         "measure_s": measure_s,
-        "fit_tflop": _fit_flop(report, FitSettings(steps=dyn["steps"])) * scale / 1e12,
+        "fit_tflop_run": fit_tflop(shape, FitSettings(steps=dyn["steps"])),
+        "fit_tflop_default": fit_tflop(shape, FitSettings()),
         "blocks": sum(1 for layer in report["layers"] if layer.get("block")),
+        "baseline_seeds": args.seeds,
         "baseline": baseline,
         "check": check,
         "weightwatcher": ww,
@@ -174,12 +231,11 @@ def exponent(points: list[tuple[float, float]]) -> float | None:
 
 
 def _table(results: dict[str, Any]) -> Table:
-    steps = results["steps"]
-    title = f"dynaudit vs WeightWatcher by size · cold fits at {steps} steps"
-    if steps != results["default_steps"]:
-        title += f", times extrapolated to {results['default_steps']}"
+    title = "dynaudit vs WeightWatcher by size"
+    if any(size["steps"] != results["default_steps"] for size in results["sizes"]):
+        title += f" · cold-fit times extrapolated to {results['default_steps']} steps"
     table = Table(title=title)
-    columns = ["size", "params", "sampled", "measure s", "check s", "WW s", "I/O s",
+    columns = ["size", "params", "sampled", "steps run", "measure s", "check s", "WW s", "I/O s",
                "time ratio", "/ I/O", "RSS / matrix", "check / measure"]  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
@@ -187,7 +243,7 @@ def _table(results: dict[str, Any]) -> Table:
         r = size["ratios"]
         table.add_row(
             size["label"], f"{size['parameters'] / 1e6:.0f} M",
-            f"{size['blocks']}/{len(size['dynaudit']['layers_fitted'])}",
+            f"{size['blocks']}/{len(size['dynaudit']['layers_fitted'])}", str(size["steps"]),
             f"{size['measure_s']:.0f}", f"{size['check']['wall_s']:.0f}",
             f"{size['weightwatcher']['wall_s']:.0f}", f"{size['io_floor']['seconds']:.1f}",
             f"{r['time']:.2f}", f"{r['io']:.0f}", f"{r['memory']:.2f}", f"{r['warm']:.2f}",
@@ -200,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    labels = args.sizes or (list(QUICK) if args.quick else list(SIZES))
+    labels = args.sizes or list(QUICK if args.quick else FULL)
     machine = describe()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dynaudit-series-"))
     sizes = []
     try:
         for label in labels:
-            sizes.append(run_size(label, SIZES[label], work / label, args, threads))
+            previous = sizes[-1] if sizes else None
+            sizes.append(run_size(label, SIZES[label], work / label, args, threads, previous))
             if args.workdir is None:  # one checkpoint on disk at a time
                 shutil.rmtree(work / label, ignore_errors=True)
     finally:
@@ -217,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         "dynaudit_revision": revision_of_dynaudit(),
         "machine": machine,
         "threads": threads,
-        "steps": sizes[0]["dynaudit"]["steps"],
         "default_steps": FitSettings().steps,
         "baseline_seeds": args.seeds,
         "sizes": sizes,

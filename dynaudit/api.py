@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dynaudit import __version__
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, current
-from dynaudit.dynamics.blocks import block_shape
-from dynaudit.dynamics.kernel import fit_steps
+from dynaudit.dynamics.blocks import fit_flop
 from dynaudit.engine import CoordsSink, Progress, measure_plan
 from dynaudit.errors import UsageError
 from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
@@ -264,8 +263,7 @@ def inspect(
         for layer in plan.layers:
             info = checkpoint.tensors[layer.source]
             g, m, n = matrix_shape(layer, info.shape)
-            r, c = block_shape(m, n, fit.max_entries)
-            flop = 6 * r * c * fit.q_dim * fit_steps(fit, r, c) * g * fit.seeds
+            flop = g * fit_flop(fit, m, n) * fit.seeds
             check = checks.get(layer.name)
             layers.append(
                 InspectedLayer(

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, assign
 from dynaudit.dynamics import discrepancy, fit_coordinates
-from dynaudit.dynamics.blocks import block_seed, block_shape, take_blocks
+from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
 from dynaudit.engine import CoordsSink, Progress, layer_groups, load_layer
@@ -384,12 +384,11 @@ def compare_plan(
 
 
 def _refit_cost(ref: BaselineLayer, settings: FitSettings) -> float:
-    """Relative cost of a layer's warm refits (fitted entries × steps × seeds)."""
+    """FLOP of a layer's warm refits, one per stored seed."""
     if ref.coords is None:
         return 0.0
     g, m, n = ref.shape
-    r, c = block_shape(m, n, settings.max_entries)
-    return g * r * c * warm_steps(settings, r, c) * len(ref.null_mean_distance)
+    return g * fit_flop(settings, m, n, warm=True) * len(ref.null_mean_distance)
 
 
 def _warm_compare(

@@ -19,7 +19,7 @@ import torch
 from dynaudit.config import FitSettings
 from dynaudit.distributed import Ranks, assign
 from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
-from dynaudit.dynamics.blocks import block_seed, block_shape, take_blocks
+from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
 from dynaudit.families import Family, Layer, LayerPlan
@@ -83,12 +83,11 @@ def _batches(layers: list[Layer], shapes: Shapes, settings: FitSettings) -> Iter
 
 
 def _batch_cost(batch: list[Layer], shapes: Shapes, settings: FitSettings) -> float:
-    """Relative fit cost of a batch (fitted entries × steps), to balance the ranks of a job."""
+    """Fit FLOP of a batch, to balance the ranks of a job."""
     cost = 0.0
     for layer in batch:
         g, m, n = shapes[layer.name]
-        r, c = block_shape(m, n, settings.max_entries)
-        cost += g * r * c * fit_steps(settings, r, c)
+        cost += g * fit_flop(settings, m, n)
     return cost
 
 

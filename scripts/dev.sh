@@ -17,7 +17,7 @@ pip_install() {
 }
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 pip_install "$torch_spec"
-pip_install -e ".[test,lint]"
+pip_install -e ".[test,lint,bench]"
 
 case "${1:-}" in
     demo)

@@ -10,7 +10,7 @@ import torch
 
 from dynaudit.config import FitSettings
 from dynaudit.dynamics import discrepancy, fidelity, fit_coordinates, init_coordinates, reconstruct
-from dynaudit.dynamics.kernel import _gradient, matrix_seed
+from dynaudit.dynamics.kernel import _gradient, _Work, matrix_seed
 
 
 def _direct_reconstruction(coords: torch.Tensor, m: int) -> torch.Tensor:
@@ -38,7 +38,9 @@ def test_hand_written_gradient_matches_autograd() -> None:
     coords = _random_coords(2, h, m, n, k).double()
     target = torch.randn(2, m, n, dtype=torch.float64)
     eps2 = torch.zeros(2, 1, 1, 1, dtype=torch.float64)
-    ours = _gradient(coords, target, eps2, mu, rows_per_tile=2)
+    rows = 2  # three tiles, the buffers reused from one to the next
+    work = _Work(rows, torch.empty(2 * h * rows * n).double(), torch.empty(2 * rows * n).double())
+    ours = _gradient(coords, target, eps2, mu, work)
 
     leaf = coords.clone().requires_grad_(True)
     with torch.enable_grad():

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from dynaudit.dynamics.kernel import matrix_seed
+from dynaudit.config import FitSettings
+from dynaudit.dynamics.kernel import fit_steps, matrix_seed, warm_steps
 
-__all__ = ["block_seed", "block_shape", "take_blocks"]
+__all__ = ["block_seed", "block_shape", "fit_flop", "take_blocks"]
 
 # A side shorter than this is kept whole when the matrix is sampled (a 32 × 100 000 matrix is
 # fitted on all 32 rows): a block of a few rows says little about the others.
@@ -36,6 +37,15 @@ def block_shape(m: int, n: int, max_entries: int) -> tuple[int, int]:
     cols = min(n, max(_MIN_SIDE, max_entries // rows))
     rows = min(m, max(rows, max_entries // cols))  # a short side kept whole frees entries
     return rows, cols
+
+
+def fit_flop(settings: FitSettings, m: int, n: int, *, warm: bool = False) -> float:
+    """FLOP of one cold fit (or, with ``warm``, one warm refit) of an m × n matrix: 6·q_dim
+    per fitted entry and step. What inspect shows, what shards are balanced on and what the
+    benchmarks count."""
+    r, c = block_shape(m, n, settings.max_entries)
+    steps = warm_steps(settings, r, c) if warm else fit_steps(settings, r, c)
+    return 6.0 * settings.q_dim * r * c * steps
 
 
 def block_seed(seed: int, name: str, group: int = 0) -> int:

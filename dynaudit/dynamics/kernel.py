@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -123,6 +124,23 @@ def _rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
     return max(1, min(m, tile_bytes // max(1, 4 * b * h * n)))
 
 
+class _Work(NamedTuple):
+    """The fit's two large buffers, allocated once per fit rather than per tile and step: a
+    fresh allocation of tens of MiB is a fresh mmap whose pages fault in again on every use
+    (up to a quarter of a fit's time went to the kernel before they were reused)."""
+
+    rows: int  # rows of A per tile
+    dist: torch.Tensor  # flat, (b, H, rows, n) distances, then σ·G
+    resid: torch.Tensor  # flat, (b, rows, n) residuals
+
+    @classmethod
+    def allocate(cls, b: int, h: int, m: int, n: int, tile_bytes: int, like: torch.Tensor) -> _Work:
+        rows = _rows_per_tile(b, h, m, n, tile_bytes)
+        dist = torch.empty(b * h * rows * n, dtype=like.dtype, device=like.device)
+        resid = torch.empty(b * rows * n, dtype=like.dtype, device=like.device)
+        return cls(rows, dist, resid)
+
+
 def _augment(x: torch.Tensor, *, left: bool) -> torch.Tensor:
     """Rows x → (−2x, |x|², 1) on the left side, (x, 1, |x|²) on the right: their inner
     product is the squared distance."""
@@ -131,11 +149,15 @@ def _augment(x: torch.Tensor, *, left: bool) -> torch.Tensor:
     return torch.cat([x * -2.0, sq, one] if left else [x, one, sq], dim=-1)
 
 
-def _distances(a_aug: torch.Tensor, b_aug: torch.Tensor, eps2: torch.Tensor) -> torch.Tensor:
-    """Piece distances E = ‖a − b‖ for augmented rows: (b, H, t, n)."""
+def _distances(
+    a_aug: torch.Tensor, b_aug: torch.Tensor, eps2: torch.Tensor, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Piece distances E = ‖a − b‖ for augmented rows: (b, H, t, n), written into the front of
+    the flat buffer ``work`` when one is given."""
     bsz, h, t, width = a_aug.shape
     n = b_aug.shape[2]
-    sq = torch.bmm(a_aug.reshape(bsz * h, t, width), b_aug.reshape(bsz * h, n, width).mT)
+    out = None if work is None else work[: bsz * h * t * n].view(bsz * h, t, n)
+    sq = torch.bmm(a_aug.reshape(bsz * h, t, width), b_aug.reshape(bsz * h, n, width).mT, out=out)
     sq = sq.view(bsz, h, t, n)
     return sq.clamp_(min=eps2).sqrt_()  # eps2 broadcasts per matrix: (b, 1, 1, 1)
 
@@ -168,24 +190,29 @@ def _gradient(
     target: torch.Tensor,
     eps2: torch.Tensor,
     mu: float,
-    rows_per_tile: int,
+    work: _Work,
 ) -> torch.Tensor:
     """∂L/∂coords for L = mean((Ŵ − T)²) + μ·mean_i ‖q_i‖²."""
     bsz, h, total, k = coords.shape
     m = target.shape[1]
     n = total - m
+    half = h // 2
     a, b = coords[:, :, :m], coords[:, :, m:]
     grad = torch.empty_like(coords)
     grad_b = torch.zeros_like(b)
     b_aug = _augment(b, left=False)
     b_one = torch.cat([b, torch.ones_like(b[..., :1])], dim=-1).reshape(bsz * h, n, k + 1)
-    for r0 in range(0, m, rows_per_tile):
-        r1 = min(m, r0 + rows_per_tile)
+    for r0 in range(0, m, work.rows):
+        r1 = min(m, r0 + work.rows)
         t = r1 - r0
         a_t = a[:, :, r0:r1]
-        dist = _distances(_augment(a_t, left=True), b_aug, eps2)
-        resid = _signed_sum(dist).sub_(target[:, r0:r1]).mul_(2.0 / (m * n))
-        # G = ∂L/∂Ŵ ⊘ E, computed in place over the distance buffer.
+        # σ_h·E_h: with the signs folded in, Ŵ is one sum over the pieces and the division
+        # below yields σ_h·G directly, so no piece needs its gradient negated afterwards.
+        dist = _distances(_augment(a_t, left=True), b_aug, eps2, work.dist)
+        dist[:, :half].neg_()
+        resid = torch.sum(dist, dim=1, out=work.resid[: bsz * t * n].view(bsz, t, n))
+        resid.sub_(target[:, r0:r1]).mul_(2.0 / (m * n))
+        # σ_h·G = ∂L/∂Ŵ ⊘ (σ_h·E_h), computed in place over the distance buffer.
         g = torch.div(resid.unsqueeze(1), dist, out=dist).view(bsz * h, t, n)
         gb = torch.bmm(g, b_one).view(bsz, h, t, k + 1)
         grad[:, :, r0:r1] = gb[..., k:] * a_t - gb[..., :k]
@@ -193,7 +220,6 @@ def _gradient(
         gta = torch.bmm(g.mT, a_one.reshape(bsz * h, t, k + 1)).view(bsz, h, n, k + 1)
         grad_b += gta[..., k:] * b - gta[..., :k]
     grad[:, :, m:] = grad_b
-    grad[:, : h // 2].neg_()
     return grad.add_(coords, alpha=2.0 * mu / total)
 
 
@@ -219,9 +245,9 @@ def fit_coordinates(
     coords = init.clone()
     avg = torch.zeros_like(coords)
     avg_sq = torch.zeros_like(coords)
-    rows = _rows_per_tile(bsz, settings.pieces, m, n, work_bytes(settings, bsz, m, n))
+    work = _Work.allocate(bsz, settings.pieces, m, n, work_bytes(settings, bsz, m, n), target)
     for step in range(1, steps + 1):
-        grad = _gradient(coords, target, eps2, settings.mu, rows)
+        grad = _gradient(coords, target, eps2, settings.mu, work)
         avg.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
         avg_sq.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
         rate = lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
