@@ -137,10 +137,20 @@ def test_all_zero_matrix_gets_null_metrics(
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [(["--pieces", "3", "--q-dim", "12"], "even"), (["--q-dim", "10", "--pieces", "4"], "divide"),
-     (["--family", "generc"], "did you mean 'generic'")],
+     (["--family", "generc"], "did you mean 'generic'"),
+     # Parsed by Typer's own copy of click (Typer ≥ 0.22): these were exit 4, "internal error".
+     (["--bogus"], "No such option: --bogus"), (["--steps", "abc"], "'--steps'"),
+     (["--device", "tpu"], "device")],
 )  # fmt: skip
 def test_usage_errors_exit_2(digits_mlp: Path, flags: list[str], needle: str) -> None:
     assert_one_line_error(run("measure", str(digits_mlp), *flags), 2, needle)
+
+
+def test_parse_errors_name_the_command_and_its_help() -> None:
+    assert_one_line_error(run("check"), 2, "Missing argument", "`dynaudit check --help`")
+    assert_one_line_error(run("nosuch"), 2, "No such command 'nosuch'")
+    bare = run()
+    assert bare.returncode == 2 and "Commands" in bare.stdout and "Traceback" not in bare.stderr
 
 
 def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the process exit code (see ``--help``)."""
-    from dynaudit.cli._errors import report_error
+    from dynaudit.cli._errors import EXITS, report_error
 
     try:
         from dynaudit.cli.app import app
@@ -20,10 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and friends
         return exc.code if isinstance(exc.code, int) else 0
     except BaseException as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
+        if isinstance(exc, EXITS):
+            return int(getattr(exc, "exit_code", 0))
         return report_error(exc)
     if result == 130:  # Typer turns Ctrl-C into a silent 130; no command returns it
         return report_error(KeyboardInterrupt())

@@ -7,6 +7,7 @@ import sys
 import traceback
 
 import click
+import typer
 
 from dynaudit.errors import (
     CheckpointNotFound,
@@ -21,7 +22,15 @@ from dynaudit.errors import (
     UsageError,
 )
 
-__all__ = ["EXIT_CODES", "report_error"]
+__all__ = ["ABORTS", "EXITS", "EXIT_CODES", "report_error"]
+
+# Typer ≥ 0.22 parses the command line with its own copy of click, whose exceptions are not
+# click's: both kinds must map to the same exit codes.
+_PARSE_ERRORS: tuple[type[Exception], ...] = (click.ClickException,) + (
+    (typer.TyperException,) if hasattr(typer, "TyperException") else ()
+)
+ABORTS: tuple[type[BaseException], ...] = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
+EXITS: tuple[type[BaseException], ...] = (click.exceptions.Exit, typer.Exit)
 
 EXIT_CODES = {
     0: "ok: measured, or the gate passed",
@@ -52,11 +61,14 @@ def _debug() -> bool:
 
 def report_error(exc: BaseException) -> int:
     """Print one line for ``exc`` on stderr and return its exit code."""
-    if isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
+    if isinstance(exc, ABORTS):
         click.echo("dynaudit: interrupted", err=True)
         return 130
-    if isinstance(exc, click.ClickException):
-        exc.show()
+    if type(exc).__name__ == "NoArgsIsHelpError":  # bare `dynaudit` or a bare group
+        click.echo(exc.ctx.get_help())  # type: ignore[attr-defined]
+        return 2
+    if isinstance(exc, _PARSE_ERRORS):
+        click.echo(f"dynaudit: error: {_parse_message(exc)}", err=True)
         return 2
     if _debug():
         traceback.print_exception(exc, file=sys.stderr)
@@ -76,3 +88,13 @@ def report_error(exc: BaseException) -> int:
         err=True,
     )
     return 4
+
+
+def _parse_message(exc: Exception) -> str:
+    """One line for a command-line parsing error, naming the command's --help."""
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    message = " ".join(message.split())
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", "") or "dynaudit COMMAND"
+    return f"{message} (see `{command} --help`)"
