@@ -49,6 +49,14 @@ log = logging.getLogger(__name__)
 DEFAULT_BASELINE_SEEDS = 3  # K cold fits per layer (SPEC §4.9: "default ≥ 3")
 
 
+def _baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with K = DEFAULT_BASELINE_SEEDS unless given (the CLI passes None for an
+    option left out: that is not given either)."""
+    if settings.get("seeds") is None:
+        return {**settings, "seeds": DEFAULT_BASELINE_SEEDS}
+    return settings
+
+
 def baseline(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -73,8 +81,7 @@ def baseline(
                 source, Path(tmp) / "baseline", family=family, base=base, sources=sources,
                 progress=progress, mlflow=True, experiment=experiment, **settings,
             )  # fmt: skip
-    settings.setdefault("seeds", DEFAULT_BASELINE_SEEDS)
-    fit = settings_from(settings)
+    fit = settings_from(_baseline_settings(settings))
     options = sources or SourceOptions()
     started = time.perf_counter()
     target = Path(out)
@@ -197,9 +204,11 @@ def check(
 ) -> CheckReport:
     """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
     measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
-    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's. A
-    baseline measured on the fly is kept in the cache for the next check (``cache=False``:
-    measured into a temporary directory and dropped)."""
+    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
+    (``device`` and ``threads`` are free). A baseline measured on the fly is kept in the cache
+    for the next check (``cache=False``: measured into a temporary directory and dropped)."""
+    import torch
+
     from dynaudit.runtime import pick_device, torch_scope
 
     options = sources or SourceOptions()
@@ -210,8 +219,11 @@ def check(
     else:
         ref, found_from = os.fspath(baseline_ref), "--baseline"
     with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
-        check_settings(stored, {k: v for k, v in settings.items() if k != "device"}, str(ref))
-        fit = stored.fit_settings().model_copy(update={"device": settings.get("device", "auto")})
+        # Device and threads are where the refits run, not what they compute: free to differ.
+        runtime = {"device": settings.get("device", "auto"), "threads": settings.get("threads")}
+        numeric = {k: v for k, v in settings.items() if k not in runtime}
+        check_settings(stored, numeric, str(ref))
+        fit = stored.fit_settings().model_copy(update=runtime)
         device = pick_device(fit.device)
         digest = _file_digest(options)
         with open_checkpoint(resolved, base, options, digest) as checkpoint:
@@ -221,6 +233,7 @@ def check(
             check_architecture(stored, checkpoint, plan, resolved.uri)
             ranks = current()  # a torchrun job: each rank refits its share of the layers
             with torch_scope(device, fit.threads):
+                threads = torch.get_num_threads()
                 comparison = compare_plan(
                     checkpoint, plan, detection.family, stored, root, device, progress, ranks
                 )
@@ -236,7 +249,7 @@ def check(
             created_at=stored.created_at, seeds=stored.seeds, stored=kept,
         ),
         family=family_info(detection, plan),
-        settings={**fit.numeric(), "device": device.type},
+        settings={**fit.numeric(), "device": device.type, "threads": threads},
         policy=chosen,
         comparison=comparison,
         verdict=decide(comparison, chosen),
@@ -292,7 +305,7 @@ def _cached_baseline(
     from dynaudit.api import cache_context
     from dynaudit.cache import cache_root, discard_dir, result_key
 
-    fit = settings_from({"seeds": DEFAULT_BASELINE_SEEDS, **settings})
+    fit = settings_from(_baseline_settings(settings))
     resolved = resolve(ref, options)
     digest = _file_digest(options)
     with open_checkpoint(resolved, None, options, digest) as checkpoint:

@@ -268,6 +268,19 @@ def test_a_baseline_is_never_overwritten(tiny_llama: Path, stored: Path) -> None
     assert not list(stored.parent.glob(".*tmp-*"))
 
 
+def test_baselines_default_to_three_seeds_from_the_cli(tiny_llama: Path, tmp_path: Path) -> None:
+    """The CLI passes ``seeds=None`` when --seeds is left out: that once gave K = 1."""
+    out = tmp_path / "default-k"
+    proc = cli("baseline", str(tiny_llama), "--out", str(out), *FLAGS, "--steps", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "baseline.json").read_text())["seeds"] == 3
+    report = tmp_path / "compare.json"
+    proc = cli("compare", str(tiny_llama), str(tiny_llama), *FLAGS, "--steps", "20", "--json",
+               str(report), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["baseline"]["seeds"] == 3
+
+
 def figures(report: dynaudit.CheckReport) -> list[Any]:
     """What a comparison measured, without timings."""
     return [(x.name, x.change, x.displacement) for x in report.comparison.layers]

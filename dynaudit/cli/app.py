@@ -292,6 +292,7 @@ def check(
     family: Family = None,
     base: Base = None,
     device: Device = "auto",
+    threads: Threads = None,
     hf_endpoint: HfEndpoint = None,
     hf_token: HfToken = None,
     mlflow_uri: MlflowUri = None,
@@ -317,7 +318,7 @@ def check(
     with _progress() if main_rank else contextlib.nullcontext() as progress:
         report = run(
             source, baseline_ref, policy=policy, family=family, base=base, progress=progress,
-            device=device, cache=not no_cache,
+            device=device, threads=threads, cache=not no_cache,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
     if not main_rank:
