@@ -113,7 +113,7 @@ class ResultCache:
             return None
         try:
             return Report.model_validate_json(data)
-        except (ValidationError, ValueError):
+        except (ValidationError, ValueError, RecursionError):
             log.warning("ignoring an unreadable cache entry %s", entry)
             discard_dir(entry)
             return None

@@ -216,7 +216,7 @@ def load_baseline(path: Path) -> Baseline:
     manifest_path = path / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise BaselineError(f"{path}: no readable {MANIFEST_FILE} ({exc})", path=str(path)) from exc
     if not isinstance(manifest, dict) or BASELINE_FILE not in manifest:
         raise BaselineError(f"{manifest_path}: not a baseline manifest", path=str(path))
@@ -234,7 +234,7 @@ def load_baseline(path: Path) -> Baseline:
             )
     try:
         baseline = Baseline.model_validate_json((path / BASELINE_FILE).read_bytes())
-    except (ValidationError, ValueError) as exc:
+    except (ValidationError, ValueError, RecursionError) as exc:
         raise BaselineError(
             f"{path / BASELINE_FILE}: not a valid baseline", path=str(path)
         ) from exc

@@ -216,7 +216,9 @@ def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
             data = tomllib.loads(source.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"{source}: cannot read the policy ({exc})") from exc
-        nested = data.get("tool", {}).get("dynaudit", {}).get("policy")
+        nested: Any = data
+        for key in ("tool", "dynaudit", "policy"):
+            nested = nested.get(key) if isinstance(nested, dict) else None
         table = nested if isinstance(nested, dict) else (data if path is not None else {})
     table = {**table, **{k: v for k, v in overrides.items() if v is not None}}
     try:

@@ -113,7 +113,7 @@ def parse_header(
     raw = read(8, header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also deep nesting and over-long integers
         raise CorruptCheckpoint(
             f"{path}: not a safetensors file (header is not JSON)", path=str(path)
         ) from exc
@@ -185,7 +185,7 @@ def read_json(path: Path) -> Any:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise CorruptCheckpoint(f"{path}: too large for a JSON side file", path=str(path))
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also deep nesting and over-long integers
         raise CorruptCheckpoint(f"{path}: invalid JSON ({exc})", path=str(path)) from exc
     except OSError as exc:
         raise CorruptCheckpoint(f"{path}: cannot read ({exc.strerror})", path=str(path)) from exc

@@ -542,7 +542,7 @@ def plot(
                 data = json.loads(path.read_text(encoding="utf-8"))
                 kind = CheckReport if data.get("kind") == "check" else Report
                 loaded.append(kind.model_validate(data))
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, RecursionError) as exc:
                 raise InputError(f"{path}: not a dynaudit report or baseline ({exc})") from exc
         checks = [r for r in loaded if isinstance(r, CheckReport)]
         if len(loaded) == 1 and checks:
