@@ -128,15 +128,15 @@ def _write_baseline(
 
     started = time.perf_counter() if started is None else started
     main = ranks is None or ranks.is_main
-    staging = staging_for(target) if main else None
-    if ranks is not None:
-        staging = Path(ranks.from_main(str(staging)))
+    if ranks is None:
+        staging = staging_for(target)
+    else:
+        staging = Path(ranks.from_main(str(staging_for(target)) if main else ""))
         if not staging.is_dir():
             raise UsageError(
                 f"{target}: rank {ranks.rank} cannot see rank 0's staging directory "
                 f"{staging}; under torchrun --out must be on a filesystem every rank shares"
             )
-    assert staging is not None
     try:
         source_info = SourceInfo(
             uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
