@@ -126,7 +126,10 @@ def require_success(result: dict[str, Any], what: str) -> None:
 def measure_dynaudit(ckpt: Path, work: Path, steps: int | None, threads: int) -> dict[str, Any]:
     """Whole-process ``dynaudit measure`` under the memory probe."""
     probe, report = work / "probe.json", work / "dynaudit.json"
-    cli = ["measure", str(ckpt), "--quiet", "--json", str(report), "--threads", str(threads)]
+    # --no-cache: a result cached by an earlier run of the same generated checkpoint (same
+    # bytes, same settings) would otherwise be timed as a fit.
+    cli = ["measure", str(ckpt), "--quiet", "--no-cache", "--json", str(report), "--threads",
+           str(threads)]  # fmt: skip
     if steps is not None:
         cli += ["--steps", str(steps)]
     argv = [sys.executable, "-m", "bench._probe", str(probe), "--", *cli]
@@ -134,6 +137,8 @@ def measure_dynaudit(ckpt: Path, work: Path, steps: int | None, threads: int) ->
     require_success(result, "dynaudit measure")
     result["probe"] = json.loads(probe.read_text())
     data = json.loads(report.read_text())
+    if (data.get("cache") or {}).get("hit"):
+        raise RuntimeError(f"{report}: a cache hit, not a measurement")
     measured = [layer for layer in data["layers"] if layer.get("seconds") is not None]
     result["report_seconds"] = data["seconds"]
     result["layers_fitted"] = [layer["name"] for layer in measured]
