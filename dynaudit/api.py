@@ -17,7 +17,7 @@ from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, current
 from dynaudit.dynamics.blocks import fit_flop
 from dynaudit.engine import CoordsSink, Progress, measure_plan
-from dynaudit.errors import UsageError
+from dynaudit.errors import NothingToAudit, UsageError
 from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
 from dynaudit.report import CacheInfo, FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
 from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
@@ -126,7 +126,20 @@ def plan_checkpoint(
 ) -> tuple[Detection, LayerPlan]:
     """Detect (or take) the family and plan an opened checkpoint; ``layers`` selects."""
     detection = detect_family(checkpoint, family)
-    return detection, select_layers(detection.family.plan(checkpoint), layers)
+    plan = select_layers(detection.family.plan(checkpoint), layers)
+    if layers is None:  # a --layers selection that matches nothing says so itself
+        require_layers(plan, detection, str(checkpoint.root))
+    return detection, plan
+
+
+def require_layers(plan: LayerPlan, detection: Detection, where: str) -> None:
+    """A checkpoint without a single layer to fit has nothing to audit: an input error, not a
+    report of zero layers that passes every gate."""
+    if not plan.layers:
+        raise NothingToAudit(
+            f"{where}: no weight matrix to audit (family {detection.family.name}: only "
+            "biases, norms or scalars?)"
+        )
 
 
 def fit_report(

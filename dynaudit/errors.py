@@ -6,6 +6,7 @@ returns for it; the CLI turns them into one-line messages in ``dynaudit/cli/_err
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 __all__ = [
@@ -16,13 +17,31 @@ __all__ = [
     "EmptyCheckpoint",
     "InputError",
     "NonFiniteWeights",
+    "NothingToAudit",
     "PickleRefused",
     "PluginError",
     "RemoteNotFound",
     "SourceUnreachable",
     "UnknownFamily",
     "UsageError",
+    "printable",
 ]
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (line breaks included) shown as escapes, so a
+    string from a checkpoint or a server (a crafted tensor name) can neither end a one-line
+    message nor start a line of its own — a forged log line or a GitHub workflow command."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        code = ord(char)
+        return _NAMED.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+    return _CONTROL.sub(escape, text)
 
 
 class DynauditError(Exception):
@@ -31,6 +50,7 @@ class DynauditError(Exception):
     exit_code = 4
 
     def __init__(self, message: str) -> None:
+        message = printable(message)  # one line, whatever strings it quotes
         super().__init__(message)
         self.message = message
 
@@ -80,6 +100,11 @@ class AccessDenied(InputError):
 
 class EmptyCheckpoint(InputError):
     """The path exists but holds no safetensors weights."""
+
+
+class NothingToAudit(InputError):
+    """The checkpoint holds weights, but no matrix its family would fit (only biases, norms,
+    scalars)."""
 
 
 class CorruptCheckpoint(InputError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaudit import __version__
-from dynaudit.api import family_info, fit_report, plan_checkpoint, settings_from
+from dynaudit.api import family_info, fit_report, plan_checkpoint, require_layers, settings_from
 from dynaudit.comparison import (
     Baseline,
     BaselineError,
@@ -34,7 +34,7 @@ from dynaudit.comparison import (
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, current, require_single_process
 from dynaudit.engine import Progress
-from dynaudit.errors import UsageError
+from dynaudit.errors import DynauditError, UsageError
 from dynaudit.families import detect_family
 from dynaudit.policy import Policy, decide
 from dynaudit.report import BaselineInfo, CheckReport, LayerResult, SourceInfo
@@ -229,7 +229,17 @@ def check(
         with open_checkpoint(resolved, base, options, digest) as checkpoint:
             fingerprint = checkpoint.fingerprint(digest)
             detection = detect_family(checkpoint, family or stored.family.name)
-            plan = detection.family.plan(checkpoint)
+            try:
+                plan = detection.family.plan(checkpoint)
+            except DynauditError as exc:
+                if family is not None:  # the user's own --family: their error stands
+                    raise
+                raise BaselineError(
+                    f"{resolved.uri}: architecture differs from the baseline ({stored.source.uri},"
+                    f" family {stored.family.name}): {exc.message}; check it against a baseline "
+                    "of its own base model"
+                ) from exc
+            require_layers(plan, detection, resolved.uri)
             check_architecture(stored, checkpoint, plan, resolved.uri)
             ranks = current()  # a torchrun job: each rank refits its share of the layers
             with torch_scope(device, fit.threads):

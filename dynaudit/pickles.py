@@ -128,15 +128,23 @@ def _load(file: Path) -> dict[str, Any]:
     return state
 
 
+# Lines of torch's message that are advice, not the reason (it advises weights_only=False:
+# the one thing not to do here).
+_ADVICE = ("weights_only", "Weights only load failed", "Please file an issue", "Check the doc")
+
+
 def _reason(exc: BaseException) -> str:
-    """The unpickler's own reason (e.g. ``Unsupported global: GLOBAL posix.system``), without
-    torch's advice to retry with ``weights_only=False`` — the one thing not to do here."""
+    """The unpickler's own reason (e.g. ``Trying to load unsupported GLOBAL posix.system``,
+    ``Unsupported operand 149``) without torch's advice around it; torch puts the reason on
+    the line after ``WeightsUnpickler error:`` or after the advice, depending on the version."""
     text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
     for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().rstrip(".")[:200]
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
-    return "not a weights file" if "weights_only" in first else first
+        line = line.strip()
+        if line and not any(advice in line for advice in _ADVICE):
+            return line.rstrip(".")[:200]
+    return "not a weights file" if str(exc).strip() else type(exc).__name__
 
 
 def _save(tensors: dict[str, Any], out: Path) -> None:

@@ -49,9 +49,13 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key comparing digit runs as numbers, so ``layers.2`` comes before ``layers.10``."""
+    """Sort key comparing digit runs as numbers, so ``layers.2`` comes before ``layers.10``.
+    ``isdecimal``, not ``isdigit``: the runs ``\\d`` splits off are decimal digits, while
+    ``isdigit`` also accepts ``¹`` or ``②``, which ``int`` refuses."""
     return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part
+        (0, int(part)) if part.isdecimal() else (1, part)
+        for part in re.split(r"(\d+)", name)
+        if part
     )
 
 

@@ -108,7 +108,7 @@ def log_report(
     from dynaudit.sources.mlflow import client_environment
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    with client_environment():
+    with client_environment(uri):
         client = MlflowClient(tracking_uri=uri)
         active = mlflow.active_run()
         owned = False
@@ -292,8 +292,11 @@ class DynauditCallback(_callback_base()):  # type: ignore[misc]
             import mlflow
             from mlflow import MlflowClient
 
+            from dynaudit.sources.mlflow import client_environment
+
             uri = self.tracking_uri or mlflow.get_tracking_uri()
-            MlflowClient(tracking_uri=uri).set_terminated(self.run_id)
+            with client_environment(uri):
+                MlflowClient(tracking_uri=uri).set_terminated(self.run_id)
         return control
 
 
@@ -317,7 +320,7 @@ def store_baseline(
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment():
+    with client_environment(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         run_id = start_run(client, experiment)
         try:
@@ -355,7 +358,7 @@ def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None)
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(), _mlflow_errors(parse(ref), uri):
+    with client_environment(uri), _mlflow_errors(parse(ref), uri):
         path = download_artifacts(artifact_uri=ref, dst_path=str(destination), tracking_uri=uri)
     return Path(path)
 
@@ -372,7 +375,7 @@ def declared_baseline(source_uri: str, tracking_uri: str | None = None) -> str |
     if model.name is None:
         return None
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(), _mlflow_errors(model, uri):
+    with client_environment(uri), _mlflow_errors(model, uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         tags = client.get_model_version(model.name, _version_of(client, model)).tags or {}
     value = tags.get(BASELINE_TAG)

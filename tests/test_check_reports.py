@@ -114,6 +114,23 @@ def test_the_crafted_name_breaks_no_format() -> None:
     assert escape_command_data("a%\r\nb") == "a%25%0D%0Ab"
 
 
+def test_the_crafted_name_starts_no_line_in_the_terminal() -> None:
+    """Regression: the verdict's reasons were printed raw, so the name's "\\n::error::pwned"
+    became a line of its own in the CI log: a workflow command GitHub would run."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from dynaudit.reports.check import render_check_terminal
+
+    out = StringIO()
+    render_check_terminal(sample_report(), Console(file=out, width=140))
+    text = out.getvalue()
+    assert "evil\\n::error::pwned" in text
+    for line in text.splitlines():
+        assert not line.lstrip().startswith("::"), line
+
+
 def test_github_actions_outputs(tmp_path: Path) -> None:
     summary, output = tmp_path / "summary.md", tmp_path / "output"
     summary.write_text("earlier step\n")

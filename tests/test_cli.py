@@ -75,6 +75,14 @@ def test_empty_directory(tmp_path: Path) -> None:
     assert_one_line_error(run("measure", str(tmp_path)), 3, str(tmp_path), "no .safetensors")
 
 
+def test_nothing_to_audit(tmp_path: Path) -> None:
+    """Only biases, norms and scalars: once a report of zero layers that passed every gate."""
+    path = tmp_path / "model.safetensors"
+    save_file({"fc.bias": torch.randn(8), "scale": torch.tensor(2.0)}, str(path))
+    assert_one_line_error(run("measure", str(path)), 3, str(path), "no weight matrix to audit")
+    assert_one_line_error(run("compare", str(path), str(path)), 3, "no weight matrix to audit")
+
+
 def test_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(64, 64)}, str(path))
@@ -117,6 +125,20 @@ def test_non_finite_weights_exit_1_naming_the_tensors(
     report = json.loads(out.read_text())
     assert report["non_finite"] == ["a.weight", "c.weight"]
     assert [x["discrepancy"] is None for x in report["layers"]] == [True, False, True]
+
+
+def test_a_crafted_tensor_name_stays_on_one_line(write_checkpoint: WriteCheckpoint) -> None:
+    """Regression: a NaN in a tensor named "x\\n::error::pwned" printed the name raw, in the
+    error (three lines on stderr) and in the table's non-finite line, each starting a GitHub
+    workflow command of its own."""
+    crafted = "blocks.1.evil\n::error::pwned\r,:end.weight"
+    bad = torch.randn(16, 16)
+    bad[3, 4] = float("nan")
+    path = write_checkpoint({"a.weight": torch.randn(16, 16), crafted: bad})
+    proc = run("measure", str(path), *FAST)
+    assert_one_line_error(proc, 1, "non-finite", "blocks.1.evil\\n::error::pwned\\r")
+    for line in (proc.stdout + proc.stderr).splitlines():
+        assert not line.lstrip().startswith("::"), line
 
 
 def test_all_zero_matrix_gets_null_metrics(

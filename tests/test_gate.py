@@ -230,6 +230,7 @@ def _rewrite(baseline_dir: Path, change: Any) -> None:
         ("protocol", "protocol v99"),
         ("settings", "settings differ"),
         ("architecture", "architecture differs"),
+        ("family", "architecture differs from the baseline"),  # a ViT vs a LLaMA baseline
     ],
 )
 def test_unusable_baselines_are_input_errors(
@@ -247,6 +248,10 @@ def test_unusable_baselines_are_input_errors(
         _rewrite(copy, lambda d: d.update(protocol_version=99))
     elif case == "settings":
         extra = ["--q-dim", "64"]
+    elif case == "family":
+        from tests import producers
+
+        source = producers.vit_hf(tmp_path / "vit")
     else:
         from tests import producers
 
@@ -326,8 +331,12 @@ def test_a_checkpoint_baseline_is_measured_once_and_kept_in_the_cache(
     assert len(list((cache / "baselines").glob("*/*"))) == 1
 
 
-def test_an_interrupted_baseline_leaves_nothing(tiny_llama: Path, tmp_path: Path) -> None:
-    """Ctrl-C while the layers are being fitted: exit 130, no baseline, no staging folder."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_baseline_leaves_nothing(
+    tiny_llama: Path, tmp_path: Path, signal_name: str
+) -> None:
+    """Ctrl-C, or SIGTERM (a cancelled CI job: it once killed the process and left the staging
+    folder), while the layers are being fitted: exit 130, no baseline, no staging folder."""
     import signal
     import time
 
@@ -344,7 +353,7 @@ def test_an_interrupted_baseline_leaves_nothing(tiny_llama: Path, tmp_path: Path
             assert proc.poll() is None and time.monotonic() < deadline, "no staging folder"
             time.sleep(0.1)
         time.sleep(2)  # into the fits
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signal_name))
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()

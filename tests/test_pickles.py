@@ -87,6 +87,26 @@ def test_a_malicious_pickle_runs_nothing_even_when_allowed(tmp_path: Path) -> No
     assert not canary.exists()
 
 
+def test_the_refusal_gives_the_unpicklers_reason(tmp_path: Path) -> None:
+    """Regression: with torch 2.13's message layout the reason was lost — "refused it ()" for a
+    raw pickle, "(not a weights file)" for a torch.save file calling os.system."""
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, ("true",))
+
+    allowed = SourceOptions(allow_pickle=True)
+    torch.save({"w": Evil()}, tmp_path / "model.pt")
+    with pytest.raises(PickleRefused, match=r"\(Trying to load unsupported GLOBAL posix\.system"):
+        dynaudit.measure(tmp_path / "model.pt", sources=allowed)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(PickleRefused) as refused:
+        dynaudit.measure(raw, sources=allowed)
+    assert "()" not in refused.value.message and "Unsupported operand" in refused.value.message
+
+
 def test_a_pickle_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
     torch.save([torch.ones(2, 2)], tmp_path / "model.pt")
     with pytest.raises(PickleRefused, match="not a state dict"):

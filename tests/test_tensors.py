@@ -34,6 +34,16 @@ def test_natural_key_orders_numbers_as_numbers() -> None:
     ]  # fmt: skip
 
 
+def test_natural_key_takes_any_name() -> None:
+    """Regression: a superscript between digits ("fc.1¹0.weight": "¹" is isdigit() but not a
+    \\d digit) made int() fail, so opening a checkpoint with such a tensor or shard name was an
+    internal error."""
+    names = ["fc.1¹0.weight", "fc.2²", "layer②.w", "layers.١٠.w", "layers.9.w"]
+    ordered = sorted(names, key=natural_key)
+    assert ordered.index("layers.9.w") < ordered.index("layers.١٠.w")  # 9 < 10 in any script
+    assert set(ordered) == set(names)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_reads_each_float_dtype_like_safetensors(tmp_path: Path, dtype: torch.dtype) -> None:
     tensors = {"b.weight": torch.randn(5, 3).to(dtype), "a.bias": torch.randn(5).to(dtype)}

@@ -53,6 +53,22 @@ def test_a_report_is_logged_with_metrics_params_tags_and_artifacts(
     assert listed == {"dynaudit/report.json", "dynaudit/report.md"}
 
 
+def test_credentials_in_the_tracking_uri_are_not_printed(
+    mlflow_server: MlflowServer, write_checkpoint: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: MLflow prints "View run … at: <tracking URI>/#/…" when a run ends, so a
+    password in MLFLOW_TRACKING_URI (http://user:pw@host) went to stdout — the CI log."""
+    path = write_checkpoint({"a.weight": torch.randn(12, 10), "b.weight": torch.randn(10, 12)})
+    report = dynaudit.measure(path, cache=False, **FAST)
+    with_password = mlflow_server.url.replace("://", "://someone:s3cretPW@")
+    run_id = log_report(report, tracking_uri=with_password, experiment="dynaudit-credentials")
+    assert client_for(mlflow_server).get_run(run_id).info.status == "FINISHED"
+    captured = capsys.readouterr()
+    assert "s3cretPW" not in captured.out + captured.err
+    log_report(report, tracking_uri=mlflow_server.url, experiment="dynaudit-credentials")
+    assert "View run" in capsys.readouterr().out  # without credentials, MLflow's link stays
+
+
 def test_compare_logs_to_mlflow_from_the_cli(mlflow_server: MlflowServer, digits_mlp: Path) -> None:
     """Regression: `compare` had no --mlflow (only `check` logged)."""
     import os
@@ -73,6 +89,30 @@ def test_compare_logs_to_mlflow_from_the_cli(mlflow_server: MlflowServer, digits
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.tags["dynaudit.verdict"] == "pass"
     assert run.data.metrics["dynaudit/change/all"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_baseline_into_mlflow_alone_from_the_cli(
+    mlflow_server: MlflowServer, digits_mlp: Path
+) -> None:
+    """Regression: the CLI required --out, though `baseline SOURCE --mlflow` needs none."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "baseline", str(digits_mlp), "--mlflow",
+         "--mlflow-uri", mlflow_server.url, "--q-dim", "16", "--pieces", "4", "--steps", "30",
+         "--seeds", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CI": "true", "MLFLOW_EXPERIMENT_NAME": "dynaudit-baseline-cli"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "runs:/" in proc.stdout
+    client = client_for(mlflow_server)
+    experiment = client.get_experiment_by_name("dynaudit-baseline-cli")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["dynaudit.baseline"].startswith("runs:/")
 
 
 def test_a_baseline_stored_in_mlflow_is_found_and_read_back(

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 __all__ = ["main"]
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same clean-up and exit 130 as Ctrl-C
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point; returns the process exit code (see ``--help``)."""
+    """Console-script entry point; returns the process exit code (see ``--help``). SIGTERM
+    (a cancelled CI job, ``docker stop``, ``timeout``, torchrun stopping the other ranks) is
+    an interruption like Ctrl-C: nothing half-written is left behind."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from dynaudit.cli._errors import EXITS, report_error
 
     try:

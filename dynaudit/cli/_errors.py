@@ -15,11 +15,13 @@ from dynaudit.errors import (
     DynauditError,
     EmptyCheckpoint,
     NonFiniteWeights,
+    NothingToAudit,
     PickleRefused,
     PluginError,
     RemoteNotFound,
     UnknownFamily,
     UsageError,
+    printable,
 )
 
 __all__ = ["ABORTS", "EXITS", "EXIT_CODES", "report_error"]
@@ -48,6 +50,7 @@ _NEXT_STEP: list[tuple[type[BaseException], str]] = [
     (RemoteNotFound, ""),  # remote sources say what to do in their own message
     (CheckpointNotFound, "check the path"),
     (EmptyCheckpoint, "point at a .safetensors file or a directory that holds one"),
+    (NothingToAudit, "`dynaudit inspect` lists its tensors; `--family` picks another family"),
     (PickleRefused, ""),
     (CorruptCheckpoint, "re-download or re-save the checkpoint"),
     (PluginError, "reinstall or uninstall that plugin; `dynaudit plugins` lists them"),
@@ -83,7 +86,7 @@ def report_error(exc: BaseException) -> int:
         )
         return 3
     click.echo(
-        f"dynaudit: internal error: {type(exc).__name__}: {exc} "
+        f"dynaudit: internal error: {type(exc).__name__}: {printable(str(exc))} "
         "(re-run with DYNAUDIT_DEBUG=1 for the traceback, and report it)",
         err=True,
     )

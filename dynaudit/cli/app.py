@@ -216,8 +216,9 @@ def measure(
 def baseline_command(
     source: Source,
     out: Annotated[
-        Path, typer.Option("--out", help="baseline directory to create (never overwritten)")
-    ],
+        Path | None,
+        typer.Option("--out", help="baseline directory to create (never overwritten)"),
+    ] = None,
     family: Family = None,
     base: Base = None,
     device: Device = "auto",

@@ -125,9 +125,10 @@ def _rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
 
 
 class _Work(NamedTuple):
-    """The fit's two large buffers, allocated once per fit rather than per tile and step: a
-    fresh allocation of tens of MiB is a fresh mmap whose pages fault in again on every use
-    (up to a quarter of a fit's time went to the kernel before they were reused)."""
+    """The fit's two large buffers, allocated once per fit rather than per tile and step:
+    glibc maps allocations of 16 MiB and more afresh (or trims them when freed), so their pages
+    faulted in again at every step (up to a quarter of a fit's time went to the kernel before
+    they were reused; docs/performance.md, "allocation")."""
 
     rows: int  # rows of A per tile
     dist: torch.Tensor  # flat, (b, H, rows, n) distances, then σ·G

@@ -10,6 +10,7 @@ from rich.text import Text
 from dynaudit.policy import Change, GroupComparison
 from dynaudit.report import CheckReport
 from dynaudit.reports.markdown import escape_markdown, fmt
+from dynaudit.reports.terminal import plain
 
 __all__ = ["render_check_markdown", "render_check_terminal"]
 
@@ -87,8 +88,8 @@ def render_check_markdown(report: CheckReport) -> str:
 
 def render_check_terminal(report: CheckReport, console: Console) -> None:
     table = Table(
-        title=Text(f"dynaudit check · {report.source.uri} vs {report.baseline.ref}"),
-        caption=Text(f"baseline from {report.baseline.resolved_from}"),
+        title=plain(f"dynaudit check · {report.source.uri} vs {report.baseline.ref}"),
+        caption=plain(f"baseline from {report.baseline.resolved_from}"),
     )
     for column in ("layer", "type", "third", "base md", "md", "change", "displacement"):
         left = column in ("layer", "type", "third")
@@ -96,9 +97,9 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
     failing = set(report.verdict.failing_layers)
     for layer in report.comparison.layers:
         style = "red" if layer.name in failing else ""
-        change = Text(layer.reason or _change(layer.change), style=style)
+        change = plain(layer.reason or _change(layer.change), style=style)
         table.add_row(
-            Text(layer.name, style=style), Text(layer.type), layer.group,
+            plain(layer.name, style=style), plain(layer.type), layer.group,
             fmt(layer.baseline_mean_distance), fmt(layer.mean_distance), change,
             fmt(layer.displacement, 3),
         )  # fmt: skip
@@ -108,11 +109,11 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
         groups.add_column(column, justify="left" if column == "group" else "right")
     for label, group in _groups(report):
         groups.add_row(
-            Text(label), str(group.layers), _change(group.change), _pct(group.noise),
+            plain(label), str(group.layers), _change(group.change), _pct(group.noise),
             fmt(group.displacement, 3),
         )  # fmt: skip
     console.print(groups)
     style = "bold green" if report.verdict.passed else "bold red"
     console.print(Text(f"verdict: {report.verdict.verdict}", style=style))
     for reason in report.verdict.reasons:
-        console.print(Text(f"  {reason}"), soft_wrap=True)
+        console.print(plain(f"  {reason}"), soft_wrap=True)

@@ -6,17 +6,25 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from dynaudit.errors import printable
 from dynaudit.report import Report
 from dynaudit.reports.markdown import cache_note, fmt, type_by_depth
 
-__all__ = ["render_terminal"]
+__all__ = ["plain", "render_terminal"]
+
+
+def plain(text: str, style: str = "") -> Text:
+    """Untrusted text (a tensor name, a note, a reason) for the terminal: never parsed as rich
+    markup, and on one line, so a crafted name cannot start a line of its own in a CI log (a
+    GitHub ``::error::`` command, a forged verdict)."""
+    return Text(printable(text), style=style)
 
 
 def render_terminal(report: Report, console: Console) -> None:
     revision = f" (revision {report.source.revision[:12]})" if report.source.revision else ""
     table = Table(
-        title=Text(f"dynaudit · {report.source.uri}{revision} · family {report.family.name}"),
-        caption=Text(report.family.depth_note),
+        title=plain(f"dynaudit · {report.source.uri}{revision} · family {report.family.name}"),
+        caption=plain(report.family.depth_note),
         show_lines=False,
     )
     for column, justify in [
@@ -27,11 +35,11 @@ def render_terminal(report: Report, console: Console) -> None:
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for layer in report.measured:
         spread = f"{layer.spread.relative:.2%}" if layer.spread else "—"
-        name = Text(layer.name)  # Text(): names from checkpoints are never parsed as markup
+        name = plain(layer.name)
         if layer.reason:
-            name.append(f"  ({layer.reason})", style="yellow")
+            name.append_text(plain(f"  ({layer.reason})", style="yellow"))
         table.add_row(
-            name, Text(layer.type), str(layer.depth), layer.shape_text,
+            name, plain(layer.type), str(layer.depth), layer.shape_text,
             fmt(layer.mean_distance), spread, fmt(layer.discrepancy, 2), fmt(layer.fidelity, 3),
         )  # fmt: skip
     console.print(table)
@@ -42,7 +50,7 @@ def render_terminal(report: Report, console: Console) -> None:
     rows += [(f"type {t}", a) for t, a in report.summary.types.items()]
     for label, agg in rows:
         summary.add_row(
-            Text(label), str(agg.layers), fmt(agg.mean_distance), fmt(agg.discrepancy, 2),
+            plain(label), str(agg.layers), fmt(agg.mean_distance), fmt(agg.discrepancy, 2),
             fmt(agg.fidelity, 3), fmt(agg.fidelity_median, 3),
         )  # fmt: skip
     console.print(summary)
@@ -52,10 +60,10 @@ def render_terminal(report: Report, console: Console) -> None:
         for column in ("type", *columns):
             by_depth.add_column(column, justify="left" if column == "type" else "right")
         for type_, values in by_type:
-            by_depth.add_row(Text(type_), *values)
+            by_depth.add_row(plain(type_), *values)
         console.print(by_depth)
     for note in report.family.notes:
-        console.print(Text(note, style="dim"))
+        console.print(plain(note, style="dim"))
     console.print(
         f"{len(report.measured)} layers measured, {len(report.skipped)} tensors skipped "
         f"({report.seconds:.1f} s, protocol v{report.protocol_version})"
@@ -63,4 +71,4 @@ def render_terminal(report: Report, console: Console) -> None:
     if report.cache is not None and report.cache.hit:
         console.print(Text(cache_note(report), style="dim"))
     if report.non_finite:
-        console.print(Text(f"non-finite weights: {', '.join(report.non_finite)}", style="red"))
+        console.print(plain(f"non-finite weights: {', '.join(report.non_finite)}", style="red"))

@@ -95,14 +95,18 @@ def tracking_uri(options: SourceOptions) -> str:
 
 
 @contextlib.contextmanager
-def client_environment() -> Iterator[None]:
-    """For the duration: MLflow's HTTP retries bounded and, in CI logs and pipes, its download
-    progress bars off — each only where the user has not set the variable."""
+def client_environment(uri: str | None = None) -> Iterator[None]:
+    """For the duration: MLflow's HTTP retries bounded; in CI logs and pipes, its download
+    progress bars off; and when the tracking ``uri`` carries credentials
+    (``http://user:password@host``), its "View run at <url>" lines off, since MLflow prints the
+    URL with them — each only where the user has not set the variable."""
     from dynaudit.terminal import interactive
 
     defaults = dict(RETRY_DEFAULTS)
     if not interactive():
         defaults["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    if uri is not None and redact_url(uri) != uri:
+        defaults["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     added = [k for k in defaults if k not in os.environ]
     os.environ.update({k: defaults[k] for k in added})
     try:
@@ -120,7 +124,7 @@ def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
     from mlflow import MlflowClient  # after the checks above: importing MLflow takes seconds
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    with client_environment(), _mlflow_errors(ref, server):
+    with client_environment(server), _mlflow_errors(ref, server):
         client = MlflowClient(tracking_uri=server, registry_uri=server)
         location, revision = _artifact_location(client, ref)
         repo = get_artifact_repository(location, tracking_uri=server, registry_uri=server)

@@ -1,0 +1,191 @@
+"""Damage detection: damaged copies of each base model, checked against its baseline.
+
+Every expected verdict below was written before the case first ran. Noise at 5 % of each
+matrix's std is the one damage expected to pass: the gate calibration (docs/gate.md) found it
+as harmless as a gentle fine-tune, so failing it would be a false alarm.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bench.reliability.alarms import figures
+from bench.reliability.core import Case, Outcome, Workspace, timed
+from bench.reliability.variants import Change, derive
+
+__all__ = ["CASES"]
+
+
+def _matrices(change: Callable[[torch.Tensor], torch.Tensor], only: str = "") -> Change:
+    """Apply ``change`` to every float tensor of ≥ 2 dims whose name contains ``only``."""
+
+    def apply(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() < 2 or not tensor.is_floating_point() or only not in name:
+            return tensor
+        return change(tensor)
+
+    return apply
+
+
+def noise(level: float, seed: int = 0) -> Change:
+    gen = torch.Generator().manual_seed(seed)
+    return _matrices(lambda w: w + level * w.std() * torch.randn(w.shape, generator=gen))
+
+
+def prune(fraction: float) -> Change:
+    """Magnitude pruning: the ``fraction`` smallest |w| of each matrix set to zero."""
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        k = max(1, int(fraction * w.numel()))
+        cut = w.abs().flatten().kthvalue(k).values
+        return torch.where(w.abs() <= cut, torch.zeros_like(w), w)
+
+    return _matrices(apply)
+
+
+def collapse(rank: int) -> Change:
+    """Every matrix (conv kernels flattened to out × in·kh·kw) cut to ``rank``."""
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        matrix = w.reshape(w.shape[0], -1).double()
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape).to(w.dtype)
+
+    return _matrices(apply)
+
+
+def zero(only: str) -> Change:
+    return _matrices(torch.zeros_like, only)
+
+
+def reinit(only: str, std: float, seed: int = 1) -> Change:
+    """A fresh Gaussian draw (the producer's own initialiser scale) in place of the layer."""
+    gen = torch.Generator().manual_seed(seed)
+    return _matrices(lambda w: torch.randn(w.shape, generator=gen) * std, only)
+
+
+def poison(only: str, value: float) -> Change:
+    """One entry of the matching matrices set to NaN or Inf."""
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        w = w.clone()
+        w.view(-1)[w.numel() // 2] = value
+        return w
+
+    return _matrices(apply, only)
+
+
+def _swapped(base: Path, out: Path, a: str, b: str) -> Path:
+    """The base with every tensor of block ``a`` and block ``b`` exchanged (same shapes)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(base.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+
+    def change(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if a in name:
+            return state[name.replace(a, b)]
+        if b in name:
+            return state[name.replace(b, a)]
+        return tensor
+
+    return derive(base, out, change)
+
+
+def _catastrophic(base: Path, out: Path) -> Path:
+    """A real fine-tune gone wrong: lr 3e-2, no gradient clipping, 40 steps on other text."""
+    from experiments import zoo
+
+    zoo.finetune_tiny_llama(
+        base, out, modules=("json/decoder.py", "csv.py"), steps=40, lr=3e-2, clip=None
+    )
+    return out
+
+
+def _absurd_lora(base: Path, out: Path) -> Path:
+    """A PEFT LoRA adapter (r 4 on q/v) saved by ``peft``, trained-looking B, alpha 4096."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=4096, target_modules=["q_proj", "v_proj"])
+    peft = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    peft.save_pretrained(out)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base)
+    return out
+
+
+def _from_change(change: Change) -> Callable[[Workspace, Path, str], Path]:
+    return lambda ws, out, family: derive(ws.base(family), out, change)
+
+
+DAMAGES: list[tuple[str, str, str, Callable[[Workspace, Path, str], Path]]] = [
+    # family, case, expected verdict, how to make it
+    ("llama", "noise 5 %", "pass", _from_change(noise(0.05))),
+    ("llama", "noise 50 %", "fail", _from_change(noise(0.5))),
+    ("llama", "magnitude pruning 90 %", "fail", _from_change(prune(0.9))),
+    ("llama", "blocks 1 and 2 swapped", "fail",
+     lambda ws, out, f: _swapped(ws.base(f), out, "layers.1.", "layers.2.")),
+    ("llama", "NaN in one layer", "fail",
+     _from_change(poison("layers.0.self_attn.q_proj", float("nan")))),
+    ("llama", "catastrophic fine-tune", "fail", lambda ws, out, f: _catastrophic(ws.base(f), out)),
+    ("llama", "LoRA adapter, alpha 4096", "fail", lambda ws, out, f: _absurd_lora(ws.base(f), out)),
+    ("vit", "noise 100 %", "fail", _from_change(noise(1.0))),
+    ("vit", "magnitude pruning 50 %", "fail", _from_change(prune(0.5))),
+    ("vit", "zeroed layer", "fail", _from_change(zero("layer.1.output.dense"))),
+    ("vit", "Inf in one layer", "fail", _from_change(poison("layer.0.attention.attention.query",
+                                                           float("inf")))),
+    ("vit", "re-initialised layer", "fail",
+     _from_change(reinit("layer.1.attention.attention.value", 0.02))),
+    ("cnn", "rank collapse to 2", "fail", _from_change(collapse(2))),
+    ("cnn", "magnitude pruning 50 %", "fail", _from_change(prune(0.5))),
+    ("cnn", "noise 25 %", "fail", _from_change(noise(0.25))),
+    ("cnn", "re-initialised layer", "fail", _from_change(reinit("layer3.0.conv2", 0.05))),
+]  # fmt: skip
+
+
+def _run(ws: Workspace, *, family: str, name: str, expected: str,
+         make: Callable[[Workspace, Path, str], Path]) -> Outcome:  # fmt: skip
+    with timed() as elapsed:
+        source = ws.once(f"damaged/{family}/{name}", lambda out: make(ws, out, family))
+        check = ws.check(source, family)
+    measured = figures(check)
+    detail = (measured + " · " if measured else "") + "; ".join(check.reasons[:2])
+    return Outcome("damage", name, family, expected, check.verdict, check.verdict == expected,
+                   detail, elapsed())  # fmt: skip
+
+
+# Damage the default gate does not fail (yet), at which settings, and why. Each changes which
+# weights a layer holds more than their statistics: on a freshly initialised base, Gaussian
+# noise makes another Gaussian init, and a swapped block or a re-drawn layer is one. The
+# discrepancy, a statistic of the layer, barely moves (and whether it moves past a threshold
+# depends on the fit settings); the neurons' displacement does (0.62–1.16 here against ≤ 0.41
+# for the calibration's real fine-tunes), but `max_displacement` is off by default.
+_IDENTITY = "the layer's statistics barely change, only its identity (see displacement)"
+BOTH, DEFAULT, QUICK = ("default", "quick"), ("default",), ("quick",)
+KNOWN_MISSES = {
+    ("llama", "noise 50 %"): BOTH,
+    ("llama", "blocks 1 and 2 swapped"): DEFAULT,  # quick: −5.8 %, a capacity-loss fail
+    ("vit", "re-initialised layer"): BOTH,
+    ("cnn", "noise 25 %"): BOTH,
+    ("cnn", "re-initialised layer"): QUICK,  # default: +49 % in that layer, damage
+}
+
+CASES = [
+    Case("damage", name, family,
+         partial(_run, family=family, name=name, expected=expected, make=make),
+         _IDENTITY if (family, name) in KNOWN_MISSES else "", KNOWN_MISSES.get((family, name), ()))
+    for family, name, expected, make in DAMAGES
+]  # fmt: skip

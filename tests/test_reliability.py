@@ -1,0 +1,39 @@
+"""The reliability suite's cases (bench/reliability, docs/reliability.md) as tests: false
+alarms, damage detection, bad inputs and secrets, each through the real command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.reliability import CASES
+from bench.reliability.core import Case, Workspace
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """Base models and baselines shared by every case (each is built once, when first used),
+    at the quick fit settings."""
+    return Workspace(Path(tmp_path_factory.mktemp("reliability")), quick=True)
+
+
+def _param(case: Case) -> object:
+    # A known miss is expected to fail, strictly: the day it passes, the test says so.
+    known = case.known(quick=True)
+    marks = [pytest.mark.xfail(strict=True, reason=known)] if known else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+def test_case(case: Case, workspace: Workspace) -> None:
+    outcome = case.run(workspace)
+    assert outcome.ok, f"expected {outcome.expected}, got {outcome.actual}: {outcome.detail}"
+
+
+def test_every_table_meets_the_issue_minimums() -> None:
+    count = {table: sum(case.table == table for case in CASES) for table in ("alarms", "damage")}
+    assert count["alarms"] >= 20 and count["damage"] >= 12
+    assert len({case.family for case in CASES if case.table == "damage"}) == 3
+    assert len({case.id for case in CASES}) == len(CASES)
