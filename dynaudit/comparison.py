@@ -9,7 +9,8 @@ optimiser's own drift cancels: K relative changes give a mean ± std per layer.
 On disk a baseline is a directory::
 
     baseline.json      what was measured, how (settings, protocol), from which files
-    coords/NNNNN.safetensors   per layer: cold.<k> and null.<k> coordinates, (g, H, m + n, k)
+    coords/NNNNN.safetensors   per layer: cold.<k> and null.<k> coordinates, (g, H, m + n, k),
+                               and the sketch of its weights (dynamics.sketch)
     manifest.json      sha256 of every file above, verified on load
 
 written in a staging directory next to the target and renamed into place when complete.
@@ -34,6 +35,7 @@ from dynaudit.dynamics import discrepancy, fit_coordinates
 from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
+from dynaudit.dynamics.sketch import relative_change, sketch
 from dynaudit.engine import CoordsSink, Progress, layer_groups, load_layer
 from dynaudit.errors import InputError, UsageError
 from dynaudit.families import Family, Layer, LayerPlan
@@ -142,6 +144,8 @@ class BaselineWriter:
             tensors = self._pending.setdefault(layer.name, {})
             tensors[f"cold.{offset}"] = coords[rows].cpu().contiguous()
             tensors[f"null.{offset}"] = null[rows].cpu().contiguous()
+            if offset == 0:  # what the seed-0 fit saw, for the weight-change figure
+                tensors["sketch"] = sketch(target[rows], layer.name)
             self.cold.setdefault(layer.name, []).append(float(cold_md[rows].mean()))
             self.null.setdefault(layer.name, []).append(float(null_md[rows].mean()))
             if offset == self.settings.seeds - 1:
@@ -351,6 +355,7 @@ def compare_plan(
                 baseline_mean_distance=_mean(ref.null_mean_distance),
                 mean_distance=figures.get("mean_distance"), change=figures.get("change"),
                 displacement=figures.get("displacement"), null_drift=_null_drift(ref),
+                weight_change=figures.get("weight_change"),
                 noise=figures.get("noise"), fidelity=figures.get("fidelity"),
                 reason=figures.get("reason"), seconds=round(time.perf_counter() - started, 3),
             )
@@ -402,7 +407,7 @@ def _warm_compare(
     shape = block_shape(m, n, settings.max_entries)
     steps = warm_steps(settings, *shape)
     means, changes, absolute, moved = [], [], [], []
-    fid = None
+    fid = weight_change = None
     for k in range(len(ref.null_mean_distance)):
         cold = stored[f"cold.{k}"].to(device)
         null = stored[f"null.{k}"].to(device)
@@ -419,6 +424,8 @@ def _warm_compare(
         moved.append(displacement(warm, null) / base if base else 0.0)
         if k == 0:
             fid = float(fidelity_of(warm, fitted).mean())
+            if "sketch" in stored:  # an older baseline has none: no weight-change figure
+                weight_change = relative_change(sketch(fitted, ref.name), stored["sketch"])
     std = statistics.stdev(changes) if len(changes) > 1 else 0.0
     change = Change(
         mean=statistics.fmean(changes), std=std, absolute=statistics.fmean(absolute),
@@ -430,6 +437,7 @@ def _warm_compare(
         "displacement": statistics.fmean(moved),
         "noise": max(std, _null_drift(ref) or 0.0),
         "fidelity": fid,
+        "weight_change": weight_change,
     }
     return figures, changes
 

@@ -10,7 +10,10 @@ the neurons' displacement. The policy is two-sided:
 - **damage**: any layer's mean distance moves by more than ``max_layer_change`` % in either
   direction, or its neurons are displaced by more than ``max_displacement`` (in units of the
   reference's mean distance) — heavy noise, re-initialisation or pruning can *raise* the
-  discrepancy while wrecking the layer; a layer that became all zeros; NaN/Inf weights.
+  discrepancy while wrecking the layer; any layer's weights moved by more than
+  ``max_weight_change`` % of their norm — a layer replaced by another with the same
+  statistics (re-drawn, swapped) keeps its discrepancy but is √2 of its norm away; a layer
+  that became all zeros; NaN/Inf weights.
 
 :func:`decide` is a pure function of the comparison and the policy.
 """
@@ -70,6 +73,11 @@ class LayerComparison(_Model):
         "alignment, in units of the baseline's mean distance (mean over seeds)"
     )
     null_drift: float | None = Field(description="|null − cold| / cold, mean over seeds")
+    weight_change: float | None = Field(
+        None,
+        description="‖W − W_baseline‖ / ‖W_baseline‖ of the seed-0 block, estimated from the "
+        "baseline's sketch of the weights (dynamics.sketch); null for baselines without one",
+    )
     noise: float | None = Field(description="max(std, null drift, floor): what a change must beat")
     fidelity: float | None
     reason: str | None = Field(None, description="why the figures are null (damage or NaN)")
@@ -106,6 +114,9 @@ class Policy(BaseModel):
     )
     max_displacement: float | None = Field(
         None, gt=0, description="neuron displacement bound (units of the mean distance); off"
+    )
+    max_weight_change: float | None = Field(
+        80.0, gt=0, description="% change of any layer's weights, ‖ΔW‖/‖W‖ (damage); None: off"
     )
     noise_floor: float = Field(0.05, ge=0, description="the smallest noise assumed, %")
 
@@ -178,6 +189,15 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
                 f"± {_pct(moved.std, False)} (limit ±{policy.max_layer_change:g}%)"
             )
         elif (
+            policy.max_weight_change is not None
+            and layer.weight_change is not None
+            and layer.weight_change > policy.max_weight_change / 100
+        ):
+            problem = (
+                f"damage: {layer.name} weights moved by {layer.weight_change * 100:.0f}% of "
+                f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
+            )
+        elif (
             policy.max_displacement is not None
             and layer.displacement is not None
             and layer.displacement > policy.max_displacement
@@ -202,6 +222,9 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
         f"no drop beyond −{policy.max_drop_all:g}% (all) / −{policy.max_drop_group:g}% (thirds) "
         f"above {policy.noise_multiple:g}× noise; no layer beyond ±{policy.max_layer_change:g}%"
     )
+    if policy.max_weight_change is not None:
+        checked += f" or with weights moved beyond {policy.max_weight_change:g}%"
+
     return Verdict(verdict="pass", reasons=[checked])
 
 

@@ -73,6 +73,9 @@ def report_metrics(report: Report | CheckReport, prefix: str = "dynaudit") -> di
             if moved.displacement is not None:
                 key = metric_name(prefix, "displacement", "layer", moved.name)
                 metrics[key] = moved.displacement
+            if moved.weight_change is not None:
+                key = metric_name(prefix, "weight_change", "layer", moved.name)
+                metrics[key] = moved.weight_change
         metrics[metric_name(prefix, "verdict_pass")] = 1.0 if report.verdict.passed else 0.0
         return metrics
     summary = report.summary

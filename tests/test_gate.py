@@ -58,12 +58,14 @@ def stored(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- the policy, as a pure function ----------------------------------------------------
 
 
-def _layer(name: str, mean: float, group: str = "bottom") -> LayerComparison:
+def _layer(
+    name: str, mean: float, group: str = "bottom", weight_change: float | None = 0.01
+) -> LayerComparison:
     return LayerComparison(
         name=name, type="query", depth=0, group=group, shape=[1, 4, 4],  # type: ignore[arg-type]
         baseline_mean_distance=1.0, mean_distance=1.0 + mean,
         change=Change(mean=mean, std=0.001, absolute=mean, seeds=3), displacement=0.01,
-        null_drift=0.001, noise=0.001, fidelity=0.5,
+        null_drift=0.001, noise=0.001, fidelity=0.5, weight_change=weight_change,
     )  # fmt: skip
 
 
@@ -92,6 +94,21 @@ def test_decide(
     result = decide(_comparison(all_mean, noise, [_layer("w", layer_mean)]), Policy())
     assert result.verdict == verdict
     assert any(reason in line for line in result.reasons), result.reasons
+
+
+@pytest.mark.parametrize(
+    ("moved", "limit", "verdict"),
+    [(0.43, 80.0, "pass"), (1.41, 80.0, "fail"), (0.9, 80.0, "fail"), (1.41, None, "pass"),
+     (None, 80.0, "pass"), (0.5, 40.0, "fail")],
+)  # fmt: skip
+def test_decide_on_weight_change(moved: float | None, limit: float | None, verdict: str) -> None:
+    """A layer whose statistics held but whose weights moved by more than the limit (a
+    re-drawn or swapped layer is ~141 % away); no figure (an older baseline): no finding."""
+    layer = _layer("w", 0.0, weight_change=moved)
+    result = decide(_comparison(0.0, 0.001, [layer]), Policy(max_weight_change=limit))
+    assert result.verdict == verdict
+    if verdict == "fail":
+        assert result.failing_layers == ["w"] and "replaced, not adapted" in result.reasons[0]
 
 
 def test_decide_fails_on_nan_and_zeroed_layers() -> None:
@@ -134,6 +151,47 @@ def test_the_base_and_its_bf16_round_trip_pass(
     bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
     rounded = dynaudit.check(bf16, stored)
     assert rounded.verdict.passed, rounded.verdict.reasons
+    assert all(x.weight_change == 0.0 for x in report.comparison.layers)
+    assert all(0 < (x.weight_change or 0) < 0.005 for x in rounded.comparison.layers)
+
+
+def test_a_layer_with_shuffled_rows_fails_as_replaced(
+    tiny_llama: Path, stored: Path, tmp_path: Path
+) -> None:
+    """One matrix with its output rows shuffled: the function is wrecked but the layer's
+    statistics are unchanged (its distances are the same, relabelled), so the discrepancy rules
+    alone pass it; the weight sketch sees the layer ~√2 of its norm away."""
+    gen = torch.Generator().manual_seed(0)
+
+    def shuffle(name: str, v: torch.Tensor) -> torch.Tensor:
+        if "layers.1.mlp.up_proj" not in name:
+            return v
+        return v[torch.randperm(v.shape[0], generator=gen)]
+
+    report = dynaudit.check(derive(tiny_llama, tmp_path / "shuffled", shuffle), stored)
+    assert decide(report.comparison, Policy(max_weight_change=None)).passed
+    assert report.verdict.failing_layers == ["model.layers.1.mlp.up_proj.weight"]
+    assert "replaced, not adapted" in report.verdict.reasons[0]
+    moved = {x.name: x.weight_change for x in report.comparison.layers}
+    assert 1.2 < moved.pop("model.layers.1.mlp.up_proj.weight") < 1.6  # type: ignore[operator]
+    assert set(moved.values()) == {0.0}
+
+
+def test_an_older_baseline_without_a_sketch_still_compares(
+    tiny_llama: Path, stored: Path, tmp_path: Path
+) -> None:
+    """Baselines written before the weight sketch: no weight-change figure, no error."""
+    from dynaudit.tensors import sha256_file
+
+    copy = shutil.copytree(stored, tmp_path / "old")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for file in (copy / "coords").iterdir():
+        save_file({k: v for k, v in load_file(str(file)).items() if k != "sketch"}, str(file))
+        manifest[f"coords/{file.name}"] = sha256_file(file)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    report = dynaudit.check(tiny_llama, copy)
+    assert report.verdict.passed
+    assert all(x.weight_change is None for x in report.comparison.layers)
 
 
 def test_a_rank_collapsed_block_fails_naming_layers_and_groups(

@@ -119,6 +119,10 @@ MaxDisplacement = Annotated[
     float | None,
     typer.Option(help="neuron displacement of any layer that fails (units of its mean distance)"),
 ]
+MaxWeightChange = Annotated[
+    float | None,
+    typer.Option(help="% a layer's weights may move, ‖ΔW‖/‖W‖, before it counts as replaced"),
+]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
 ]
@@ -290,6 +294,7 @@ def check(
     max_drop_group: MaxDropGroup = None,
     max_layer_change: MaxLayerChange = None,
     max_displacement: MaxDisplacement = None,
+    max_weight_change: MaxWeightChange = None,
     family: Family = None,
     base: Base = None,
     device: Device = "auto",
@@ -314,6 +319,7 @@ def check(
     policy = load_policy(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
+        max_weight_change=max_weight_change,
     )  # fmt: skip
     main_rank = is_main()  # under torchrun every rank refits its share; rank 0 reports
     with _progress() if main_rank else contextlib.nullcontext() as progress:
@@ -338,6 +344,7 @@ def compare(
     max_drop_group: MaxDropGroup = None,
     max_layer_change: MaxLayerChange = None,
     max_displacement: MaxDisplacement = None,
+    max_weight_change: MaxWeightChange = None,
     family: Family = None,
     device: Device = "auto",
     q_dim: QDim = None,
@@ -364,6 +371,7 @@ def compare(
     policy = load_policy(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
+        max_weight_change=max_weight_change,
     )  # fmt: skip
     with _progress() as progress:
         report = run(

@@ -71,8 +71,9 @@ def render_check_markdown(report: CheckReport) -> str:
         "",
         "## Layers",
         "",
-        "| layer | type | third | baseline mean dist | mean dist | change | displacement |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| layer | type | third | baseline mean dist | mean dist | change | displacement "
+        "| weights moved |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     failing = set(verdict.failing_layers)
     for layer in report.comparison.layers:
@@ -81,7 +82,7 @@ def render_check_markdown(report: CheckReport) -> str:
         lines.append(
             f"| {name} | {esc(layer.type)} | {layer.group} | "
             f"{fmt(layer.baseline_mean_distance)} | {fmt(layer.mean_distance)} | {change} | "
-            f"{fmt(layer.displacement, 3)} |"
+            f"{fmt(layer.displacement, 3)} | {_pct(layer.weight_change)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -91,7 +92,8 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
         title=plain(f"dynaudit check · {report.source.uri} vs {report.baseline.ref}"),
         caption=plain(f"baseline from {report.baseline.resolved_from}"),
     )
-    for column in ("layer", "type", "third", "base md", "md", "change", "displacement"):
+    columns = ("layer", "type", "third", "base md", "md", "change", "displacement", "weights")
+    for column in columns:
         left = column in ("layer", "type", "third")
         table.add_column(column, justify="left" if left else "right", overflow="fold")
     failing = set(report.verdict.failing_layers)
@@ -101,7 +103,7 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
         table.add_row(
             plain(layer.name, style=style), plain(layer.type), layer.group,
             fmt(layer.baseline_mean_distance), fmt(layer.mean_distance), change,
-            fmt(layer.displacement, 3),
+            fmt(layer.displacement, 3), _pct(layer.weight_change),
         )  # fmt: skip
     console.print(table)
     groups = Table(title="groups (mean of the layers' relative changes)")
