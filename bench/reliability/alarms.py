@@ -35,13 +35,16 @@ def largest_layer_change(check: Check) -> float | None:
 
 
 def figures(check: Check) -> str:
-    """All-layers change, the largest layer's and the largest displacement, as one phrase."""
+    """All-layers change, the largest layer's, the largest displacement and the largest
+    weight change, as one phrase."""
     change, largest = check.change, largest_layer_change(check)
     if check.report is None or change is None or largest is None:
         return ""
-    moved = [x["displacement"] or 0.0 for x in check.report["comparison"]["layers"]]
+    layers = check.report["comparison"]["layers"]
+    moved = max((x["displacement"] or 0.0 for x in layers), default=0.0)
+    weights = max((x.get("weight_change") or 0.0 for x in layers), default=0.0)
     return (f"all layers {change:+.3f} %, largest layer {largest:+.2f} %, "
-            f"displacement ≤ {max(moved, default=0.0):.2f}")  # fmt: skip
+            f"displacement ≤ {moved:.2f}, weights moved ≤ {100 * weights:.3g} %")  # fmt: skip
 
 
 def _round_trip(_: str, tensor: torch.Tensor) -> torch.Tensor:
