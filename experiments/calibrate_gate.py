@@ -72,10 +72,8 @@ def damaged_copies(base: Path, work: Path, seed: int, levels: tuple[float, ...])
     }
 
 
-def run(quick: bool, work: Path) -> dict[str, Any]:
-    import dynaudit
-
-    settings = {"q_dim": 32, "pieces": 4, "steps": 150} if quick else {}
+def make_cases(quick: bool, work: Path) -> dict[str, dict[str, Path]]:
+    """The base (``work/base``) and every case, by kind: gentle, longer, damaged, self."""
     base = work / "base"
     zoo.train_tiny_llama(base, steps=150 if quick else 400)
     gentle: dict[str, Path] = {}
@@ -98,18 +96,21 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
         out = work / "ft-long"
         zoo.finetune_tiny_llama(base, out, modules=FINETUNE_MODULES, steps=300, lr=1e-3, seed=0)
         longer["fine-tune lr 0.001, 300 steps"] = out
+    return {"gentle": gentle, "longer": longer, "damaged": damaged, "self": {"base": base}}
+
+
+def run(quick: bool, work: Path) -> dict[str, Any]:
+    import dynaudit
+
+    settings = {"q_dim": 32, "pieces": 4, "steps": 150} if quick else {}
+    cases = make_cases(quick, work)
+    base = cases["self"]["base"]
     baseline = work / "baseline"
     started = time.perf_counter()
     dynaudit.baseline(base, baseline, **settings)
     rows = []
-    groups = (
-        ("gentle", gentle),
-        ("longer", longer),
-        ("damaged", damaged),
-        ("self", {"base": base}),
-    )
-    for kind, cases in groups:
-        for name, path in cases.items():
+    for kind, group in cases.items():
+        for name, path in group.items():
             report = dynaudit.check(path, baseline)
             comparison = report.comparison
             changes = [x.change.mean for x in comparison.layers if x.change is not None]
@@ -124,10 +125,12 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
                            for g, c in comparison.groups.items()},
                 "max_layer": max(changes, key=abs) if changes else None,
                 "max_displacement": max((x.displacement or 0.0) for x in comparison.layers),
+                "max_weight_change": max((x.weight_change or 0.0) for x in comparison.layers),
                 "zeroed": comparison.zeroed, "reasons": report.verdict.reasons[:3],
                 "layers": [{"name": x.name, "group": x.group, "displacement": x.displacement,
                             "change": x.change.mean if x.change else None,
-                            "std": x.change.std if x.change else None}
+                            "std": x.change.std if x.change else None,
+                            "weight_change": x.weight_change}
                            for x in comparison.layers],
             })  # fmt: skip
     gentle_rows = [r for r in rows if r["kind"] == "gentle"]

@@ -167,26 +167,23 @@ def _run(ws: Workspace, *, family: str, name: str, expected: str,
                    detail, elapsed())  # fmt: skip
 
 
-# Damage the default gate does not fail (yet), at which settings, and why. Each changes which
-# weights a layer holds more than their statistics: on a freshly initialised base, Gaussian
-# noise makes another Gaussian init, and a swapped block or a re-drawn layer is one. The
-# discrepancy, a statistic of the layer, barely moves (and whether it moves past a threshold
-# depends on the fit settings). The neurons' displacement sees three of them (0.62–0.88
-# against ≤ 0.41 for the calibration's real fine-tunes; CNN noise 25 %: 0.38), but
-# `max_displacement` is off by default.
-_IDENTITY = "the layer's statistics barely change, only its identity (see displacement)"
-BOTH, DEFAULT, QUICK = ("default", "quick"), ("default",), ("quick",)
-KNOWN_MISSES = {
-    ("llama", "noise 50 %"): BOTH,
-    ("llama", "blocks 1 and 2 swapped"): DEFAULT,  # quick: −5.8 %, a capacity-loss fail
-    ("vit", "re-initialised layer"): BOTH,
-    ("cnn", "noise 25 %"): BOTH,
-    ("cnn", "re-initialised layer"): QUICK,  # default: +49 % in that layer, damage
-}
+# Damage the default gate does not fail, at which settings, and why. Both are Gaussian noise
+# on a freshly initialised base: the noisy layer is another draw of the same initialisation,
+# so its statistics (the discrepancy) do not move, and its weights move by the noise level
+# (50 %, 25 %), inside what a real fine-tune moves them (43 % for the calibration's longer
+# one; the weight-change rule fails from 80 %). Re-drawn and swapped layers, ≥ 100 % away, are
+# caught by that rule. Telling isotropic noise from a structured update would need a test of
+# the change's structure, which dynaudit does not have.
+_NOISE = (
+    "noise on an initialised layer is another draw of it: statistics unchanged, weights moved "
+    "as far as a real fine-tune moves them (docs/reliability.md)"
+)
+BOTH = ("default", "quick")
+KNOWN_MISSES = {("llama", "noise 50 %"): BOTH, ("cnn", "noise 25 %"): BOTH}
 
 CASES = [
     Case("damage", name, family,
          partial(_run, family=family, name=name, expected=expected, make=make),
-         _IDENTITY if (family, name) in KNOWN_MISSES else "", KNOWN_MISSES.get((family, name), ()))
+         _NOISE if (family, name) in KNOWN_MISSES else "", KNOWN_MISSES.get((family, name), ()))
     for family, name, expected, make in DAMAGES
 ]  # fmt: skip

@@ -6,13 +6,13 @@ keeps ``L W R`` for each fitted matrix W (the seed-0 block, scaled by s), with L
 R (n × b) Gaussian of variance 1/a and 1/b, a = min(m, SIDE) and b = min(n, SIDE) (a side
 of at most SIDE is kept whole). Then ``‖L (W' − W) R‖ / ‖L W R‖`` estimates the relative
 change ``‖W' − W‖ / ‖W‖`` without the reference's weights: both norms are unbiased in the
-square. Measured on the gate calibration's layers (128 × 128 to 128 × 344), the estimate is
-within 10 % of the exact ratio; for a rank-1 change its spread is 11 % (docs/gate.md,
-"weight change").
+square. On the gate calibration's layers (128 × 128 to 128 × 344) the estimate is within
+14 % of the exact ratio (experiments/weight_change.py); for a rank-1 change of a 512 × 512
+matrix its spread is 11 % (docs/gate.md, "Weight change").
 
 Two independent draws of a layer are √2 of its norm apart, and a layer replaced by anything
-unrelated to it is at least its own norm away; the calibration's real fine-tunes move a layer
-by 43 % at most.
+unrelated to it is at least its own norm away; the calibration's real fine-tunes moved a
+layer by 43 % at most.
 """
 
 from __future__ import annotations
