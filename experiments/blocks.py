@@ -24,7 +24,7 @@ import torch
 
 from bench.checkpoint import Shape, generate
 from experiments._cli import experiment_main
-from experiments.calibrate_gate import derive
+from experiments.derived import derive
 
 FULL = {"shape": Shape(hidden=768, intermediate=2048, blocks=1, vocab=1024, heads=8),
         "caps": [0, 1 << 20, 1 << 18, 1 << 16], "settings": {}}  # fmt: skip

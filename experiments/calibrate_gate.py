@@ -16,59 +16,32 @@ reported as measured.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from experiments import zoo
 from experiments._cli import experiment_main
+from experiments.derived import collapse, derive, noise, reinit, zero
 
 FINETUNE_MODULES = ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "string.py")
 
 
-def derive(base: Path, out: Path, change: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
-    shutil.copytree(base, out)
-    state = load_file(str(base / "model.safetensors"))
-    save_file({k: change(k, v) for k, v in state.items()}, str(out / "model.safetensors"))
-    return out
-
-
 def damaged_copies(base: Path, work: Path, seed: int, levels: tuple[float, ...]) -> dict[str, Path]:
-    gen = torch.Generator().manual_seed(seed)
-
-    def noise(level: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
-        def apply(_: str, v: torch.Tensor) -> torch.Tensor:
-            return v + level * v.std() * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
-
-        return apply
-
-    def collapse(name: str, v: torch.Tensor) -> torch.Tensor:
-        if v.dim() != 2 or "layers.1." not in name:
-            return v
-        u, s, vh = torch.linalg.svd(v, full_matrices=False)
-        return (u[:, :4] * s[:4]) @ vh[:4]
-
-    def zero(name: str, v: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(v) if "layers.2.mlp.down_proj" in name else v
-
-    def reinit(name: str, v: torch.Tensor) -> torch.Tensor:
-        if "layers.2.self_attn.v_proj" not in name:
-            return v
-        return torch.randn(v.shape, generator=gen) * 0.02  # transformers' initializer_range
-
-    noisy = {f"noise {level:.0%}": derive(base, work / f"noise{level:g}", noise(level))
+    gen = torch.Generator().manual_seed(seed)  # one stream: each copy draws after the last
+    noisy = {f"noise {level:.0%}": derive(base, work / f"noise{level:g}", noise(level, gen=gen))
              for level in levels}  # fmt: skip
     return {
         **noisy,
-        "block 1 rank 4": derive(base, work / "collapse", collapse),
-        "zeroed layer": derive(base, work / "zeroed", zero),
-        "re-initialised layer": derive(base, work / "reinit", reinit),
+        "block 1 rank 4": derive(base, work / "collapse", collapse(4, "layers.1.")),
+        "zeroed layer": derive(base, work / "zeroed", zero("layers.2.mlp.down_proj")),
+        # 0.02: transformers' initializer_range
+        "re-initialised layer": derive(
+            base, work / "reinit", reinit("layers.2.self_attn.v_proj", 0.02, gen=gen)
+        ),
     }
 
 

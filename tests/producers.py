@@ -5,6 +5,7 @@ this machine's torch, so their module layouts are rebuilt here, name for name)."
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -165,3 +166,20 @@ def timm_vit(out: Path, dim: int = 24, depth: int = 4, heads: int = 3) -> Path:
 def torchvision_resnet18(out: Path) -> Path:
     torch.manual_seed(0)
     return save_module(TorchvisionResNet18(), out)
+
+
+def raw_safetensors(path: Path, header: dict[str, object], data: bytes) -> Path:
+    """A file in safetensors framing with any header, valid or not: length, JSON, data."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def sharded_index(parent: Path, weight_map: dict[str, str]) -> Path:
+    """``parent/sharded``: one real shard (tensor ``a``) and an index with ``weight_map``,
+    valid or not."""
+    folder = parent / "sharded"
+    folder.mkdir()
+    save_file({"a": torch.ones(2, 2)}, str(folder / "model-00001-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder

@@ -120,7 +120,7 @@ def test_two_ranks_make_and_check_baselines_like_one_process(
     share of the layers, rank 0 writes one baseline and one report, equal to one process's
     within 1e-5."""
     import dynaudit
-    from tests.test_gate import derive
+    from experiments.derived import derive
 
     flags = ["--q-dim", "16", "--pieces", "4", "--steps", "60", "--seeds", "2"]
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import dynaudit
 from dynaudit.comparison import BaselineError
 from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, Policy, decide
+from experiments.derived import derive
 
 # Small enough for tests, large enough for the warm refits to follow real damage: with
 # q_dim 16 and 40 warm steps a rank-2 block moved 5 %, with these 20–48 % (docs/gate.md).
@@ -31,14 +32,6 @@ def cli(
         [sys.executable, "-m", "dynaudit", *args], capture_output=True, text=True, timeout=600,
         cwd=cwd, env={**os.environ, "CI": "true", **(env or {})},
     )  # fmt: skip
-
-
-def derive(base: Path, out: Path, change: Any) -> Path:
-    """A copy of ``base`` with ``change(name, tensor)`` applied to every tensor."""
-    shutil.copytree(base, out)
-    state = load_file(str(base / "model.safetensors"))
-    save_file({k: change(k, v) for k, v in state.items()}, str(out / "model.safetensors"))
-    return out
 
 
 def rank_collapse(name: str, tensor: torch.Tensor, rank: int = 2) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from dynaudit.errors import CheckpointNotFound, CorruptCheckpoint, EmptyCheckpoint, PickleRefused
 from dynaudit.tensors import Checkpoint, natural_key
+from tests import producers
 
 
 def _tiny_llama(tmp_path: Path, **save_kwargs: object) -> Path:
@@ -93,12 +93,6 @@ def test_fingerprint_is_sha256_of_the_file(tmp_path: Path) -> None:
         }
 
 
-def _raw_safetensors(path: Path, header: dict[str, object], data: bytes) -> Path:
-    blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
-    return path
-
-
 @pytest.mark.parametrize(
     ("header", "data", "problem"),
     [
@@ -120,7 +114,7 @@ def _raw_safetensors(path: Path, header: dict[str, object], data: bytes) -> Path
 def test_malformed_headers_are_corrupt(
     tmp_path: Path, header: dict[str, object], data: bytes, problem: str
 ) -> None:
-    path = _raw_safetensors(tmp_path / "bad.safetensors", header, data)
+    path = producers.raw_safetensors(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(CorruptCheckpoint, match=problem):
         Checkpoint.open(path)
 
@@ -157,14 +151,6 @@ def test_missing_empty_and_pickle_sources(tmp_path: Path) -> None:
         Checkpoint.open(pickled / "pytorch_model.bin")
 
 
-def _sharded(tmp_path: Path, weight_map: dict[str, str]) -> Path:
-    folder = tmp_path / "sharded"
-    folder.mkdir()
-    save_file({"a": torch.ones(2, 2)}, str(folder / "model-00001-of-00002.safetensors"))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return folder
-
-
 @pytest.mark.parametrize(
     ("weight_map", "problem"),
     [
@@ -179,7 +165,7 @@ def _sharded(tmp_path: Path, weight_map: dict[str, str]) -> Path:
 def test_bad_indexes_are_corrupt(tmp_path: Path, weight_map: dict[str, str], problem: str) -> None:
     (tmp_path / "outside.safetensors").write_bytes(b"")
     with pytest.raises(CorruptCheckpoint, match=problem):
-        Checkpoint.open(_sharded(tmp_path, weight_map))
+        Checkpoint.open(producers.sharded_index(tmp_path, weight_map))
 
 
 def test_symlinked_shards_open_like_the_hugging_face_cache(tmp_path: Path) -> None:

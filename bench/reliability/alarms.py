@@ -15,7 +15,7 @@ import torch
 
 from bench.reliability.core import Case, Check, Outcome, Workspace, timed
 from bench.reliability.models import FAMILIES
-from bench.reliability.variants import derive, reshard
+from experiments.derived import derive, reshard
 
 __all__ = ["CASES", "largest_layer_change"]
 

@@ -16,86 +16,19 @@ import torch
 
 from bench.reliability.alarms import figures
 from bench.reliability.core import Case, Outcome, Workspace, timed
-from bench.reliability.variants import Change, derive
+from experiments.derived import (
+    Change,
+    collapse,
+    derive,
+    noise,
+    poison,
+    prune,
+    reinit,
+    swapped,
+    zero,
+)
 
 __all__ = ["CASES"]
-
-
-def _matrices(change: Callable[[torch.Tensor], torch.Tensor], only: str = "") -> Change:
-    """Apply ``change`` to every float tensor of ≥ 2 dims whose name contains ``only``."""
-
-    def apply(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.dim() < 2 or not tensor.is_floating_point() or only not in name:
-            return tensor
-        return change(tensor)
-
-    return apply
-
-
-def noise(level: float, seed: int = 0) -> Change:
-    gen = torch.Generator().manual_seed(seed)
-    return _matrices(lambda w: w + level * w.std() * torch.randn(w.shape, generator=gen))
-
-
-def prune(fraction: float) -> Change:
-    """Magnitude pruning: the ``fraction`` smallest |w| of each matrix set to zero."""
-
-    def apply(w: torch.Tensor) -> torch.Tensor:
-        k = max(1, int(fraction * w.numel()))
-        cut = w.abs().flatten().kthvalue(k).values
-        return torch.where(w.abs() <= cut, torch.zeros_like(w), w)
-
-    return _matrices(apply)
-
-
-def collapse(rank: int) -> Change:
-    """Every matrix (conv kernels flattened to out × in·kh·kw) cut to ``rank``."""
-
-    def apply(w: torch.Tensor) -> torch.Tensor:
-        matrix = w.reshape(w.shape[0], -1).double()
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape).to(w.dtype)
-
-    return _matrices(apply)
-
-
-def zero(only: str) -> Change:
-    return _matrices(torch.zeros_like, only)
-
-
-def reinit(only: str, std: float, seed: int = 1) -> Change:
-    """A fresh Gaussian draw (the producer's own initialiser scale) in place of the layer."""
-    gen = torch.Generator().manual_seed(seed)
-    return _matrices(lambda w: torch.randn(w.shape, generator=gen) * std, only)
-
-
-def poison(only: str, value: float) -> Change:
-    """One entry of the matching matrices set to NaN or Inf."""
-
-    def apply(w: torch.Tensor) -> torch.Tensor:
-        w = w.clone()
-        w.view(-1)[w.numel() // 2] = value
-        return w
-
-    return _matrices(apply, only)
-
-
-def _swapped(base: Path, out: Path, a: str, b: str) -> Path:
-    """The base with every tensor of block ``a`` and block ``b`` exchanged (same shapes)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(base.glob("*.safetensors")):
-        state.update(load_file(str(path)))
-
-    def change(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if a in name:
-            return state[name.replace(a, b)]
-        if b in name:
-            return state[name.replace(b, a)]
-        return tensor
-
-    return derive(base, out, change)
 
 
 def _catastrophic(base: Path, out: Path) -> Path:
@@ -137,7 +70,7 @@ DAMAGES: list[tuple[str, str, str, Callable[[Workspace, Path, str], Path]]] = [
     ("llama", "noise 50 %", "fail", _from_change(noise(0.5))),
     ("llama", "magnitude pruning 90 %", "fail", _from_change(prune(0.9))),
     ("llama", "blocks 1 and 2 swapped", "fail",
-     lambda ws, out, f: _swapped(ws.base(f), out, "layers.1.", "layers.2.")),
+     lambda ws, out, f: swapped(ws.base(f), out, "layers.1.", "layers.2.")),
     ("llama", "NaN in one layer", "fail",
      _from_change(poison("layers.0.self_attn.q_proj", float("nan")))),
     ("llama", "catastrophic fine-tune", "fail", lambda ws, out, f: _catastrophic(ws.base(f), out)),

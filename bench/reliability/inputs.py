@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.reliability.core import FIT, Case, Outcome, Run, Workspace, dynaudit, timed
-from tests.test_tensors import _raw_safetensors, _sharded
+from tests.producers import raw_safetensors, sharded_index
 
 __all__ = ["CASES"]
 
@@ -182,7 +182,7 @@ def _huge_header(folder: Path) -> Path:
 
 
 def _header(entries: dict[str, object], data: bytes) -> Callable[[Path], Path]:
-    return lambda folder: _raw_safetensors(folder / "model.safetensors", entries, data)
+    return lambda folder: raw_safetensors(folder / "model.safetensors", entries, data)
 
 
 def _f32(shape: list[int], begin: int, end: int, dtype: str = "F32") -> dict[str, object]:
@@ -196,7 +196,7 @@ def _index(weight_map: dict[str, str], outside: bool = False) -> Callable[[Path]
     def make(folder: Path) -> Path:
         if outside:
             save_file({"b": torch.randn(8, 8)}, str(folder / "outside.safetensors"))
-        return _sharded(folder, weight_map)
+        return sharded_index(folder, weight_map)
 
     return make
 
