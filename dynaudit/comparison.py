@@ -35,7 +35,7 @@ from dynaudit.dynamics import discrepancy, fit_coordinates
 from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
-from dynaudit.dynamics.sketch import relative_change, sketch
+from dynaudit.dynamics.sketch import sketch, weight_figures
 from dynaudit.engine import CoordsSink, Progress, layer_groups, load_layer
 from dynaudit.errors import InputError, UsageError
 from dynaudit.families import Family, Layer, LayerPlan
@@ -356,6 +356,7 @@ def compare_plan(
                 mean_distance=figures.get("mean_distance"), change=figures.get("change"),
                 displacement=figures.get("displacement"), null_drift=_null_drift(ref),
                 weight_change=figures.get("weight_change"),
+                noise_likeness=figures.get("noise_likeness"),
                 noise=figures.get("noise"), fidelity=figures.get("fidelity"),
                 reason=figures.get("reason"), seconds=round(time.perf_counter() - started, 3),
             )
@@ -407,7 +408,7 @@ def _warm_compare(
     shape = block_shape(m, n, settings.max_entries)
     steps = warm_steps(settings, *shape)
     means, changes, absolute, moved = [], [], [], []
-    fid = weight_change = None
+    fid = weight_change = noise_like = None
     for k in range(len(ref.null_mean_distance)):
         cold = stored[f"cold.{k}"].to(device)
         null = stored[f"null.{k}"].to(device)
@@ -424,8 +425,8 @@ def _warm_compare(
         moved.append(displacement(warm, null) / base if base else 0.0)
         if k == 0:
             fid = float(fidelity_of(warm, fitted).mean())
-            if "sketch" in stored:  # an older baseline has none: no weight-change figure
-                weight_change = relative_change(sketch(fitted, ref.name), stored["sketch"])
+            if "sketch" in stored:  # an older baseline has none: no weight-change figures
+                weight_change, noise_like = weight_figures(fitted, stored["sketch"], ref.name)
     std = statistics.stdev(changes) if len(changes) > 1 else 0.0
     change = Change(
         mean=statistics.fmean(changes), std=std, absolute=statistics.fmean(absolute),
@@ -438,6 +439,7 @@ def _warm_compare(
         "noise": max(std, _null_drift(ref) or 0.0),
         "fidelity": fid,
         "weight_change": weight_change,
+        "noise_likeness": noise_like,
     }
     return figures, changes
 

@@ -12,8 +12,10 @@ the neurons' displacement. The policy is two-sided:
   reference's mean distance) — heavy noise, re-initialisation or pruning can *raise* the
   discrepancy while wrecking the layer; any layer's weights moved by more than
   ``max_weight_change`` % of their norm — a layer replaced by another with the same
-  statistics (re-drawn, swapped) keeps its discrepancy but is √2 of its norm away; a layer
-  that became all zeros; NaN/Inf weights.
+  statistics (re-drawn, swapped) keeps its discrepancy but is √2 of its norm away; any layer
+  whose weights moved by more than ``max_noise_change`` % in a noise-like way (noise
+  likeness ≥ ``noise_like``: random corruption, not a structured update); a layer that became
+  all zeros; NaN/Inf weights.
 
 :func:`decide` is a pure function of the comparison and the policy.
 """
@@ -78,6 +80,11 @@ class LayerComparison(_Model):
         description="‖W − W_baseline‖ / ‖W_baseline‖ of the seed-0 block, estimated from the "
         "baseline's sketch of the weights (dynamics.sketch); null for baselines without one",
     )
+    noise_likeness: float | None = Field(
+        None,
+        description="effective rank of the weight change over that of i.i.d. noise through the "
+        "same sketch: ≈ 1 for noise, lower for a structured update; null when nothing moved",
+    )
     noise: float | None = Field(description="max(std, null drift, floor): what a change must beat")
     fidelity: float | None
     reason: str | None = Field(None, description="why the figures are null (damage or NaN)")
@@ -117,6 +124,12 @@ class Policy(BaseModel):
     )
     max_weight_change: float | None = Field(
         80.0, gt=0, description="% change of any layer's weights, ‖ΔW‖/‖W‖ (damage); None: off"
+    )
+    max_noise_change: float | None = Field(
+        20.0, gt=0, description="% change of any layer's weights that looks like noise; None: off"
+    )
+    noise_like: float = Field(
+        0.8, gt=0, description="noise likeness from which a change counts as noise-like"
     )
     noise_floor: float = Field(0.05, ge=0, description="the smallest noise assumed, %")
 
@@ -198,6 +211,18 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
                 f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
             )
         elif (
+            policy.max_noise_change is not None
+            and layer.weight_change is not None
+            and layer.noise_likeness is not None
+            and layer.weight_change > policy.max_noise_change / 100
+            and layer.noise_likeness >= policy.noise_like
+        ):
+            problem = (
+                f"damage: {layer.name} weights moved by {layer.weight_change * 100:.0f}% of "
+                f"their norm like random noise (noise likeness {layer.noise_likeness:.2f}; "
+                f"limit {policy.max_noise_change:g}%)"
+            )
+        elif (
             policy.max_displacement is not None
             and layer.displacement is not None
             and layer.displacement > policy.max_displacement
@@ -224,6 +249,8 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
     )
     if policy.max_weight_change is not None:
         checked += f" or with weights moved beyond {policy.max_weight_change:g}%"
+    if policy.max_noise_change is not None:
+        checked += f" ({policy.max_noise_change:g}% if noise-like)"
 
     return Verdict(verdict="pass", reasons=[checked])
 

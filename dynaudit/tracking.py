@@ -73,9 +73,10 @@ def report_metrics(report: Report | CheckReport, prefix: str = "dynaudit") -> di
             if moved.displacement is not None:
                 key = metric_name(prefix, "displacement", "layer", moved.name)
                 metrics[key] = moved.displacement
-            if moved.weight_change is not None:
-                key = metric_name(prefix, "weight_change", "layer", moved.name)
-                metrics[key] = moved.weight_change
+            for figure in ("weight_change", "noise_likeness"):
+                value = getattr(moved, figure)
+                if value is not None:
+                    metrics[metric_name(prefix, figure, "layer", moved.name)] = value
         metrics[metric_name(prefix, "verdict_pass")] = 1.0 if report.verdict.passed else 0.0
         return metrics
     summary = report.summary

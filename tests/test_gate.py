@@ -52,13 +52,18 @@ def stored(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _layer(
-    name: str, mean: float, group: str = "bottom", weight_change: float | None = 0.01
+    name: str,
+    mean: float,
+    group: str = "bottom",
+    weight_change: float | None = 0.01,
+    noise_likeness: float | None = 0.3,
 ) -> LayerComparison:
     return LayerComparison(
         name=name, type="query", depth=0, group=group, shape=[1, 4, 4],  # type: ignore[arg-type]
         baseline_mean_distance=1.0, mean_distance=1.0 + mean,
         change=Change(mean=mean, std=0.001, absolute=mean, seeds=3), displacement=0.01,
         null_drift=0.001, noise=0.001, fidelity=0.5, weight_change=weight_change,
+        noise_likeness=noise_likeness,
     )  # fmt: skip
 
 
@@ -102,6 +107,23 @@ def test_decide_on_weight_change(moved: float | None, limit: float | None, verdi
     assert result.verdict == verdict
     if verdict == "fail":
         assert result.failing_layers == ["w"] and "replaced, not adapted" in result.reasons[0]
+
+
+@pytest.mark.parametrize(
+    ("moved", "likeness", "verdict"),
+    [(0.27, 1.0, "fail"), (0.27, 0.5, "pass"), (0.15, 1.0, "pass"), (0.43, 0.59, "pass"),
+     (0.52, None, "pass")],
+)  # fmt: skip
+def test_decide_on_noise_like_changes(moved: float, likeness: float | None, verdict: str) -> None:
+    """Beyond 20 %, a change as unstructured as noise (likeness ≥ 0.8) is damage; a structured
+    one of the same size (a fine-tune: ≤ 0.6 in the calibration) is not."""
+    layer = _layer("w", 0.0, weight_change=moved, noise_likeness=likeness)
+    result = decide(_comparison(0.0, 0.001, [layer]), Policy())
+    assert result.verdict == verdict
+    if verdict == "fail":
+        assert "like random noise" in result.reasons[0]
+    off = decide(_comparison(0.0, 0.001, [layer]), Policy(max_noise_change=None))
+    assert off.passed
 
 
 def test_decide_fails_on_nan_and_zeroed_layers() -> None:
@@ -221,6 +243,25 @@ def test_heavy_noise_fails_as_damage(tiny_llama: Path, stored: Path, tmp_path: P
     report = dynaudit.check(derive(tiny_llama, tmp_path / "noisy", noise), stored)
     assert not report.verdict.passed
     assert any(reason.startswith("damage:") for reason in report.verdict.reasons)
+
+
+def test_noise_a_quarter_of_the_weights_fails_as_noise(
+    tiny_llama: Path, stored: Path, tmp_path: Path
+) -> None:
+    """Noise at 25 % of each matrix's std: at these fit settings its layer statistics stay
+    under the limits (the quick calibration passed it), but the change is as unstructured as
+    noise and a quarter of the weights' norm."""
+    gen = torch.Generator().manual_seed(0)
+
+    def noise(_: str, v: torch.Tensor) -> torch.Tensor:
+        return v + 0.25 * v.std() * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
+
+    report = dynaudit.check(derive(tiny_llama, tmp_path / "noisy", noise), stored)
+    assert decide(report.comparison, Policy(max_noise_change=None)).passed
+    assert not report.verdict.passed
+    assert all("like random noise" in reason for reason in report.verdict.reasons)
+    likeness = [x.noise_likeness for x in report.comparison.layers if x.noise_likeness]
+    assert len(likeness) == len(report.comparison.layers) and min(likeness) > 0.8
 
 
 def test_nan_weights_exit_1(tiny_llama: Path, stored: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynaudit.dynamics.sketch import SIDE, relative_change, sketch
+from dynaudit.dynamics.sketch import SIDE, relative_change, sketch, weight_figures
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
@@ -49,3 +49,18 @@ def test_a_replaced_matrix_is_about_root_two_away() -> None:
         a, b = _randn(1, 256, 256, seed=seed), _randn(1, 256, 256, seed=50 + seed)
         change = relative_change(sketch(b, "x"), sketch(a, "x"))
         assert change is not None and 1.25 < change < 1.6
+
+
+def test_noise_likeness_tells_noise_from_structured_changes() -> None:
+    """≈ 1 for i.i.d. noise whatever its size, far lower for a low-rank or a row-structured
+    change (what fine-tuning updates look like), for sketched and whole matrices alike."""
+    for shape in [(512, 384), (48, 40)]:
+        w = _randn(1, *shape, seed=0)
+        noise = 0.3 * _randn(1, *shape, seed=1)
+        low_rank = _randn(1, shape[0], 4, seed=2) @ _randn(1, 4, shape[1], seed=3)
+        rows = _randn(1, shape[0], 1, seed=4) * _randn(1, *shape, seed=5).sign().cumsum(-1)
+        for change, low, high in [(noise, 0.85, 1.15), (low_rank, 0.0, 0.2), (rows, 0.0, 0.5)]:
+            moved, likeness = weight_figures(w + change, sketch(w, "x"), "x")
+            assert moved is not None and moved > 0
+            assert likeness is not None and low < likeness < high, (shape, likeness)
+    assert weight_figures(w, sketch(w, "x"), "x") == (0.0, None)  # nothing moved

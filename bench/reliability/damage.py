@@ -100,23 +100,15 @@ def _run(ws: Workspace, *, family: str, name: str, expected: str,
                    detail, elapsed())  # fmt: skip
 
 
-# Damage the default gate does not fail, at which settings, and why. Both are Gaussian noise
-# on a freshly initialised base: the noisy layer is another draw of the same initialisation,
-# so its statistics (the discrepancy) do not move, and its weights move by the noise level
-# (50 %, 25 %), inside what a real fine-tune moves them (43 % for the calibration's longer
-# one; the weight-change rule fails from 80 %). Re-drawn and swapped layers, ≥ 100 % away, are
-# caught by that rule. Telling isotropic noise from a structured update would need a test of
-# the change's structure, which dynaudit does not have.
-_NOISE = (
-    "noise on an initialised layer is another draw of it: statistics unchanged, weights moved "
-    "as far as a real fine-tune moves them (docs/reliability.md)"
-)
-BOTH = ("default", "quick")
-KNOWN_MISSES = {("llama", "noise 50 %"): BOTH, ("cnn", "noise 25 %"): BOTH}
+# Damage the default gate does not fail: (family, case) → (why, at which settings: "default",
+# "quick"). None today. The last two, Gaussian noise on an initialised base (another draw of
+# the same initialisation, statistics unchanged), are caught by the noise-like weight change
+# rule; re-drawn and swapped layers by the weight change rule (docs/reliability.md).
+KNOWN_MISSES: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
 
 CASES = [
     Case("damage", name, family,
          partial(_run, family=family, name=name, expected=expected, make=make),
-         _NOISE if (family, name) in KNOWN_MISSES else "", KNOWN_MISSES.get((family, name), ()))
+         *KNOWN_MISSES.get((family, name), ("", ())))
     for family, name, expected, make in DAMAGES
 ]  # fmt: skip
