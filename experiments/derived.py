@@ -25,6 +25,7 @@ __all__ = [
     "noise",
     "poison",
     "prune",
+    "quantised",
     "reinit",
     "reshard",
     "shards",
@@ -158,3 +159,16 @@ def poison(only: str, value: float) -> Change:
         return w
 
     return matrices(apply, only)
+
+
+def quantised(bits: int) -> Change:
+    """A round trip through symmetric per-row integer quantisation (absmax scaling), as a
+    weight-only quantiser stores a matrix: the error a quantised copy carries."""
+    levels = 2 ** (bits - 1) - 1
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        rows = w.reshape(w.shape[0], -1)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels
+        return ((rows / scale).round().clamp(-levels, levels) * scale).reshape(w.shape)
+
+    return matrices(apply)

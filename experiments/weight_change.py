@@ -5,10 +5,10 @@ estimates it, and how noise-like the change is (the ``max_weight_change`` and
     python -m experiments.weight_change --out docs/evidence/weight-change.json   # ~2 min
 
 The cases are the gate calibration's (experiments/calibrate_gate.py: the same trained tiny
-LLaMA, fine-tunes and damaged copies); no fits are run. Per case: the largest and median
-relative change ‖W' − W‖ / ‖W‖ over the layers, the sketch's worst relative error, the range
-of the change's noise likeness over the layers that moved, and which layers the two rules
-(at the default policy) would fail.
+LLaMA, fine-tunes and damaged copies) and integer-quantisation round trips; no fits are run.
+Per case: the largest and median relative change ‖W' − W‖ / ‖W‖ over the layers, the
+sketch's worst relative error, the range of the change's noise likeness over the layers that
+moved, and which layers the two rules (at the default policy) would fail.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from experiments._cli import experiment_main
 from experiments.calibrate_gate import make_cases
+from experiments.derived import derive, quantised
 
 
 def _layers(path: Path) -> dict[str, torch.Tensor]:
@@ -50,6 +51,12 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
     policy = Policy()
 
     cases = make_cases(quick, work)
+    cases["quantised"] = {
+        f"int{bits} round trip (per-row absmax)": derive(
+            cases["self"]["base"], work / f"int{bits}", quantised(bits)
+        )
+        for bits in (8, 4, 3)
+    }
     base = _layers(cases["self"]["base"])
     reference = {name: sketch(w[None], name) for name, w in base.items()}
     rows = []

@@ -264,6 +264,18 @@ def test_noise_a_quarter_of_the_weights_fails_as_noise(
     assert len(likeness) == len(report.comparison.layers) and min(likeness) > 0.8
 
 
+def test_weight_policy_flags_reach_the_gate(
+    tiny_llama: Path, stored: Path, tmp_path: Path
+) -> None:
+    """A bf16 round trip moves every layer by ~0.2 %, like noise: it passes by default, and
+    fails when the flags set the weight limits below that."""
+    bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
+    proc = cli("check", str(bf16), "--baseline", str(stored), "--max-weight-change", "0.01")
+    assert proc.returncode == 1 and "replaced, not adapted" in proc.stdout, proc.stderr
+    proc = cli("check", str(bf16), "--baseline", str(stored), "--max-noise-change", "0.01")
+    assert proc.returncode == 1 and "like random noise" in proc.stdout, proc.stderr
+
+
 def test_nan_weights_exit_1(tiny_llama: Path, stored: Path, tmp_path: Path) -> None:
     def poison(name: str, v: torch.Tensor) -> torch.Tensor:
         if "layers.2.mlp.up_proj" in name:

@@ -123,6 +123,10 @@ MaxWeightChange = Annotated[
     float | None,
     typer.Option(help="% a layer's weights may move, ‖ΔW‖/‖W‖, before it counts as replaced"),
 ]
+MaxNoiseChange = Annotated[
+    float | None,
+    typer.Option(help="% a layer's weights may move in a noise-like way before it is damage"),
+]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
 ]
@@ -295,6 +299,7 @@ def check(
     max_layer_change: MaxLayerChange = None,
     max_displacement: MaxDisplacement = None,
     max_weight_change: MaxWeightChange = None,
+    max_noise_change: MaxNoiseChange = None,
     family: Family = None,
     base: Base = None,
     device: Device = "auto",
@@ -319,7 +324,7 @@ def check(
     policy = load_policy(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
-        max_weight_change=max_weight_change,
+        max_weight_change=max_weight_change, max_noise_change=max_noise_change,
     )  # fmt: skip
     main_rank = is_main()  # under torchrun every rank refits its share; rank 0 reports
     with _progress() if main_rank else contextlib.nullcontext() as progress:
@@ -345,6 +350,7 @@ def compare(
     max_layer_change: MaxLayerChange = None,
     max_displacement: MaxDisplacement = None,
     max_weight_change: MaxWeightChange = None,
+    max_noise_change: MaxNoiseChange = None,
     family: Family = None,
     device: Device = "auto",
     q_dim: QDim = None,
@@ -371,7 +377,7 @@ def compare(
     policy = load_policy(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
-        max_weight_change=max_weight_change,
+        max_weight_change=max_weight_change, max_noise_change=max_noise_change,
     )  # fmt: skip
     with _progress() as progress:
         report = run(
