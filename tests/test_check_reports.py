@@ -29,7 +29,8 @@ def _layer(name: str, type_: str, group: str, mean: float) -> LayerComparison:
         group=group,  # type: ignore[arg-type]
         shape=[1, 8, 8], baseline_mean_distance=2.0, mean_distance=2.0 * (1 + mean),
         change=Change(mean=mean, std=0.001, absolute=2.0 * mean, seeds=3), displacement=0.05,
-        null_drift=0.001, noise=0.001, fidelity=0.61,
+        null_drift=0.001, noise=0.001, fidelity=0.61, weight_change=abs(mean) / 4,
+        noise_likeness=0.3,
     )  # fmt: skip
 
 
@@ -96,7 +97,7 @@ def test_the_crafted_name_breaks_no_format() -> None:
     report = sample_report()
     markdown = render_check_markdown(report)
     assert "\n::error::pwned" not in markdown and "<b>" not in markdown
-    assert all(line.count("|") - line.count("\\|") == 8 for line in markdown.splitlines()
+    assert all(line.count("|") - line.count("\\|") == 9 for line in markdown.splitlines()
                if line.startswith("| ") and "evil" in line)  # fmt: skip
     root = ET.fromstring(render_junit(report))
     names = [case.get("name") for case in root.iter("testcase")]
