@@ -13,9 +13,9 @@ the neurons' displacement. The policy is two-sided:
   discrepancy while wrecking the layer; any layer's weights moved by more than
   ``max_weight_change`` % of their norm — a layer replaced by another with the same
   statistics (re-drawn, swapped) keeps its discrepancy but is √2 of its norm away; any layer
-  whose weights moved by more than ``max_noise_change`` % in a noise-like way (noise
-  likeness ≥ ``noise_like``: random corruption, not a structured update); a layer that became
-  all zeros; NaN/Inf weights.
+  whose weights moved by more than ``max_noise_change`` % in a noise-like way (a noise
+  likeness ≥ ``min_noise_likeness``: random corruption, not a structured update); a layer
+  that became all zeros; NaN/Inf weights.
 
 :func:`decide` is a pure function of the comparison and the policy.
 """
@@ -45,6 +45,7 @@ __all__ = [
     "Verdict",
     "decide",
     "load_policy",
+    "weight_damage",
 ]
 
 
@@ -128,8 +129,8 @@ class Policy(BaseModel):
     max_noise_change: float | None = Field(
         20.0, gt=0, description="% change of any layer's weights that looks like noise; None: off"
     )
-    noise_like: float = Field(
-        0.8, gt=0, description="noise likeness from which a change counts as noise-like"
+    min_noise_likeness: float = Field(
+        0.8, gt=0, description="the noise likeness from which a change counts as noise-like"
     )
     noise_floor: float = Field(0.05, ge=0, description="the smallest noise assumed, %")
 
@@ -153,6 +154,26 @@ class Verdict(_Model):
     @property
     def passed(self) -> bool:
         return self.verdict == "pass"
+
+
+def weight_damage(
+    change: float | None, likeness: float | None, policy: Policy
+) -> Literal["replaced", "noise"] | None:
+    """What a layer's weight figures say under ``policy``: ``"replaced"`` (moved beyond
+    ``max_weight_change``), ``"noise"`` (beyond ``max_noise_change`` with a noise likeness of
+    at least ``min_noise_likeness``) or None."""
+    if change is None:
+        return None
+    if policy.max_weight_change is not None and change > policy.max_weight_change / 100:
+        return "replaced"
+    if (
+        policy.max_noise_change is not None
+        and likeness is not None
+        and change > policy.max_noise_change / 100
+        and likeness >= policy.min_noise_likeness
+    ):
+        return "noise"
+    return None
 
 
 def decide(comparison: Comparison, policy: Policy) -> Verdict:
@@ -201,24 +222,14 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
                 f"damage: {layer.name} mean distance {_pct(moved.mean)} "
                 f"± {_pct(moved.std, False)} (limit ±{policy.max_layer_change:g}%)"
             )
-        elif (
-            policy.max_weight_change is not None
-            and layer.weight_change is not None
-            and layer.weight_change > policy.max_weight_change / 100
-        ):
+        elif weight_damage(layer.weight_change, layer.noise_likeness, policy) == "replaced":
             problem = (
-                f"damage: {layer.name} weights moved by {layer.weight_change * 100:.0f}% of "
+                f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
                 f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
             )
-        elif (
-            policy.max_noise_change is not None
-            and layer.weight_change is not None
-            and layer.noise_likeness is not None
-            and layer.weight_change > policy.max_noise_change / 100
-            and layer.noise_likeness >= policy.noise_like
-        ):
+        elif weight_damage(layer.weight_change, layer.noise_likeness, policy) == "noise":
             problem = (
-                f"damage: {layer.name} weights moved by {layer.weight_change * 100:.0f}% of "
+                f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
                 f"their norm like random noise (noise likeness {layer.noise_likeness:.2f}; "
                 f"limit {policy.max_noise_change:g}%)"
             )

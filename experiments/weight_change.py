@@ -30,23 +30,9 @@ def _layers(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if v.dim() == 2 and ".layers." in k}
 
 
-def _fails(change: float | None, noise_like: float | None, policy: Any) -> bool:
-    """What the two weight rules of ``policy`` say of one layer."""
-    if change is None:
-        return False
-    if policy.max_weight_change is not None and change > policy.max_weight_change / 100:
-        return True
-    return (
-        policy.max_noise_change is not None
-        and noise_like is not None
-        and change > policy.max_noise_change / 100
-        and noise_like >= policy.noise_like
-    )
-
-
 def run(quick: bool, work: Path) -> dict[str, Any]:
     from dynaudit.dynamics.sketch import sketch, weight_figures
-    from dynaudit.policy import Policy
+    from dynaudit.policy import Policy, weight_damage
 
     policy = Policy()
 
@@ -70,7 +56,7 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
                     errors.append(abs(estimate / exact[name] - 1))
                 if noise_like is not None:
                     likeness.append(noise_like)
-                if _fails(estimate, noise_like, policy):
+                if weight_damage(estimate, noise_like, policy):
                     flagged.append(name)
             top = max(exact, key=lambda n: exact[n])
             rows.append({

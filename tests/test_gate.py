@@ -264,9 +264,7 @@ def test_noise_a_quarter_of_the_weights_fails_as_noise(
     assert len(likeness) == len(report.comparison.layers) and min(likeness) > 0.8
 
 
-def test_weight_policy_flags_reach_the_gate(
-    tiny_llama: Path, stored: Path, tmp_path: Path
-) -> None:
+def test_weight_policy_flags_reach_the_gate(tiny_llama: Path, stored: Path, tmp_path: Path) -> None:
     """A bf16 round trip moves every layer by ~0.2 %, like noise: it passes by default, and
     fails when the flags set the weight limits below that."""
     bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
