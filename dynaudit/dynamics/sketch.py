@@ -77,9 +77,12 @@ def noise_likeness(change: torch.Tensor, name: str, shape: tuple[int, int]) -> f
     ``change`` (b, a, b') over that of Gaussian noise of the layer's ``shape`` (m, n) through
     the same projections, averaged over the layer's matrices. ≈ 1 for noise, lower for a
     structured change (a fine-tune's update, a low-rank edit)."""
-    count = change.shape[0]
     gen = torch.Generator().manual_seed(matrix_seed(0, f"{name}\x00noise", 0))
-    reference = sketch(torch.randn(count, *shape, generator=gen), name)
+    # One matrix of noise at a time: a layer of many matrices never holds them all.
+    reference = torch.cat([
+        sketch(torch.randn(1, *shape, generator=gen), name, groups=[group])
+        for group in range(change.shape[0])
+    ])  # fmt: skip
     return float((_effective_rank(change) / _effective_rank(reference)).mean())
 
 
