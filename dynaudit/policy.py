@@ -216,18 +216,19 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
             )
     for layer in comparison.layers:
         moved = layer.change
+        weights = weight_damage(layer.weight_change, layer.noise_likeness, policy)
         problem: str | None = None
         if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
             problem = (
                 f"damage: {layer.name} mean distance {_pct(moved.mean)} "
                 f"± {_pct(moved.std, False)} (limit ±{policy.max_layer_change:g}%)"
             )
-        elif weight_damage(layer.weight_change, layer.noise_likeness, policy) == "replaced":
+        elif weights == "replaced":
             problem = (
                 f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
                 f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
             )
-        elif weight_damage(layer.weight_change, layer.noise_likeness, policy) == "noise":
+        elif weights == "noise":
             problem = (
                 f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
                 f"their norm like random noise (noise likeness {layer.noise_likeness:.2f}; "
@@ -262,7 +263,6 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
         checked += f" or with weights moved beyond {policy.max_weight_change:g}%"
     if policy.max_noise_change is not None:
         checked += f" ({policy.max_noise_change:g}% if noise-like)"
-
     return Verdict(verdict="pass", reasons=[checked])
 
 
