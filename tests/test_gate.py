@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import dynaudit
 from dynaudit.comparison import BaselineError
 from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, Policy, decide
-from experiments.derived import derive
+from experiments.derived import collapse, derive
 
 # Small enough for tests, large enough for the warm refits to follow real damage: with
 # q_dim 16 and 40 warm steps a rank-2 block moved 5 %, with these 20–48 % (docs/gate.md).
@@ -32,13 +32,6 @@ def cli(
         [sys.executable, "-m", "dynaudit", *args], capture_output=True, text=True, timeout=600,
         cwd=cwd, env={**os.environ, "CI": "true", **(env or {})},
     )  # fmt: skip
-
-
-def rank_collapse(name: str, tensor: torch.Tensor, rank: int = 2) -> torch.Tensor:
-    if tensor.dim() != 2 or "layers.1." not in name:
-        return tensor
-    u, s, vh = torch.linalg.svd(tensor, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +205,7 @@ def test_an_older_baseline_without_a_sketch_still_compares(
 def test_a_rank_collapsed_block_fails_naming_layers_and_groups(
     tiny_llama: Path, stored: Path, tmp_path: Path
 ) -> None:
-    damaged = derive(tiny_llama, tmp_path / "collapsed", rank_collapse)
+    damaged = derive(tiny_llama, tmp_path / "collapsed", collapse(2, "layers.1."))
     out = tmp_path / "r.json"
     summary, output = tmp_path / "summary.md", tmp_path / "output"
     github = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary),
