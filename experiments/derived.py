@@ -161,6 +161,14 @@ def poison(only: str, value: float) -> Change:
     return matrices(apply, only)
 
 
+def bf16_round_trip(_: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor taken through bfloat16 and back: what a bf16 save of the same model
+    carries (every other tensor unchanged)."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.to(torch.bfloat16).to(tensor.dtype)
+
+
 def quantised(bits: int) -> Change:
     """A round trip through symmetric per-row integer quantisation (absmax scaling), as a
     weight-only quantiser stores a matrix: the error a quantised copy carries."""

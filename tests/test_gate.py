@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import dynaudit
 from dynaudit.comparison import BaselineError
 from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, Policy, decide
-from experiments.derived import collapse, derive
+from experiments.derived import bf16_round_trip, collapse, derive, noise
 
 # Small enough for tests, large enough for the warm refits to follow real damage: with
 # q_dim 16 and 40 warm steps a rank-2 block moved 5 %, with these 20–48 % (docs/gate.md).
@@ -156,7 +156,7 @@ def test_the_base_and_its_bf16_round_trip_pass(
     assert report.verdict.passed, report.verdict.reasons
     assert report.comparison.all.change is not None
     assert abs(report.comparison.all.change.mean) < 1e-6  # same weights, same warm refits
-    bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
+    bf16 = derive(tiny_llama, tmp_path / "bf16", bf16_round_trip)
     rounded = dynaudit.check(bf16, stored)
     assert rounded.verdict.passed, rounded.verdict.reasons
     assert all(x.weight_change == 0.0 for x in report.comparison.layers)
@@ -228,12 +228,7 @@ def test_a_rank_collapsed_block_fails_naming_layers_and_groups(
 
 
 def test_heavy_noise_fails_as_damage(tiny_llama: Path, stored: Path, tmp_path: Path) -> None:
-    gen = torch.Generator().manual_seed(0)
-
-    def noise(_: str, v: torch.Tensor) -> torch.Tensor:
-        return v + v.std() * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
-
-    report = dynaudit.check(derive(tiny_llama, tmp_path / "noisy", noise), stored)
+    report = dynaudit.check(derive(tiny_llama, tmp_path / "noisy", noise(1.0)), stored)
     assert not report.verdict.passed
     assert any(reason.startswith("damage:") for reason in report.verdict.reasons)
 
@@ -244,12 +239,7 @@ def test_noise_a_quarter_of_the_weights_fails_as_noise(
     """Noise at 25 % of each matrix's std: at these fit settings its layer statistics stay
     under the limits (the quick calibration passed it), but the change is as unstructured as
     noise and a quarter of the weights' norm."""
-    gen = torch.Generator().manual_seed(0)
-
-    def noise(_: str, v: torch.Tensor) -> torch.Tensor:
-        return v + 0.25 * v.std() * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
-
-    report = dynaudit.check(derive(tiny_llama, tmp_path / "noisy", noise), stored)
+    report = dynaudit.check(derive(tiny_llama, tmp_path / "noisy", noise(0.25)), stored)
     assert decide(report.comparison, Policy(max_noise_change=None)).passed
     assert not report.verdict.passed
     assert all("like random noise" in reason for reason in report.verdict.reasons)
@@ -260,7 +250,7 @@ def test_noise_a_quarter_of_the_weights_fails_as_noise(
 def test_weight_policy_flags_reach_the_gate(tiny_llama: Path, stored: Path, tmp_path: Path) -> None:
     """A bf16 round trip moves every layer by ~0.2 %, like noise: it passes by default, and
     fails when the flags set the weight limits below that."""
-    bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
+    bf16 = derive(tiny_llama, tmp_path / "bf16", bf16_round_trip)
     proc = cli("check", str(bf16), "--baseline", str(stored), "--max-weight-change", "0.01")
     assert proc.returncode == 1 and "replaced, not adapted" in proc.stdout, proc.stderr
     proc = cli("check", str(bf16), "--baseline", str(stored), "--max-noise-change", "0.01")
@@ -406,7 +396,7 @@ def test_a_checkpoint_baseline_is_measured_once_and_kept_in_the_cache(
         return real(checkpoint, resolved, target, *args, **kwargs)
 
     monkeypatch.setattr(dynaudit.gate, "_write_baseline", counting)
-    bf16 = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
+    bf16 = derive(tiny_llama, tmp_path / "bf16", bf16_round_trip)
     first = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
     second = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
     cache = Path(os.environ["DYNAUDIT_CACHE_DIR"])
@@ -491,7 +481,7 @@ def test_a_bf16_round_trip_passes_against_ten_seeds(tiny_llama: Path, tmp_path: 
     itself gives exactly zero change against any baseline of its own — the warm refit from a
     cold fit on the same weights is that cold fit's null refit — so the round trip, which
     moves every weight a little, is the case that can fail.)"""
-    rounded = derive(tiny_llama, tmp_path / "bf16", lambda _, v: v.to(torch.bfloat16).float())
+    rounded = derive(tiny_llama, tmp_path / "bf16", bf16_round_trip)
     for seed in range(10):
         out = tmp_path / f"seed{seed}"
         dynaudit.baseline(tiny_llama, out, seed=100 + seed, seeds=1, **SETTINGS)
