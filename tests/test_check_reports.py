@@ -20,7 +20,12 @@ from dynaudit.reports.ci import (
 )
 
 GOLDEN = Path(__file__).parent / "golden"
-CRAFTED = "evil\n::error::pwned | `code` <b>&amp; [link](http://x) %0A\r,:end"
+CRAFTED = (
+    "evil\n::error::pwned | `code` <b>&amp; [link](http://x) %0A\r,:end"
+    "\x1b[2K\x1b[1Gverdict: PASS\x07\u202egnp.\u2066x\x00\x0c"
+)
+# A layer type from a crafted name: the JUnit "type …" test case was not escaped (issue 18).
+CRAFTED_TYPE = "value\x1b[31m\x0b<&>\u202e"
 
 
 def _layer(name: str, type_: str, group: str, mean: float) -> LayerComparison:
@@ -44,7 +49,7 @@ def _group(mean: float, layers: int) -> GroupComparison:
 def sample_report() -> CheckReport:
     layers = [
         _layer("model.layers.0.q_proj.weight", "query", "bottom", -0.05),
-        _layer(CRAFTED, "value", "bottom", -0.40),
+        _layer(CRAFTED, CRAFTED_TYPE, "bottom", -0.40),
         _layer("model.layers.1.q_proj.weight", "query", "middle", 0.001),
         _layer("model.layers.2.q_proj.weight", "query", "top", -0.002),
     ]
@@ -52,7 +57,7 @@ def sample_report() -> CheckReport:
         layers=layers,
         all=_group(-0.11, 4),
         groups={"bottom": _group(-0.225, 2), "middle": _group(0.001, 1), "top": _group(-0.002, 1)},
-        types={"query": _group(-0.017, 3), "value": _group(-0.40, 1)},
+        types={"query": _group(-0.017, 3), CRAFTED_TYPE: _group(-0.40, 1)},
     )
     policy = Policy()
     source = SourceInfo(uri="hf://org/fine-tuned@v2", path="/cache/x", revision="abc", files={})
@@ -105,13 +110,14 @@ def test_the_crafted_name_breaks_no_format() -> None:
     failures = {
         case.get("name") for case in root.iter("testcase") if case.find("failure") is not None
     }
-    assert failures == {"all layers", "bottom third", "type value"}
+    assert failures == {"all layers", "bottom third", "type value\\x1b[31m\\x0b<&>\\u202e"}
     texts = [f.text or "" for f in root.iter("failure")]
-    assert any("pwned" in t and "\\x0d" in t for t in texts)  # the CR shown, not written
+    assert any("pwned" in t and "\\r" in t for t in texts)  # the CR shown, not written
     for line in github_annotations(report):
         # One command per line: the crafted "\n::error::" is data after %0A, not a command.
         assert line.startswith("::error title=dynaudit%3A ")
         assert "\n" not in line and "\r" not in line and "%0A::error::pwned" in line
+        assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line
     assert escape_command_data("a%\r\nb") == "a%25%0D%0Ab"
 
 

@@ -1,5 +1,6 @@
 """Renderings of a :class:`~dynaudit.report.CheckReport`: Markdown (what a reviewer reads
-before a release) and the rich terminal table. Strings from checkpoints are escaped in both."""
+before a release) and the rich terminal table. Strings from checkpoints and baselines are
+escaped in both (:mod:`dynaudit.reports.escape`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from rich.text import Text
 
 from dynaudit.policy import Change, GroupComparison
 from dynaudit.report import CheckReport
-from dynaudit.reports.markdown import escape_markdown, fmt
-from dynaudit.reports.terminal import plain
+from dynaudit.reports.escape import escape_markdown, markdown_code, plain, print_plain
+from dynaudit.reports.markdown import fmt
 
 __all__ = ["render_check_markdown", "render_check_terminal"]
 
@@ -33,6 +34,11 @@ def _groups(report: CheckReport) -> list[tuple[str, GroupComparison]]:
     return rows
 
 
+def _setting(report: CheckReport, key: str) -> str:
+    """A fit setting, escaped: settings come back from a baseline file too."""
+    return escape_markdown(str(report.settings.get(key, "—")))
+
+
 def render_check_markdown(report: CheckReport) -> str:
     esc = escape_markdown
     verdict = report.verdict
@@ -41,13 +47,13 @@ def render_check_markdown(report: CheckReport) -> str:
     lines = [
         f"# dynaudit check: {esc(report.source.uri)} — {mark}",
         "",
-        f"- baseline: `{esc(base.ref)}` ({esc(base.resolved_from)}; made from "
+        f"- baseline: {markdown_code(base.ref)} ({esc(base.resolved_from)}; made from "
         f"{esc(base.source.uri)} at {esc(base.created_at)}, {base.seeds} seeds, "
         f"{'stored' if base.stored else 'measured from the checkpoint'})",
         f"- family: **{esc(report.family.name)}** ({esc(report.family.detected_by)})",
-        f"- protocol v{report.protocol_version}; q_dim {report.settings['q_dim']}, "
-        f"H {report.settings['pieces']}, {report.settings['steps']} cold / "
-        f"{report.settings['warm_steps']} warm steps; {report.seconds:.1f} s",
+        f"- protocol v{report.protocol_version}; q_dim {_setting(report, 'q_dim')}, "
+        f"H {_setting(report, 'pieces')}, {_setting(report, 'steps')} cold / "
+        f"{_setting(report, 'warm_steps')} warm steps; {report.seconds:.1f} s",
         "",
         "## Verdict",
         "",
@@ -88,10 +94,8 @@ def render_check_markdown(report: CheckReport) -> str:
 
 
 def render_check_terminal(report: CheckReport, console: Console) -> None:
-    table = Table(
-        title=plain(f"dynaudit check · {report.source.uri} vs {report.baseline.ref}"),
-        caption=plain(f"baseline from {report.baseline.resolved_from}"),
-    )
+    print_plain(console, f"dynaudit check · {report.source.uri} vs {report.baseline.ref}")
+    table = Table()
     columns = ("layer", "type", "third", "base md", "md", "change", "displacement", "weights")
     for column in columns:
         left = column in ("layer", "type", "third")
@@ -101,11 +105,12 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
         style = "red" if layer.name in failing else ""
         change = plain(layer.reason or _change(layer.change), style=style)
         table.add_row(
-            plain(layer.name, style=style), plain(layer.type), layer.group,
+            plain(layer.name, style=style), plain(layer.type), plain(layer.group),
             fmt(layer.baseline_mean_distance), fmt(layer.mean_distance), change,
             fmt(layer.displacement, 3), _pct(layer.weight_change),
         )  # fmt: skip
     console.print(table)
+    print_plain(console, f"baseline from {report.baseline.resolved_from}", style="dim")
     groups = Table(title="groups (mean of the layers' relative changes)")
     for column in ("group", "layers", "change", "noise", "max displacement"):
         groups.add_column(column, justify="left" if column == "group" else "right")
@@ -118,4 +123,4 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
     style = "bold green" if report.verdict.passed else "bold red"
     console.print(Text(f"verdict: {report.verdict.verdict}", style=style))
     for reason in report.verdict.reasons:
-        console.print(plain(f"  {reason}"), soft_wrap=True)
+        print_plain(console, f"  {reason}")

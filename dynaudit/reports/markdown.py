@@ -1,21 +1,12 @@
-"""Markdown report: what a reviewer reads. Every string from a checkpoint is escaped."""
+"""Markdown report: what a reviewer reads. Every string from a checkpoint is escaped
+(:mod:`dynaudit.reports.escape`)."""
 
 from __future__ import annotations
 
-import re
-
 from dynaudit.report import Aggregate, Report
+from dynaudit.reports.escape import escape_markdown, markdown_code
 
 __all__ = ["escape_markdown", "render_markdown"]
-
-_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~&$])")
-
-
-def escape_markdown(text: str) -> str:
-    """Make untrusted text inert inside a Markdown table cell: no markup, links, HTML or
-    line breaks survive."""
-    flat = " ".join(str(text).split())
-    return _SPECIAL.sub(r"\\\1", flat)
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -57,12 +48,12 @@ def render_markdown(report: Report) -> str:
         f"{report.seconds:.1f} s",
     ]
     if report.source.revision:
-        lines.append(f"- revision `{esc(report.source.revision)}`")
+        lines.append(f"- revision {markdown_code(report.source.revision)}")
     if report.cache is not None and report.cache.hit:
         lines.append(f"- {esc(cache_note(report))}")
     lines += [f"- {esc(note)}" for note in report.family.notes]
     if report.non_finite:
-        names = ", ".join(f"`{escape_markdown(n)}`" for n in report.non_finite)
+        names = ", ".join(markdown_code(n) for n in report.non_finite)
         lines.append(f"- **non-finite weights (NaN/Inf):** {names}")
     lines += [
         "",

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from dynaudit.errors import printable
 from dynaudit.report import Report
+from dynaudit.reports.escape import plain, print_plain
 from dynaudit.reports.markdown import cache_note, fmt, type_by_depth
 
 __all__ = ["plain", "render_terminal"]
 
 
-def plain(text: str, style: str = "") -> Text:
-    """Untrusted text (a tensor name, a note, a reason) for the terminal: never parsed as rich
-    markup, and on one line, so a crafted name cannot start a line of its own in a CI log (a
-    GitHub ``::error::`` command, a forged verdict)."""
-    return Text(printable(text), style=style)
-
-
 def render_terminal(report: Report, console: Console) -> None:
+    """The per-layer table, the summaries and the notes. Every string from the checkpoint
+    goes through :func:`~dynaudit.reports.escape.plain`; the title and the depth note, which
+    hold them, are lines of their own rather than a table title rich would wrap."""
     revision = f" (revision {report.source.revision[:12]})" if report.source.revision else ""
-    table = Table(
-        title=plain(f"dynaudit · {report.source.uri}{revision} · family {report.family.name}"),
-        caption=plain(report.family.depth_note),
-        show_lines=False,
-    )
+    print_plain(console, f"dynaudit · {report.source.uri}{revision} · family {report.family.name}")
+    table = Table(show_lines=False)
     for column, justify in [
         ("layer", "left"), ("type", "left"), ("depth", "right"), ("shape", "left"),
         ("mean dist", "right"), ("± seeds", "right"), ("𝒟", "right"), ("fidelity", "right"),
@@ -43,6 +35,8 @@ def render_terminal(report: Report, console: Console) -> None:
             fmt(layer.mean_distance), spread, fmt(layer.discrepancy, 2), fmt(layer.fidelity, 3),
         )  # fmt: skip
     console.print(table)
+    if report.family.depth_note:
+        print_plain(console, report.family.depth_note, style="dim")
     summary = Table(title="summary (means over layers)")
     for column in ("group", "layers", "mean dist", "𝒟", "fidelity", "median fidelity"):
         summary.add_column(column, justify="left" if column == "group" else "right")
@@ -63,12 +57,12 @@ def render_terminal(report: Report, console: Console) -> None:
             by_depth.add_row(plain(type_), *values)
         console.print(by_depth)
     for note in report.family.notes:
-        console.print(plain(note, style="dim"))
+        print_plain(console, note, style="dim")
     console.print(
         f"{len(report.measured)} layers measured, {len(report.skipped)} tensors skipped "
         f"({report.seconds:.1f} s, protocol v{report.protocol_version})"
     )
     if report.cache is not None and report.cache.hit:
-        console.print(Text(cache_note(report), style="dim"))
+        print_plain(console, cache_note(report), style="dim")
     if report.non_finite:
-        console.print(plain(f"non-finite weights: {', '.join(report.non_finite)}", style="red"))
+        print_plain(console, f"non-finite weights: {', '.join(report.non_finite)}", style="red")

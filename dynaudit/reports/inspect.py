@@ -1,0 +1,80 @@
+"""The rich rendering of ``dynaudit inspect``: the layer table, the structure and the notes.
+
+Tensor names, layer types, dtypes, notes and the URI come from the checkpoint: every one is
+escaped for the terminal (:mod:`dynaudit.reports.escape`), so a name holding
+``"\\x1b[2K\\x1b[1Gverdict: PASS"`` shows as that text instead of erasing the line."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from dynaudit.reports.escape import plain, print_plain
+
+if TYPE_CHECKING:
+    from dynaudit.api import Inspection
+
+__all__ = ["render_inspection"]
+
+
+def render_inspection(found: Inspection, console: Console) -> None:
+    """Print an :class:`~dynaudit.api.Inspection`; the rank columns when weights were read."""
+    weights = any(layer.rank is not None for layer in found.layers) or (
+        found.structure.degenerate is not None
+    )
+    print_plain(console, f"{found.uri} · family {found.family.name} ({found.family.detected_by})")
+    table = Table()
+    columns = ["layer", "type", "depth", "shape", "dtype", "neurons", "fit GFLOP", "inputs"]
+    if weights:
+        columns += ["rank", "‖W‖₂"]
+    for column in columns:
+        left = column in ("layer", "type", "inputs")
+        table.add_column(column, justify="left" if left else "right", overflow="fold")
+    for layer in found.layers:
+        feeds = ["input"] if layer.reads_input else []
+        feeds += [f"{len(layer.inputs)} layer{'s' * (len(layer.inputs) != 1)}"] * bool(layer.inputs)
+        row: list[Text] = [
+            plain(layer.name), plain(layer.type), Text(str(layer.depth)),
+            Text("×".join(map(str, layer.shape))), plain(layer.dtype), Text(str(layer.neurons)),
+            Text(f"{layer.gflop:.1f}"), Text(", ".join(feeds)),
+        ]  # fmt: skip
+        if weights:
+            deficient = layer.rank is not None and layer.rank < (layer.full_rank or 0)
+            rank = "—" if layer.rank is None else f"{layer.rank}/{layer.full_rank}"
+            norm = f"{layer.spectral_norm:.3g}" if layer.spectral_norm is not None else "—"
+            row += [Text(rank, style="red" if deficient else ""), Text(norm)]
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"{found.tensors} tensors in {len(found.files)} file(s), {found.parameters:,} parameters, "
+        f"{found.bytes / 2**20:.1f} MiB; {len(found.layers)} layers to fit "
+        f"({found.gflop:.1f} GFLOP), {len(found.skipped)} skipped"
+    )
+    structure = found.structure
+    branches = ", ".join(f"{n} {kind}" for kind, n in structure.branches.items())
+    print_plain(
+        console,
+        f"structure: {structure.structural_class} ({structure.reason}); widths "
+        f"{' → '.join(map(str, structure.widths))}"
+        + (f"; residual branches: {branches}" if branches else ""),
+    )
+    if structure.degenerate is not None:
+        print_plain(
+            console,
+            f"degenerate (rank-deficient) layers: {', '.join(structure.degenerate) or 'none'}"
+            f" — {structure.rank_rule}",
+        )
+    for gain in found.gains:
+        print_plain(console, f"  {gain.block} {gain.branch}: gain indicator {gain.gain:.3g}")
+    if found.gains:
+        print_plain(console, f"  ({found.gains[0].note})", style="dim")
+    for note in found.family.notes:
+        print_plain(console, note, style="dim")
+    reasons = Counter(skip.skipped for skip in found.skipped)
+    if reasons:
+        counts = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        print_plain(console, f"skipped: {counts} (--json lists them)", style="dim")
