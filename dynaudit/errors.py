@@ -27,21 +27,33 @@ __all__ = [
     "printable",
 ]
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    "\ufeff\ufff9-\ufffb\ufffe\uffff\ud800-\udfff\U000e0000-\U000e007f]"
+)
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def printable(text: str) -> str:
-    """``text`` on one line: control characters (line breaks included) shown as escapes, so a
+    """``text`` on one line of visible characters: controls (line breaks, ESC, BEL), BiDi
+    overrides and other invisible format characters shown as Python-style escapes, so a
     string from a checkpoint or a server (a crafted tensor name) can neither end a one-line
-    message nor start a line of its own — a forged log line or a GitHub workflow command."""
+    message, start a line of its own (a forged log line or GitHub workflow command), drive
+    the terminal (erase a line, ring the bell) nor read differently from what it is.
 
-    def escape(match: re.Match[str]) -> str:
-        char = match.group()
-        code = ord(char)
-        return _NAMED.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
-
-    return _CONTROL.sub(escape, text)
+    The base of every escaping function of :mod:`dynaudit.reports.escape`; this one is the
+    terminal's and the error messages'."""
+    return _CONTROL.sub(_escape, text)
 
 
 class DynauditError(Exception):

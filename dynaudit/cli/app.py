@@ -275,10 +275,12 @@ def baseline_command(
     where = " and ".join(
         x for x in (str(out) if out else "", made.stored_at if log_mlflow else "") if x
     )
-    typer.echo(
+    from dynaudit.errors import printable
+
+    typer.echo(printable(
         f"baseline of {made.source.uri} stored in {where}: {fitted} layers × {made.seeds} "
         f"seeds, family {made.family.name}, protocol v{made.protocol_version}"
-    )
+    ))  # fmt: skip
     return 0
 
 
@@ -451,12 +453,8 @@ def inspect(
 ) -> int:
     """Headers only (no weights read): family, layer graph, shapes, dtypes, size, structural
     class and fit cost. --weights adds ranks, degenerate layers and residual-branch gains."""
-    from collections import Counter
-
-    from rich.table import Table
-    from rich.text import Text
-
     from dynaudit.api import inspect as run
+    from dynaudit.reports.inspect import render_inspection
 
     found = run(
         source, family=family, base=base, weights=weights, q_dim=q_dim, pieces=pieces,
@@ -466,62 +464,7 @@ def inspect(
     if as_json:
         typer.echo(found.model_dump_json(indent=2))
         return 0
-    console = _console()
-    table = Table(
-        title=Text(f"{found.uri} · family {found.family.name} ({found.family.detected_by})")
-    )
-    columns = ["layer", "type", "depth", "shape", "dtype", "neurons", "fit GFLOP", "inputs"]
-    if weights:
-        columns += ["rank", "‖W‖₂"]
-    for column in columns:
-        left = column in ("layer", "type", "inputs")
-        table.add_column(column, justify="left" if left else "right", overflow="fold")
-    for layer in found.layers:
-        feeds = ["input"] if layer.reads_input else []
-        feeds += [f"{len(layer.inputs)} layer{'s' * (len(layer.inputs) != 1)}"] * bool(layer.inputs)
-        row: list[Text | str] = [
-            Text(layer.name), Text(layer.type), str(layer.depth), "×".join(map(str, layer.shape)),
-            layer.dtype, str(layer.neurons), f"{layer.gflop:.1f}", ", ".join(feeds),
-        ]  # fmt: skip
-        if weights:
-            deficient = layer.rank is not None and layer.rank < (layer.full_rank or 0)
-            row += [
-                Text(f"{layer.rank}/{layer.full_rank}", style="red" if deficient else ""),
-                f"{layer.spectral_norm:.3g}" if layer.spectral_norm is not None else "—",
-            ]
-        table.add_row(*row)
-    console.print(table)
-    console.print(
-        f"{found.tensors} tensors in {len(found.files)} file(s), {found.parameters:,} parameters, "
-        f"{found.bytes / 2**20:.1f} MiB; {len(found.layers)} layers to fit "
-        f"({found.gflop:.1f} GFLOP), {len(found.skipped)} skipped"
-    )
-    structure = found.structure
-    branches = ", ".join(f"{n} {kind}" for kind, n in structure.branches.items())
-    console.print(
-        Text(f"structure: {structure.structural_class} ({structure.reason}); widths "
-             f"{' → '.join(map(str, structure.widths))}"
-             + (f"; residual branches: {branches}" if branches else "")),
-        soft_wrap=True,
-    )  # fmt: skip
-    if structure.degenerate is not None:
-        console.print(
-            Text(f"degenerate (rank-deficient) layers: {', '.join(structure.degenerate) or 'none'}"
-                 f" — {structure.rank_rule}"),
-            soft_wrap=True,
-        )  # fmt: skip
-    for gain in found.gains:
-        console.print(
-            Text(f"  {gain.block} {gain.branch}: gain indicator {gain.gain:.3g}"), soft_wrap=True
-        )
-    if found.gains:
-        console.print(Text(f"  ({found.gains[0].note})", style="dim"), soft_wrap=True)
-    for note in found.family.notes:
-        console.print(Text(note, style="dim"), soft_wrap=True)
-    reasons = Counter(skip.skipped for skip in found.skipped)
-    if reasons:
-        counts = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-        console.print(Text(f"skipped: {counts} (--json lists them)", style="dim"), soft_wrap=True)
+    render_inspection(found, _console())
     return 0
 
 
@@ -574,10 +517,9 @@ def plot(
 @app.command()
 def plugins() -> int:
     """Installed family plugins and where they come from."""
-    from rich.text import Text
-
     from dynaudit.errors import DynauditError
     from dynaudit.families import available_families, get_family
+    from dynaudit.reports.escape import plain
 
     console = _console()
     console.print("family plugins (entry-point group dynaudit.plugins):")
@@ -586,8 +528,8 @@ def plugins() -> int:
             about, style = get_family(name).description, ""
         except DynauditError as exc:
             about, style = f"failed to load: {exc.message}", "red"
-        console.print(Text(f"{name}", style="bold"), Text(f"  {origin}"), soft_wrap=True)
-        console.print(Text(f"    {about}", style=style), soft_wrap=True)
+        console.print(plain(name, style="bold"), plain(f"  {origin}"), soft_wrap=True)
+        console.print(plain(f"    {about}", style=style), soft_wrap=True)
     return 0
 
 
@@ -624,15 +566,17 @@ def _progress() -> Iterator[Callable[[int, int, str], None] | None]:
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from dynaudit.errors import printable
+
     bar = Progress(
         TextColumn("fitting"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(), TextColumn("{task.fields[layer]}"),
+        TimeRemainingColumn(), TextColumn("{task.fields[layer]}", markup=False),
         console=Console(stderr=True), transient=True,
     )  # fmt: skip
     task = bar.add_task("fit", total=None, layer="")
 
     def update(done: int, total: int, layer: str) -> None:
-        bar.update(task, completed=done, total=total, layer=layer)
+        bar.update(task, completed=done, total=total, layer=printable(layer))
 
     with bar:
         yield update
