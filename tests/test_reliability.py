@@ -1,5 +1,6 @@
 """The reliability suite's cases (bench/reliability, docs/reliability.md) as tests: false
-alarms, damage detection, bad inputs and secrets, each through the real command line."""
+alarms, damage detection, bad inputs, secrets and round two (issue 18), each through the real
+command line."""
 
 from __future__ import annotations
 
@@ -37,3 +38,13 @@ def test_every_table_meets_the_issue_minimums() -> None:
     assert count["alarms"] >= 20 and count["damage"] >= 12
     assert len({case.family for case in CASES if case.table == "damage"}) == 3
     assert len({case.id for case in CASES}) == len(CASES)
+
+
+def test_round_two_covers_every_failure_of_issue_18() -> None:
+    """One group per item of the issue's list (1 false pass … 9 cost), each with its cases."""
+    groups = {case.family for case in CASES if case.table == "round2"}
+    assert sorted(groups) == [
+        "1 false pass", "2 data loss", "3 hang", "4 baseline", "5 CI output", "6 exit code",
+        "7 message", "8 secrets", "9 cost",
+    ]  # fmt: skip
+    assert sum(case.table == "round2" for case in CASES) >= 50

@@ -26,6 +26,8 @@ TITLES = {
     "damage": "Damage detection: expected verdict vs actual (goal: all as expected)",
     "inputs": "Bad inputs: exit code and message (goal: all as documented, nothing lost)",
     "secrets": "Secrets: tokens set for HF and MLflow (goal: never written anywhere)",
+    "round2": "Round two (issue 18): false pass, data loss, hangs, baselines, CI output, exit "
+    "codes, messages, secrets, cost (goal: all as expected)",
 }
 
 
