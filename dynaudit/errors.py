@@ -18,6 +18,8 @@ __all__ = [
     "InputError",
     "NonFiniteWeights",
     "NothingToAudit",
+    "OutputError",
+    "OutputRefused",
     "PickleRefused",
     "PluginError",
     "RemoteNotFound",
@@ -129,6 +131,19 @@ class PickleRefused(InputError):
 
 class PluginError(InputError):
     """A family plugin failed to load or does not implement the contract."""
+
+
+class OutputRefused(UsageError):
+    """An output path that must not be written: an input of the run, the path of another
+    output, or something other than a regular file (a directory, FIFO, device) (exit 2)."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class OutputError(InputError):
+    """An output could not be written: permission denied, read-only or full disk (exit 3)."""
 
 
 class NonFiniteWeights(DynauditError):

@@ -18,7 +18,16 @@ from typing import Any
 from dynaudit.errors import UsageError
 from dynaudit.report import DEPTH_GROUPS, CheckReport, Report
 
-__all__ = ["plot_bars", "plot_neurons", "plot_trajectory"]
+__all__ = ["METHODS", "plot_bars", "plot_neurons", "plot_trajectory"]
+
+METHODS = ("pca", "tsne")  # neuron-map projections
+
+
+def check_method(method: str) -> str:
+    """``method`` when it is a neuron-map projection (exit 2 listing them otherwise)."""
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: not a projection; use one of {', '.join(METHODS)}")
+    return method
 
 
 def _pyplot() -> Any:
@@ -92,6 +101,7 @@ def plot_neurons(baseline_dir: Path, layer: str | None, out: Path, method: str =
     from dynaudit.comparison import load_baseline
     from dynaudit.dynamics.blocks import block_shape
 
+    check_method(method)
     plt = _pyplot()
     stored = load_baseline(baseline_dir)
     fitted = [x for x in stored.layers if x.coords is not None]
@@ -129,11 +139,15 @@ def _short(name: str, limit: int = 40) -> str:
 
 
 def _save(fig: Any, plt: Any, out: Path) -> Path:
-    """Written under a temporary name and renamed: never half a PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(temporary, dpi=120)
-    plt.close(fig)
-    temporary.replace(out)
-    return out
+    """Rendered in memory and written atomically (never half a PNG; ``-``: standard output)."""
+    import io
+
+    from dynaudit.reports.writers import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return write_bytes_atomic(out, buffer.getvalue())

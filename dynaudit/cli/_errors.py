@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -16,6 +17,8 @@ from dynaudit.errors import (
     EmptyCheckpoint,
     NonFiniteWeights,
     NothingToAudit,
+    OutputError,
+    OutputRefused,
     PickleRefused,
     PluginError,
     RemoteNotFound,
@@ -46,6 +49,8 @@ EXIT_CODES = {
 # Ordered: the first matching type gives the next thing for the user to try.
 _NEXT_STEP: list[tuple[type[BaseException], str]] = [
     (UnknownFamily, "`dynaudit plugins` lists the installed families"),
+    (OutputRefused, ""),  # says what to give instead
+    (OutputError, "check the directory's permissions and free space"),
     (UsageError, "see `dynaudit COMMAND --help`"),
     (RemoteNotFound, ""),  # remote sources say what to do in their own message
     (CheckpointNotFound, "check the path"),
@@ -56,6 +61,16 @@ _NEXT_STEP: list[tuple[type[BaseException], str]] = [
     (PluginError, "reinstall or uninstall that plugin; `dynaudit plugins` lists them"),
     (NonFiniteWeights, "the checkpoint is damaged; the report lists every layer"),
 ]
+
+
+# OSErrors that say what the environment lacks (space, permissions, a writable filesystem), not
+# that dynaudit has a bug: an input error (exit 3) wherever they surface.
+_ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EFBIG", "EMFILE",
+                 "ENFILE", "ENAMETOOLONG")
+    if hasattr(errno, name)
+)  # fmt: skip
 
 
 def _debug() -> bool:
@@ -79,6 +94,11 @@ def report_error(exc: BaseException) -> int:
         hint = next((h for t, h in _NEXT_STEP if isinstance(exc, t)), "")
         click.echo(f"dynaudit: error: {exc.message}" + (f" ({hint})" if hint else ""), err=True)
         return exc.exit_code
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        where = f"{exc.filename}: " if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        click.echo(f"dynaudit: error: {printable(f'{where}{reason}')}", err=True)
+        return 3
     if isinstance(exc, MemoryError):
         click.echo(
             "dynaudit: error: out of memory (lower --q-dim or the tile size, or use a GPU)",

@@ -14,6 +14,7 @@ from rich.console import Console
 from dynaudit.cli._errors import EXIT_CODES
 
 if TYPE_CHECKING:
+    from dynaudit.outputs import Inputs
     from dynaudit.report import CheckReport
     from dynaudit.sources import SourceOptions
 
@@ -96,11 +97,16 @@ AllowPickle = Annotated[
 PolicyPath = Annotated[
     Path | None, typer.Option("--policy", help="TOML gate policy (default: pyproject's)")
 ]
-JsonOut = Annotated[Path | None, typer.Option("--json", help="write the JSON report")]
-MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="write the Markdown report")]
+JsonOut = Annotated[
+    Path | None, typer.Option("--json", help="write the JSON report here (-: stdout)")
+]
+MarkdownOut = Annotated[
+    Path | None, typer.Option("--markdown", help="write the Markdown report here (-: stdout)")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no table on stdout")]
 JunitOut = Annotated[
-    Path | None, typer.Option("--junit", help="write JUnit XML (one test case per group)")
+    Path | None,
+    typer.Option("--junit", help="write JUnit XML here, a test case per group (-: stdout)"),
 ]
 LogMlflow = Annotated[
     bool,
@@ -181,10 +187,10 @@ def measure(
     no_cache: NoCache = False,
     log_mlflow: LogMlflow = False,
     json_path: Annotated[
-        Path | None, typer.Option("--json", help="write the JSON report (schema v1) here")
+        Path | None, typer.Option("--json", help="write the JSON report (schema v1) (-: stdout)")
     ] = None,
     markdown_path: Annotated[
-        Path | None, typer.Option("--markdown", help="write the Markdown report here")
+        Path | None, typer.Option("--markdown", help="write the Markdown report here (-: stdout)")
     ] = None,
     quiet: Quiet = False,
 ) -> int:
@@ -192,8 +198,13 @@ def measure(
     from dynaudit.api import measure as run
     from dynaudit.distributed import is_main
     from dynaudit.errors import NonFiniteWeights
+    from dynaudit.outputs import Inputs, guard_outputs, is_stdout
     from dynaudit.reports import render_markdown, render_terminal, write_json, write_text_atomic
 
+    outputs = {"--json": json_path, "--markdown": markdown_path}
+    inputs = Inputs()
+    inputs.add_source(source, base)
+    guard_outputs(outputs, inputs)  # before any fit
     main_rank = is_main()  # under torchrun every rank fits its share; rank 0 reports
     with _progress() if main_rank else contextlib.nullcontext() as progress:
         report = run(
@@ -205,6 +216,8 @@ def measure(
         )  # fmt: skip
     if not main_rank:
         return 0
+    inputs.add_checkpoint(Path(report.source.path), "the checkpoint", base, report.source.files)
+    guard_outputs(outputs, inputs)  # the source resolved: its local copy is an input too
     if log_mlflow:
         from dynaudit.tracking import log_report
 
@@ -213,7 +226,7 @@ def measure(
         write_json(report, json_path)
     if markdown_path is not None:
         write_text_atomic(markdown_path, render_markdown(report))
-    if not quiet:
+    if not quiet and not any(map(is_stdout, outputs.values())):  # `-`: stdout is the report's
         render_terminal(report, _console())
     if report.non_finite:
         raise NonFiniteWeights(report.non_finite)
@@ -259,7 +272,11 @@ def baseline_command(
     """Store a baseline: K cold fits of every layer, their null refits, scales and settings."""
     from dynaudit.distributed import is_main
     from dynaudit.gate import baseline as run
+    from dynaudit.outputs import Inputs, guard_outputs
 
+    inputs = Inputs()
+    inputs.add_source(source, base)
+    guard_outputs({"--out": out}, inputs, directory=True)  # before any fit
     main_rank = is_main()  # under torchrun every rank fits its share; rank 0 writes
     with _progress() if main_rank else contextlib.nullcontext() as progress:
         made = run(
@@ -321,8 +338,13 @@ def check(
     """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
     from dynaudit.distributed import is_main
     from dynaudit.gate import check as run
+    from dynaudit.outputs import Inputs, guard_outputs
     from dynaudit.policy import load_policy
 
+    inputs = Inputs()
+    inputs.add_source(source, base)
+    inputs.add_reference(baseline_ref)
+    guard_outputs(_reports(json_path, markdown_path, junit_path), inputs)  # before any fit
     policy = load_policy(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
@@ -338,7 +360,7 @@ def check(
     if not main_rank:
         return 0
     return _finish_check(
-        report, json_path, markdown_path, junit_path, quiet, log_mlflow, mlflow_uri
+        report, inputs, base, json_path, markdown_path, junit_path, quiet, log_mlflow, mlflow_uri
     )
 
 
@@ -374,8 +396,13 @@ def compare(
 ) -> int:
     """Compare two checkpoints: A is measured as the baseline of B (and kept in the cache)."""
     from dynaudit.gate import compare as run
+    from dynaudit.outputs import Inputs, guard_outputs
     from dynaudit.policy import load_policy
 
+    inputs = Inputs()
+    inputs.add_source(a)
+    inputs.add_source(b)
+    guard_outputs(_reports(json_path, markdown_path, junit_path), inputs)  # before any fit
     policy = load_policy(
         policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
@@ -389,12 +416,20 @@ def compare(
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
     return _finish_check(
-        report, json_path, markdown_path, junit_path, quiet, log_mlflow, mlflow_uri
+        report, inputs, None, json_path, markdown_path, junit_path, quiet, log_mlflow, mlflow_uri
     )
+
+
+def _reports(
+    json_path: Path | None, markdown_path: Path | None, junit_path: Path | None
+) -> dict[str, Path | None]:
+    return {"--json": json_path, "--markdown": markdown_path, "--junit": junit_path}
 
 
 def _finish_check(
     report: CheckReport,
+    inputs: Inputs,
+    base: str | None,
     json_path: Path | None,
     markdown_path: Path | None,
     junit_path: Path | None,
@@ -403,12 +438,19 @@ def _finish_check(
     mlflow_uri: str | None,
 ) -> int:
     """Log to MLflow when asked, write the requested files, report to GitHub Actions when
-    inside it, print the table; the exit code is the verdict's."""
+    inside it, print the table; the exit code is the verdict's. The resolved checkpoint and
+    baseline are inputs too: no output may be one of them."""
     from dynaudit.errors import NonFiniteWeights
+    from dynaudit.outputs import guard_outputs, is_stdout
     from dynaudit.reports import write_text_atomic
     from dynaudit.reports.check import render_check_markdown, render_check_terminal
     from dynaudit.reports.ci import render_junit, report_to_github
 
+    outputs = _reports(json_path, markdown_path, junit_path)
+    inputs.add_checkpoint(Path(report.source.path), "the checkpoint", base, report.source.files)
+    inputs.add_reference(report.baseline.ref)
+    guard_outputs(outputs, inputs)
+    to_stdout = any(map(is_stdout, outputs.values()))  # `-`: stdout is the report's
     if log_mlflow:
         from dynaudit.tracking import log_report
 
@@ -419,10 +461,10 @@ def _finish_check(
         write_text_atomic(markdown_path, render_check_markdown(report))
     if junit_path is not None:
         write_text_atomic(junit_path, render_junit(report))
-    if not quiet:
+    if not quiet and not to_stdout:
         render_check_terminal(report, _console())
     for line in report_to_github(report):
-        typer.echo(line)
+        typer.echo(line, err=to_stdout)
     if report.comparison.non_finite:
         raise NonFiniteWeights(report.comparison.non_finite)
     return 0 if report.verdict.passed else 1
@@ -477,20 +519,33 @@ def plot(
             "trajectory; a baseline directory → neuron map"
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write")] = Path("dynaudit.png"),
+    out: Annotated[
+        Path, typer.Option("--out", help="PNG file to write (-: standard output)")
+    ] = Path("dynaudit.png"),
     layer: Annotated[
         str | None, typer.Option(help="neuron map: the layer (default: the first)")
     ] = None,
-    method: Annotated[str, typer.Option(help="neuron map: pca, or tsne (scikit-learn)")] = "pca",
+    method: Annotated[
+        str, typer.Option(help="neuron map: pca, or tsne (scikit-learn); no other")
+    ] = "pca",
 ) -> int:
     """PNG plots: base vs checked per layer, a trajectory over reports, a neuron map."""
     import json
 
     from dynaudit.comparison import is_baseline
     from dynaudit.errors import InputError, UsageError
-    from dynaudit.plots import plot_bars, plot_neurons, plot_trajectory
+    from dynaudit.outputs import Inputs, guard_outputs, is_stdout
+    from dynaudit.plots import check_method, plot_bars, plot_neurons, plot_trajectory
     from dynaudit.report import CheckReport, Report
 
+    check_method(method)
+    read = Inputs()
+    for path in inputs:
+        if path.is_dir():
+            read.add_tree(path, "the plot input")
+        else:
+            read.add_file(path, "the plot input")
+    guard_outputs({"--out": out}, read)
     if len(inputs) == 1 and is_baseline(inputs[0]):
         written = plot_neurons(inputs[0], layer, out, method)
     else:
@@ -510,7 +565,7 @@ def plot(
         else:
             measured = [r for r in loaded if isinstance(r, Report)]
             written = plot_trajectory(measured, [p.stem for p in inputs], out)
-    typer.echo(f"wrote {written}")
+    typer.echo(f"wrote {written}", err=is_stdout(out))
     return 0
 
 
@@ -536,14 +591,21 @@ def plugins() -> int:
 @app.command()
 def demo(
     out: Annotated[
-        Path | None, typer.Option(help="where to build the demo checkpoint (default: temp)")
+        Path | None,
+        typer.Option(
+            help="a new or empty directory to build the demo checkpoint in (default: temporary)"
+        ),
     ] = None,
 ) -> int:
     """Build a tiny trained checkpoint locally (no network) and audit it."""
     import tempfile
 
-    from dynaudit.demo import build_demo_checkpoint
+    from dynaudit.demo import build_demo_checkpoint, refuse_foreign
+    from dynaudit.outputs import Inputs, guard_outputs
 
+    if out is not None:
+        guard_outputs({"--out": out}, Inputs(), directory=True)  # `-`, a parent that is a file
+        refuse_foreign(out)  # never over a checkpoint or anything else the user had
     with tempfile.TemporaryDirectory(prefix="dynaudit-demo-") as tmp:
         target = out or Path(tmp) / "demo-mlp"
         typer.echo(f"building a tiny trained checkpoint in {target} ...", err=True)
