@@ -95,8 +95,9 @@ def markdown_code(text: str, *, in_table: bool = False) -> str:
     if in_table:
         body = body.replace("|", "\\|")
     fence = "`" * (max((len(run) for run in _BACKTICKS.findall(body)), default=0) + 1)
-    if body.startswith("`") or body.endswith("`") or (body.startswith(" ") and body.endswith(" ")):
-        body = f" {body} "
+    edge_spaces = body.strip(" ") and body.startswith(" ") and body.endswith(" ")
+    if body.startswith("`") or body.endswith("`") or edge_spaces:
+        body = f" {body} "  # CommonMark strips one space from each end
     return f"{fence}{body}{fence}"
 
 
