@@ -29,6 +29,10 @@ __all__ = [
     "printable",
 ]
 
+# What no rendering may pass through raw: C0 and C1 controls (line breaks, ESC, BEL), the
+# line and paragraph separators, every invisible format character that reorders or hides
+# text (BiDi embeddings, overrides, isolates and marks, zero-width characters, Unicode tags),
+# lone surrogates (they cannot be encoded) and the noncharacters XML 1.0 forbids.
 _CONTROL = re.compile(
     "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
     "\ufeff\ufff9-\ufffb\ufffe\uffff\ud800-\udfff\U000e0000-\U000e007f]"

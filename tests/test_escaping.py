@@ -364,3 +364,18 @@ def test_inspect_and_measure_end_to_end(crafted: dict[str, Any], tmp_path: Path)
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "\\x1b[2K" in proc.stderr
     shutil.rmtree(nan)
+
+
+def test_logged_warnings_are_one_escaped_line(crafted: dict[str, Any], tmp_path: Path) -> None:
+    """A library warning quoting an untrusted string (here an unwritable cache whose path
+    holds ANSI, BEL and a newline) is one escaped ``dynaudit: warning:`` line: Python's
+    fallback handler printed it raw, over two lines, the second a workflow command."""
+    blocked = tmp_path / "a-file\x1b[2K\x07\n::error::pwned"
+    blocked.write_text("not a directory")
+    env = {"DYNAUDIT_CACHE_DIR": str(blocked / "cache")}
+    proc = _cli("measure", crafted["clean"], *FAST_FLAGS, "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert_clean(proc.stderr, "stderr")
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("dynaudit: warning: ") for line in lines), lines
+    assert any("a-file\\x1b[2K\\x07\\n::error::pwned" in line for line in lines)

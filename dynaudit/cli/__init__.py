@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -14,6 +15,22 @@ def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # the same clean-up and exit 130 as Ctrl-C
 
 
+class _WarningLines(logging.Handler):
+    """dynaudit's logged warnings (an unwritable cache, a plugin failing in ``detect()``) as
+    one ``dynaudit: warning:`` line each on stderr, escaped like every message: a crafted
+    name quoted by an exception can neither start a line nor drive the terminal."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from dynaudit.errors import printable
+
+        try:
+            text = printable(record.getMessage())
+            sys.stderr.write(f"dynaudit: {record.levelname.lower()}: {text}\n")
+            sys.stderr.flush()
+        except Exception:  # a warning must never become the run's failure
+            self.handleError(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the process exit code (see ``--help``). SIGTERM
     (a cancelled CI job, ``docker stop``, ``timeout``, torchrun stopping the other ranks) is
@@ -21,9 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
+    warnings = _WarningLines(logging.WARNING)
+    logging.getLogger("dynaudit").addHandler(warnings)
     try:
         return _main(argv)
     finally:
+        logging.getLogger("dynaudit").removeHandler(warnings)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
