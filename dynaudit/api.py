@@ -91,7 +91,7 @@ def measure(
         fingerprint = checkpoint.fingerprint(digest)
         source_info = SourceInfo(
             uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=fingerprint,
+            files=fingerprint, selection=checkpoint.selection_note,
         )  # fmt: skip
         key = result_key(
             fingerprint, fit.numeric(), family=family, scales=scales, version=__version__,
@@ -196,7 +196,9 @@ class InspectedLayer(BaseModel):
     gflop: float  # fit cost at the given settings, all seeds
     inputs: list[str] = Field(description="layers whose outputs feed this layer's inputs")
     reads_input: bool = Field(description="reads the model's input (directly or via a stream)")
-    rank: int | None = Field(None, description="numerical rank (--weights)")
+    rank: int | None = Field(
+        None, description="numerical rank (--weights; null above the exact-rank size limit)"
+    )
     full_rank: int | None = Field(None, description="min(m, n)")
     spectral_norm: float | None = Field(None, description="largest singular value (--weights)")
 
@@ -210,6 +212,11 @@ class Structure(BaseModel):
     branches: dict[str, int] = Field(description="residual branches per structural class")
     degenerate: list[str] | None = Field(
         None, description="rank-deficient layers (--weights; null when weights were not read)"
+    )
+    unranked: list[str] | None = Field(
+        None,
+        description="layers too large for an exact rank (--weights): rank not computed, "
+        "spectral norm estimated",
     )
     rank_rule: str | None = None
 
@@ -251,12 +258,16 @@ def inspect(
     base: str | os.PathLike[str] | None = None,
     weights: bool = False,
     sources: SourceOptions | None = None,
+    rank_work: int | None = None,
     **settings: Any,
 ) -> Inspection:
     """Headers only: family, layer graph, shapes, dtypes, size, structural class and the fit's
     cost. With ``weights=True`` also reads every layer for its rank and spectral norm, the
     degenerate layers and the gain of every residual branch. A Hub model's headers are read
-    with ranged requests: no weights are downloaded unless ``weights=True``."""
+    with ranged requests: no weights are downloaded unless ``weights=True``. Ranks are
+    computed for matrices whose ``m·n·min(m, n)`` is at most ``rank_work`` (default
+    :data:`dynaudit.structure.RANK_WORK`, 4096³); larger ones get an estimated spectral norm
+    and are listed as ``unranked``."""
     from dynaudit.structure import chain_widths, check_matrices, classify, path_widths
 
     fit = settings_from(settings)
@@ -270,7 +281,7 @@ def inspect(
     with opened as checkpoint:
         detection = detect_family(checkpoint, family)
         plan = detection.family.plan(checkpoint)
-        checks = check_matrices(checkpoint, plan, detection.family) if weights else {}
+        checks = check_matrices(checkpoint, plan, detection.family, rank_work) if weights else {}
         fed_by = plan.fed_by()
         layers = []
         for layer in plan.layers:
@@ -312,7 +323,8 @@ def inspect(
             widths=widths,
             reason=reason,
             branches=branch_classes,
-            degenerate=[n for n, c in checks.items() if c.rank < c.full_rank] if weights else None,
+            degenerate=[n for n, c in checks.items() if c.degenerate] if weights else None,
+            unranked=[n for n, c in checks.items() if c.rank is None] if weights else None,
             rank_rule=RANK_RULE if weights else None,
         )
         return Inspection(
@@ -332,7 +344,8 @@ def inspect(
 
 RANK_RULE = (
     "rank = singular values above max(u·rms(W)·(√m+√n), σ_max·max(m,n)·ε_f32), u the storage "
-    "dtype's unit roundoff"
+    "dtype's unit roundoff; not computed when m·n·min(m,n) > 4096³ (the spectral norm is then "
+    "a block-Krylov estimate)"
 )
 
 
@@ -363,7 +376,10 @@ def select_layers(plan: LayerPlan, pattern: str | None) -> LayerPlan:
     kept = [layer for layer in plan.layers if wanted.search(layer.name)]
     if not kept:
         raise UsageError(f"--layers {pattern!r} matches none of the {len(plan.layers)} layers")
-    dropped = [Skip(layer.name, "not selected") for layer in plan.layers if layer not in kept]
+    chosen = {layer.name for layer in kept}  # a set: `layer not in kept` was quadratic
+    dropped = [
+        Skip(layer.name, "not selected") for layer in plan.layers if layer.name not in chosen
+    ]
     return dataclasses.replace(plan, layers=kept, skipped=[*plan.skipped, *dropped])
 
 

@@ -8,6 +8,7 @@ every matrix has its own seed (:func:`~dynaudit.dynamics.kernel.matrix_seed`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -61,23 +62,22 @@ def _batches(layers: list[Layer], shapes: Shapes, settings: FitSettings) -> Iter
     efficient kernel call, and batching it would hold several large matrices at once."""
     ordered = sorted(layers, key=lambda layer: (shapes[layer.name][1:], layer.depth))
     batch: list[Layer] = []
+    count = 0  # matrices in the batch, kept as it grows (re-summing it was quadratic)
     for layer in ordered:
         g, m, n = shapes[layer.name]
         sampled = block_shape(m, n, settings.max_entries) != (m, n)
-        if batch:
-            _, bm, bn = shapes[batch[0].name]
-            count = sum(shapes[x.name][0] for x in batch) + g
-            if (
-                sampled
-                or (bm, bn) != (m, n)
-                or 4 * count * settings.pieces * m * n > settings.tile_bytes
-            ):
-                yield batch
-                batch = []
+        if batch and (
+            sampled
+            or shapes[batch[0].name][1:] != (m, n)
+            or 4 * (count + g) * settings.pieces * m * n > settings.tile_bytes
+        ):
+            yield batch
+            batch, count = [], 0
         batch.append(layer)
+        count += g
         if sampled:
             yield batch
-            batch = []
+            batch, count = [], 0
     if batch:
         yield batch
 
@@ -126,7 +126,7 @@ def measure_plan(
     results."""
     groups = layer_groups(plan.layers)
     results: dict[str, LayerResult] = {}
-    non_finite: list[str] = []
+    non_finite: set[str] = set()
     shapes = {
         layer.name: matrix_shape(layer, checkpoint.tensors[layer.source].shape)
         for layer in plan.layers
@@ -149,7 +149,7 @@ def measure_plan(
             r, c = block_shape(m, n, settings.max_entries)
             values = metrics.get(layer.name)
             if item.non_finite:
-                non_finite.append(layer.name)
+                non_finite.add(layer.name)
             results[layer.name] = LayerResult(
                 name=layer.name,
                 type=layer.type,
@@ -175,9 +175,9 @@ def measure_plan(
                 progress(done, total, layer.name)
         del loaded, fit
     if ranks is not None:
-        for part, flagged in ranks.gather((results, non_finite)):
+        for part, flagged in ranks.gather((results, sorted(non_finite))):
             results.update(part)
-            non_finite += [name for name in flagged if name not in non_finite]
+            non_finite.update(flagged)
     order = [layer.name for layer in plan.layers]
     return [results[name] for name in order], [name for name in order if name in non_finite]
 
@@ -217,9 +217,9 @@ def _fit_batch(
         if offset == 0:
             err = squared_error(coords, fitted, work_bytes(settings, len(owners), *shape))
             norm = sum_squares(fitted)
-            for i in range(len(items)):
-                mask = torch.tensor([o == i for o in owners], device=err.device)
-                fidelity.append(1.0 - math.sqrt(float(err[mask].sum()) / float(norm[mask].sum())))
+            bounds = list(itertools.accumulate((i.matrices.shape[0] for i in items), initial=0))
+            errs, norms = _segment_sums(err, bounds), _segment_sums(norm, bounds)
+            fidelity = [1.0 - math.sqrt(e / s) for e, s in zip(errs, norms, strict=True)]
         del coords, init
     out = {}
     for i, item in enumerate(items):
@@ -245,3 +245,13 @@ def _per_layer_mean(values: torch.Tensor, owners: list[int], count: int) -> list
         sums[owner] += value
         counts[owner] += 1
     return [s / c for s, c in zip(sums, counts, strict=True)]
+
+
+def _segment_sums(values: torch.Tensor, bounds: list[int]) -> list[float]:
+    """Sums of ``values`` over the consecutive segments ``bounds[i]:bounds[i + 1]`` (a batch's
+    layers own consecutive matrices). One pass over the batch: a mask per layer made the
+    batch's bookkeeping quadratic in its number of layers."""
+    flat = values.tolist()
+    return [
+        flat[a] if b - a == 1 else float(values[a:b].sum()) for a, b in itertools.pairwise(bounds)
+    ]

@@ -15,13 +15,16 @@ weights (``inspect --weights``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from dynaudit.families.base import Family, Layer, LayerPlan, matrix_shape
 
 if TYPE_CHECKING:
+    import torch
+
     from dynaudit.tensors import Checkpoint
 
 __all__ = [
@@ -29,9 +32,11 @@ __all__ = [
     "StructuralClass",
     "chain_widths",
     "check_matrices",
+    "check_matrix",
     "classify",
     "path_widths",
     "rank_tolerance",
+    "spectral_norm",
 ]
 
 StructuralClass = Literal["non-augmented", "augmented", "bottleneck"]
@@ -89,27 +94,113 @@ def rank_tolerance(sigma_max: float, rms: float, m: int, n: int, dtype: str) -> 
 
 @dataclass(frozen=True)
 class MatrixCheck:
-    rank: int  # numerical rank (the smallest over conv groups)
+    rank: int | None  # numerical rank (the smallest over conv groups); None: not computed
     full_rank: int  # min(m, n)
     spectral_norm: float  # largest singular value (the largest over conv groups)
-    tolerance: float
+    tolerance: float | None
+
+    @property
+    def degenerate(self) -> bool:
+        """Rank-deficient (False when the rank was not computed)."""
+        return self.rank is not None and self.rank < self.full_rank
+
+
+# Largest matrix whose rank is computed, as the work of one singular-value decomposition,
+# m·n·min(m, n): 4096³, 3.5 s on one core. The values-only SVD is cubic and one LAPACK call:
+# an 8192² matrix takes 30 s on one core, and took more than ten minutes with its threads
+# competing for busy cores (issue 18). Above the limit the rank is "not computed" (null)
+# rather than guessed: a rank counts the singular values above a tolerance, no cheap estimate
+# counts them exactly, and a false "degenerate" (or a missed one) misleads more than no answer.
+RANK_WORK = 4096**3
+# Above the limit, the spectral norm is the Rayleigh–Ritz value of W on a block Krylov space
+# of WᵀW (KRYLOV_BLOCK seeded start vectors, KRYLOV_STEPS products): a lower bound, equal to
+# σ_max to float32 rounding (relative error below 1e-5) on Gaussian matrices from 5 × 3 to
+# 8192², whose top singular values crowd together (the hard case), in about 3 s of one core
+# for 8192².
+KRYLOV_BLOCK, KRYLOV_STEPS = 8, 24
+# Matrices above this many entries have their SVD run in a worker thread: Python handles
+# Ctrl-C and SIGTERM only between bytecodes of the main thread, never inside one LAPACK call.
+_WORKER_ENTRIES = 1 << 18
 
 
 def check_matrices(
-    checkpoint: Checkpoint, plan: LayerPlan, family: Family
+    checkpoint: Checkpoint, plan: LayerPlan, family: Family, rank_work: int | None = None
 ) -> dict[str, MatrixCheck]:
-    """Singular values of every planned layer, one tensor at a time."""
-    import torch
-
+    """Singular values of every planned layer, one tensor at a time: the rank and spectral
+    norm of each matrix whose ``m·n·min(m, n)`` is at most ``rank_work`` (default
+    :data:`RANK_WORK`), an estimated spectral norm and no rank above it."""
+    rank_work = RANK_WORK if rank_work is None else rank_work
     out = {}
     for layer in plan.layers:
         mats = family.matrices(layer, checkpoint.read(layer.source))
-        _, m, n = mats.shape
-        sigma = torch.linalg.svdvals(mats)  # (g, min(m, n)), float32
-        rms = float(mats.square().mean().sqrt())
-        top = float(sigma[:, 0].max())
-        tol = rank_tolerance(top, rms, m, n, checkpoint.tensors[layer.source].dtype)
-        rank = int((sigma > tol).sum(dim=1).min())
-        out[layer.name] = MatrixCheck(rank, min(m, n), top, tol)
-        del mats, sigma
+        out[layer.name] = check_matrix(mats, checkpoint.tensors[layer.source].dtype, rank_work)
+        del mats
     return out
+
+
+def check_matrix(mats: torch.Tensor, dtype: str, rank_work: int = RANK_WORK) -> MatrixCheck:
+    """Rank and spectral norm of ``(g, m, n)`` float32 matrices stored as ``dtype``."""
+    import torch
+
+    _, m, n = mats.shape
+    full = min(m, n)
+    if full == 0:
+        return MatrixCheck(0, 0, 0.0, 0.0)
+    if m * n * full > rank_work:
+        return MatrixCheck(None, full, max(spectral_norm(w) for w in mats), None)
+    sigma = _interruptible(torch.linalg.svdvals, mats, big=m * n > _WORKER_ENTRIES)
+    rms = float(mats.square().mean().sqrt())
+    top = float(sigma[:, 0].max())
+    tol = rank_tolerance(top, rms, m, n, dtype)
+    rank = int((sigma > tol).sum(dim=1).min())
+    return MatrixCheck(rank, full, top, tol)
+
+
+def spectral_norm(w: torch.Tensor, block: int = KRYLOV_BLOCK, steps: int = KRYLOV_STEPS) -> float:
+    """σ_max of one matrix, estimated from below on a seeded block Krylov space of WᵀW (or
+    WWᵀ, the smaller side). Each step is two matrix products, so Ctrl-C is handled between
+    steps."""
+    import torch
+
+    w = w if w.shape[0] >= w.shape[1] else w.mT  # work on the smaller side, n
+    n = w.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    basis: list[torch.Tensor] = []
+    v = torch.linalg.qr(torch.randn(n, min(block, n), generator=gen)).Q
+    for _ in range(min(steps, max(1, n // max(1, block)))):
+        basis.append(v)
+        v = w.mT @ (w @ v)
+        for q in basis:  # twice, against the loss of orthogonality in float32
+            v = v - q @ (q.mT @ v)
+        for q in basis:
+            v = v - q @ (q.mT @ v)
+        v = torch.linalg.qr(v).Q
+    space = torch.cat(basis, dim=1)  # (n, block·steps), orthonormal columns
+    return float(torch.linalg.svdvals(w @ space)[0])
+
+
+_T = TypeVar("_T")
+
+
+def _interruptible(call: Callable[..., _T], *args: Any, big: bool) -> _T:
+    """``call(*args)`` in a daemon thread when ``big``, the main thread waiting in 0.1 s
+    slices so that a signal stops ``inspect`` at once; the abandoned call ends with the
+    process (torch releases the GIL inside LAPACK, so the wait loop keeps running)."""
+    if not big or threading.current_thread() is not threading.main_thread():
+        return call(*args)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="dynaudit-svd", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    value: _T = box["value"]
+    return value
