@@ -10,6 +10,8 @@ Layout under the cache root (``--cache-dir``, ``DYNAUDIT_CACHE_DIR``, else
 Every entry is written under a temporary name and renamed into place when complete, so a
 reader never sees half an entry, and two processes storing the same key at once both succeed
 (the second rename loses harmlessly). An entry that fails to parse is ignored and replaced.
+What a killed process left under a temporary name is swept by the next write beside it, once
+more than a day old (:func:`sweep_stale`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import logging
 import os
 import re
 import shutil
+import stat
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +35,16 @@ from pydantic import ValidationError
 from dynaudit.report import Report
 from dynaudit.tensors import sha256_file
 
-__all__ = ["ResultCache", "cache_root", "publish_dir", "result_key"]
+__all__ = ["ResultCache", "cache_root", "publish_dir", "result_key", "sweep_stale"]
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# dynaudit's own temporary names, and only those: ``.tmp-<uuid>`` (cache entries, hash memos,
+# downloads, converted pickles), ``.<name>.tmp-<uuid>`` (a baseline staged beside --out) and
+# ``.trash-<uuid>`` (an entry being deleted).
+_TEMPORARY = re.compile(r"\.(?:.+\.)?tmp-[0-9a-f]{32}|\.trash-[0-9a-f]{32}", re.DOTALL)
+STALE_SECONDS = 24 * 3600
 
 
 def cache_root(configured: str | os.PathLike[str] | None = None) -> Path:
@@ -78,12 +87,41 @@ def publish_dir(staging: Path, final: Path) -> bool:
     ``final`` first (``staging`` is then removed). Either way ``final`` is whole afterwards."""
     try:
         staging.rename(final)
-        return True
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if final.is_dir():
             return False
         raise
+    sweep_stale(final.parent)
+    return True
+
+
+def sweep_stale(parent: Path, now: float | None = None) -> None:
+    """Remove what killed dynaudit processes left in ``parent``: entries with dynaudit's own
+    temporary names (never anything else; no symlink, FIFO or other special file either) not
+    changed for more than a day. A live staging directory is younger: its newest change is
+    taken over it and its direct children (a baseline's coords/ gains a file per layer).
+    Best effort: whatever cannot be listed or removed stays."""
+    limit = (time.time() if now is None else now) - STALE_SECONDS
+    try:
+        entries = [entry for entry in os.scandir(parent) if _TEMPORARY.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                if _newest_change(entry.path, info.st_mtime) < limit:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            elif stat.S_ISREG(info.st_mode) and info.st_mtime < limit:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+
+
+def _newest_change(folder: str, mtime: float) -> float:
+    with os.scandir(folder) as children:
+        return max([mtime, *(c.stat(follow_symlinks=False).st_mtime for c in children)])
 
 
 def discard_dir(entry: Path) -> None:
@@ -150,6 +188,7 @@ class ResultCache:
             memo.parent.mkdir(parents=True, exist_ok=True)
             _write_synced(temporary, value)
             os.replace(temporary, memo)
+            sweep_stale(memo.parent)
         except OSError as exc:
             log.warning("could not write the hash memo at %s: %s", memo.parent, exc)
             with contextlib.suppress(OSError):

@@ -14,17 +14,30 @@ On disk a baseline is a directory::
     manifest.json      sha256 of every file above, verified on load
 
 written in a staging directory next to the target and renamed into place when complete.
+
+A baseline is a closed world: every file that baseline.json names is in the manifest and lies
+inside the directory (symlinks resolved), is a regular file, and holds exactly the tensors its
+layer and the baseline's settings call for; every number is finite. Anything else is refused
+as "tampered or corrupt" (exit 3) before a single refit, so no edit can make ``check`` read
+coordinates from another layer, another baseline or outside the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
+import os
+import re
 import shutil
+import stat
 import statistics
 import time
 import uuid
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, Literal, TypeGuard
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,15 +48,15 @@ from dynaudit.dynamics import discrepancy, fit_coordinates
 from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
-from dynaudit.dynamics.sketch import sketch, weight_figures
+from dynaudit.dynamics.sketch import SIDE, sketch, weight_figures
 from dynaudit.engine import CoordsSink, Progress, layer_groups, load_layer
-from dynaudit.errors import InputError, UsageError
+from dynaudit.errors import CorruptCheckpoint, InputError, UsageError
 from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
 from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison
 from dynaudit.report import DEPTH_GROUPS, FamilyInfo, Report, SourceInfo
 from dynaudit.runtime import to_device
-from dynaudit.tensors import Checkpoint, sha256_file
+from dynaudit.tensors import Checkpoint, parse_header
 
 __all__ = [
     "Baseline",
@@ -52,11 +65,17 @@ __all__ = [
     "BaselineWriter",
     "compare_plan",
     "load_baseline",
+    "read_coords",
 ]
 
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
 COORDS_DIR = "coords"
+# The layout of the directory and of baseline.json: bump when an older dynaudit could not read
+# a new baseline. A baseline without the field is format 1 (all baselines so far).
+BASELINE_FORMAT: Final = 1
+# Written in each coordinate file's safetensors metadata: which layer it belongs to.
+LAYER_KEY = "dynaudit.layer"
 
 
 # A writer's files, cold and null mean distances, by layer (exchanged between ranks).
@@ -85,7 +104,7 @@ class BaselineLayer(_Model):
 
 
 class Baseline(_Model):
-    format_version: Literal[1] = 1
+    format_version: Literal[1] = BASELINE_FORMAT
     protocol_version: int
     tool: dict[str, str]
     created_at: str
@@ -139,8 +158,11 @@ class BaselineWriter:
         )  # fmt: skip
         _, cold_md = discrepancy(coords)
         _, null_md = discrepancy(null)
+        members: dict[int, list[int]] = {}  # one pass: a scan per layer was quadratic
+        for j, owner in enumerate(owners):
+            members.setdefault(owner, []).append(j)
         for i, layer in enumerate(layers):
-            rows = [j for j, owner in enumerate(owners) if owner == i]
+            rows = members.get(i, [])
             tensors = self._pending.setdefault(layer.name, {})
             tensors[f"cold.{offset}"] = coords[rows].cpu().contiguous()
             tensors[f"null.{offset}"] = null[rows].cpu().contiguous()
@@ -155,7 +177,9 @@ class BaselineWriter:
         from safetensors.torch import save_file
 
         file = f"{COORDS_DIR}/{self._index[name]:05d}.safetensors"
-        save_file(self._pending.pop(name), str(self.staging / file))
+        # The layer's name travels with its coordinates: a file moved to another layer's
+        # place (and re-hashed into the manifest) is still caught on load.
+        save_file(self._pending.pop(name), str(self.staging / file), metadata={LAYER_KEY: name})
         self.files[name] = file
 
     @property
@@ -176,7 +200,7 @@ class BaselineWriter:
 
         (self.staging / BASELINE_FILE).write_text(baseline.model_dump_json(indent=1))
         manifest = {
-            path.relative_to(self.staging).as_posix(): sha256_file(path)
+            path.relative_to(self.staging).as_posix(): _sha256(path, path)
             for path in sorted(self.staging.rglob("*"))
             if path.is_file()
         }
@@ -197,8 +221,11 @@ def refuse_existing(out: Path) -> None:
 def staging_for(out: Path) -> Path:
     """A fresh staging directory beside ``out`` (same filesystem, so the rename is atomic),
     created with its ``coords/``; ``out`` must not exist."""
+    from dynaudit.cache import sweep_stale
+
     refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out.parent)  # what a killed `baseline` left here more than a day ago
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
     (staging / COORDS_DIR).mkdir(parents=True)
     return staging
@@ -210,38 +237,62 @@ def discard(staging: Path) -> None:
 
 # -- reading ----------------------------------------------------------------------------
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+COORDS_DTYPE = "F32"  # what the writer stores (the fits run in float32)
+SKETCH = "sketch"
+
 
 def is_baseline(path: Path) -> bool:
-    return path.is_dir() and (path / BASELINE_FILE).is_file()
+    """A directory holding a ``baseline.json`` — of whatever kind: one that is not a regular
+    file is then refused by :func:`load_baseline`, rather than the directory being read as a
+    checkpoint."""
+    return path.is_dir() and os.path.lexists(path / BASELINE_FILE)
 
 
 def load_baseline(path: Path) -> Baseline:
-    """Read a baseline directory, verifying every file against the manifest."""
-    manifest_path = path / MANIFEST_FILE
+    """Read a baseline directory, checking the closed world (module docstring): every file
+    against the manifest, every file baseline.json names in the manifest and inside the
+    directory, the numbers of baseline.json, and the headers of the coordinate files (their
+    values are checked when :func:`read_coords` reads them)."""
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise BaselineError(f"{path}: no readable {MANIFEST_FILE} ({exc})", path=str(path)) from exc
-    if not isinstance(manifest, dict) or BASELINE_FILE not in manifest:
-        raise BaselineError(f"{manifest_path}: not a baseline manifest", path=str(path))
+        root = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise BaselineError(f"{path}: no baseline here ({exc})", path=str(path)) from exc
+    data = _read(path, root, BASELINE_FILE)
+    _refuse_newer(
+        data, path
+    )  # before the manifest: a newer format may lay the directory out otherwise
+    manifest = _read_manifest(path, root)
+    if hashlib.sha256(data).hexdigest() != manifest[BASELINE_FILE]:
+        raise _sha_differs(path / BASELINE_FILE)
     for name, expected in manifest.items():
-        file = path / str(name)
-        if Path(str(name)).is_absolute() or ".." in Path(str(name)).parts or not file.is_file():
-            raise BaselineError(
-                f"{path}: manifest names {name!r}, which is missing", path=str(path)
-            )
-        if sha256_file(file) != expected:
-            raise BaselineError(
-                f"{file}: sha256 differs from the baseline's manifest (tampered or corrupt); "
-                "re-create the baseline",
-                path=str(file),
-            )
-    try:
-        baseline = Baseline.model_validate_json((path / BASELINE_FILE).read_bytes())
-    except (ValidationError, ValueError, RecursionError) as exc:
-        raise BaselineError(
-            f"{path / BASELINE_FILE}: not a valid baseline", path=str(path)
-        ) from exc
+        if name != BASELINE_FILE and _sha256(_member(path, root, name), path / name) != expected:
+            raise _sha_differs(path / name)
+    _refuse_unlisted(path, root, manifest)
+    baseline = _parse(data, path)
+    fit = _check_numbers(baseline, path)
+    referenced: set[str] = set()
+    for layer in baseline.layers:
+        if layer.coords is None:
+            continue
+        where = path / layer.coords
+        file = _member(path, root, layer.coords)  # confined first: nothing outside is opened
+        if layer.coords not in manifest:
+            raise _corrupt(where, f"named by {BASELINE_FILE} but not in {MANIFEST_FILE}")
+        if layer.coords in referenced:
+            raise _corrupt(where, f"named by two layers of {BASELINE_FILE}")
+        referenced.add(layer.coords)
+        with _open_regular(file, where) as fh:
+            size = os.fstat(fh.fileno()).st_size
+
+            def read(offset: int, length: int, fh: Any = fh) -> bytes:
+                fh.seek(offset)
+                return bytes(fh.read(length))
+
+            header = _coords_header(where, size, read)
+        _check_coords(where, layer, baseline.seeds, fit, *header)
     if baseline.protocol_version != PROTOCOL_VERSION:
         raise BaselineError(
             f"{path}: made with protocol v{baseline.protocol_version}, this dynaudit uses "
@@ -249,6 +300,284 @@ def load_baseline(path: Path) -> Baseline:
             path=str(path),
         )
     return baseline
+
+
+def read_coords(path: Path, baseline: Baseline, layer: BaselineLayer) -> dict[str, torch.Tensor]:
+    """The coordinates of a fitted ``layer`` of the baseline at ``path`` (as loaded by
+    :func:`load_baseline`): confined, identified, of the expected tensors and shapes, finite.
+    Read whole from one open file, so what is checked is what is used."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if layer.coords is None:
+        raise _corrupt(path / BASELINE_FILE, f"{layer.name} has no coordinates")
+    where = path / layer.coords
+    root = path.resolve()
+    with _open_regular(_member(path, root, layer.coords), where) as fh:
+        data = bytes(fh.read())
+    found, metadata = _coords_header(where, len(data), lambda o, n: data[o : o + n])
+    _check_coords(where, layer, baseline.seeds, baseline.fit_settings(), found, metadata)
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise _corrupt(where, "not a readable safetensors file") from exc
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise _corrupt(where, f"{name} holds NaN or Inf")
+    return tensors
+
+
+def _corrupt(where: Path, problem: str) -> BaselineError:
+    return BaselineError(
+        f"{where}: {problem} (tampered or corrupt); re-create the baseline", path=str(where)
+    )
+
+
+def _sha_differs(file: Path) -> BaselineError:
+    return _corrupt(file, "sha256 differs from the baseline's manifest")
+
+
+def _member(path: Path, root: Path, name: object) -> Path:
+    """The real path of the file ``name`` (a manifest key, or a layer's coords) of the
+    baseline at ``path`` whose real path is ``root``: a plain relative POSIX path (no ``..``,
+    nothing absolute, written as the writer writes it) that stays inside ``root`` with every
+    symlink resolved. Nothing is opened here."""
+    if not isinstance(name, str):
+        raise _corrupt(path / MANIFEST_FILE, f"names {name!r}, not a file")
+    relative = PurePosixPath(name)
+    if (
+        not name
+        or "\x00" in name
+        or "\\" in name
+        or relative.is_absolute()
+        or ".." in relative.parts
+        or relative.as_posix() != name
+    ):
+        raise _corrupt(path, f"names {name!r}, outside the baseline directory")
+    where = path / name
+    try:
+        real = (root / relative).resolve(strict=True)
+    except FileNotFoundError as exc:
+        raise _corrupt(where, "missing") from exc
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a file used as a directory
+        raise _corrupt(where, "cannot be resolved") from exc
+    if real == root or not real.is_relative_to(root):
+        raise _corrupt(where, "leads outside the baseline directory")
+    return real
+
+
+@contextlib.contextmanager
+def _open_regular(file: Path, where: Path) -> Iterator[Any]:
+    """``file`` opened for reading only if it is a regular file: identified by ``stat``
+    before it is opened, opened non-blocking and identified again (a FIFO swapped in
+    between would otherwise block the read forever)."""
+    try:
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise _corrupt(where, "not a regular file")
+        fd = os.open(file, os.O_RDONLY | _NONBLOCK | _BINARY)
+    except OSError as exc:
+        raise BaselineError(f"{where}: cannot read ({exc.strerror})", path=str(where)) from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _corrupt(where, "not a regular file")
+        yield fh
+
+
+def _read(path: Path, root: Path, name: str) -> bytes:
+    where = path / name
+    with _open_regular(_member(path, root, name), where) as fh:
+        try:
+            return bytes(fh.read())
+        except OSError as exc:
+            raise BaselineError(f"{where}: cannot read ({exc.strerror})", path=str(where)) from exc
+
+
+def _sha256(file: Path, where: Path) -> str:
+    digest = hashlib.sha256()
+    with _open_regular(file, where) as fh:
+        while chunk := fh.read(4 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_manifest(path: Path, root: Path) -> dict[str, str]:
+    where = path / MANIFEST_FILE
+    if not os.path.lexists(where):
+        raise BaselineError(f"{path}: no readable {MANIFEST_FILE} (missing)", path=str(path))
+    raw = _read(path, root, MANIFEST_FILE)
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(where, "not a baseline manifest (not JSON)") from exc
+    if (
+        not isinstance(manifest, dict)
+        or BASELINE_FILE not in manifest
+        or not all(isinstance(v, str) and _SHA256.fullmatch(v) for v in manifest.values())
+    ):
+        raise _corrupt(where, "not a baseline manifest")
+    return manifest
+
+
+def _refuse_unlisted(path: Path, root: Path, manifest: Mapping[str, str]) -> None:
+    """Every file under coords/ must be in the manifest: coords/ is dynaudit's own and holds
+    only what the writer listed, so a file there that the manifest does not vouch for is a sign
+    of a hand edit (coordinates dropped in or renamed). Hidden names (.DS_Store, macOS's ._*
+    twins on foreign filesystems) are left alone, as is everything beside coords/ (a README,
+    Thumbs.db): nothing ever reads them, and refusing them would break baselines that a file
+    manager or a user touched harmlessly. Files that are read must be listed (load_baseline)."""
+    try:
+        entries = sorted(os.listdir(root / COORDS_DIR))
+    except FileNotFoundError:
+        return  # a baseline without fitted layers; a layer naming a file fails in _member
+    except OSError as exc:
+        raise BaselineError(f"{path / COORDS_DIR}: cannot read ({exc.strerror})") from exc
+    for entry in entries:
+        if not entry.startswith(".") and f"{COORDS_DIR}/{entry}" not in manifest:
+            raise _corrupt(path / COORDS_DIR / entry, f"not in {MANIFEST_FILE}")
+
+
+def _refuse_newer(data: bytes, path: Path) -> None:
+    """A baseline of a newer format or protocol is refused by name, not as invalid."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError):
+        return  # not JSON: the manifest check or the validation says so
+    if not isinstance(raw, dict):
+        return
+    tool = raw.get("tool")
+    made_by = tool.get("version") if isinstance(tool, dict) else None
+    by = f" (made by dynaudit {made_by[:40]})" if isinstance(made_by, str) else ""
+    version = raw.get("format_version", 1)
+    if _is_int(version) and version > BASELINE_FORMAT:
+        raise BaselineError(
+            f"{path}: baseline format {version} is newer than this dynaudit (reads "
+            f"{BASELINE_FORMAT}){by}; upgrade dynaudit",
+            path=str(path),
+        )
+    protocol = raw.get("protocol_version")
+    if _is_int(protocol) and protocol > PROTOCOL_VERSION:
+        raise BaselineError(
+            f"{path}: baseline protocol v{protocol} is newer than this dynaudit (reads "
+            f"v{PROTOCOL_VERSION}){by}; upgrade dynaudit",
+            path=str(path),
+        )
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse(data: bytes, path: Path) -> Baseline:
+    """baseline.json as a :class:`Baseline`. Python's json (and pydantic) accept NaN,
+    Infinity and 1e999; no number a writer produces is one of them, so they are refused."""
+    where = path / BASELINE_FILE
+
+    def constant(name: str) -> float:
+        raise _corrupt(where, f"holds {name}")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _corrupt(where, f"holds {text[:24]}, not a finite number")
+        return value
+
+    try:
+        json.loads(data, parse_constant=constant, parse_float=number)
+        return Baseline.model_validate_json(data)
+    except (ValidationError, ValueError, RecursionError) as exc:
+        raise BaselineError(
+            f"{where}: not a valid baseline (tampered or corrupt); re-create the baseline",
+            path=str(path),
+        ) from exc
+
+
+def _check_numbers(baseline: Baseline, path: Path) -> FitSettings:
+    """The numbers of baseline.json that comparisons use: its settings, seed count, and per
+    layer the shape, scale and per-seed mean distances. Returns the fit settings."""
+    where = path / BASELINE_FILE
+    try:
+        fit = baseline.fit_settings()
+    except (ValidationError, TypeError) as exc:
+        raise _corrupt(where, "invalid fit settings") from exc
+    if baseline.seeds != fit.seeds:
+        raise _corrupt(where, f"seeds {baseline.seeds}, its settings say {fit.seeds}")
+    names: set[str] = set()
+    for layer in baseline.layers:
+        if layer.name in names:
+            raise _corrupt(where, f"layer {layer.name!r} twice")
+        names.add(layer.name)
+        if len(layer.shape) != 3 or min(layer.shape) < 1:
+            raise _corrupt(where, f"{layer.name}: shape {layer.shape} is not (g, m, n)")
+        if layer.scale is not None and not (math.isfinite(layer.scale) and layer.scale >= 0):
+            raise _corrupt(where, f"{layer.name}: scale {layer.scale}")
+        distances = [*layer.cold_mean_distance, *layer.null_mean_distance]
+        if not all(math.isfinite(x) for x in distances):
+            raise _corrupt(where, f"{layer.name}: a mean distance is NaN or Inf")
+        counts = {len(layer.cold_mean_distance), len(layer.null_mean_distance)}
+        allowed = {baseline.seeds} if layer.coords is not None else {0, baseline.seeds}
+        if len(counts) != 1 or not counts <= allowed:
+            raise _corrupt(
+                where,
+                f"{layer.name}: {len(layer.cold_mean_distance)} cold and "
+                f"{len(layer.null_mean_distance)} null mean distances for {baseline.seeds} seeds",
+            )
+    return fit
+
+
+Header = tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]
+
+
+def _coords_header(where: Path, size: int, read: Any) -> Header:
+    """(dtype, shape) by tensor name, and the metadata, of a coordinate file's header."""
+    try:
+        tensors, metadata = parse_header(where, size, read)
+    except CorruptCheckpoint as exc:
+        raise BaselineError(
+            f"{exc.message} (tampered or corrupt); re-create the baseline", path=str(where)
+        ) from exc
+    return {name: (info.dtype, info.shape) for name, info in tensors.items()}, metadata
+
+
+def expected_coords(
+    layer: BaselineLayer, seeds: int, fit: FitSettings
+) -> dict[str, tuple[int, ...]]:
+    """The tensors a fitted layer's coordinate file holds, by name, with their shapes:
+    ``cold.<k>`` and ``null.<k>`` per seed, (g, H, m' + n', k) over the fitted block m' × n'
+    (the whole matrix below ``max_entries``), and the ``sketch`` of its weights (absent from
+    baselines made before it)."""
+    g, m, n = layer.shape
+    rows, cols = block_shape(m, n, fit.max_entries)
+    coords = (g, fit.pieces, rows + cols, fit.piece_dim)
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{kind}.{k}": coords for k in range(seeds) for kind in ("cold", "null")
+    }
+    shapes[SKETCH] = (g, min(rows, SIDE), min(cols, SIDE))
+    return shapes
+
+
+def _check_coords(
+    where: Path,
+    layer: BaselineLayer,
+    seeds: int,
+    fit: FitSettings,
+    found: Mapping[str, tuple[str, tuple[int, ...]]],
+    metadata: Mapping[str, str],
+) -> None:
+    owner = metadata.get(LAYER_KEY)
+    if owner is not None and owner != layer.name:
+        raise _corrupt(where, f"holds the coordinates of {owner!r}, not of {layer.name!r}")
+    expected = expected_coords(layer, seeds, fit)
+    missing = sorted(set(expected) - set(found) - {SKETCH})
+    if missing:
+        raise _corrupt(where, f"lacks {missing[0]} ({layer.name} has {seeds} seed(s))")
+    for name, (dtype, shape) in sorted(found.items()):
+        if name not in expected:
+            raise _corrupt(where, f"holds {name!r}, not a tensor of a {seeds}-seed baseline")
+        if dtype != COORDS_DTYPE:
+            raise _corrupt(where, f"{name} is {dtype}, not {COORDS_DTYPE}")
+        if shape != expected[name]:
+            size, want = "×".join(map(str, shape)), "×".join(map(str, expected[name]))
+            raise _corrupt(where, f"{name} is {size or 'a scalar'}; {layer.name} needs {want}")
 
 
 def check_settings(baseline: Baseline, requested: dict[str, Any], where: str) -> None:
@@ -314,8 +643,6 @@ def compare_plan(
     """Warm-start every layer from the baseline's cold fits on this checkpoint's weights.
     With ``ranks`` (a torchrun job), this rank refits its share of the layers and every rank
     gets the whole comparison."""
-    from safetensors.torch import load_file
-
     settings = baseline.fit_settings()
     scales = {layer.name: layer.scale for layer in baseline.layers if layer.scale is not None}
     by_name = {layer.name: layer for layer in baseline.layers}
@@ -343,7 +670,7 @@ def compare_plan(
             zeroed.append(layer.name)
             figures["reason"] = f"damage: {loaded.reason}"
         else:
-            stored = load_file(str(root / ref.coords))
+            stored = read_coords(root, baseline, ref)
             target = loaded.matrices.div_(loaded.scale or 1.0)
             figures, changes = _warm_compare(target, stored, ref, settings, device)
             per_seed[layer.name] = changes
