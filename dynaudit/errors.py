@@ -17,6 +17,7 @@ __all__ = [
     "EmptyCheckpoint",
     "InputError",
     "NonFiniteWeights",
+    "NotARegularFile",
     "NothingToAudit",
     "OutputError",
     "OutputRefused",
@@ -24,6 +25,7 @@ __all__ = [
     "PluginError",
     "RemoteNotFound",
     "SourceUnreachable",
+    "UnauditedWeights",
     "UnknownFamily",
     "UsageError",
     "printable",
@@ -131,6 +133,15 @@ class CorruptCheckpoint(InputError):
 
 class PickleRefused(InputError):
     """Only pickle weights (``.bin``/``.pt``) were found; they can execute code when loaded."""
+
+
+class NotARegularFile(InputError):
+    """A path that must be a regular file (weights, config, model card) is a FIFO, device,
+    socket, directory or dangling link; never opened, since opening a FIFO blocks."""
+
+
+class UnauditedWeights(InputError):
+    """The loader would read weight files that the audit did not."""
 
 
 class PluginError(InputError):

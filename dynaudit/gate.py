@@ -34,13 +34,13 @@ from dynaudit.comparison import (
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, current, require_single_process
 from dynaudit.engine import Progress
-from dynaudit.errors import DynauditError, UsageError
+from dynaudit.errors import DynauditError, UnauditedWeights, UsageError
 from dynaudit.families import detect_family
 from dynaudit.policy import Policy, decide
 from dynaudit.report import BaselineInfo, CheckReport, LayerResult, SourceInfo
 from dynaudit.sources import SourceOptions, open_checkpoint, resolve
 from dynaudit.sources.base import ResolvedSource
-from dynaudit.tensors import Checkpoint, read_json
+from dynaudit.tensors import Checkpoint, present, read_json, read_text
 
 __all__ = ["DEFAULT_BASELINE_SEEDS", "baseline", "check", "compare", "find_baseline"]
 
@@ -140,7 +140,7 @@ def _write_baseline(
     try:
         source_info = SourceInfo(
             uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=checkpoint.fingerprint(digest),
+            files=checkpoint.fingerprint(digest), selection=checkpoint.selection_note,
         )  # fmt: skip
         detection, plan = plan_checkpoint(checkpoint, family)
         writer = BaselineWriter(staging, fit, [layer.name for layer in plan.layers])
@@ -214,20 +214,25 @@ def check(
     options = sources or SourceOptions()
     started = time.perf_counter()
     resolved = resolve(source, options)
-    if baseline_ref is None:
-        ref, found_from = find_baseline(resolved.path, base, os.fspath(source), options)
-    else:
-        ref, found_from = os.fspath(baseline_ref), "--baseline"
-    with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
-        # Device and threads are where the refits run, not what they compute: free to differ.
-        runtime = {"device": settings.get("device", "auto"), "threads": settings.get("threads")}
-        numeric = {k: v for k, v in settings.items() if k not in runtime}
-        check_settings(stored, numeric, str(ref))
-        fit = stored.fit_settings().model_copy(update=runtime)
-        device = pick_device(fit.device)
-        digest = _file_digest(options)
-        with open_checkpoint(resolved, base, options, digest) as checkpoint:
-            fingerprint = checkpoint.fingerprint(digest)
+    digest = _file_digest(options)
+    # The candidate is opened (every file identified, the weights chosen) before a baseline
+    # is found or measured: a bad candidate fails at once.
+    with open_checkpoint(resolved, base, options, digest) as checkpoint:
+        require_audited(checkpoint, resolved.uri)
+        fingerprint = checkpoint.fingerprint(digest)
+        if baseline_ref is None:
+            ref, found_from = find_baseline(resolved.path, base, os.fspath(source), options)
+        else:
+            ref, found_from = os.fspath(baseline_ref), "--baseline"
+        with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
+            # Device and threads are where the refits run, not what they compute.
+            runtime = {
+                "device": settings.get("device", "auto"), "threads": settings.get("threads")
+            }  # fmt: skip
+            numeric = {k: v for k, v in settings.items() if k not in runtime}
+            check_settings(stored, numeric, str(ref))
+            fit = stored.fit_settings().model_copy(update=runtime)
+            device = pick_device(fit.device)
             detection = detect_family(checkpoint, family or stored.family.name)
             try:
                 plan = detection.family.plan(checkpoint)
@@ -252,7 +257,7 @@ def check(
         tool={"name": "dynaudit", "version": __version__},
         source=SourceInfo(
             uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=fingerprint,
+            files=fingerprint, selection=checkpoint.selection_note,
         ),
         baseline=BaselineInfo(
             ref=str(ref), resolved_from=found_from, source=stored.source,
@@ -267,6 +272,19 @@ def check(
         host=platform.node(),
         seconds=round(time.perf_counter() - started, 3),
     )  # fmt: skip
+
+
+def require_audited(checkpoint: Checkpoint, uri: str) -> None:
+    """Refuse a candidate holding weight files that transformers' ``from_pretrained`` would
+    load and the audit would not read: a gate must not pass weights it never saw."""
+    unread = checkpoint.unread_weights()
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise UnauditedWeights(
+            f"{uri}: transformers would load weight files the audit did not read ({shown}); "
+            "audit the directory itself, or remove the files that are not the model",
+            path=str(checkpoint.root),
+        )
 
 
 def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], **kwargs: Any) -> CheckReport:
@@ -376,14 +394,14 @@ def find_baseline(
     adapter = folder / "adapter_config.json"
     if base is not None:
         return os.fspath(base), "--base (the adapter's base model)"
-    if adapter.is_file():
+    if present(adapter, "adapter_config.json"):
         config = read_json(adapter)
         named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         if isinstance(named, str) and named:
             return named, "the adapter's base_model_name_or_path"
     card = folder / "README.md"
-    if card.is_file():
-        named = _card_base_model(card.read_text(encoding="utf-8", errors="replace"))
+    if present(card, "the model card (README.md)"):
+        named = _card_base_model(read_text(card, "the model card (README.md)"))
         if named:
             return named, "the model card's base_model"
     if source.startswith("models:/"):

@@ -22,8 +22,15 @@ from typing import Any
 
 from dynaudit.cache import publish_dir
 from dynaudit.errors import EmptyCheckpoint, PickleRefused
-from dynaudit.sources.base import PICKLE_INDEX
-from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, natural_key, read_index, sha256_file
+from dynaudit.tensors import (
+    INDEX_NAME,
+    PICKLE_INDEX,
+    PICKLE_SUFFIXES,
+    local_selection,
+    present,
+    require_regular,
+    sha256_file,
+)
 
 __all__ = ["PICKLE_INDEX", "convert_pickles", "is_pickle_only", "pickle_files"]
 
@@ -32,42 +39,33 @@ _WRAPPERS = ("state_dict", "model", "module")  # common training-script containe
 
 
 def is_pickle_only(path: Path) -> bool:
-    """A pickle file, or a directory with pickle weights and no safetensors."""
-    if path.is_file():
-        return path.suffix in PICKLE_SUFFIXES
-    if not path.is_dir() or any(path.glob("*.safetensors")):
-        return False
-    return any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir())
+    """A pickle file, or a directory whose weights (by the loader's rule,
+    :func:`dynaudit.tensors.select_weights`) are pickles."""
+    if path.is_dir():
+        return local_selection(path).pickle
+    return path.suffix in PICKLE_SUFFIXES and path.is_file()
 
 
 def pickle_files(path: Path) -> list[Path]:
-    """The pickle weight files: the file itself, the shards of ``pytorch_model.bin.index.json``,
-    ``pytorch_model.bin``, or every top-level pickle."""
-    if path.is_file():
+    """The pickle weight files: the file itself, or the directory's by the loader's rule
+    (``pytorch_model.bin``, the shards of ``pytorch_model.bin.index.json``, else every
+    top-level pickle)."""
+    if not path.is_dir():
         return [path]
-    index = path / PICKLE_INDEX
-    if index.is_file():
-        return [path / name for name in read_index(index)[0]]
-    if (path / "pytorch_model.bin").is_file():
-        return [path / "pytorch_model.bin"]
-    found = sorted(
-        (p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES),
-        key=lambda p: natural_key(p.name),
-    )
-    if not found:
-        raise EmptyCheckpoint(f"{path}: no weights in this directory", path=str(path))
-    return found
+    selection = local_selection(path)
+    if not selection.pickle or not selection.files:
+        raise EmptyCheckpoint(f"{path}: no pickle weights in this directory", path=str(path))
+    return [path / name for name in selection.files]
 
 
 def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | None = None) -> Path:
     """A directory of safetensors files holding the tensors of the pickle(s) at ``path``."""
     files = pickle_files(path)
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise PickleRefused(f"{missing[0]}: shard named by the index is missing", path=str(path))
+    for file in files:
+        require_regular(file, "a pickle weight file")
     digest = digest or sha256_file
-    root = path.parent if path.is_file() else path
-    sides = [root / side for side in _SIDE_FILES if (root / side).is_file()]
+    root = path if path.is_dir() else path.parent
+    sides = [root / side for side in _SIDE_FILES if present(root / side, side)]
     material = [[f.name, digest(f)] for f in [*files, *sides]]
     key = hashlib.sha256(json.dumps(material).encode()).hexdigest()[:32]
     final = cache / "pickles" / key

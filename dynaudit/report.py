@@ -42,6 +42,12 @@ class SourceInfo(_Model):
     path: str
     revision: str | None = None
     files: dict[str, str] = Field(description="weight file → sha256")
+    selection: str | None = Field(
+        None,
+        description="which weight files were audited and why, when others were present "
+        "(absent when every weight file present was audited)",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class CacheInfo(_Model):

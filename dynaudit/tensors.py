@@ -13,28 +13,49 @@ import json
 import mmap
 import os
 import re
+import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from dynaudit.errors import CheckpointNotFound, CorruptCheckpoint, EmptyCheckpoint, PickleRefused
+from dynaudit.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    EmptyCheckpoint,
+    InputError,
+    NotARegularFile,
+    PickleRefused,
+)
 
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
 __all__ = [
+    "SIDE_FILES",
     "Checkpoint",
     "TensorInfo",
+    "WeightSelection",
+    "is_weight_name",
+    "local_selection",
     "natural_key",
+    "open_regular",
     "parse_header",
+    "present",
     "read_index",
+    "read_text",
+    "require_regular",
+    "select_weights",
     "sha256_file",
+    "weight_names",
 ]
 
+SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAME = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # safetensors' own reader refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -82,11 +103,86 @@ class TensorInfo:
         return self.dtype in FLOAT_DTYPES
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)  # fmt: skip
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def require_regular(path: Path, what: str) -> os.stat_result:
+    """``path``'s status, after checking (symlinks followed, nothing opened) that it is a
+    regular file: opening a FIFO blocks until a writer comes, a device never ends."""
+    try:
+        info = path.stat()
+    except FileNotFoundError as exc:
+        dangling = path.is_symlink()
+        raise (NotARegularFile if dangling else CheckpointNotFound)(
+            f"{path}: {what} is " + ("a link to nothing" if dangling else "missing"),
+            path=str(path),
+        ) from exc
+    except OSError as exc:
+        raise CorruptCheckpoint(
+            f"{path}: cannot read {what} ({exc.strerror})", path=str(path)
+        ) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise NotARegularFile(
+            f"{path}: {what} is {_kind(info.st_mode)}, not a regular file; refusing to open it",
+            path=str(path),
+        )
+    return info
+
+
+def present(path: Path, what: str) -> bool:
+    """Whether an optional file (a config, a model card) is there; one that is there but is
+    not a regular file is refused rather than skipped or opened."""
+    if not os.path.lexists(path):
+        return False
+    require_regular(path, what)
+    return True
+
+
+def open_regular(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for binary reading, only if it is a regular file: checked before
+    opening, and again on the open descriptor (opened non-blocking, so a file swapped for a
+    FIFO in between cannot block)."""
+    require_regular(path, what)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(
+                f"{path}: {what} is {_kind(mode)}, not a regular file; refusing to read it",
+                path=str(path),
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_text(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> str:
+    """A small UTF-8 side file (a model card), read only if it is a regular file."""
+    try:
+        with open_regular(path, what) as fh:
+            return fh.read(limit).decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise CorruptCheckpoint(
+            f"{path}: cannot read {what} ({exc.strerror})", path=str(path)
+        ) from exc
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one local ``.safetensors`` header; returns (tensors, metadata)."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
+        with open_regular(path, "a weight file") as fh:
+            size = os.fstat(fh.fileno()).st_size
 
             def read(offset: int, length: int) -> bytes:
                 fh.seek(offset)
@@ -123,6 +219,7 @@ def parse_header(
         ) from exc
     if not isinstance(header, dict):
         raise CorruptCheckpoint(f"{path}: safetensors header is not an object", path=str(path))
+    _refuse_surrogates(path, header, "safetensors header")
     data_start = 8 + header_len
     data_size = size - data_start
     metadata_raw = header.pop("__metadata__", None) or {}
@@ -134,6 +231,33 @@ def parse_header(
         tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
     _check_no_overlap(path, tensors.values(), data_start)
     return tensors, metadata
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_surrogates(path: Path, data: Any, what: str) -> None:
+    """JSON may escape half a UTF-16 pair (``"\\ud800"``): Python decodes it to a string
+    that cannot be encoded, printed or used as a file name. Refused here, naming where."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        strings: list[str] = []
+        if isinstance(item, dict):
+            strings = [k for k in item if isinstance(k, str)]
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            strings = [item]
+        for text in strings:
+            if _SURROGATE.search(text):
+                raise CorruptCheckpoint(
+                    f"{path}: {what} holds a string with a lone UTF-16 surrogate "
+                    f"({text[:60]!r}), "
+                    "which is not valid Unicode",
+                    path=str(path),
+                )
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
@@ -186,13 +310,16 @@ def _check_no_overlap(path: Path, infos: Any, data_start: int) -> None:
 def read_json(path: Path) -> Any:
     """Read a small JSON file (config, index) as plain data; never executes anything."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise CorruptCheckpoint(f"{path}: too large for a JSON side file", path=str(path))
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path, "a JSON side file") as fh:
+            if os.fstat(fh.fileno()).st_size > MAX_JSON_BYTES:
+                raise CorruptCheckpoint(f"{path}: too large for a JSON side file", path=str(path))
+            data = json.loads(fh.read().decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # also deep nesting and over-long integers
         raise CorruptCheckpoint(f"{path}: invalid JSON ({exc})", path=str(path)) from exc
     except OSError as exc:
         raise CorruptCheckpoint(f"{path}: cannot read ({exc.strerror})", path=str(path)) from exc
+    _refuse_surrogates(path, data, "JSON")
+    return data
 
 
 @dataclass
@@ -204,27 +331,43 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Which of a directory's weight files were read and why (None for a single file).
+    selection: WeightSelection | None = None
+    # sha256 of weight files the source has and vouched for but did not download (the Hub's
+    # unread shards): the fingerprint covers them too.
+    vouched: dict[str, str] = field(default_factory=dict)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
-        """Locate the weight files under ``path`` and parse their headers (no tensor data)."""
+        """Locate the weight files under ``path`` and parse their headers (no tensor data).
+        A directory's weights are chosen by :func:`select_weights`; nothing that is not a
+        regular file is ever opened."""
         root = Path(path)
-        if not root.exists():
-            raise CheckpointNotFound(f"{root}: no such file or directory", path=str(root))
-        if root.is_file():
+        mode = _source_mode(root)
+        if stat.S_ISDIR(mode):
+            local = _select_local(root)
+            selection, config = local.selection, local.config
+            if selection.pickle:
+                first = root / selection.files[0]
+                raise PickleRefused(_pickle_message(first), path=str(first))
+            if not selection.files:
+                raise EmptyCheckpoint(
+                    f"{root}: no .safetensors weights in this directory", path=str(root)
+                )
+            files, weight_map = [root / name for name in selection.files], local.weight_map
+        else:
             if root.suffix in PICKLE_SUFFIXES:
                 raise PickleRefused(_pickle_message(root), path=str(root))
-            files, config_dir, weight_map = [root], root.parent, None
-        else:
-            (files, weight_map), config_dir = _weight_files(root), root
-        config_path = config_dir / "config.json"
-        return cls.assemble(
-            root,
-            [(file, *read_header(file)) for file in files],
-            config=read_json(config_path) if config_path.is_file() else None,
+            config_path = root.parent / "config.json"
+            config = read_json(config_path) if present(config_path, "config.json") else None
+            files, weight_map, selection = [root], None, None
+        checkpoint = cls.assemble(
+            root, [(file, *read_header(file)) for file in files], config=config,
             weight_map=weight_map,
-        )
+        )  # fmt: skip
+        checkpoint.selection = selection
+        return checkpoint
 
     @classmethod
     def assemble(
@@ -306,19 +449,44 @@ class Checkpoint:
 
     def _map(self, file: Path) -> mmap.mmap:
         if file not in self._maps:
-            with file.open("rb") as fh:
+            with open_regular(file, "a weight file") as fh:
                 # ACCESS_COPY gives a writable (copy-on-write) buffer torch accepts without
                 # warnings; pages are never written, so they stay shared page cache.
                 self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._maps[file]
 
     def fingerprint(self, digest: Callable[[Path], str] | None = None) -> dict[str, str]:
-        """sha256 of every weight file, keyed by its name relative to the checkpoint root.
-        ``digest`` computes one file's (default :func:`sha256_file`; the result cache passes a
-        memoised one)."""
+        """sha256 of every weight file present, keyed by its name relative to the checkpoint
+        root: the files read, the index, and the weight files present but not read (so a
+        changed unread shard changes the result-cache key too), and those the source vouched
+        for without downloading them. ``digest`` computes one file's (default
+        :func:`sha256_file`; the result cache passes a memoised one)."""
         digest = digest or sha256_file
-        key_of = (lambda f: f.name) if self.root.is_file() else (lambda f: self.relative(f))
-        return {key_of(file): digest(file) for file in self.files}
+        if self.selection is None:
+            key_of = (lambda f: f.name) if self.root.is_file() else (lambda f: self.relative(f))
+            return {key_of(file): digest(file) for file in self.files}
+        found = {self.relative(file): digest(file) for file in self.files}
+        for name in self.selection.others:
+            if name not in found and (self.root / name).exists():
+                found[name] = digest(self.root / name)
+        return {**self.vouched, **found}
+
+    @property
+    def selection_note(self) -> str | None:
+        """What the report says when the directory held weight files that were not read."""
+        return self.selection.note if self.selection is not None else None
+
+    def unread_weights(self) -> list[str]:
+        """Weight files that transformers' ``from_pretrained`` would read from this
+        checkpoint's directory and the audit did not: none for a checkpoint opened by
+        :func:`select_weights`; anything else is a checkpoint assembled some other way."""
+        if self.selection is None or not self.root.is_dir():
+            return []
+        loaded = _select_local(self.root).selection
+        audited = {file.name for file in self.files if file.parent == self.root}
+        if loaded.pickle and self.selection.pickle:
+            return []  # read through their converted copy
+        return [name for name in loaded.files if name not in audited]
 
     def relative(self, file: Path) -> str:
         return file.relative_to(self.root).as_posix()
@@ -326,7 +494,7 @@ class Checkpoint:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_regular(path, "this file") as fh:
         while chunk := fh.read(4 * 1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
@@ -358,27 +526,185 @@ def read_index(index: Path) -> tuple[list[str], dict[str, Any]]:
     return names, weight_map
 
 
-def _weight_files(root: Path) -> tuple[list[Path], dict[str, Any] | None]:
-    """The weight files of a directory, and the index's weight map when it has one."""
-    index = root / INDEX_NAME
-    if index.is_file():
-        names, weight_map = read_index(index)
-        for name in names:
-            if not (root / name).is_file():
+@dataclass(frozen=True)
+class WeightSelection:
+    """Which files of a checkpoint directory are its weights, and why: see
+    :func:`select_weights`. Names are relative to the directory."""
+
+    files: tuple[str, ...]  # what is read, in order: the one file, or the index's shards
+    reason: str
+    index: str | None = None  # the index that names ``files``
+    pickle: bool = False
+    unaudited: tuple[str, ...] = ()  # weight files present that are not read
+
+    @property
+    def others(self) -> tuple[str, ...]:
+        """The weight files present besides ``files``: the index, and the unread ones."""
+        return ((self.index,) if self.index else ()) + self.unaudited
+
+    @property
+    def note(self) -> str | None:
+        """One line for the report, when the directory held weights that were not read."""
+        if not self.unaudited:
+            return None
+        audited, unaudited = _listed(self.files), _listed(self.unaudited)
+        return f"audited {audited} ({self.reason}); not audited: {unaudited}"
+
+
+def _listed(names: Collection[str], most: int = 4) -> str:
+    shown = ", ".join(list(names)[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def is_weight_name(name: str) -> bool:
+    """A top-level file name that holds or indexes weights a loader could read: every
+    ``.safetensors`` file and safetensors index, and transformers' pickle weights and index
+    (``pytorch_model*.bin``). Other pickles (``training_args.bin``, ``optimizer.pt``) are
+    weights only when nothing else is: see :func:`select_weights`."""
+    if "/" in name:
+        return False
+    if name.endswith((".safetensors", ".safetensors.index.json")):
+        return True
+    return name.startswith("pytorch_model") and name.endswith((".bin", ".bin.index.json"))
+
+
+def weight_names(names: Collection[str]) -> list[str]:
+    """The weight files among a directory's (or repository's) file names, naturally ordered."""
+    return sorted((n for n in names if is_weight_name(n)), key=natural_key)
+
+
+def select_weights(
+    names: Collection[str],
+    shards: Callable[[str], list[str]],
+    *,
+    explicit: str | None = None,
+    where: str = "",
+) -> WeightSelection:
+    """Which of a checkpoint's files (names relative to its root) are its weights: the rule
+    of transformers' ``from_pretrained`` with its defaults (``_get_resolved_checkpoint_files``:
+    no variant, ``use_safetensors`` unset), for local directories and the Hub alike.
+
+    1. ``config.json``'s ``transformers_weights`` (``explicit``), when it names a file;
+    2. ``model.safetensors``, even when an index is present too;
+    3. ``model.safetensors.index.json``: the shards it names (``shards(index)``);
+    4. ``pytorch_model.bin``, then ``pytorch_model.bin.index.json``: pickles;
+    5. beyond what transformers loads: every top-level ``.safetensors`` file, else every
+       top-level pickle.
+
+    ``files`` is empty when there are no weights. Raises nothing itself except for an
+    ``explicit`` name that cannot be followed (``where`` says which checkpoint); ``shards``
+    may raise."""
+    top = {name for name in names if "/" not in name}
+    present_weights = weight_names(top)
+
+    def chosen(
+        files: list[str], reason: str, index: str | None = None, pickle: bool = False
+    ) -> WeightSelection:
+        read = {*files, *([index] if index else [])}
+        unaudited = tuple(name for name in present_weights if name not in read)
+        return WeightSelection(tuple(files), reason, index, pickle, unaudited)
+
+    if explicit is not None:
+        named = "config.json's transformers_weights"
+        suffixes = (".safetensors", ".safetensors.index.json")
+        if explicit not in top or not explicit.endswith(suffixes):
+            raise InputError(
+                f"{where or 'checkpoint'}: {named} names {explicit!r}, which is not a "
+                ".safetensors file or index at the top of the checkpoint; transformers would "
+                "not load these weights either"
+            )
+        if explicit.endswith(".index.json"):
+            return chosen(shards(explicit), f"{named} names {explicit}", index=explicit)
+        return chosen([explicit], f"{named} names it")
+    if SINGLE_NAME in top:
+        after = f" before {INDEX_NAME}" if INDEX_NAME in top else " first"
+        return chosen([SINGLE_NAME], f"transformers loads {SINGLE_NAME}{after}")
+    if INDEX_NAME in top:
+        return chosen(shards(INDEX_NAME), f"the shards {INDEX_NAME} names", index=INDEX_NAME)
+    if PICKLE_NAME in top:
+        return chosen([PICKLE_NAME], f"transformers loads {PICKLE_NAME}", pickle=True)
+    if PICKLE_INDEX in top:
+        return chosen(
+            shards(PICKLE_INDEX), f"the shards {PICKLE_INDEX} names", index=PICKLE_INDEX,
+            pickle=True,
+        )  # fmt: skip
+    safetensors = sorted((n for n in top if n.endswith(".safetensors")), key=natural_key)
+    if safetensors:
+        return chosen(safetensors, f"no {SINGLE_NAME} or index: every .safetensors file")
+    pickles = sorted((n for n in top if n.endswith(PICKLE_SUFFIXES)), key=natural_key)
+    if pickles:
+        return chosen(pickles, "only pickle weights", pickle=True)
+    return chosen([], "no weight files")
+
+
+# Small files read beside the weights (the model card carries `base_model`).
+SIDE_FILES = ("config.json", INDEX_NAME, "adapter_config.json", "README.md")
+
+
+@dataclass(frozen=True)
+class _Local:
+    selection: WeightSelection
+    weight_map: dict[str, Any] | None
+    config: dict[str, Any] | None
+
+
+def _select_local(root: Path) -> _Local:
+    """:func:`select_weights` over a directory, after checking that every weight and side
+    file in it is a regular file (a FIFO would block the first read, or the fingerprint)."""
+    try:
+        names = [entry.name for entry in os.scandir(root)]
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{root}: cannot list ({exc.strerror})", path=str(root)) from exc
+    for side in SIDE_FILES:
+        present(root / side, side)
+    for name in weight_names(names):
+        require_regular(root / name, "a weight file")
+    config_path = root / "config.json"
+    config = read_json(config_path) if config_path.exists() else None
+    config = config if isinstance(config, dict) else None
+    explicit = config.get("transformers_weights") if config else None
+    maps: dict[str, dict[str, Any]] = {}
+
+    def shards(index_name: str) -> list[str]:
+        index = root / index_name
+        require_regular(index, "the index")
+        shard_names, maps[index_name] = read_index(index)
+        for name in shard_names:
+            if not os.path.lexists(root / name):
                 raise CorruptCheckpoint(
                     f"{index}: names shard {name!r}, which is missing", path=str(index)
                 )
-        return [root / name for name in names], weight_map
-    single = root / "model.safetensors"
-    if single.is_file():
-        return [single], None
-    files = sorted(root.glob("*.safetensors"), key=lambda p: natural_key(p.name))
-    if files:
-        return files, None
-    pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise PickleRefused(_pickle_message(pickles[0]), path=str(pickles[0]))
-    raise EmptyCheckpoint(f"{root}: no .safetensors weights in this directory", path=str(root))
+            require_regular(root / name, "a shard")
+        return shard_names
+
+    selection = select_weights(
+        names, shards, explicit=explicit if isinstance(explicit, str) else None, where=str(root)
+    )
+    weight_map = maps.get(selection.index) if selection.index and not selection.pickle else None
+    return _Local(selection, weight_map, config)
+
+
+def local_selection(root: Path) -> WeightSelection:
+    """:func:`select_weights` over a local directory (every file in it identified first)."""
+    return _select_local(root).selection
+
+
+def _source_mode(root: Path) -> int:
+    """SOURCE's file type: a directory or a regular file, else refused before any open."""
+    try:
+        mode = root.stat().st_mode
+    except FileNotFoundError as exc:
+        if root.is_symlink():
+            raise NotARegularFile(f"{root}: a link to nothing", path=str(root)) from exc
+        raise CheckpointNotFound(f"{root}: no such file or directory", path=str(root)) from exc
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{root}: cannot read ({exc.strerror})", path=str(root)) from exc
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise NotARegularFile(
+            f"{root}: the checkpoint is {_kind(mode)}, not a .safetensors file or a directory",
+            path=str(root),
+        )
+    return mode
 
 
 def _check_index(index: Path, weight_map: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:

@@ -9,14 +9,23 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dynaudit.errors import EmptyCheckpoint, InputError, PickleRefused, RemoteNotFound
-from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, natural_key
+from dynaudit.tensors import (
+    PICKLE_INDEX,
+    SIDE_FILES,
+    WeightSelection,
+    natural_key,
+    select_weights,
+)
 
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-__all__ = ["SIDE_FILES", "ResolvedSource", "SourceOptions", "redact_url", "weight_files"]
-
-# Small files an audit reads besides the weights (the model card carries `base_model`).
-SIDE_FILES = ("config.json", INDEX_NAME, "adapter_config.json", "README.md")
+__all__ = [
+    "PICKLE_INDEX",
+    "SIDE_FILES",
+    "ResolvedSource",
+    "SourceOptions",
+    "redact_url",
+    "weight_files",
+    "weight_selection",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,37 @@ class ResolvedSource:
     path: Path
     revision: str | None = None  # Hub commit sha, MLflow model version or run id
     expected_sha256: Mapping[str, str] = field(default_factory=dict)  # file → sha256 vouched for
+    # Which of the source's files are the weights (a remote listing's view, which also names
+    # the weight files that were not downloaded), and what the source vouches those unread
+    # files hold (file → sha256): the fingerprint covers them.
+    selection: WeightSelection | None = None
+    unread_sha256: Mapping[str, str] = field(default_factory=dict)
+
+
+def weight_selection(
+    uri: str,
+    names: Collection[str],
+    read_index: Callable[[str], Any],
+    *,
+    allow_pickle: bool = False,
+    explicit: str | None = None,
+) -> WeightSelection:
+    """Which of a remote checkpoint's files (paths relative to its root) are its weights, by
+    the rule local directories follow (:func:`dynaudit.tensors.select_weights`, the one
+    transformers' ``from_pretrained`` follows). Pickle weights are refused unless
+    ``allow_pickle``, before their index is read."""
+
+    def shards(index_name: str) -> list[str]:
+        if index_name == PICKLE_INDEX and not allow_pickle:
+            raise _pickle_refused(uri, index_name)
+        return _shards(uri, index_name, names, read_index)
+
+    selection = select_weights(names, shards, explicit=explicit, where=uri)
+    if selection.pickle and not allow_pickle:
+        raise _pickle_refused(uri, selection.files[0])
+    if not selection.files:
+        raise EmptyCheckpoint(f"{uri}: no .safetensors weights found")
+    return selection
 
 
 def weight_files(
@@ -48,29 +88,23 @@ def weight_files(
     read_index: Callable[[str], Any],
     *,
     allow_pickle: bool = False,
+    explicit: str | None = None,
 ) -> list[str]:
-    """Which of a remote checkpoint's files (paths relative to its root) to fetch, by the rules
-    local directories follow: the index's shards, else ``model.safetensors``, else every
-    top-level ``.safetensors``. Pickle weights only with ``allow_pickle`` and no safetensors."""
-    if INDEX_NAME in names:
-        return _shards(uri, INDEX_NAME, names, read_index)
-    if "model.safetensors" in names:
-        return ["model.safetensors"]
-    top = sorted((n for n in names if n.endswith(".safetensors") and "/" not in n), key=natural_key)
-    if top:
-        return top
-    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and "/" not in n)
-    if pickles and allow_pickle:
-        if PICKLE_INDEX in names:
-            return [PICKLE_INDEX, *_shards(uri, PICKLE_INDEX, names, read_index)]
-        return ["pytorch_model.bin"] if "pytorch_model.bin" in names else pickles
-    if pickles:
-        raise PickleRefused(
-            f"{uri}: only pickle weights ({pickles[0]}), which can execute code when loaded and "
-            "are not downloaded by default; publish safetensors weights, or pass --allow-pickle "
-            "to read plain weights with torch.load(weights_only=True)"
-        )
-    raise EmptyCheckpoint(f"{uri}: no .safetensors weights found")
+    """The files of a remote checkpoint to download for its weights: those
+    :func:`weight_selection` chooses, and a pickle index (converted locally)."""
+    selection = weight_selection(
+        uri, names, read_index, allow_pickle=allow_pickle, explicit=explicit
+    )
+    index = [selection.index] if selection.pickle and selection.index else []
+    return [*index, *selection.files]
+
+
+def _pickle_refused(uri: str, name: str) -> PickleRefused:
+    return PickleRefused(
+        f"{uri}: the weights are pickles ({name}), which can execute code when loaded and "
+        "are not downloaded by default; publish safetensors weights, or pass --allow-pickle "
+        "to read plain weights with torch.load(weights_only=True)"
+    )
 
 
 def _shards(

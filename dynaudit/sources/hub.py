@@ -25,9 +25,9 @@ from dynaudit.sources.base import (
     ResolvedSource,
     SourceOptions,
     redact_url,
-    weight_files,
+    weight_selection,
 )
-from dynaudit.tensors import INDEX_NAME, Checkpoint, parse_header, read_json
+from dynaudit.tensors import Checkpoint, WeightSelection, parse_header, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +76,11 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
             )  # fmt: skip
             return ResolvedSource(uri=repo.uri, path=folder, revision=folder.name)
         listing = _Listing.fetch(repo, options)
-        weights = listing.weights(allow_pickle=options.allow_pickle)
+        selection = listing.selection(allow_pickle=options.allow_pickle)
+        weights = [
+            *([selection.index] if selection.pickle and selection.index else []),
+            *selection.files,
+        ]
         wanted = [name for name in SIDE_FILES if name in listing.files] + weights
         folder = Path(
             snapshot_download(
@@ -92,8 +96,10 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
         )
     expected = {n: f.lfs.sha256 for n in weights if (f := listing.files[n]).lfs is not None}
     return ResolvedSource(
-        uri=repo.uri, path=folder, revision=listing.commit, expected_sha256=expected
-    )
+        uri=repo.uri, path=folder, revision=listing.commit, expected_sha256=expected,
+        unread_sha256={n: listing.vouched(n) for n in selection.others if n not in wanted},
+        selection=selection,
+    )  # fmt: skip
 
 
 class RemoteCheckpoint(Checkpoint):
@@ -116,14 +122,16 @@ def open_remote_headers(repo: HubRepo, options: SourceOptions) -> tuple[str, Che
         names = listing.files
         if "adapter_config.json" in names or not any(n.endswith(".safetensors") for n in names):
             return None
-        weights = listing.weights()
+        selection = listing.selection(allow_pickle=True)
+        if selection.pickle:
+            return None
         headers = []
-        for name in weights:
+        for name in selection.files:
             size = names[name].size or 0
             read = _prefetched(functools.partial(_read_range, repo, listing.commit, name, options))
             headers.append((Path(name), *parse_header(Path(name), size, read)))
         config = listing.json("config.json") if "config.json" in names else None
-        index = listing.json(INDEX_NAME) if INDEX_NAME in names else None
+        index = listing.json(selection.index) if selection.index else None
     checkpoint = RemoteCheckpoint.assemble(
         Path(repo.label), headers, config=config,
         weight_map=index.get("weight_map") if isinstance(index, dict) else None,
@@ -150,8 +158,22 @@ class _Listing:
         assert info.sha is not None
         return cls(repo, options, info.sha, {s.rfilename: s for s in info.siblings or []})
 
-    def weights(self, allow_pickle: bool = False) -> list[str]:
-        return weight_files(self.repo.uri, set(self.files), self.json, allow_pickle=allow_pickle)
+    def selection(self, allow_pickle: bool = False) -> WeightSelection:
+        """The weight files, by the rule local directories follow (config.json's
+        ``transformers_weights`` included)."""
+        config = self.json("config.json") if "config.json" in self.files else None
+        explicit = config.get("transformers_weights") if isinstance(config, dict) else None
+        return weight_selection(
+            self.repo.uri, set(self.files), self.json, allow_pickle=allow_pickle,
+            explicit=explicit if isinstance(explicit, str) else None,
+        )  # fmt: skip
+
+    def vouched(self, name: str) -> str:
+        """What the Hub vouches a file's content is: its LFS sha256, else its git blob id."""
+        sibling = self.files[name]
+        if sibling.lfs is not None:
+            return str(sibling.lfs.sha256)
+        return f"git-blob:{sibling.blob_id}"
 
     def json(self, name: str) -> Any:
         """A small JSON file of the commit, through the client's cache."""

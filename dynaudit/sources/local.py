@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dynaudit.errors import CorruptCheckpoint, UsageError
 from dynaudit.sources.base import ResolvedSource, SourceOptions
-from dynaudit.tensors import Checkpoint, sha256_file
+from dynaudit.tensors import Checkpoint, require_regular, sha256_file
 
 __all__ = ["open_checkpoint", "verify_download"]
 
@@ -41,8 +41,24 @@ def open_checkpoint(
 
         if is_pickle_only(resolved.path):
             cache = cache_root(options.cache_dir)
-            return Checkpoint.open(convert_pickles(resolved.path, cache, digest))
-    return Checkpoint.open(resolved.path)
+            return _as_resolved(
+                Checkpoint.open(convert_pickles(resolved.path, cache, digest)), resolved
+            )
+    return _as_resolved(Checkpoint.open(resolved.path), resolved)
+
+
+def _as_resolved(checkpoint: Checkpoint, resolved: ResolvedSource) -> Checkpoint:
+    """The checkpoint with what its source knows beyond the downloaded files: the source's
+    own weight selection (naming the weight files it did not download) and their sha256."""
+    checkpoint.vouched = dict(resolved.unread_sha256)
+    chosen = resolved.selection
+    if (
+        chosen is not None
+        and checkpoint.selection is not None
+        and chosen.files == checkpoint.selection.files
+    ):
+        checkpoint.selection = chosen
+    return checkpoint
 
 
 def verify_download(resolved: ResolvedSource, digest: Callable[[Path], str] | None = None) -> None:
@@ -50,6 +66,7 @@ def verify_download(resolved: ResolvedSource, digest: Callable[[Path], str] | No
     hashes); a mismatch is a corrupt download."""
     digest = digest or sha256_file
     for name, expected in resolved.expected_sha256.items():
+        require_regular(resolved.path / name, "a downloaded file")
         actual = digest(resolved.path / name)
         if actual != expected:
             raise CorruptCheckpoint(
