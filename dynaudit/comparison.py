@@ -261,9 +261,8 @@ def load_baseline(path: Path) -> Baseline:
     except (OSError, RuntimeError) as exc:
         raise BaselineError(f"{path}: no baseline here ({exc})", path=str(path)) from exc
     data = _read(path, root, BASELINE_FILE)
-    _refuse_newer(
-        data, path
-    )  # before the manifest: a newer format may lay the directory out otherwise
+    # Before the manifest: a newer format may lay out the directory differently.
+    _refuse_newer(data, path)
     manifest = _read_manifest(path, root)
     if hashlib.sha256(data).hexdigest() != manifest[BASELINE_FILE]:
         raise _sha_differs(path / BASELINE_FILE)
@@ -272,6 +271,12 @@ def load_baseline(path: Path) -> Baseline:
             raise _sha_differs(path / name)
     _refuse_unlisted(path, root, manifest)
     baseline = _parse(data, path)
+    if baseline.protocol_version != PROTOCOL_VERSION:  # older: its numbers are not ours
+        raise BaselineError(
+            f"{path}: made with protocol v{baseline.protocol_version}, this dynaudit uses "
+            f"v{PROTOCOL_VERSION}; re-create the baseline",
+            path=str(path),
+        )
     fit = _check_numbers(baseline, path)
     referenced: set[str] = set()
     for layer in baseline.layers:
@@ -293,12 +298,6 @@ def load_baseline(path: Path) -> Baseline:
 
             header = _coords_header(where, size, read)
         _check_coords(where, layer, baseline.seeds, fit, *header)
-    if baseline.protocol_version != PROTOCOL_VERSION:
-        raise BaselineError(
-            f"{path}: made with protocol v{baseline.protocol_version}, this dynaudit uses "
-            f"v{PROTOCOL_VERSION}; re-create the baseline",
-            path=str(path),
-        )
     return baseline
 
 
@@ -402,8 +401,6 @@ def _sha256(file: Path, where: Path) -> str:
 
 def _read_manifest(path: Path, root: Path) -> dict[str, str]:
     where = path / MANIFEST_FILE
-    if not os.path.lexists(where):
-        raise BaselineError(f"{path}: no readable {MANIFEST_FILE} (missing)", path=str(path))
     raw = _read(path, root, MANIFEST_FILE)
     try:
         manifest = json.loads(raw)

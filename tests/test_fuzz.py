@@ -1,5 +1,6 @@
 """Fuzzing of everything dynaudit parses itself: safetensors headers, shard indexes, baseline
-directories and policy files. Whatever the bytes, the result is the parsed value or one of
+directories (baseline.json, the manifest, the coordinate files and the paths naming them) and
+policy files. Whatever the bytes, the result is the parsed value or one of
 dynaudit's input/usage errors (exit 3 or 2), never another exception (exit 4, a traceback).
 
 Bounded: a fixed number of examples per target (derandomised under CI=true, so CI is
@@ -22,7 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dynaudit
-from dynaudit.comparison import BASELINE_FILE, MANIFEST_FILE, BaselineError, load_baseline
+from dynaudit.comparison import (
+    BASELINE_FILE,
+    MANIFEST_FILE,
+    BaselineError,
+    expected_coords,
+    load_baseline,
+    read_coords,
+)
 from dynaudit.errors import CorruptCheckpoint, DynauditError, UsageError
 from dynaudit.policy import Policy, load_policy
 from dynaudit.tensors import parse_header, read_header, read_index
@@ -163,6 +171,180 @@ def test_baselines(baseline_dir: Path, tmp_path_factory: pytest.TempPathFactory,
         (work / MANIFEST_FILE).write_bytes(content)
     with contextlib.suppress(BaselineError):
         load_baseline(work)
+
+
+def _fitted(directory: Path) -> dict[str, str]:
+    """Coordinate file by layer name, from baseline.json."""
+    data = json.loads((directory / BASELINE_FILE).read_text())
+    return {x["name"]: x["coords"] for x in data["layers"] if x["coords"]}
+
+
+def _load_all(directory: Path) -> dict[str, dict[str, Any]]:
+    """Load a baseline and read every layer's coordinates, as ``check`` would."""
+    baseline = load_baseline(directory)
+    fit = baseline.fit_settings()
+    out = {}
+    for layer in baseline.layers:
+        if layer.coords is None:
+            continue
+        tensors = read_coords(directory, baseline, layer)
+        expected = expected_coords(layer, baseline.seeds, fit)
+        # What a loaded baseline promises compare_plan: its tensors, shapes, float32, finite.
+        assert {f"cold.{k}" for k in range(baseline.seeds)} <= set(tensors) <= set(expected)
+        for name, tensor in tensors.items():
+            assert tuple(tensor.shape) == expected[name] and str(tensor.dtype) == "torch.float32"
+            assert bool(tensor.isfinite().all())
+        out[layer.name] = tensors
+    return out
+
+
+TENSOR_NAMES = ["cold.0", "cold.1", "null.0", "null.1", "cold.2", "null.2", "sketch", "x", ""]
+FILLS = ["normal", "nan", "inf", "zero"]
+coords_edits = st.one_of(
+    st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("bytes"), st.binary(max_size=300) | st.sampled_from(HOSTILE_JSON)),
+    st.tuples(
+        st.just("tensor"),
+        st.sampled_from(TENSOR_NAMES),
+        st.none() | st.lists(st.integers(0, 5), max_size=5),  # None: the stored shape
+        st.sampled_from(["float32", "float64", "float16", "int64", "bool"]),
+        st.sampled_from(FILLS),
+    ),
+    st.tuples(st.just("drop"), st.sampled_from(TENSOR_NAMES)),
+    st.tuples(st.just("metadata"), st.none() | st.text(max_size=12)),
+)
+
+
+def _edit_coords(file: Path, edit: tuple[Any, ...]) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    raw = file.read_bytes()
+    kind = edit[0]
+    if kind == "flip":
+        data = bytearray(raw)
+        data[int(edit[1] * len(data))] ^= edit[2]
+        file.write_bytes(bytes(data))
+        return
+    if kind == "truncate":
+        file.write_bytes(raw[: int(edit[1] * len(raw))])
+        return
+    if kind == "bytes":
+        file.write_bytes(edit[1])
+        return
+    from dynaudit.tensors import read_header
+
+    _, metadata = read_header(file)
+    tensors = load_file(str(file))
+    if kind == "tensor":
+        _, name, shape, dtype, fill = edit
+        if shape is None:
+            shape = list(tensors[name].shape) if name in tensors else [1]
+        value = torch.randn(shape) if fill == "normal" else torch.zeros(shape)
+        if fill in ("nan", "inf") and value.numel():
+            value.view(-1)[value.numel() // 2] = float(fill)
+        tensors[name] = value.to(getattr(torch, dtype))
+    elif kind == "drop":
+        tensors.pop(edit[1], None)
+    else:
+        metadata = {} if edit[1] is None else {"dynaudit.layer": edit[1]}
+    save_file(tensors, str(file), metadata=metadata or None)
+
+
+@FUZZ
+@given(
+    which=st.integers(0, 1),
+    edit=coords_edits,
+    signed=st.booleans(),
+)
+def test_baseline_coordinate_files(
+    baseline_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    which: int,
+    edit: tuple[Any, ...],
+    signed: bool,
+) -> None:
+    """A coordinate file mutated (and re-signed in the manifest, or not): the baseline loads
+    with every promise kept, identically when the bytes are unchanged, or is a BaselineError."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("fuzzed") / "baseline"
+    shutil.copytree(baseline_dir, work)
+    name = sorted(_fitted(work).values())[which]
+    before = (work / name).read_bytes()
+    _edit_coords(work / name, edit)
+    if signed:
+        _rewrite(work, name, (work / name).read_bytes())
+    try:
+        loaded = _load_all(work)
+    except BaselineError:
+        return
+    assert signed or (work / name).read_bytes() == before  # unsigned changes never load
+    if (work / name).read_bytes() == before:
+        original = _load_all(baseline_dir)
+        assert loaded.keys() == original.keys()
+        for layer, tensors in original.items():
+            assert all(tensors[k].equal(loaded[layer][k]) for k in tensors)
+
+
+coords_paths = st.one_of(
+    st.sampled_from([
+        "../baseline/coords/00000.safetensors", "/etc/passwd", "../../../../etc/passwd",
+        "coords", "coords/", "./coords/00000.safetensors", "coords//00000.safetensors",
+        "coords/00000.safetensors/", "coords/00001.safetensors",
+        "coords/../coords/00000.safetensors",
+        "baseline.json", "manifest.json", ".", "", "coords\\00000.safetensors", "C:/x",
+        "coords/00000.safetensors\x00", "link.safetensors", "loop.safetensors", "fifo",
+    ]),
+    st.text(max_size=30),
+    st.none(),
+)  # fmt: skip
+
+
+@FUZZ
+@given(path=coords_paths, layer=st.integers(0, 1), listed=st.booleans())
+def test_baseline_coords_paths(
+    baseline_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    path: str | None,
+    layer: int,
+    listed: bool,
+) -> None:
+    """``layers[].coords`` rewritten to any path, added to the manifest or not, with links
+    leading outside, looping, and a FIFO beside it: the baseline loads identically (the path
+    is the one written, or a layer is left unfitted) or is a BaselineError, never a hang."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("fuzzed") / "baseline"
+    shutil.copytree(baseline_dir, work)
+    outside = work.parent / "outside.safetensors"
+    shutil.copy(work / sorted(_fitted(work).values())[layer], outside)
+    (work / "link.safetensors").symlink_to(outside)
+    (work / "loop.safetensors").symlink_to(work / "loop.safetensors")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(work / "fifo")
+    data = json.loads((work / BASELINE_FILE).read_text())
+    fitted = [x for x in data["layers"] if x["coords"]]
+    original = fitted[layer]["coords"]
+    fitted[layer]["coords"] = path
+    _rewrite(work, BASELINE_FILE, json.dumps(data).encode())
+    if listed and path is not None:
+        manifest = json.loads((work / MANIFEST_FILE).read_text())
+        manifest[path] = hashlib.sha256(b"").hexdigest()
+        with contextlib.suppress(OSError, ValueError):
+            if (work / path).is_file() and (work / path).resolve().is_relative_to(work):
+                manifest[path] = hashlib.sha256((work / path).read_bytes()).hexdigest()
+        (work / MANIFEST_FILE).write_text(json.dumps(manifest))
+    try:
+        loaded = _load_all(work)
+    except BaselineError:
+        return
+    assert path in (original, None), path
+    expected = _load_all(baseline_dir)
+    if path is None:
+        expected.pop(fitted[layer]["name"])
+    assert loaded.keys() == expected.keys()
 
 
 POLICY_KEYS = [*Policy.model_fields, "tool", "dynaudit", "policy", "x"]
