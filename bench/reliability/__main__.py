@@ -42,6 +42,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", type=Path, help="keep models, baselines and reports here")
     parser.add_argument("--out", type=Path, help="write every outcome as JSON here")
+    parser.add_argument(
+        "--round2-before",
+        type=Path,
+        metavar="JSON",
+        help="print docs/reliability.md's round-two table: this run's outcomes as 'after', "
+        "JSON (an earlier --out, e.g. bench/results/reliability-round2-before.json) as 'before'",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([o.as_dict() for o in outcomes], indent=2) + "\n")
+    if args.round2_before:
+        from bench.reliability.round2 import markdown
+
+        before = json.loads(args.round2_before.read_text())
+        print(markdown(before, [o.as_dict() for o in outcomes]))
     known = [o for o in outcomes if not o.ok and o.known_miss]
     failed = [o for o in outcomes if not o.ok and not o.known_miss]
     print(f"{len(outcomes) - len(known) - len(failed)}/{len(outcomes)} cases as expected, "

@@ -66,9 +66,12 @@ FIFO_SECONDS = 2.0
 # Every byte that lets a crafted name drive a terminal: none may reach any output.
 CONTROL = ("\x1b", "\x07")
 # A layer name (and so a layer type, its last component) with ANSI erase-line + carriage
-# return + "PASS", BEL, a BiDi override, a form feed (not allowed in XML), markup and a newline
-# that would start a workflow command.
-CRAFTED = "blocks.1.x\x1b[2K\rPASS\x07\u202eevil\x0c<b>&\n::error::pwned.weight"
+# return + "PASS", BEL, a BiDi override, a form feed and U+FFFF (neither allowed in XML), markup
+# and a newline that would start a workflow command.
+CRAFTED = "blocks.1.x\x1b[2K\rPASS\x07\u202eevil\x0c\uffff<b>&\n::error::pwned.weight"
+# The same bytes in the places a checkpoint's author controls besides tensor names.
+CRAFTED_DIR = "ckpt\x1b[31mRED\x07"
+CRAFTED_CONFIG = {"model_type": "x\x1b]0;title\x07y", "architectures": ["Evil\x1b[2KArch\x07"]}
 
 
 # -- running ----------------------------------------------------------------------------
@@ -173,7 +176,8 @@ def _tiny_reports(ws: Workspace) -> Path:
 
 
 def _crafted(folder: Path, *, zero: bool = False) -> Path:
-    """Three Linear layers, the middle one named :data:`CRAFTED` (all zeros when ``zero``)."""
+    """Three Linear layers, the middle one named :data:`CRAFTED` (all zeros when ``zero``), and
+    a config.json with :data:`CRAFTED_CONFIG`."""
     gen = torch.Generator().manual_seed(0)
     middle = torch.randn(32, 32, generator=gen) * 0.1
     folder.mkdir(parents=True, exist_ok=True)
@@ -183,6 +187,7 @@ def _crafted(folder: Path, *, zero: bool = False) -> Path:
          "blocks.2.fc.weight": torch.randn(16, 32, generator=gen) * 0.1},
         str(folder / "model.safetensors"),
     )  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(CRAFTED_CONFIG))
     return folder
 
 
@@ -480,7 +485,7 @@ def _tampered(ws: Workspace, *, name: str) -> Outcome:
     # The version must be named: 42, outside any path the line quotes.
     line = _first_line(run).replace(str(folder), "")
     problems = [] if "42" in line else ["the line does not name format version 42"]
-    return _judge("baseline.json format_version 42 (newer)", family, run, 3, ["version"],
+    return _judge("baseline.json format_version 42 (newer)", family, run, 3, [],
                   guard=guard, problems=problems, seconds=elapsed())  # fmt: skip
 
 
@@ -509,7 +514,7 @@ def _ci_check(ws: Workspace) -> Outcome:
     family = "5 CI output"
     with timed() as elapsed:
         folder = _fresh(ws, "round2", "ci-check")
-        damaged = _crafted(folder / "damaged", zero=True)
+        damaged = _crafted(folder / CRAFTED_DIR, zero=True)
         summary, output = folder / "summary.md", folder / "output.txt"
         reports = {"--json": folder / "r.json", "--markdown": folder / "r.md",
                    "--junit": folder / "r.xml"}  # fmt: skip
@@ -539,7 +544,7 @@ def _ci_terminal(ws: Workspace, *, command: str) -> Outcome:
     family = "5 CI output"
     with timed() as elapsed:
         folder = _fresh(ws, "round2", f"ci-{command}")
-        source = _crafted(folder / "ckpt")
+        source = _crafted(folder / CRAFTED_DIR)
         md = folder / "r.md"
         if command == "inspect":
             run = _cli("inspect", source)
@@ -654,11 +659,12 @@ def _llama_projection(ws: Workspace, folder: Path, shape: tuple[int, ...]) -> Pa
     return out
 
 
-def _conv_no_inputs(folder: Path) -> Path:
-    out = folder / "ckpt"
-    out.mkdir()
-    save_file({"conv1.weight": torch.zeros(8, 0, 3, 3), "fc.weight": torch.randn(16, 8)},
-              str(out / "model.safetensors"))  # fmt: skip
+def _conv_no_inputs(ws: Workspace, folder: Path) -> Path:
+    """The CNN base (torchvision ResNet-18 names) with one block's conv1 of 0 input channels."""
+    out = shutil.copytree(ws.base("cnn"), folder / "cnn")
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["layer1.0.conv1.weight"] = torch.zeros(8, 0, 3, 3)
+    save_file(tensors, str(out / "model.safetensors"))
     return out
 
 
@@ -669,10 +675,12 @@ def _crafted_input(ws: Workspace, *, name: str) -> Outcome:
         if name == "lone-surrogate tensor name":
             source = _lone_surrogate(folder)
         elif name == "conv with 0 input channels":
-            source = _conv_no_inputs(folder)
+            source = _conv_no_inputs(ws, folder)
         else:
-            shape = {"LLaMA q_proj 1-D": (64,), "LLaMA q_proj 3-D": (4, 16, 64),
-                     "LLaMA q_proj with 0 rows": (0, 64)}[name]  # fmt: skip
+            # 3-D with as many leading rows as heads × head_dim, so the row check lets it by.
+            shape = {"LLaMA q_proj 1-D": (64,), "LLaMA q_proj 3-D": (64, 2, 32),
+                     "LLaMA q_proj with 0 rows": (0, 64),
+                     "LLaMA q_proj with 0 columns": (64, 0)}[name]  # fmt: skip
             source = _llama_projection(ws, folder, shape)
         guard = Guard.of(folder)
         run = _cli("measure", source, *FAST, *FIT)
@@ -1003,7 +1011,8 @@ def _cases() -> list[Case]:
     cases += [
         case("6 exit code", name, partial(_crafted_input, name=name))
         for name in ("lone-surrogate tensor name", "LLaMA q_proj 1-D", "LLaMA q_proj 3-D",
-                     "LLaMA q_proj with 0 rows", "conv with 0 input channels")
+                     "LLaMA q_proj with 0 rows", "LLaMA q_proj with 0 columns",
+                     "conv with 0 input channels")
     ]  # fmt: skip
     cases += [
         case("6 exit code", f"lora-{_slug(name)}", partial(_lora, name=name))
@@ -1027,3 +1036,29 @@ def _cases() -> list[Case]:
 
 
 CASES = _cases()
+
+
+# -- the docs table -------------------------------------------------------------------------
+
+
+def _cell(row: dict[str, object] | None) -> str:
+    if row is None:
+        return "—"
+    mark = "✓" if row["ok"] else "✗"
+    return f"{mark} {row['actual']}".replace("|", "\\|")
+
+
+def markdown(before: list[dict[str, object]], after: list[dict[str, object]]) -> str:
+    """docs/reliability.md's round-two table from two ``--out`` files (before and after)."""
+    then = {str(r["case"]): r for r in before if r["table"] == TABLE}
+    now = {str(r["case"]): r for r in after if r["table"] == TABLE}
+    lines = ["| group | case | expected | before | after |", "|---|---|---|---|---|"]
+    for name, row in {**then, **now}.items():
+        case = name.replace("|", "\\|")
+        lines.append(f"| {row['family']} | {case} | {row['expected']} | "
+                     f"{_cell(then.get(name))} | {_cell(now.get(name))} |")  # fmt: skip
+    ok = sum(bool(r["ok"]) for r in now.values())
+    lines.append("")
+    lines.append(f"After: {ok} of {len(now)} as expected (before: "
+                 f"{sum(bool(r['ok']) for r in then.values())} of {len(then)}).")  # fmt: skip
+    return "\n".join(lines) + "\n"
