@@ -6,14 +6,22 @@ only the layer being fitted is merged in memory. Variants are merged exactly or 
 own matching: a pattern matches a module whose name ends in ``.pattern`` or equals it; the
 first matching key wins), ``fan_in_fan_out`` (weights stored transposed, GPT-2 ``Conv1D``),
 ``modules_to_save`` (full tensors replacing the base's). DoRA and other variants are refused.
+
+adapter_config.json is untrusted input: a rank that is not a positive integer, an alpha that
+is not a finite number, a pattern that is not a regular expression, factors whose shapes do not
+multiply to the base weight, an adapter whose base is (through other adapters) itself — each is
+refused with one line (exit 3) naming the file, the key and the value.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,8 +63,27 @@ _LORA_KEY = re.compile(
 )
 
 
+# Adapter directories being opened, outermost first: an adapter's base may be an adapter too.
+_OPENING: ContextVar[tuple[Path, ...]] = ContextVar("dynaudit_adapters_opening", default=())
+_MAX_CHAIN = 16  # adapters stacked over adapters deeper than this are refused
+
+
 class AdapterRefused(InputError):
-    """An adapter dynaudit cannot merge exactly (DoRA, unknown PEFT type, ...)."""
+    """An adapter dynaudit cannot merge exactly (DoRA, unknown PEFT type, a malformed
+    adapter_config.json, a base that is the adapter itself, ...)."""
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The merge-relevant keys of adapter_config.json, validated."""
+
+    rank: int
+    alpha: float
+    rank_pattern: list[tuple[re.Pattern[str], int]]
+    alpha_pattern: list[tuple[re.Pattern[str], float]]
+    rslora: bool
+    fan_in_fan_out: bool
+    base: str | None
 
 
 def is_adapter(path: Path) -> bool:
@@ -129,28 +156,56 @@ def open_adapter(
     if not isinstance(config, dict):
         raise AdapterRefused(f"{path / ADAPTER_CONFIG}: not a JSON object", path=str(path))
     _check_supported(config, path)
-    base_ref = base if base is not None else config.get("base_model_name_or_path")
+    settings = _settings(config, path)
+    base_ref = base if base is not None else settings.base
     if not base_ref:
         raise AdapterRefused(
             f"{path}: adapter_config.json names no base model; pass --base", path=str(path)
         )
-    adapter = Checkpoint.open(path / ADAPTER_WEIGHTS)
-    try:
-        base_ckpt = open_checkpoint(resolve(base_ref, options), None, options, digest)
-        merged = AdapterCheckpoint(
-            root=base_ckpt.root,
-            files=base_ckpt.files,
-            tensors=base_ckpt.tensors,
-            config=base_ckpt.config,
-            metadata=base_ckpt.metadata,
-            adapter=adapter,
-            fan_in_fan_out=bool(config.get("fan_in_fan_out")),
-        )
-        _plan_merge(merged, adapter, config, path)
-    except BaseException:
-        adapter.close()
-        raise
+    with _opening(path):
+        adapter = Checkpoint.open(path / ADAPTER_WEIGHTS)
+        try:
+            base_ckpt = open_checkpoint(resolve(base_ref, options), None, options, digest)
+            merged = AdapterCheckpoint(
+                root=base_ckpt.root,
+                files=base_ckpt.files,
+                tensors=base_ckpt.tensors,
+                config=base_ckpt.config,
+                metadata=base_ckpt.metadata,
+                adapter=adapter,
+                fan_in_fan_out=settings.fan_in_fan_out,
+            )
+            _plan_merge(merged, adapter, settings, path)
+        except BaseException:
+            adapter.close()
+            raise
     return merged
+
+
+@contextmanager
+def _opening(path: Path) -> Iterator[None]:
+    """Mark ``path`` as being opened while its base is: an adapter met again on the way down
+    is a cycle (its base is itself, or A → B → A), refused naming every step."""
+    here = Path(os.path.realpath(path))
+    chain = _OPENING.get()
+    if here in chain:
+        steps = " → ".join(str(p) for p in (*chain[chain.index(here) :], here))
+        raise AdapterRefused(
+            f"{path}: the adapter's base model leads back to itself ({steps}); point "
+            "base_model_name_or_path (or --base) at the base checkpoint",
+            path=str(path),
+        )
+    if len(chain) >= _MAX_CHAIN:
+        raise AdapterRefused(
+            f"{path}: more than {_MAX_CHAIN} adapters stacked over one another; merge some "
+            "with merge_and_unload() first",
+            path=str(path),
+        )
+    token = _OPENING.set((*chain, here))
+    try:
+        yield
+    finally:
+        _OPENING.reset(token)
 
 
 def _check_supported(config: dict[str, Any], path: Path) -> None:
@@ -170,17 +225,84 @@ def _check_supported(config: dict[str, Any], path: Path) -> None:
             )
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def _settings(config: dict[str, Any], path: Path) -> _Settings:
+    """The keys the merge uses, each checked for the type PEFT gives it."""
+    where = f"{path / ADAPTER_CONFIG}"
+
+    def refuse(key: str, value: object, want: str) -> AdapterRefused:
+        return AdapterRefused(f"{where}: {key} is {_shown(value)}; {want}", path=str(path))
+
+    def rank_of(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise refuse(key, value, "the LoRA rank must be a positive integer")
+        return value
+
+    def alpha_of(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse(key, value, "lora_alpha must be a number")
+        if not math.isfinite(value):
+            raise refuse(key, value, "lora_alpha must be a finite number")
+        return float(value)
+
+    def flag(key: str) -> bool:
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise refuse(key, value, "it must be true or false")
+        return bool(value)
+
+    def patterns(
+        key: str, parse: Callable[[str, object], Any]
+    ) -> list[tuple[re.Pattern[str], Any]]:
+        table = config.get(key)
+        if table is None:
+            return []
+        if not isinstance(table, dict):
+            raise refuse(key, table, "it must map module name patterns to values")
+        out = []
+        for pattern, value in table.items():
+            try:
+                re.compile(pattern)  # alone first: the error's position is within the key
+                compiled = re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise refuse(f"{key} key", pattern, f"not a regular expression ({exc})") from exc
+            out.append((compiled, parse(f"{key}[{pattern!r}]", value)))
+        return out
+
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise refuse("base_model_name_or_path", base, "it must be one model (a string); "
+                     "pass --base to choose")  # fmt: skip
+    return _Settings(
+        rank=rank_of("r", config.get("r", 8)),
+        alpha=alpha_of("lora_alpha", config.get("lora_alpha", 8)),
+        rank_pattern=patterns("rank_pattern", rank_of),
+        alpha_pattern=patterns("alpha_pattern", alpha_of),
+        rslora=flag("use_rslora"),
+        fan_in_fan_out=flag("fan_in_fan_out"),
+        base=base,
+    )
+
+
+def _shown(value: object) -> str:
+    """``value`` as adapter_config.json shows it, shortened for a one-line message."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _pattern_value(patterns: list[tuple[re.Pattern[str], Any]], module: str, default: Any) -> Any:
     """PEFT's matching for rank_pattern/alpha_pattern: the first key ``k`` with
     ``re.match(rf"(.*\\.)?({k})$", module)``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    for pattern, value in patterns:
+        if pattern.match(module):
             return value
     return default
 
 
 def _plan_merge(
-    merged: AdapterCheckpoint, adapter: Checkpoint, config: dict[str, Any], path: Path
+    merged: AdapterCheckpoint, adapter: Checkpoint, settings: _Settings, path: Path
 ) -> None:
     pairs: dict[str, dict[str, str]] = {}
     for name in adapter.tensors:
@@ -205,8 +327,6 @@ def _plan_merge(
                 path=str(path),
             )
         merged.replaced[target] = name
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     for module_key, parts in pairs.items():
         if set(parts) != {"A", "B"}:
             raise AdapterRefused(f"{path}: {module_key} lacks lora_A or lora_B", path=str(path))
@@ -218,19 +338,41 @@ def _plan_merge(
                 "(wrong base model?)",
                 path=str(path),
             )
-        rank = int(_pattern_value(rank_pattern, module, config.get("r", 8)))
-        alpha = float(_pattern_value(alpha_pattern, module, config.get("lora_alpha", 8)))
-        a_shape = adapter.tensors[parts["A"]].shape
+        rank = int(_pattern_value(settings.rank_pattern, module, settings.rank))
+        alpha = float(_pattern_value(settings.alpha_pattern, module, settings.alpha))
         embedding = "lora_embedding_A" in parts["A"]
-        stored_rank = a_shape[0]
-        if stored_rank != rank:
-            raise AdapterRefused(
-                f"{path}: {module} has rank {stored_rank}, its config says {rank}",
-                path=str(path),
-            )
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        _check_factors(merged, adapter, target, parts, rank, path)
+        scale = alpha / math.sqrt(rank) if settings.rslora else alpha / rank
         merged.deltas[target] = _Delta(parts["A"], parts["B"], scale, embedding)
         _check_shapes(merged, adapter, target, parts, embedding, path)
+
+
+def _check_factors(
+    merged: AdapterCheckpoint,
+    adapter: Checkpoint,
+    target: str,
+    parts: dict[str, str],
+    rank: int,
+    path: Path,
+) -> None:
+    """A (r × in…) and B (out × r, then 1s) have the base weight's number of dimensions, no
+    empty one, and the rank the config gives."""
+    base = merged.tensors[target].shape
+    a, b = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
+    for factor, shape in ((parts["A"], a), (parts["B"], b)):
+        if len(shape) != len(base) or 0 in shape:
+            raise AdapterRefused(
+                f"{path}: {factor!r} has shape {list(shape)}; a LoRA factor of the "
+                f"{len(base)}-D weight {target!r} {list(base)} is {len(base)}-D with no empty "
+                "dimension",
+                path=str(path),
+            )
+    if a[0] != rank or b[1] != rank or any(size != 1 for size in b[2:]):
+        raise AdapterRefused(
+            f"{path}: {target!r} has LoRA factors A {list(a)} and B {list(b)}; its config "
+            f"says rank {rank} (A is rank × inputs, B outputs × rank)",
+            path=str(path),
+        )
 
 
 def _check_shapes(

@@ -181,12 +181,12 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
     by_name = {layer.name: layer for layer in comparison.layers}
 
     def about(names: list[str]) -> list[str]:
-        scopes = ["all"]
+        scopes = dict.fromkeys(["all"])  # ordered set: `in list` was quadratic in the names
         for name in names:
             layer = by_name.get(name)
             if layer is not None:
-                scopes += [s for s in (layer.group, layer.type) if s not in scopes]
-        return scopes
+                scopes.update(dict.fromkeys((layer.group, layer.type)))
+        return list(scopes)
 
     findings: list[Finding] = []
     if comparison.non_finite:
@@ -269,8 +269,10 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
 def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
     """The policy from ``path`` (a TOML file with the fields at top level or under
     ``[tool.dynaudit.policy]``), else ``[tool.dynaudit.policy]`` of ./pyproject.toml, else the
-    defaults; ``overrides`` (flags) win. Invalid values are a usage error (exit 2)."""
+    defaults; ``overrides`` (flags) win. Invalid values are a usage error (exit 2) naming the
+    key, the value, what is wrong with it, and where it came from: the flag or the file."""
     table: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     source = path if path is not None else Path("pyproject.toml")
     if path is not None or source.is_file():
         try:
@@ -280,12 +282,33 @@ def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
         nested: Any = data
         for key in ("tool", "dynaudit", "policy"):
             nested = nested.get(key) if isinstance(nested, dict) else None
-        table = nested if isinstance(nested, dict) else (data if path is not None else {})
-    table = {**table, **{k: v for k, v in overrides.items() if v is not None}}
+        if isinstance(nested, dict):
+            table, where = nested, f"[tool.dynaudit.policy] of {source}"
+        else:
+            table, where = (data, f"--policy {source}") if path is not None else ({}, "")
+        origin = dict.fromkeys(table, where)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    table = {**table, **flags}
+    origin.update({key: f"--{key.replace('_', '-')}" for key in flags})
     try:
         return Policy(**table)
-    except (ValidationError, TypeError) as exc:
-        raise UsageError(f"invalid gate policy ({source}): {exc}".splitlines()[0]) from exc
+    except ValidationError as exc:
+        problems = [_problem(error, origin) for error in exc.errors()]
+        raise UsageError(f"invalid gate policy: {'; '.join(problems)}") from exc
+
+
+def _problem(error: Any, origin: dict[str, str]) -> str:
+    """One pydantic error as ``KEY = VALUE (from WHERE): WHAT IS WRONG``."""
+    key = ".".join(map(str, error.get("loc", ()))) or "policy"
+    where = origin.get(key.split(".")[0], "")
+    value = error.get("input")
+    if error.get("type") == "extra_forbidden":
+        known = ", ".join(Policy.model_fields)
+        return f"{key} ({where}) is not a policy setting; the settings are {known}"
+    shown = repr(value) if not isinstance(value, (int, float)) else f"{value:g}"
+    if where.startswith("--") and not where.startswith("--policy"):
+        return f"{where} {shown}: {error.get('msg', 'invalid')}"
+    return f"{key} = {shown} ({where}): {error.get('msg', 'invalid')}"
 
 
 def _pct(value: float, sign: bool = True) -> str:

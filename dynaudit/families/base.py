@@ -12,15 +12,17 @@ Plugins are discovered lazily: nothing is imported until a family is needed.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from dynaudit.errors import PluginError, UnknownFamily
+from dynaudit.errors import InputError, PluginError, UnknownFamily
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +41,10 @@ __all__ = [
     "LayerPlan",
     "ResidualBlock",
     "Skip",
+    "StructureError",
     "available_families",
+    "check_layer",
+    "check_plan",
     "detect_family",
     "get_family",
     "matrix_shape",
@@ -50,6 +55,11 @@ _log = logging.getLogger("dynaudit")
 
 ENTRY_POINT_GROUP = "dynaudit.plugins"
 FALLBACK = "generic"
+
+
+class StructureError(InputError):
+    """The checkpoint contradicts its own config.json or its family's architecture (a layer
+    whose tensor cannot be read as the matrices its kind needs, among others): exit 3."""
 
 
 @dataclass(frozen=True)
@@ -172,10 +182,20 @@ Evidence = float | tuple[float, str]
 
 
 class Family(ABC):
-    """Contract every family plugin implements. Keep it small: detect, plan, matrices."""
+    """Contract every family plugin implements. Keep it small: detect, plan, matrices.
+
+    Every subclass's :meth:`plan` is checked on return by :func:`check_plan`, so a crafted
+    checkpoint (a 1-D projection, a conv with 0 input channels) is an input error (exit 3)
+    whatever the plugin, first- or third-party, did not check itself."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("plan")
+        if callable(own) and not getattr(own, "_checked", False):
+            cls.plan = _checked_plan(own)  # type: ignore[method-assign,assignment]
 
     @abstractmethod
     def detect(self, checkpoint: Checkpoint) -> Evidence:
@@ -190,6 +210,60 @@ class Family(ABC):
     def matrices(self, layer: Layer, weight: torch.Tensor) -> torch.Tensor:
         """The layer's weight as ``(g, m, n)`` matrices (SPEC §4.1)."""
         return weight_matrices(layer, weight)
+
+
+def _checked_plan(
+    plan: Callable[[Family, Checkpoint], LayerPlan],
+) -> Callable[[Family, Checkpoint], LayerPlan]:
+    @functools.wraps(plan)
+    def checked(self: Family, checkpoint: Checkpoint) -> LayerPlan:
+        result = plan(self, checkpoint)
+        check_plan(result, checkpoint, self.name)
+        return result
+
+    checked._checked = True  # type: ignore[attr-defined]
+    return checked
+
+
+_AXES = {
+    "linear": ("output features", "input features"),
+    "conv": ("output channels", "input channels", "kernel rows", "kernel columns"),
+}
+
+
+def check_layer(layer: Layer, shape: Sequence[int], family: str) -> None:
+    """Refuse (:class:`StructureError`) a tensor that cannot be read as ``layer``'s matrices:
+    a linear weight that is not 2-D, a conv weight that is not 4-D, an empty dimension, row
+    ranges outside the tensor, output channels that the groups do not divide."""
+    dims = list(shape)
+    where = f"{family}: {layer.source} has shape {dims}"
+    if layer.kind == "linear" and len(dims) != 2:
+        raise StructureError(f"{where}; the weight of a linear layer ({layer.type}) is 2-D")
+    if layer.kind == "conv" and len(dims) != 4:
+        raise StructureError(
+            f"{where}; the weight of a convolution ({layer.type}) is 4-D "
+            "(out channels, in channels per group, kh, kw)"
+        )
+    if 0 in dims:
+        axes = _AXES[layer.kind]
+        empty = ", ".join(f"0 {axes[i]}" for i, size in enumerate(dims) if size == 0)
+        raise StructureError(f"{where}: {empty}, nothing to audit")
+    for start, stop in layer.rows or ():
+        if not 0 <= start < stop <= dims[0]:
+            raise StructureError(f"{where}; rows [{start}, {stop}) of {layer.name} lie outside it")
+    if layer.kind == "conv" and (layer.groups < 1 or dims[0] % layer.groups):
+        raise StructureError(
+            f"{where}; {dims[0]} output channels do not split into {layer.groups} groups"
+        )
+
+
+def check_plan(plan: LayerPlan, checkpoint: Checkpoint, family: str) -> None:
+    """Every planned layer names a tensor of ``checkpoint`` that :func:`check_layer` accepts."""
+    for layer in plan.layers:
+        info = checkpoint.tensors.get(layer.source)
+        if info is None:
+            raise StructureError(f"{family}: planned layer {layer.name!r} reads no tensor")
+        check_layer(layer, info.shape, family)
 
 
 def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:

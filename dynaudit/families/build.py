@@ -11,8 +11,8 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from dynaudit.errors import InputError
 from dynaudit.families.base import (
     IDENTITY,
     Feed,
@@ -21,6 +21,8 @@ from dynaudit.families.base import (
     LayerPlan,
     ResidualBlock,
     Skip,
+    StructureError,
+    check_layer,
     matrix_shape,
 )
 from dynaudit.families.naming import skip_reason
@@ -33,11 +35,8 @@ __all__ = [
     "chain_index",
     "config_int",
     "index_blocks",
+    "require_weight",
 ]
-
-
-class StructureError(InputError):
-    """The checkpoint contradicts its own config.json or its family's architecture."""
 
 
 @dataclass
@@ -80,6 +79,7 @@ class PlanBuilder:
         """Plan ``layer``, fed by the given layers (or a stream) through ``index``."""
         if layer.source not in self.checkpoint.tensors:
             raise StructureError(f"{self.family}: expected tensor {layer.source!r} is missing")
+        check_layer(layer, self.checkpoint.tensors[layer.source].shape, self.family)
         self._used.add(layer.source)
         self._planned[layer.name] = layer
         self.plan.layers.append(layer)
@@ -117,6 +117,22 @@ class PlanBuilder:
         self.plan.widths = list(widths)
         self.plan.layers.sort(key=lambda layer: layer.depth)  # stable: keeps order within depth
         return self.plan
+
+
+def require_weight(
+    checkpoint: Checkpoint,
+    name: str,
+    family: str,
+    kind: Literal["linear", "conv"] = "linear",
+    type_: str = "",
+) -> tuple[int, ...]:
+    """The shape of tensor ``name``, checked to be a ``kind`` weight (2-D or 4-D, no empty
+    dimension): read it before using its dimensions to plan."""
+    if name not in checkpoint.tensors:
+        raise StructureError(f"{family}: expected tensor {name!r} is missing")
+    shape = checkpoint.tensors[name].shape
+    check_layer(Layer(name, type_ or kind, 0, kind), shape, family)
+    return shape
 
 
 def chain_index(src_outputs: int, layer: Layer, shape: tuple[int, int, int]) -> IndexMap | None:

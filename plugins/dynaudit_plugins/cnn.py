@@ -19,7 +19,13 @@ from collections import defaultdict
 from dataclasses import replace
 
 from dynaudit.families import Family, Layer, LayerPlan
-from dynaudit.families.build import PlanBuilder, Stream, StructureError, chain_index
+from dynaudit.families.build import (
+    PlanBuilder,
+    Stream,
+    StructureError,
+    chain_index,
+    require_weight,
+)
 from dynaudit.families.naming import DEPTHWISE, skip_reason
 from dynaudit.tensors import Checkpoint
 
@@ -94,11 +100,11 @@ def _resnet_blocks(checkpoint: Checkpoint) -> tuple[Blocks, str]:
 def _conv_layer(build: PlanBuilder, name: str, type_: str, depth: int, inputs: int) -> Layer | None:
     """A conv reading ``inputs`` channels; groups from the kernel's input channels. None (and
     skipped) when depthwise."""
-    c_out, c_in = build.checkpoint.tensors[name].shape[:2]
+    c_out, c_in, kh, kw = require_weight(build.checkpoint, name, "cnn", "conv", type_)
     if inputs % c_in:
         raise StructureError(f"cnn: {name} takes {c_in} channels per group; {inputs} reach it")
     groups = inputs // c_in
-    kernel = build.checkpoint.tensors[name].shape[2] * build.checkpoint.tensors[name].shape[3]
+    kernel = kh * kw
     if c_in == 1 and groups > 1 and kernel > 1:
         build.skip(name, DEPTHWISE)
         return None

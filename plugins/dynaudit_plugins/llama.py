@@ -21,6 +21,7 @@ from dynaudit.families.build import (
     StructureError,
     config_int,
     index_blocks,
+    require_weight,
 )
 from dynaudit.tensors import Checkpoint
 
@@ -76,6 +77,8 @@ class LlamaFamily(Family):
                     f"llama: block {index} lacks {', '.join(missing)} (pruned, one shard of "
                     "several, or not a LLaMA?)"
                 )
+            for part, name in parts.items():  # before any shape is read below
+                require_weight(checkpoint, name, "llama", "linear", _PARTS[part])
         heads = _Heads.read(checkpoint, blocks)
         expected = config_int(config, "num_hidden_layers")
         if expected is not None and sorted(blocks) != list(range(expected)):

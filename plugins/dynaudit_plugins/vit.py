@@ -22,6 +22,7 @@ from dynaudit.families.build import (
     StructureError,
     config_int,
     index_blocks,
+    require_weight,
 )
 from dynaudit.tensors import Checkpoint
 
@@ -82,7 +83,7 @@ class ViTFamily(Family):
         if patch is None:
             raise StructureError("vit: no patch embedding (patch_embeddings.projection or "
                                  "patch_embed.proj) in the checkpoint")  # fmt: skip
-        build.add(Layer(patch, "patch", 0, "conv", group="bottom"))
+        build.add(Layer(patch, "patch", 0, "conv", group="bottom"))  # checks its shape
         build.reads_input(patch)
         stream.add(patch)
         width = checkpoint.tensors[patch].shape[0]
@@ -166,7 +167,7 @@ def _split_qkv(checkpoint: Checkpoint, name: str, width: int, depth: int) -> tup
             f"vit: {name} fuses q, k and v; config.json must give the embedding width "
             "(embed_dim, hidden_size, num_features or model_args.embed_dim) to split it"
         )
-    rows, cols = checkpoint.tensors[name].shape
+    rows, cols = require_weight(checkpoint, name, "vit", "linear", "qkv")
     if declared != width or rows != 3 * declared or cols != declared:
         raise StructureError(
             f"vit: {name} is {rows}×{cols}; a timm [q; k; v] layout for embedding width "
