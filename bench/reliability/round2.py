@@ -28,6 +28,7 @@ import base64
 import json
 import os
 import re
+import resource
 import shutil
 import stat
 import subprocess
@@ -82,9 +83,17 @@ def _cli(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 600,
+    max_file_bytes: int | None = None,
 ) -> Run:
     """``python -m dynaudit ARGS`` (CI=true, one thread, no GitHub variables unless ``env``
-    sets them); killed after ``timeout`` s, which reads as exit 124 and a "hung" line."""
+    sets them); killed after ``timeout`` s, which reads as exit 124 and a "hung" line.
+    ``max_file_bytes``: RLIMIT_FSIZE of the child, a full disk for every file it writes (a
+    write past it fails with EFBIG; Python ignores SIGXFSZ)."""
+
+    def limit() -> None:
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     argv = [sys.executable, "-m", "dynaudit", *map(str, args)]
     child = _child_env(env)
     if env is None or "GITHUB_STEP_SUMMARY" not in env:
@@ -92,7 +101,7 @@ def _cli(
         child.pop("GITHUB_OUTPUT", None)
     try:
         proc = subprocess.run(argv, env=child, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, check=False)  # fmt: skip
+                              timeout=timeout, check=False, preexec_fn=limit)  # fmt: skip
     except subprocess.TimeoutExpired:
         return Run(argv, 124, "", f"(hung: killed after {timeout:.0f} s)")
     return Run(argv, proc.returncode, proc.stdout, proc.stderr)
@@ -584,7 +593,9 @@ def _unwritable(folder: Path, where: str, name: str) -> tuple[Path, Callable[[],
 
     read-only: a directory without write permission (as root, whom permissions do not stop:
     a new file under /sys, refused by the kernel the same way); parent-file: under a regular
-    file; directory: an existing directory; full: /dev/full (every write is ENOSPC)."""
+    file; directory: an existing directory; full: a new file in a writable directory, the disk
+    being full (see ``max_file_bytes``). Never /dev/full itself: before the fix an atomic
+    write renamed the report over the device node; fifo: an existing FIFO."""
     if where == "read-only":
         if os.geteuid() == 0:
             return Path("/sys") / f"dynaudit-round2-{name}", lambda: None
@@ -595,16 +606,19 @@ def _unwritable(folder: Path, where: str, name: str) -> tuple[Path, Callable[[],
     if where == "parent-file":
         (folder / "notes.txt").write_text("the user's notes\n")
         return folder / "notes.txt" / name, lambda: None
+    if where == "fifo":  # a special file the user has there: never replaced by a report
+        os.mkfifo(folder / name)
+        return folder / name, lambda: None
     if where == "directory":
         (folder / name).mkdir()
         (folder / name / "keep.txt").write_text("kept\n")
         return folder / name, lambda: None
-    return Path("/dev/full"), lambda: None
+    return folder / name, lambda: None
 
 
 def _output_error(ws: Workspace, *, flag: str, where: str) -> Outcome:
     family = "6 exit code"
-    codes = (3,) if where in ("read-only",) else (3, 2)
+    codes = (3,) if where in ("read-only", "full") else (3, 2)
     with timed() as elapsed:
         folder = _fresh(ws, "round2", f"out-{_slug(flag)}-{where}")
         filename = {"--json": "r.json", "--markdown": "r.md", "baseline --out": "bl",
@@ -614,7 +628,8 @@ def _output_error(ws: Workspace, *, flag: str, where: str) -> Outcome:
             if flag.startswith("--"):
                 source = _tiny(folder / "ckpt")
                 guard = Guard.of(folder)
-                run = _cli("measure", source, flag, target, *FAST, *FIT)
+                full = 2048 if where == "full" else None  # a report is larger than this
+                run = _cli("measure", source, flag, target, *FAST, *FIT, max_file_bytes=full)
             elif flag == "baseline --out":
                 source = _tiny(folder / "ckpt")
                 guard = Guard.of(folder)
@@ -627,11 +642,15 @@ def _output_error(ws: Workspace, *, flag: str, where: str) -> Outcome:
             undo()
     label = {
         "read-only": "in a read-only directory", "parent-file": "under a regular file",
-        "directory": "an existing directory", "full": "/dev/full (disk full)",
+        "directory": "an existing directory", "full": "on a full disk (RLIMIT_FSIZE)",
+        "fifo": "an existing FIFO",
     }[where]  # fmt: skip
-    needle = "/dev/full" if where == "full" else filename
+    needle = filename
+    problems = []
+    if where == "fifo" and not stat.S_ISFIFO(os.lstat(target).st_mode):
+        problems.append(f"{filename}, a FIFO, was replaced")
     return _judge(f"{flag} {label}", family, run, codes, [needle], guard=guard,
-                  seconds=elapsed(), prompt=False)  # fmt: skip
+                  problems=problems, seconds=elapsed(), prompt=False)  # fmt: skip
 
 
 # -- 6. exit codes: crafted inputs --------------------------------------------------------
@@ -997,7 +1016,8 @@ def _cases() -> list[Case]:
     ]
     outputs = [
         ("--json", "read-only"), ("--json", "parent-file"), ("--json", "directory"),
-        ("--json", "full"), ("--markdown", "read-only"), ("--markdown", "parent-file"),
+        ("--json", "full"), ("--json", "fifo"), ("--markdown", "read-only"),
+        ("--markdown", "parent-file"),
         ("baseline --out", "read-only"), ("baseline --out", "parent-file"),
         ("plot --out", "read-only"), ("plot --out", "parent-file"), ("plot --out", "directory"),
     ]  # fmt: skip
