@@ -109,10 +109,10 @@ def log_report(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from dynaudit.sources.mlflow import client_environment
+    from dynaudit.sources.mlflow import client_environment, mlflow_errors
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    with client_environment(uri):
+    with client_environment(uri), mlflow_errors("logging the report to MLflow", uri):
         client = MlflowClient(tracking_uri=uri)
         active = mlflow.active_run()
         owned = False
@@ -320,11 +320,11 @@ def store_baseline(
     from mlflow import MlflowClient
 
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import client_environment, parse
+    from dynaudit.sources.mlflow import client_environment, mlflow_errors, parse
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(uri):
+    with client_environment(uri), mlflow_errors("storing the baseline in MLflow", uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         run_id = start_run(client, experiment)
         try:
@@ -358,11 +358,11 @@ def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None)
     from mlflow.artifacts import download_artifacts
 
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import _mlflow_errors, client_environment, parse
+    from dynaudit.sources.mlflow import client_environment, mlflow_errors, parse
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(uri), _mlflow_errors(parse(ref), uri):
+    with client_environment(uri), mlflow_errors(parse(ref).uri, uri):
         path = download_artifacts(artifact_uri=ref, dst_path=str(destination), tracking_uri=uri)
     return Path(path)
 
@@ -372,14 +372,14 @@ def declared_baseline(source_uri: str, tracking_uri: str | None = None) -> str |
     from mlflow import MlflowClient
 
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import _mlflow_errors, client_environment, parse
+    from dynaudit.sources.mlflow import client_environment, mlflow_errors, parse
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     model = parse(source_uri)
     if model.name is None:
         return None
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(uri), _mlflow_errors(model, uri):
+    with client_environment(uri), mlflow_errors(model.uri, uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         tags = client.get_model_version(model.name, _version_of(client, model)).tags or {}
     value = tags.get(BASELINE_TAG)

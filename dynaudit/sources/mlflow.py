@@ -39,7 +39,7 @@ from dynaudit.sources.base import (
 )
 from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, read_json
 
-__all__ = ["SCHEMES", "MlflowRef", "fetch", "parse"]
+__all__ = ["SCHEMES", "MlflowRef", "fetch", "mlflow_errors", "parse"]
 
 SCHEMES = ("models:/", "runs:/")
 # Bounded unless set by the user: MLflow's defaults retry for minutes against a dead server.
@@ -100,8 +100,11 @@ def client_environment(uri: str | None = None) -> Iterator[None]:
     progress bars off; and when the tracking ``uri`` carries credentials
     (``http://user:password@host``), its "View run at <url>" lines off, since MLflow prints the
     URL with them — each only where the user has not set the variable."""
+    from dynaudit.secrets import remember, scrub_logging
     from dynaudit.terminal import interactive
 
+    remember(uri=uri)  # a password in it is scrubbed from every message
+    scrub_logging()  # MLflow's handlers exist once it is imported
     defaults = dict(RETRY_DEFAULTS)
     if not interactive():
         defaults["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
@@ -124,7 +127,7 @@ def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
     from mlflow import MlflowClient  # after the checks above: importing MLflow takes seconds
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    with client_environment(server), _mlflow_errors(ref, server):
+    with client_environment(server), mlflow_errors(ref.uri, server):
         client = MlflowClient(tracking_uri=server, registry_uri=server)
         location, revision = _artifact_location(client, ref)
         repo = get_artifact_repository(location, tracking_uri=server, registry_uri=server)
@@ -243,15 +246,25 @@ def _under(path: str, root: str) -> bool:
     return not root or path.startswith(root + "/")
 
 
+def _quoted(exc: BaseException, limit: int) -> str:
+    """The first line of what a server or client said, secrets scrubbed before it is cut
+    (a cut must not leave half a token to recognise), then at most ``limit`` characters."""
+    from dynaudit.secrets import scrub
+
+    text = scrub(str(getattr(exc, "message", exc))).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 @contextlib.contextmanager
-def _mlflow_errors(ref: MlflowRef, server: str) -> Iterator[None]:
-    """The client's exceptions as one-line input errors naming the URI and what to do."""
+def mlflow_errors(what: str, server: str) -> Iterator[None]:
+    """The client's exceptions as one-line input errors naming ``what`` (a model URI, or the
+    action) and what to do; what the server said is quoted scrubbed of the user's secrets."""
     import requests
     from mlflow.exceptions import MlflowException
 
     server = redact_url(server)
     unreachable = (
-        f"{ref.uri}: cannot reach the MLflow server at {server}; check --mlflow-uri / "
+        f"{what}: cannot reach the MLflow server at {server}; check --mlflow-uri / "
         "MLFLOW_TRACKING_URI and that the server is up"
     )
     try:
@@ -260,27 +273,27 @@ def _mlflow_errors(ref: MlflowRef, server: str) -> Iterator[None]:
         raise
     except MlflowException as exc:
         code = getattr(exc, "error_code", "")
-        text = str(getattr(exc, "message", exc)).strip().splitlines()[0][:300]
+        text = _quoted(exc, 300)
         if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in text.lower():
-            raise RemoteNotFound(f"{ref.uri}: not found on {server} ({text})") from exc
+            raise RemoteNotFound(f"{what}: not found on {server} ({text})") from exc
         if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
             raise AccessDenied(
-                f"{ref.uri}: {server} refused the credentials ({text}); check "
+                f"{what}: {server} refused the credentials ({text}); check "
                 "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD"
             ) from exc
         if "max retries" in text.lower() or "connection" in text.lower():
             raise SourceUnreachable(unreachable) from exc
-        raise InputError(f"{ref.uri}: MLflow error from {server}: {text}") from exc
+        raise InputError(f"{what}: MLflow error from {server}: {text}") from exc
     except requests.RequestException as exc:
         raise SourceUnreachable(unreachable) from exc
     except ImportError as exc:
         raise InputError(
-            f"{ref.uri}: the artifact store needs the Python package {exc.name!r}, which is not "
+            f"{what}: the artifact store needs the Python package {exc.name!r}, which is not "
             f"installed (e.g. boto3 for s3://, google-cloud-storage for gs://); install it"
         ) from exc
     except Exception as exc:  # the artifact store's own client (cloud SDKs, ...)
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        text = _quoted(exc, 200)
         raise InputError(
-            f"{ref.uri}: downloading from the artifact store failed: {type(exc).__name__}"
+            f"{what}: the artifact store failed: {type(exc).__name__}"
             + (f": {text}" if text else "")
         ) from exc
