@@ -172,6 +172,8 @@ def open_adapter(
                 tensors=base_ckpt.tensors,
                 config=base_ckpt.config,
                 metadata=base_ckpt.metadata,
+                selection=base_ckpt.selection,
+                vouched=base_ckpt.vouched,
                 adapter=adapter,
                 fan_in_fan_out=settings.fan_in_fan_out,
             )
