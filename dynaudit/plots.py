@@ -96,9 +96,8 @@ def plot_trajectory(reports: Sequence[Report], labels: Sequence[str], out: Path)
 def plot_neurons(baseline_dir: Path, layer: str | None, out: Path, method: str = "pca") -> Path:
     """Neurons of ``layer`` (default: the first fitted one) from the baseline's first cold fit."""
     import torch
-    from safetensors.torch import load_file
 
-    from dynaudit.comparison import load_baseline
+    from dynaudit.comparison import load_baseline, read_coords
     from dynaudit.dynamics.blocks import block_shape
 
     check_method(method)
@@ -109,7 +108,7 @@ def plot_neurons(baseline_dir: Path, layer: str | None, out: Path, method: str =
     if chosen is None or chosen.coords is None:
         names = ", ".join(x.name for x in fitted[:5])
         raise UsageError(f"{baseline_dir}: no fitted layer {layer!r} (e.g. {names})")
-    coords = load_file(str(baseline_dir / chosen.coords))["cold.0"][0]  # (H, N, k)
+    coords = read_coords(baseline_dir, stored, chosen)["cold.0"][0]  # (H, N, k)
     points = coords.permute(1, 0, 2).reshape(coords.shape[1], -1).double()  # (N, H·k)
     _, m, n = chosen.shape
     m, _ = block_shape(m, n, stored.fit_settings().max_entries)  # rows fitted

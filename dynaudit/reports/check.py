@@ -51,6 +51,7 @@ def render_check_markdown(report: CheckReport) -> str:
         f"{esc(base.source.uri)} at {esc(base.created_at)}, {base.seeds} seeds, "
         f"{'stored' if base.stored else 'measured from the checkpoint'})",
         f"- family: **{esc(report.family.name)}** ({esc(report.family.detected_by)})",
+        *([f"- weights: {esc(report.source.selection)}"] if report.source.selection else []),
         f"- protocol v{report.protocol_version}; q_dim {_setting(report, 'q_dim')}, "
         f"H {_setting(report, 'pieces')}, {_setting(report, 'steps')} cold / "
         f"{_setting(report, 'warm_steps')} warm steps; {report.seconds:.1f} s",
@@ -95,6 +96,8 @@ def render_check_markdown(report: CheckReport) -> str:
 
 def render_check_terminal(report: CheckReport, console: Console) -> None:
     print_plain(console, f"dynaudit check · {report.source.uri} vs {report.baseline.ref}")
+    if report.source.selection:
+        print_plain(console, f"weights: {report.source.selection}", style="yellow")
     table = Table()
     columns = ("layer", "type", "third", "base md", "md", "change", "displacement", "weights")
     for column in columns:

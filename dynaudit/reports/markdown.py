@@ -49,6 +49,8 @@ def render_markdown(report: Report) -> str:
     ]
     if report.source.revision:
         lines.append(f"- revision {markdown_code(report.source.revision)}")
+    if report.source.selection:
+        lines.append(f"- weights: {esc(report.source.selection)}")
     if report.cache is not None and report.cache.hit:
         lines.append(f"- {esc(cache_note(report))}")
     lines += [f"- {esc(note)}" for note in report.family.notes]

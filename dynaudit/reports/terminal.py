@@ -18,6 +18,8 @@ def render_terminal(report: Report, console: Console) -> None:
     hold them, are lines of their own rather than a table title rich would wrap."""
     revision = f" (revision {report.source.revision[:12]})" if report.source.revision else ""
     print_plain(console, f"dynaudit · {report.source.uri}{revision} · family {report.family.name}")
+    if report.source.selection:
+        print_plain(console, f"weights: {report.source.selection}", style="yellow")
     table = Table(show_lines=False)
     for column, justify in [
         ("layer", "left"), ("type", "left"), ("depth", "right"), ("shape", "left"),
