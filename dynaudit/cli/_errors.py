@@ -78,7 +78,15 @@ def _debug() -> bool:
 
 
 def report_error(exc: BaseException) -> int:
-    """Print one line for ``exc`` on stderr and return its exit code."""
+    """Print one line for ``exc`` on stderr and return its exit code; the secrets the user
+    set are scrubbed from it, and from a DYNAUDIT_DEBUG traceback (dynaudit.secrets)."""
+    from dynaudit.secrets import scrubbed_output
+
+    with scrubbed_output():
+        return _report_error(exc)
+
+
+def _report_error(exc: BaseException) -> int:
     if isinstance(exc, ABORTS):
         click.echo("dynaudit: interrupted", err=True)
         return 130

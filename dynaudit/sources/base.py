@@ -40,6 +40,12 @@ class SourceOptions:
     cache_dir: Path | None = None  # MLflow downloads, converted pickles (default: dynaudit's)
     allow_pickle: bool = False  # read pickle weights with torch.load(weights_only=True)
 
+    def __post_init__(self) -> None:
+        from dynaudit.secrets import remember
+
+        remember(self.hf_token, self.mlflow_uri)  # scrubbed from every message from now on
+        remember(uri=self.hf_endpoint)
+
 
 @dataclass(frozen=True)
 class ResolvedSource:
