@@ -182,9 +182,10 @@ def test_detection_falls_back_to_generic(write_checkpoint) -> None:  # type: ign
         assert detect_family(checkpoint, "generic").how == "chosen with --family"
 
 
-# fixture → (family, files, layers, layers per type, layers per depth third)
+# fixture → (family, fingerprinted files (a sharded checkpoint's index too), layers, layers per
+# type, layers per depth third)
 EXPECTED = {
-    "llama_gqa": ("llama", 3, 29,
+    "llama_gqa": ("llama", 4, 29,
                   {"query": 4, "key": 4, "value": 4, "output": 4, "gate": 4, "up": 4,
                    "down": 4, "head": 1},
                   {"bottom": 14, "middle": 7, "top": 8}),
