@@ -17,14 +17,16 @@ def _terminated(signum: int, frame: object) -> None:
 
 class _WarningLines(logging.Handler):
     """dynaudit's logged warnings (an unwritable cache, a plugin failing in ``detect()``) as
-    one ``dynaudit: warning:`` line each on stderr, escaped like every message: a crafted
-    name quoted by an exception can neither start a line nor drive the terminal."""
+    one ``dynaudit: warning:`` line each on stderr, escaped like every message (a crafted
+    name quoted by an exception can neither start a line nor drive the terminal) and with
+    the user's secrets scrubbed (a server may quote them back)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from dynaudit.errors import printable
+        from dynaudit.secrets import scrub
 
         try:
-            text = printable(record.getMessage())
+            text = scrub(printable(record.getMessage()))
             sys.stderr.write(f"dynaudit: {record.levelname.lower()}: {text}\n")
             sys.stderr.flush()
         except Exception:  # a warning must never become the run's failure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from dynaudit.cli._errors import EXIT_CODES
 
 if TYPE_CHECKING:
     from dynaudit.outputs import Inputs
-    from dynaudit.report import CheckReport
+    from dynaudit.report import CheckReport, Report
     from dynaudit.sources import SourceOptions
 
 _EPILOG = "Exit codes: " + "; ".join(
@@ -218,16 +219,14 @@ def measure(
         return 0
     inputs.add_checkpoint(Path(report.source.path), "the checkpoint", base, report.source.files)
     guard_outputs(outputs, inputs)  # the source resolved: its local copy is an input too
-    if log_mlflow:
-        from dynaudit.tracking import log_report
-
-        log_report(report, tracking_uri=mlflow_uri)
     if json_path is not None:
         write_json(report, json_path)
     if markdown_path is not None:
         write_text_atomic(markdown_path, render_markdown(report))
     if not quiet and not any(map(is_stdout, outputs.values())):  # `-`: stdout is the report's
         render_terminal(report, _console())
+    if log_mlflow:
+        _log_to_mlflow(report, mlflow_uri)
     if report.non_finite:
         raise NonFiniteWeights(report.non_finite)
     return 0
@@ -437,8 +436,8 @@ def _finish_check(
     log_mlflow: bool,
     mlflow_uri: str | None,
 ) -> int:
-    """Log to MLflow when asked, write the requested files, report to GitHub Actions when
-    inside it, print the table; the exit code is the verdict's. The resolved checkpoint and
+    """Write the requested files, print the table, report to GitHub Actions when inside it,
+    then log to MLflow when asked; the exit code is the verdict's. The resolved checkpoint and
     baseline are inputs too: no output may be one of them."""
     from dynaudit.errors import NonFiniteWeights
     from dynaudit.outputs import guard_outputs, is_stdout
@@ -451,10 +450,6 @@ def _finish_check(
     inputs.add_reference(report.baseline.ref)
     guard_outputs(outputs, inputs)
     to_stdout = any(map(is_stdout, outputs.values()))  # `-`: stdout is the report's
-    if log_mlflow:
-        from dynaudit.tracking import log_report
-
-        log_report(report, tracking_uri=mlflow_uri)
     if json_path is not None:
         write_text_atomic(json_path, report.model_dump_json(indent=2) + "\n")
     if markdown_path is not None:
@@ -465,9 +460,27 @@ def _finish_check(
         render_check_terminal(report, _console())
     for line in report_to_github(report):
         typer.echo(line, err=to_stdout)
+    if log_mlflow:
+        _log_to_mlflow(report, mlflow_uri)
     if report.comparison.non_finite:
         raise NonFiniteWeights(report.comparison.non_finite)
     return 0 if report.verdict.passed else 1
+
+
+def _log_to_mlflow(report: Report | CheckReport, mlflow_uri: str | None) -> None:
+    """MLflow is a side channel (SPEC §8): it is logged after every report file is written,
+    and a failure (server down, access refused) is one warning line while the verdict's exit
+    code stands."""
+    from dynaudit.errors import DynauditError
+    from dynaudit.tracking import log_report
+
+    try:
+        log_report(report, tracking_uri=mlflow_uri)
+    except (DynauditError, OSError) as exc:
+        reason = exc.message if isinstance(exc, DynauditError) else str(exc)
+        logging.getLogger("dynaudit").warning(
+            "could not log to MLflow (%s); the verdict stands", reason
+        )
 
 
 @app.command(epilog=_EPILOG)

@@ -76,7 +76,9 @@ def github_annotations(report: CheckReport) -> list[str]:
 
 
 def _warn(message: str) -> None:
-    print(f"dynaudit: warning: {printable(message)}", file=sys.stderr, flush=True)
+    from dynaudit.secrets import scrub
+
+    print(f"dynaudit: warning: {scrub(printable(message))}", file=sys.stderr, flush=True)
 
 
 def _append(variable: str, path: str, text: str, warn: Callable[[str], None]) -> None:
