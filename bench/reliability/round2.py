@@ -156,17 +156,23 @@ def _tiny(folder: Path) -> Path:
     return folder
 
 
-def _tiny_baseline(ws: Workspace) -> Path:
-    """A baseline of :func:`_tiny` (2 seeds, the tests' small fit), built once."""
+def _baseline_of(ws: Workspace, key: str, build: Callable[[Path], Path]) -> Path:
+    """A baseline (2 seeds, the tests' small fit) of the checkpoint ``build(folder)`` writes,
+    built once per workspace under ``key``."""
 
     def make(out: Path) -> Path:
-        source = _tiny(out.parent / (out.name + "-source"))
+        source = build(out.parent / (out.name + "-source"))
         run = _cli("baseline", source, "--out", out, "--seeds", "2", *FAST, *FIT)
         if run.code != 0:
-            raise RuntimeError(f"the tiny baseline failed: {run.stderr[-2000:]}")
+            raise RuntimeError(f"the {key} baseline failed: {run.stderr[-2000:]}")
         return out
 
-    return ws.once("round2/tiny-baseline", make)
+    return ws.once(f"round2/{key}", make)
+
+
+def _tiny_baseline(ws: Workspace) -> Path:
+    """A baseline of :func:`_tiny`, built once."""
+    return _baseline_of(ws, "tiny-baseline", _tiny)
 
 
 def _tiny_reports(ws: Workspace) -> Path:
@@ -507,14 +513,7 @@ def _controls(where: str, text: str) -> list[str]:
 
 
 def _crafted_baseline(ws: Workspace) -> Path:
-    def make(out: Path) -> Path:
-        source = _crafted(out.parent / (out.name + "-source"))
-        run = _cli("baseline", source, "--out", out, "--seeds", "2", *FAST, *FIT)
-        if run.code != 0:
-            raise RuntimeError(f"the crafted-name baseline failed: {run.stderr[-2000:]}")
-        return out
-
-    return ws.once("round2/crafted-baseline", make)
+    return _baseline_of(ws, "crafted-baseline", _crafted)
 
 
 def _ci_check(ws: Workspace) -> Outcome:
