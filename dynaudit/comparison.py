@@ -696,18 +696,16 @@ def compare_plan(
         flagged_zero = {name for part in parts for name in part[3]}
         non_finite = [x.name for x in plan.layers if x.name in flagged_nan]
         zeroed = [x.name for x in plan.layers if x.name in flagged_zero]
+    by_group: dict[str, list[LayerComparison]] = {}  # one pass: a scan per type was quadratic
+    by_type: dict[str, list[LayerComparison]] = {}  # (a generic checkpoint has a type per layer)
+    for r in results:
+        by_group.setdefault(r.group, []).append(r)
+        by_type.setdefault(r.type, []).append(r)
     return Comparison(
         layers=results,
         all=_group(results, per_seed),
-        groups={
-            g: _group([r for r in results if r.group == g], per_seed)
-            for g in DEPTH_GROUPS
-            if any(r.group == g for r in results)
-        },
-        types={
-            t: _group([r for r in results if r.type == t], per_seed)
-            for t in sorted({r.type for r in results})
-        },
+        groups={g: _group(by_group[g], per_seed) for g in DEPTH_GROUPS if g in by_group},
+        types={t: _group(by_type[t], per_seed) for t in sorted(by_type)},
         non_finite=non_finite,
         zeroed=zeroed,
     )
