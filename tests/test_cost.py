@@ -22,6 +22,7 @@ from typing import Any
 import dynaudit_plugins
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import save_file
 
 import dynaudit
@@ -30,6 +31,7 @@ from dynaudit.cli import main
 from dynaudit.config import FitSettings
 from dynaudit.engine import _batches
 from dynaudit.families import Layer
+from dynaudit.reports.inspect import render_inspection
 
 FIT = ["--q-dim", "16", "--pieces", "4", "--steps", "30", "--threads", "1"]
 ROOTS = tuple(str(Path(str(m.__file__)).parent) for m in (dynaudit, dynaudit_plugins))
@@ -155,6 +157,9 @@ def test_above_the_rank_limit_the_norm_is_estimated_and_the_rank_not_computed(
     assert main(["inspect", str(tmp_path / "m"), "--weights", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["structure"]["unranked"] == [] and shown["layers"][0]["rank"] == 300
+    console = Console(record=True, width=200)
+    render_inspection(found, console)
+    assert "rank not computed for 1 layer(s) above the size limit" in console.export_text()
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 3), (3, 5), (64, 64), (257, 1000)])

@@ -68,6 +68,13 @@ def render_inspection(found: Inspection, console: Console) -> None:
             f"degenerate (rank-deficient) layers: {', '.join(structure.degenerate) or 'none'}"
             f" — {structure.rank_rule}",
         )
+    if structure.unranked:
+        print_plain(
+            console,
+            f"rank not computed for {len(structure.unranked)} layer(s) above the size limit "
+            "(the spectral norm is estimated; --json lists them)",
+            style="dim",
+        )
     for gain in found.gains:
         print_plain(console, f"  {gain.block} {gain.branch}: gain indicator {gain.gain:.3g}")
     if found.gains:
