@@ -55,6 +55,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="what to time (default: all three)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="baseline seeds (default 1)")
+    parser.add_argument(
+        "--default-fit", action="store_true",
+        help="dynaudit's default fit settings (q_dim 128, H 8, 400 steps; the issue's own "
+        "measurement) instead of the tiny fit",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "layers.json")
     args = parser.parse_args(argv)
     if any(count < 1 for count in args.counts):
@@ -75,15 +80,15 @@ def tiny_checkpoint(out: Path, count: int) -> Path:
     return out
 
 
-def run_command(command: str, ckpt: Path, work: Path, seeds: int) -> dict[str, Any]:
+def run_command(command: str, ckpt: Path, work: Path, seeds: int, fit: list[str]) -> dict[str, Any]:
     """One whole-process run of ``dynaudit command`` on ``ckpt``, on one thread."""
     dynaudit = [sys.executable, "-m", "dynaudit"]
     if command == "measure":
-        cli = ["measure", str(ckpt), "--no-cache", "--quiet", "--threads", "1", *FIT,
+        cli = ["measure", str(ckpt), "--no-cache", "--quiet", "--threads", "1", *fit,
                "--json", str(work / "report.json")]  # fmt: skip
     elif command == "baseline":
         cli = ["baseline", str(ckpt), "--out", str(work / "baseline"), "--threads", "1",
-               "--seeds", str(seeds), *FIT]  # fmt: skip
+               "--seeds", str(seeds), *fit]  # fmt: skip
     else:
         cli = ["inspect", str(ckpt), "--weights", "--json"]
     # A cache of its own: no hit from an earlier run, nothing left in the user's cache.
@@ -93,7 +98,9 @@ def run_command(command: str, ckpt: Path, work: Path, seeds: int) -> dict[str, A
     return {k: result[k] for k in ("cpu_s", "wall_s", "max_rss_bytes", "load_before")}
 
 
-def measure_counts(counts: list[int], commands: list[str], seeds: int) -> dict[str, Any]:
+def measure_counts(
+    counts: list[int], commands: list[str], seeds: int, fit: list[str]
+) -> dict[str, Any]:
     """Every command at one layer (its fixed cost) and at each count."""
     runs: dict[str, dict[int, dict[str, Any]]] = {command: {} for command in commands}
     with tempfile.TemporaryDirectory(prefix="dynaudit-layers-") as tmp:
@@ -102,7 +109,7 @@ def measure_counts(counts: list[int], commands: list[str], seeds: int) -> dict[s
             for command in commands:
                 work = Path(tmp) / f"{command}{count}"
                 work.mkdir()
-                runs[command][count] = run_command(command, ckpt, work, seeds)
+                runs[command][count] = run_command(command, ckpt, work, seeds, fit)
                 print(f"{command} × {count}: {runs[command][count]['cpu_s']:.1f} s CPU",
                       file=sys.stderr)  # fmt: skip
     return {command: summarise(by_count, counts) for command, by_count in runs.items()}
@@ -150,11 +157,12 @@ def table(results: dict[str, Any]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     machine = describe()
-    commands = measure_counts(args.counts, args.commands, args.seeds)
+    fit = [] if args.default_fit else FIT
+    commands = measure_counts(args.counts, args.commands, args.seeds, fit)
     results = {
         "benchmark": "bench.layers",
         "dynaudit_revision": revision_of_dynaudit(),
-        "settings": {"fit": FIT, "threads": 1, "baseline_seeds": args.seeds},
+        "settings": {"fit": fit or "defaults", "threads": 1, "baseline_seeds": args.seeds},
         "machine": machine,
         "load_average_end": load_average(),
         "commands": commands,

@@ -71,3 +71,20 @@ def test_series_smoke(tmp_path: Path) -> None:
     assert size["check"]["exit_code"] == 0 and size["weightwatcher"]["exit_code"] == 0
     assert len(size["dynaudit"]["layers_fitted"]) == 15  # 7 per block × 2 + lm_head
     assert result["exponents"]["dynaudit"] is None  # one size: no slope
+
+
+@pytest.mark.slow
+def test_layers_smoke(tmp_path: Path) -> None:
+    """``bench.layers`` runs each command at one layer and at the counts, and writes its table."""
+    out = tmp_path / "layers.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.layers", "--counts", "20", "40", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["commands"]) == {"measure", "baseline", "inspect"}
+    for summary in results["commands"].values():
+        assert [row["layers"] for row in summary["counts"]] == [20, 40]
+        assert summary["fixed"]["cpu_s"] > 0
