@@ -14,6 +14,7 @@ weights (``inspect --weights``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -50,10 +51,16 @@ def classify(widths: Sequence[int]) -> tuple[StructuralClass, str]:
     """The structural class of a path with these widths, and the reason in words."""
     if len(widths) < 2:
         return "non-augmented", "a single width"
+    # The widest width before and after each position, in one pass each way (a slice's max
+    # per position was quadratic in the number of layers).
+    before = list(itertools.accumulate(widths, max))
+    after = list(itertools.accumulate(reversed(widths), max))[::-1]
     for b in range(1, len(widths) - 1):
-        before, after = max(widths[:b]), max(widths[b + 1 :])
-        if before > widths[b] < after:
-            return "bottleneck", f"width {widths[b]} between wider {before} and {after}"
+        if before[b - 1] > widths[b] < after[b + 1]:
+            return (
+                "bottleneck",
+                f"width {widths[b]} between wider {before[b - 1]} and {after[b + 1]}",
+            )
     widest = max(widths)
     if widest > widths[0]:
         return "augmented", f"widest {widest} > input {widths[0]}"
