@@ -56,8 +56,16 @@ def layer_groups(layers: list[Layer]) -> dict[str, str]:
 Shapes = dict[str, tuple[int, int, int]]  # layer → (matrices, m, n), from the headers
 
 
+# A batch's coordinates stay within this many bytes. Each Adam step walks the coordinates, their
+# gradient and two moment buffers: kept in cache-sized batches, thousands of small same-shape
+# layers cost the same per layer as a few hundred (one batch of 5,000 2 × 2 layers at the
+# default settings took 38.8 ms per layer, batches of 500 took 23.4; bench.layers).
+BATCH_COORD_BYTES = 1 << 20
+
+
 def _batches(layers: list[Layer], shapes: Shapes, settings: FitSettings) -> Iterator[list[Layer]]:
-    """Same-shape layers together, each batch's distance buffer within ``tile_bytes``. A
+    """Same-shape layers together, each batch's distance buffer within ``tile_bytes`` and its
+    coordinates within :data:`BATCH_COORD_BYTES` (a batch holds at least one layer). A
     sampled layer (above ``max_entries``) is fitted alone: its blocks are small enough for an
     efficient kernel call, and batching it would hold several large matrices at once."""
     ordered = sorted(layers, key=lambda layer: (shapes[layer.name][1:], layer.depth))
@@ -70,6 +78,7 @@ def _batches(layers: list[Layer], shapes: Shapes, settings: FitSettings) -> Iter
             sampled
             or shapes[batch[0].name][1:] != (m, n)
             or 4 * (count + g) * settings.pieces * m * n > settings.tile_bytes
+            or 4 * (count + g) * settings.q_dim * (m + n) > BATCH_COORD_BYTES
         ):
             yield batch
             batch, count = [], 0
