@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynaudit.errors import OutputError, OutputRefused
+from dynaudit.tensors import file_kind
 
 __all__ = ["STDOUT", "Inputs", "guard_outputs", "is_stdout", "loader_reads", "output_file"]
 
@@ -231,23 +232,11 @@ def output_file(path: Path, flag: str = "") -> Path:
     if stat.S_ISDIR(st.st_mode):
         raise OutputRefused(f"{named}: is a directory; give a file path", path=str(path))
     if not stat.S_ISREG(st.st_mode):
-        kind = _kind(st.st_mode)
         raise OutputRefused(
-            f"{named}: is a {kind}, not a regular file; it is never replaced", path=str(path)
+            f"{named}: is {file_kind(st.st_mode)}, not a regular file; it is never replaced",
+            path=str(path),
         )
     return _real(path) if os.path.islink(path) else path
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "special file"
 
 
 def _writable_parent(path: Path, flag: str) -> None:

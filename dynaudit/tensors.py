@@ -110,7 +110,8 @@ _KINDS = (
 )  # fmt: skip
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words with its article ("a FIFO (named pipe)")."""
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
@@ -131,7 +132,7 @@ def require_regular(path: Path, what: str) -> os.stat_result:
         ) from exc
     if not stat.S_ISREG(info.st_mode):
         raise NotARegularFile(
-            f"{path}: {what} is {_kind(info.st_mode)}, not a regular file; refusing to open it",
+            f"{path}: {what} is {file_kind(info.st_mode)}, not a regular file; refusing to open it",
             path=str(path),
         )
     return info
@@ -156,7 +157,7 @@ def open_regular(path: Path, what: str) -> BinaryIO:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise NotARegularFile(
-                f"{path}: {what} is {_kind(mode)}, not a regular file; refusing to read it",
+                f"{path}: {what} is {file_kind(mode)}, not a regular file; refusing to read it",
                 path=str(path),
             )
         if hasattr(os, "set_blocking"):
@@ -701,7 +702,7 @@ def _source_mode(root: Path) -> int:
         raise CorruptCheckpoint(f"{root}: cannot read ({exc.strerror})", path=str(root)) from exc
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise NotARegularFile(
-            f"{root}: the checkpoint is {_kind(mode)}, not a .safetensors file or a directory",
+            f"{root}: the checkpoint is {file_kind(mode)}, not a .safetensors file or a directory",
             path=str(root),
         )
     return mode
