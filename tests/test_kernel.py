@@ -38,9 +38,10 @@ def test_hand_written_gradient_matches_autograd() -> None:
     coords = _random_coords(2, h, m, n, k).double()
     target = torch.randn(2, m, n, dtype=torch.float64)
     eps2 = torch.zeros(2, 1, 1, 1, dtype=torch.float64)
-    rows = 2  # three tiles, the buffers reused from one to the next
-    work = _Work(rows, torch.empty(2 * h * rows * n).double(), torch.empty(2 * rows * n).double())
-    ours = _gradient(coords, target, eps2, mu, work)
+    # One-row tiles, the buffers reused from one to the next.
+    work = _Work.allocate(2, h, k, m, n, 1, coords)
+    assert work.rows < m
+    ours = _gradient(coords.transpose(2, 3).contiguous(), target, eps2, mu, work).transpose(2, 3)
 
     leaf = coords.clone().requires_grad_(True)
     with torch.enable_grad():

@@ -11,10 +11,13 @@ with σ_h = −1 for the first H/2 pieces and +1 for the rest. The paper alterna
 each half in one contiguous reduction.
 
 The gradient is written by hand (autograd is ~3× slower here): with ``G = ∂L/∂Ŵ ⊘ E_h``,
-``∇A_h = σ_h (rowsum(G)·A_h − G·B_h)`` and ``∇B_h = σ_h (colsum(G)ᵀ·B_h − Gᵀ·A_h)``. Appending
-a column of ones to B and A lets one batched matmul return both ``G·B`` and ``rowsum(G)``;
-appending ``(|a|², 1)`` / ``(1, |b|²)`` turns the squared distances into one matmul as well.
-Rows of A are processed in tiles so that the work buffer stays under ``tile_bytes``.
+``∇A_h = σ_h (rowsum(G)·A_h − G·B_h)`` and ``∇B_h = σ_h (colsum(G)ᵀ·B_h − Gᵀ·A_h)``. The fit
+keeps each piece's coordinates as rows, ``(k, N)``, augmented to ``(k + 2, N)``: A's columns
+``(−2a, |a|², 1)``, B's ``(b, 1, |b|²)``. One product of the two gives the squared distances,
+one of B's first k + 1 rows with Gᵀ gives ``G·B`` and ``rowsum(G)``, and one of A's rows with
+G gives ``−2·Gᵀ·A`` and ``colsum(G)``; the signed sum over pieces is a product with σ. A step
+is about 25 aten calls (55 before protocol v3), and the same calls run on CPU and CUDA. Rows
+of A are processed in tiles so that the work buffer stays under ``tile_bytes``.
 
 Everything scales with ``r = RMS(T)``: the initial spread, the learning rate and the
 clamping epsilon. Since the objective is homogeneous of degree 2 in (coordinates, target), the
@@ -125,21 +128,43 @@ def _rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
 
 
 class _Work(NamedTuple):
-    """The fit's two large buffers, allocated once per fit rather than per tile and step:
-    glibc maps allocations of 16 MiB and more afresh (or trims them when freed), so their pages
-    faulted in again at every step (up to a quarter of a fit's time went to the kernel before
-    they were reused; docs/performance.md, "allocation")."""
+    """Buffers of one fit, allocated once rather than per tile and step (glibc maps blocks of
+    16 MiB and more afresh, so a buffer allocated per step was faulted in again at every step:
+    docs/performance.md, "allocation"). The fit works on coordinates laid out ``(b, H, k, N)``
+    (one row per dimension): both gradient products then read their operands in the
+    orientation BLAS runs fastest, and each piece's augmented coordinates are one
+    ``(k + 2, N)`` matrix whose constant rows are written once."""
 
     rows: int  # rows of A per tile
-    dist: torch.Tensor  # flat, (b, H, rows, n) distances, then σ·G
-    resid: torch.Tensor  # flat, (b, rows, n) residuals
+    aug: torch.Tensor  # (b, H, k + 2, N): A's columns (−2a, |a|², 1), B's (b, 1, |b|²)
+    dist: torch.Tensor  # flat, (b, H, rows, n): distances, then σ·G in place
+    resid: torch.Tensor  # flat, (b, 2, rows, n): the residual r and −r
+    sigma: torch.Tensor  # (b, 1, H): the signs σ_h, for the signed sum as one product
+    grad: torch.Tensor  # (b, H, k, N)
+    grad_b: torch.Tensor  # (b, H, k + 2, n): Gᵀ·(−2A, |a|², 1) summed over tiles
 
     @classmethod
-    def allocate(cls, b: int, h: int, m: int, n: int, tile_bytes: int, like: torch.Tensor) -> _Work:
+    def allocate(cls, b: int, h: int, k: int, m: int, n: int, tile_bytes: int, like: torch.Tensor
+    ) -> _Work:  # fmt: skip
         rows = _rows_per_tile(b, h, m, n, tile_bytes)
-        dist = torch.empty(b * h * rows * n, dtype=like.dtype, device=like.device)
-        resid = torch.empty(b * rows * n, dtype=like.dtype, device=like.device)
-        return cls(rows, dist, resid)
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=like.dtype, device=like.device)
+
+        aug = empty(b, h, k + 2, m + n)
+        aug[:, :, k + 1, :m] = 1.0
+        aug[:, :, k, m:] = 1.0
+        sigma = torch.ones(b, 1, h, dtype=like.dtype, device=like.device)
+        sigma[..., : h // 2] = -1.0
+        return cls(
+            rows,
+            aug,
+            empty(b * h * rows * n),
+            empty(b * 2 * rows * n),
+            sigma,
+            empty(b, h, k, m + n),
+            empty(b, h, k + 2, n),
+        )
 
 
 def _augment(x: torch.Tensor, *, left: bool) -> torch.Tensor:
@@ -193,34 +218,53 @@ def _gradient(
     mu: float,
     work: _Work,
 ) -> torch.Tensor:
-    """∂L/∂coords for L = mean((Ŵ − T)²) + μ·mean_i ‖q_i‖²."""
-    bsz, h, total, k = coords.shape
+    """∂L/∂coords for L = mean((Ŵ − T)²) + μ·mean_i ‖q_i‖², coordinates laid out
+    ``(b, H, k, N)`` (the fit's layout, see :class:`_Work`); returns ``work.grad``.
+
+    One pass per row tile of A: the distances E (one product of augmented coordinates), the
+    residual r = Σ_h σ_h E_h − T (one product with the signs), σ_h·G_h = σ_h·r ⊘ E_h in place,
+    then ∇A's tile and ∇B's share of it, each one product."""
+    bsz, h, k, total = coords.shape
     m = target.shape[1]
     n = total - m
     half = h // 2
-    a, b = coords[:, :, :m], coords[:, :, m:]
-    grad = torch.empty_like(coords)
-    grad_b = torch.zeros_like(b)
-    b_aug = _augment(b, left=False)
-    b_one = torch.cat([b, torch.ones_like(b[..., :1])], dim=-1).reshape(bsz * h, n, k + 1)
+    aug, grad = work.aug, work.grad
+    torch.mul(coords[..., :m], -2.0, out=aug[:, :, :k, :m])
+    aug[:, :, :k, m:] = coords[..., m:]
+    norms = coords.square().sum(dim=2)  # (b, H, N)
+    aug[:, :, k, :m] = norms[..., :m]
+    aug[:, :, k + 1, m:] = norms[..., m:]
+    flat = aug.view(bsz * h, k + 2, total)
+    right = flat[..., m:]  # (bH, k + 2, n): rows (b, 1, |b|²)
+    grad_b = work.grad_b.view(bsz * h, k + 2, n)
     for r0 in range(0, m, work.rows):
         r1 = min(m, r0 + work.rows)
         t = r1 - r0
-        a_t = a[:, :, r0:r1]
-        # σ_h·E_h: with the signs folded in, Ŵ is one sum over the pieces and the division
-        # below yields σ_h·G directly, so no piece needs its gradient negated afterwards.
-        dist = _distances(_augment(a_t, left=True), b_aug, eps2, work.dist)
-        dist[:, :half].neg_()
-        resid = torch.sum(dist, dim=1, out=work.resid[: bsz * t * n].view(bsz, t, n))
-        resid.sub_(target[:, r0:r1]).mul_(2.0 / (m * n))
-        # σ_h·G = ∂L/∂Ŵ ⊘ (σ_h·E_h), computed in place over the distance buffer.
-        g = torch.div(resid.unsqueeze(1), dist, out=dist).view(bsz * h, t, n)
-        gb = torch.bmm(g, b_one).view(bsz, h, t, k + 1)
-        grad[:, :, r0:r1] = gb[..., k:] * a_t - gb[..., :k]
-        a_one = torch.cat([a_t, torch.ones_like(a_t[..., :1])], dim=-1)
-        gta = torch.bmm(g.mT, a_one.reshape(bsz * h, t, k + 1)).view(bsz, h, n, k + 1)
-        grad_b += gta[..., k:] * b - gta[..., :k]
-    grad[:, :, m:] = grad_b
+        left = flat[..., r0:r1]  # (bH, k + 2, t): rows (−2a, |a|², 1)
+        dist = torch.bmm(left.mT, right, out=work.dist[: bsz * h * t * n].view(bsz * h, t, n))
+        dist = dist.view(bsz, h, t, n).clamp_(min=eps2).sqrt_()
+        resid = work.resid[: bsz * 2 * t * n].view(bsz, 2, t * n)
+        torch.bmm(work.sigma, dist.view(bsz, h, t * n), out=resid[:, 1:])
+        pos = resid[:, 1].view(bsz, t, n).sub_(target[:, r0:r1]).mul_(2.0 / (m * n))
+        neg = torch.neg(pos, out=resid[:, 0].view(bsz, t, n))
+        # σ_h·G_h = σ_h·r ⊘ E_h, over the distance buffer in place.
+        torch.div(neg.unsqueeze(1), dist[:, :half], out=dist[:, :half])
+        torch.div(pos.unsqueeze(1), dist[:, half:], out=dist[:, half:])
+        g = dist.view(bsz * h, t, n)
+        # ∇A = rowsum(G)·A − G·B: the product (B; 1)ᵀ·Gᵀ gives (G·B)ᵀ and rowsum(G) at once.
+        gb = torch.bmm(right[:, : k + 1], g.mT).view(bsz, h, k + 1, t)
+        tile = grad[..., r0:r1]
+        torch.mul(gb[:, :, k:], coords[..., r0:r1], out=tile)
+        tile.sub_(gb[:, :, :k])
+        # ∇B = colsum(G)·B − Gᵀ·A: (−2A; |a|²; 1)·G gives −2·(Gᵀ·A)ᵀ and colsum(G).
+        if r0 == 0:
+            torch.bmm(left, g, out=grad_b)
+        else:
+            grad_b.baddbmm_(left, g)
+    acc = work.grad_b
+    tail = grad[..., m:]
+    torch.mul(acc[:, :, k + 1 :], coords[..., m:], out=tail)
+    tail.add_(acc[:, :, :k], alpha=0.5)
     return grad.add_(coords, alpha=2.0 * mu / total)
 
 
@@ -243,18 +287,22 @@ def fit_coordinates(
     lr = settings.lr if lr is None else lr
     size = rms(target).float().view(bsz, 1, 1, 1)
     eps2 = (size * _EPS) ** 2
-    coords = init.clone()
+    h, k = settings.pieces, settings.piece_dim
+    coords = init.transpose(2, 3).contiguous()  # the fit's layout, (b, H, k, N)
     avg = torch.zeros_like(coords)
     avg_sq = torch.zeros_like(coords)
-    work = _Work.allocate(bsz, settings.pieces, m, n, work_bytes(settings, bsz, m, n), target)
+    step_size = torch.empty_like(coords)
+    work = _Work.allocate(bsz, h, k, m, n, work_bytes(settings, bsz, m, n), target)
     for step in range(1, steps + 1):
         grad = _gradient(coords, target, eps2, settings.mu, work)
-        avg.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
+        avg.lerp_(grad, 1 - _BETA1)
         avg_sq.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
         rate = lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
         bias1 = 1 - _BETA1**step
-        bias2 = 1 - _BETA2**step
-        # Adam's step, with the learning rate and epsilon in units of RMS(T) (equivariance).
-        denom = avg_sq.div(bias2).sqrt_().add_(size * _ADAM_EPS)
-        coords.addcdiv_(avg * size, denom, value=-rate / bias1)
-    return coords
+        bias2 = math.sqrt(1 - _BETA2**step)
+        # Adam's step, with the learning rate and epsilon in units of RMS(T) (equivariance):
+        # Δ = −rate·size·m̂ / (√v̂ + size·ε) = −rate·m̂ / (√v̂/size + ε), with both bias
+        # corrections taken out of the big tensors and into the scalars.
+        denom = torch.sqrt(avg_sq, out=step_size).div_(size).add_(_ADAM_EPS * bias2)
+        coords.addcdiv_(avg, denom, value=-rate * bias2 / bias1)
+    return coords.transpose(2, 3).contiguous()
