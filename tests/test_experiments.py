@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,11 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(name: str, tmp_path: Path, plot: bool = False) -> Any:
-    """``python -m experiments.<name> --quick`` in a subprocess; its JSON results (and, with
-    ``plot``, a check that it wrote a real PNG)."""
+def run_quick(name: str, tmp_path: Path, plot: bool = False, *args: str) -> Any:
+    """``python -m experiments.<name> --quick [args]`` in a subprocess; its JSON results (and,
+    with ``plot``, a check that it wrote a real PNG)."""
     out, png = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
-    extra = ["--plot", str(png)] if plot else []
+    extra = [*args, "--plot", str(png)] if plot else list(args)
     proc = subprocess.run(
         [sys.executable, "-m", f"experiments.{name}", "--quick", "--out", str(out), *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"},
@@ -123,3 +124,29 @@ def test_blocks_quick(tmp_path: Path) -> None:
     assert cmp["change_rms_error"] < 0.01 and abs(cmp["change_max_error"]) < 0.02
     exact, sampled = cmp["all_layers"]["pruned 50 %"]
     assert exact < -0.01 and sampled < -0.01  # the same direction
+
+
+@pytest.mark.slow
+def test_panel_quick(tmp_path: Path) -> None:
+    """The accuracy panel runs on all three kinds of matrices (the pretrained ones extracted
+    from the installed package into the test's cache) and reports every budget's numbers;
+    the trade-off mode reports fidelity per kind for each setting of its grid."""
+    result = run_quick("panel", tmp_path)
+    assert {row["kind"] for row in result["rows"]} == {"zoo", "generated", "pretrained"}
+    assert set(result["budgets"]) == {"reference", "default", "candidate"}
+    assert result["budgets"]["reference"]["steps"] == 4 * result["budgets"]["default"]["steps"]
+    for row in result["rows"]:
+        for fit in row["budgets"].values():
+            numbers = [fit[k] for k in ("mean_distance", "objective", "cpu_seconds")]
+            assert all(math.isfinite(x) and x >= 0 for x in numbers), row["matrix"]
+            assert -1 < fit["fidelity"] <= 1 and 0 <= fit["seed_spread"] < 1, row["matrix"]
+        assert row["budgets"]["reference"]["mean_distance_change"] == 0
+    assert set(result["checks"]["candidate"]) == {"mean_distance", "objective", "spread", "pass"}
+    assert result["pass"] == result["checks"]["candidate"]["pass"]
+    assert result["summary"]["pretrained"]["candidate"]["matrices"] == 2
+
+    grid = run_quick("panel", tmp_path, False, "--tradeoff", "--only", "generated,pretrained")
+    assert [r["settings"]["q_dim"] for r in grid["tradeoff"]] == [16, 32]
+    for setting in grid["tradeoff"]:
+        for kind in ("generated", "pretrained"):
+            assert -1 < setting["summary"][kind]["fidelity_median"] <= 1
