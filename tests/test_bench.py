@@ -1,4 +1,5 @@
-"""The benchmarks run: ``bench.series`` end to end on its smallest size (slow smoke test)."""
+"""The benchmarks run: ``bench.protocol --quick`` (seconds), and ``bench.series`` end to end on
+its smallest size (slow smoke test)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.profile import CATEGORIES
 from bench.series import SIZES, capped_steps, exponent, fit_tflop
 from dynaudit.config import FitSettings
 
@@ -88,3 +90,55 @@ def test_layers_smoke(tmp_path: Path) -> None:
     for summary in results["commands"].values():
         assert [row["layers"] for row in summary["counts"]] == [20, 40]
         assert summary["fixed"]["cpu_s"] > 0
+
+
+def test_protocol_quick_prints_and_records_every_part(tmp_path: Path) -> None:
+    """``bench.protocol --quick`` runs all four parts in one command (the panel read from a
+    file, as ``--panel`` does) and records each figure the issue sets a target for."""
+    panel = tmp_path / "panel.json"
+    summary = {"pretrained": {"default": {"fidelity_median": 0.55}}}
+    panel.write_text(json.dumps({"mode": "accuracy", "pass": True, "summary": summary}))
+    out = tmp_path / "protocol.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.protocol", "--quick", "--out", str(out), "--panel",
+         str(panel)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["parts"]) == ["core", "kernel", "check", "panel"]
+    assert result["threads"] == 1 and len(result["machine"]["load_average_end"]) == 3
+    sizes = result["parts"]["core"]["sizes"]
+    assert [size["label"] for size in sizes] == ["50m", "1.3b", "7b"]
+    for size in sizes:  # one timing per distinct shape, multiplied by its count
+        assert size["matrices"] == sum(row["count"] for row in size["shapes"])
+        assert len({tuple(row["shape"]) for row in size["shapes"]}) == len(size["shapes"]) == 4
+        assert size["ratio"] == pytest.approx(size["dynaudit_s"] / size["svd_s"])
+        for row in size["shapes"]:
+            assert row["block"][0] <= row["shape"][0] and row["block"][1] <= row["shape"][1]
+    cases = result["parts"]["kernel"]["cases"]
+    assert [(c["m"], c["batch"]) for c in cases] == [(48, 1), (96, 1), (16, 8)]
+    for case in cases:
+        assert set(case["categories"]) == set(CATEGORIES)
+        assert sum(case["categories"].values()) == pytest.approx(1.0)
+        assert case["ratio_to_mm"] > 0
+    check = result["parts"]["check"]
+    runs = check["runs"]
+    assert list(runs) == ["baseline", "measure_full", "check_full", "check_adapter"]
+    assert runs["baseline"]["exit_code"] == runs["measure_full"]["exit_code"] == 0
+    assert {runs["check_full"]["exit_code"], runs["check_adapter"]["exit_code"]} <= {0, 1}
+    # The full fine-tune moves every matrix; the adapter only q_proj and v_proj of 2 blocks.
+    assert runs["check_full"]["report"]["weights_unchanged"] == 0
+    assert runs["check_adapter"]["report"]["weights_unchanged"] == 15 - 4
+    assert all(ratio > 0 for ratio in check["ratios"].values())
+    for heading in (
+        "### Side by side",
+        "### Core",
+        "### Kernel",
+        "### Whole processes",
+        "### Accuracy panel",
+        "adapter check ÷ full check",
+        "| 0.550 |",
+    ):
+        assert heading in proc.stdout  # fmt: skip
