@@ -8,6 +8,7 @@ every matrix has its own seed (:func:`~dynaudit.dynamics.kernel.matrix_seed`).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import statistics
@@ -29,7 +30,15 @@ from dynaudit.report import LayerResult, Spread, depth_groups
 from dynaudit.runtime import to_device
 from dynaudit.tensors import Checkpoint
 
-__all__ = ["CoordsSink", "Loaded", "Progress", "layer_groups", "load_layer", "measure_plan"]
+__all__ = [
+    "CoordsSink",
+    "Loaded",
+    "Progress",
+    "layer_digest",
+    "layer_groups",
+    "load_layer",
+    "measure_plan",
+]
 
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, current layer)
 # Called after each cold fit of a batch: (layers, owner of each matrix, seed offset, coords
@@ -44,6 +53,29 @@ class Loaded:
     scale: float | None
     reason: str | None = None  # why the layer gets null metrics
     non_finite: bool = False
+    digest: str | None = None  # layer_digest of the matrices as loaded (before scaling)
+
+
+# Versioned: a change to what is hashed must change the header, so that an old baseline's
+# digests never match a new definition by accident (they would only cost a refit).
+DIGEST_HEADER = "dynaudit.layer-digest/1 float32-le"
+DIGEST_CHUNK_BYTES = 4 << 20
+
+
+def layer_digest(matrices: torch.Tensor) -> str:
+    """sha256 (hex) of a layer's matrices as fitted: float32 ``(g, m, n)``, before scaling,
+    row-major, little-endian, after a header holding the shape. Two checkpoints that store a
+    layer in different dtypes or layouts have the same digest exactly when the float32 values
+    the fit sees are bit-equal (``check`` then skips the layer's refits). Hashed in row chunks
+    so that a transposed view is never copied whole."""
+    g, m, n = matrices.shape
+    digest = hashlib.sha256(f"{DIGEST_HEADER} {g}x{m}x{n}\n".encode())
+    rows = max(1, DIGEST_CHUNK_BYTES // (4 * max(n, 1)))
+    for matrix in matrices.detach().to("cpu", torch.float32):
+        for start in range(0, m, rows):
+            chunk = matrix[start : start + rows].contiguous().numpy()
+            digest.update(chunk.astype("<f4", copy=False))
+    return digest.hexdigest()
 
 
 def layer_groups(layers: list[Layer]) -> dict[str, str]:
@@ -103,18 +135,25 @@ def _batch_cost(batch: list[Layer], shapes: Shapes, settings: FitSettings) -> fl
 def load_layer(
     checkpoint: Checkpoint, family: Family, layer: Layer, scales: dict[str, float] | None
 ) -> Loaded:
+    """Read a layer's matrices (float32, as stored: the caller scales them) with its scale —
+    the reference's from ``scales``, else its own RMS — its digest (:func:`layer_digest`),
+    and why it gets null metrics, if it does."""
     weight = family.matrices(layer, checkpoint.read(layer.source))
+    digest = layer_digest(weight)
     if not bool(torch.isfinite(weight).all()):
-        return Loaded(layer, weight, None, "non-finite weights (NaN/Inf)", non_finite=True)
+        return Loaded(
+            layer, weight, None, "non-finite weights (NaN/Inf)", non_finite=True, digest=digest
+        )
     if scales is not None and layer.name in scales:
         scale = scales[layer.name]
     else:
         scale = float(rms(weight.reshape(1, -1, weight.shape[-1])))
+    reason = None
     if not bool(weight.any()):
-        return Loaded(layer, weight, scale, "all-zero matrix")
-    if scale == 0.0:
-        return Loaded(layer, weight, scale, "reference matrix is all zeros (scale 0)")
-    return Loaded(layer, weight, scale)
+        reason = "all-zero matrix"
+    elif scale == 0.0:
+        reason = "reference matrix is all zeros (scale 0)"
+    return Loaded(layer, weight, scale, reason, digest=digest)
 
 
 def measure_plan(
@@ -176,6 +215,7 @@ def measure_plan(
                 scale=item.scale,
                 scale_source="reference" if scales and layer.name in scales else "self",
                 spread=values[3] if values else None,
+                digest=item.digest,
                 reason=item.reason,
                 seconds=seconds,
             )

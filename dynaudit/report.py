@@ -92,6 +92,12 @@ class LayerResult(_Model):
     scale: float | None
     scale_source: Literal["self", "reference"]
     spread: Spread | None = None
+    digest: str | None = Field(
+        None,
+        description="sha256 of the layer's float32 (g, m, n) matrices before scaling "
+        "(engine.layer_digest): a check skips the refits of a layer whose digest equals its "
+        "baseline's",
+    )
     reason: str | None = Field(None, description="why the metrics are null")
     seconds: float = 0.0
 
