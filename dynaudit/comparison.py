@@ -36,6 +36,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal, TypeGuard
 
@@ -53,7 +54,15 @@ from dynaudit.engine import CoordsSink, Progress, layer_groups, load_layer
 from dynaudit.errors import CorruptCheckpoint, InputError, UsageError
 from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
-from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison
+from dynaudit.policy import (
+    Change,
+    Comparison,
+    GroupComparison,
+    LayerComparison,
+    Policy,
+    layer_undecided,
+    scope_undecided,
+)
 from dynaudit.report import DEPTH_GROUPS, FamilyInfo, Report, SourceInfo
 from dynaudit.runtime import to_device
 from dynaudit.tensors import Checkpoint, parse_header
@@ -101,6 +110,12 @@ class BaselineLayer(_Model):
     cold_mean_distance: list[float] = Field(default_factory=list, description="per seed")
     null_mean_distance: list[float] = Field(default_factory=list, description="per seed")
     reason: str | None = None
+    digest: str | None = Field(
+        None,
+        description="sha256 of the layer's float32 (g, m, n) matrices before scaling "
+        "(engine.layer_digest); a checked layer with the same digest is not refitted. Absent "
+        "from baselines made before digests: their layers are always refitted",
+    )
 
 
 class Baseline(_Model):
@@ -507,6 +522,8 @@ def _check_numbers(baseline: Baseline, path: Path) -> FitSettings:
             raise _corrupt(where, f"{layer.name}: shape {layer.shape} is not (g, m, n)")
         if layer.scale is not None and not (math.isfinite(layer.scale) and layer.scale >= 0):
             raise _corrupt(where, f"{layer.name}: scale {layer.scale}")
+        if layer.digest is not None and not _SHA256.fullmatch(layer.digest):
+            raise _corrupt(where, f"{layer.name}: digest {layer.digest[:80]!r} is not a sha256")
         distances = [*layer.cold_mean_distance, *layer.null_mean_distance]
         if not all(math.isfinite(x) for x in distances):
             raise _corrupt(where, f"{layer.name}: a mean distance is NaN or Inf")
@@ -626,6 +643,57 @@ def check_architecture(
 
 # -- comparing --------------------------------------------------------------------------
 
+# Sequential seeds (docs/gate.md): a layer's seed-0 figures stand for all K seeds unless a
+# verdict lies within a margin of its threshold. The margin of a change c is
+# SEQUENTIAL_FACTOR × (the baseline's noise for the layer + CHANGE_SHARE × |c|): the seeds'
+# changes differ by about the baseline's own spread, and by a share of the change that grows
+# with it (at most 3 % of it in the calibration's damage; docs/gate.md). A displacement's
+# margin is DISPLACEMENT_SHARE of the policy's bound (seeds' displacements differed by at most
+# 0.033 units where the bound is 0.6).
+SEQUENTIAL_FACTOR: Final = 4.0
+CHANGE_SHARE: Final = 0.02
+DISPLACEMENT_SHARE: Final = 0.25
+
+
+@dataclass
+class _Refits:
+    """A layer's warm refits so far, one entry per seed run (seeds 0, 1, … in order), and
+    the figures read off seed 0 alone."""
+
+    means: list[float] = field(default_factory=list)
+    changes: list[float] = field(default_factory=list)
+    absolute: list[float] = field(default_factory=list)
+    moved: list[float] = field(default_factory=list)
+    fidelity: float | None = None
+    weight_change: float | None = None
+    noise_likeness: float | None = None
+
+
+@dataclass
+class _Outcome:
+    """What comparing one layer gave: a reason for null figures (with the finding it raises),
+    bit-equal weights, or refits."""
+
+    reason: str | None = None
+    finding: Literal["non_finite", "zeroed"] | None = None
+    unchanged: bool = False
+    refits: _Refits | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Run:
+    """What every stage of a comparison shares."""
+
+    checkpoint: Checkpoint
+    family: Family
+    baseline: Baseline
+    root: Path
+    device: torch.device
+    settings: FitSettings
+    by_name: dict[str, BaselineLayer]
+    scales: dict[str, float]
+
 
 def compare_plan(
     checkpoint: Checkpoint,
@@ -636,66 +704,282 @@ def compare_plan(
     device: torch.device,
     progress: Progress | None = None,
     ranks: Ranks | None = None,
+    *,
+    policy: Policy | None = None,
+    all_seeds: bool = False,
 ) -> Comparison:
-    """Warm-start every layer from the baseline's cold fits on this checkpoint's weights.
-    With ``ranks`` (a torchrun job), this rank refits its share of the layers and every rank
-    gets the whole comparison."""
-    settings = baseline.fit_settings()
-    scales = {layer.name: layer.scale for layer in baseline.layers if layer.scale is not None}
-    by_name = {layer.name: layer for layer in baseline.layers}
-    groups = layer_groups(plan.layers)
-    mine = plan.layers
-    if ranks is not None:
-        costs = [_refit_cost(by_name[layer.name], settings) for layer in plan.layers]
-        owners = assign(costs, ranks.size)
-        mine = [x for x, owner in zip(plan.layers, owners, strict=True) if owner == ranks.rank]
-    results: list[LayerComparison] = []
-    per_seed: dict[str, list[float]] = {}
-    non_finite: list[str] = []
-    zeroed: list[str] = []
+    """Warm-start every changed layer from the baseline's cold fits on this checkpoint's
+    weights; a layer whose digest equals the baseline's has change 0 and is not refitted.
+    Sequential seeds (unless ``all_seeds``): every changed layer's seed 0 first, then seeds
+    1 … K − 1 only for the layers whose verdict under ``policy`` (or whose depth third's or
+    the whole model's) lies within its margin of a threshold (:func:`_undecided`). With
+    ``ranks`` (a torchrun job), each rank refits its share of each stage and every rank gets
+    the whole comparison."""
+    chosen = policy or Policy()
+    run = _Run(
+        checkpoint, family, baseline, root, device, baseline.fit_settings(),
+        {layer.name: layer for layer in baseline.layers},
+        {layer.name: layer.scale for layer in baseline.layers if layer.scale is not None},
+    )  # fmt: skip
+    seeds = baseline.seeds
+    first = seeds if all_seeds else min(1, seeds)
+    mine = _share(plan.layers, run, first, ranks)
+    total = len(mine)
+    outcomes: dict[str, _Outcome] = {}
     for done, layer in enumerate(mine, start=1):
-        started = time.perf_counter()
-        ref = by_name[layer.name]
-        loaded = load_layer(checkpoint, family, layer, scales)
-        figures: dict[str, Any] = {}
-        if loaded.non_finite:
-            non_finite.append(layer.name)
-            figures["reason"] = loaded.reason
-        elif ref.coords is None:
-            figures["reason"] = f"not fitted in the baseline ({ref.reason})"
-        elif loaded.reason is not None:
-            zeroed.append(layer.name)
-            figures["reason"] = f"damage: {loaded.reason}"
-        else:
-            stored = read_coords(root, baseline, ref)
-            target = loaded.matrices.div_(loaded.scale or 1.0)
-            figures, changes = _warm_compare(target, stored, ref, settings, device)
-            per_seed[layer.name] = changes
-        results.append(
-            LayerComparison(
-                name=layer.name, type=layer.type, depth=layer.depth,
-                group=groups[layer.name],
-                shape=ref.shape,
-                baseline_mean_distance=_mean(ref.null_mean_distance),
-                mean_distance=figures.get("mean_distance"), change=figures.get("change"),
-                displacement=figures.get("displacement"), null_drift=_null_drift(ref),
-                weight_change=figures.get("weight_change"),
-                noise_likeness=figures.get("noise_likeness"),
-                noise=figures.get("noise"), fidelity=figures.get("fidelity"),
-                reason=figures.get("reason"), seconds=round(time.perf_counter() - started, 3),
-            )
-        )  # fmt: skip
+        outcomes[layer.name] = _first_stage(run, layer, first)
         if progress is not None:
-            progress(done, len(mine), layer.name)
-    if ranks is not None:
-        parts = ranks.gather((results, per_seed, non_finite, zeroed))
-        by_layer = {x.name: x for part in parts for x in part[0]}
-        results = [by_layer[layer.name] for layer in plan.layers]
-        per_seed = {name: v for part in parts for name, v in part[1].items()}
-        flagged_nan = {name for part in parts for name in part[2]}
-        flagged_zero = {name for part in parts for name in part[3]}
-        non_finite = [x.name for x in plan.layers if x.name in flagged_nan]
-        zeroed = [x.name for x in plan.layers if x.name in flagged_zero]
+            progress(done, total, layer.name)
+    outcomes = _merged(outcomes, ranks)
+    groups = layer_groups(plan.layers)
+    margins = {
+        name: _margin(run.by_name[name], outcome.refits.changes[0], chosen)
+        for name, outcome in outcomes.items()
+        if outcome.refits is not None and outcome.refits.changes
+    }
+    more = [] if first == seeds else _undecided(plan.layers, outcomes, margins, run, groups, chosen)
+    if more:
+        again = _share(more, run, seeds - 1, ranks)
+        extended: dict[str, _Outcome] = {}
+        for done, layer in enumerate(again, start=total + 1):
+            extended[layer.name] = _later_seeds(run, layer, outcomes[layer.name], seeds)
+            if progress is not None:
+                progress(done, total + len(again), layer.name)
+        outcomes.update(_merged(extended, ranks))
+    fidelity = {x.name: x.fidelity for x in baseline.report.measured}
+    results = [
+        _layer_result(layer, run.by_name[layer.name], outcomes[layer.name], groups[layer.name],
+                      fidelity.get(layer.name), None if first == seeds else margins.get(layer.name))
+        for layer in plan.layers
+    ]  # fmt: skip
+    return _comparison(plan.layers, results, outcomes, seeds, all_seeds)
+
+
+def _share(layers: list[Layer], run: _Run, seeds: int, ranks: Ranks | None) -> list[Layer]:
+    """This rank's share of ``layers`` (all of them outside a torchrun job), balanced by the
+    cost of ``seeds`` warm refits each."""
+    if ranks is None:
+        return layers
+    costs = [_refit_cost(run.by_name[layer.name], run.settings, seeds) for layer in layers]
+    owners = assign(costs, ranks.size)
+    return [x for x, owner in zip(layers, owners, strict=True) if owner == ranks.rank]
+
+
+def _merged(outcomes: dict[str, _Outcome], ranks: Ranks | None) -> dict[str, _Outcome]:
+    """Every rank's outcomes (this one's alone outside a torchrun job)."""
+    if ranks is None:
+        return outcomes
+    return {name: x for part in ranks.gather(outcomes) for name, x in part.items()}
+
+
+def _first_stage(run: _Run, layer: Layer, seeds: int) -> _Outcome:
+    """Load a layer and settle it: null figures (NaN/Inf, not fitted, all zeros), unchanged
+    (its digest is the baseline's), or warm refits from the first ``seeds`` stored cold fits."""
+    started = time.perf_counter()
+    outcome = _settle(run, layer, seeds)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _settle(run: _Run, layer: Layer, seeds: int) -> _Outcome:
+    ref = run.by_name[layer.name]
+    loaded = load_layer(run.checkpoint, run.family, layer, run.scales)
+    if loaded.non_finite:
+        return _Outcome(reason=loaded.reason, finding="non_finite")
+    if ref.coords is None:
+        return _Outcome(reason=f"not fitted in the baseline ({ref.reason})")
+    if loaded.reason is not None:
+        return _Outcome(reason=f"damage: {loaded.reason}", finding="zeroed")
+    if ref.digest is not None and loaded.digest == ref.digest:
+        return _Outcome(unchanged=True)
+    refits = _Refits()
+    target = loaded.matrices.div_(loaded.scale or 1.0)
+    _warm_refits(target, read_coords(run.root, run.baseline, ref), ref, run, range(seeds), refits)
+    return _Outcome(refits=refits)
+
+
+def _later_seeds(run: _Run, layer: Layer, outcome: _Outcome, seeds: int) -> _Outcome:
+    """``outcome`` with the warm refits of seeds 1 … ``seeds`` − 1 added (the layer is read
+    again: keeping every changed layer in memory between the stages would hold the model)."""
+    started = time.perf_counter()
+    ref = run.by_name[layer.name]
+    assert outcome.refits is not None  # only refitted layers are undecided
+    refits = replace(outcome.refits, means=[*outcome.refits.means],
+                     changes=[*outcome.refits.changes], absolute=[*outcome.refits.absolute],
+                     moved=[*outcome.refits.moved])  # fmt: skip
+    loaded = load_layer(run.checkpoint, run.family, layer, run.scales)
+    target = loaded.matrices.div_(loaded.scale or 1.0)
+    stored = read_coords(run.root, run.baseline, ref)
+    _warm_refits(target, stored, ref, run, range(len(refits.changes), seeds), refits)
+    return replace(outcome, refits=refits, seconds=outcome.seconds + time.perf_counter() - started)
+
+
+def _refit_cost(ref: BaselineLayer, settings: FitSettings, seeds: int) -> float:
+    """FLOP of ``seeds`` warm refits of a layer."""
+    if ref.coords is None:
+        return 0.0
+    g, m, n = ref.shape
+    return g * fit_flop(settings, m, n, warm=True) * seeds
+
+
+def _warm_refits(
+    target: torch.Tensor,
+    stored: dict[str, torch.Tensor],
+    ref: BaselineLayer,
+    run: _Run,
+    seeds: range,
+    refits: _Refits,
+) -> None:
+    """Warm-start from the stored cold fits of ``seeds`` on ``target`` (W / s) and add each
+    one's figures to ``refits``; seed 0 also gives the fidelity and the weight figures."""
+    settings = run.settings
+    g, m, n = target.shape
+    shape = block_shape(m, n, settings.max_entries)
+    steps = warm_steps(settings, *shape)
+    for k in seeds:
+        cold = stored[f"cold.{k}"].to(run.device)
+        null = stored[f"null.{k}"].to(run.device)
+        # The rows and columns this seed's cold fit saw (all of them below max_entries).
+        blocks = [block_seed(settings.seed + k, ref.name, group) for group in range(g)]
+        fitted = to_device(take_blocks(target, shape, blocks), run.device)
+        warm = fit_coordinates(fitted, settings, cold, steps=steps, lr=settings.warm_lr)
+        _, md = discrepancy(warm)
+        new = float(md.mean())
+        base = ref.null_mean_distance[k]
+        refits.means.append(new)
+        refits.absolute.append(new - base)
+        refits.changes.append((new - base) / base if base else 0.0)
+        refits.moved.append(displacement(warm, null) / base if base else 0.0)
+        if k == 0:
+            refits.fidelity = float(fidelity_of(warm, fitted).mean())
+            if SKETCH in stored:  # an older baseline has none: no weight-change figures
+                refits.weight_change, refits.noise_likeness = weight_figures(
+                    fitted, stored[SKETCH], ref.name
+                )
+
+
+def _margin(ref: BaselineLayer, change: float, policy: Policy) -> float:
+    """How far a layer's mean change over all K seeds may lie from its seed-0 change (module
+    constants above): the baseline's own noise for the layer — the relative spread of its K
+    cold and of its K null mean distances, its null drift, at least the policy's noise floor
+    — plus :data:`CHANGE_SHARE` of the change, times :data:`SEQUENTIAL_FACTOR`."""
+    spread = max(_relative_spread(ref.cold_mean_distance), _relative_spread(ref.null_mean_distance))
+    noise = max(spread, _null_drift(ref) or 0.0, policy.noise_floor / 100)
+    return SEQUENTIAL_FACTOR * (noise + CHANGE_SHARE * abs(change))
+
+
+def _relative_spread(values: list[float]) -> float:
+    if len(values) < 2 or not statistics.fmean(values):
+        return 0.0
+    return statistics.stdev(values) / abs(statistics.fmean(values))
+
+
+def _undecided(
+    layers: list[Layer],
+    outcomes: dict[str, _Outcome],
+    margins: dict[str, float],
+    run: _Run,
+    groups: dict[str, str],
+    policy: Policy,
+) -> list[Layer]:
+    """The refitted layers that need their other seeds: those whose own verdict is near a
+    threshold, and every refitted layer of a scope (all layers, a depth third) whose verdict
+    is. Unchanged layers take part in their scopes with change 0 and margin 0."""
+    seed0 = {name: x.refits.changes[0] for name, x in outcomes.items() if x.refits is not None}
+    members = {
+        name: groups[name] for name, x in outcomes.items() if x.unchanged or x.refits is not None
+    }
+    near = {
+        name for name, x in outcomes.items()
+        if x.refits is not None
+        and layer_undecided(seed0[name], margins[name], x.refits.moved[0], DISPLACEMENT_SHARE,
+                            policy)
+    }  # fmt: skip
+    scopes = [("all", policy.max_drop_all, list(members))]
+    for group in DEPTH_GROUPS:
+        names = [name for name, g in members.items() if g == group]
+        if names:
+            scopes.append((group, policy.max_drop_group, names))
+    for _, limit, names in scopes:
+        change = statistics.fmean(seed0.get(name, 0.0) for name in names)
+        margin = statistics.fmean(margins.get(name, 0.0) for name in names)
+        drift = statistics.fmean(_null_drift(run.by_name[name]) or 0.0 for name in names)
+        if scope_undecided(change, drift, margin, limit, policy):
+            near.update(name for name in names if name in seed0)
+    return [layer for layer in layers if layer.name in near]
+
+
+def _layer_result(
+    layer: Layer,
+    ref: BaselineLayer,
+    outcome: _Outcome,
+    group: str,
+    fidelity: float | None,
+    margin: float | None,
+) -> LayerComparison:
+    """A layer's row of the comparison. An unchanged layer has what a refit of the same
+    weights gives — change 0, the null refits' mean distance, no displacement, no weight
+    change — and the baseline's fidelity."""
+    drift = _null_drift(ref)
+    figures: dict[str, Any] = {"reason": outcome.reason}
+    if outcome.unchanged:
+        figures = {
+            "mean_distance": _mean(ref.null_mean_distance),
+            "change": Change(mean=0.0, std=0.0, absolute=0.0, seeds=len(ref.null_mean_distance)),
+            "displacement": 0.0, "noise": drift or 0.0, "fidelity": fidelity,
+            "weight_change": 0.0,
+        }  # fmt: skip
+    elif outcome.refits is not None:
+        figures = _figures(outcome.refits, drift)
+    return LayerComparison(
+        name=layer.name, type=layer.type, depth=layer.depth,
+        group=group, shape=ref.shape,
+        baseline_mean_distance=_mean(ref.null_mean_distance),
+        mean_distance=figures.get("mean_distance"), change=figures.get("change"),
+        displacement=figures.get("displacement"), null_drift=drift,
+        weight_change=figures.get("weight_change"),
+        noise_likeness=figures.get("noise_likeness"),
+        noise=figures.get("noise"), fidelity=figures.get("fidelity"),
+        reason=figures.get("reason"),
+        unchanged=outcome.unchanged if outcome.reason is None else None,
+        margin=margin if outcome.refits is not None else None,
+        seconds=round(outcome.seconds, 3),
+    )  # fmt: skip
+
+
+def _figures(refits: _Refits, drift: float | None) -> dict[str, Any]:
+    """A refitted layer's figures: means over the seeds run, and seed 0's fidelity and
+    weight figures."""
+    changes = refits.changes
+    std = statistics.stdev(changes) if len(changes) > 1 else 0.0
+    change = Change(
+        mean=statistics.fmean(changes), std=std, absolute=statistics.fmean(refits.absolute),
+        seeds=len(changes),
+    )  # fmt: skip
+    return {
+        "mean_distance": statistics.fmean(refits.means),
+        "change": change,
+        "displacement": statistics.fmean(refits.moved),
+        "noise": max(std, drift or 0.0),
+        "fidelity": refits.fidelity,
+        "weight_change": refits.weight_change,
+        "noise_likeness": refits.noise_likeness,
+    }
+
+
+def _comparison(
+    layers: list[Layer],
+    results: list[LayerComparison],
+    outcomes: dict[str, _Outcome],
+    seeds: int,
+    all_seeds: bool,
+) -> Comparison:
+    """The per-layer rows with their groups, findings and refit counts."""
+    per_seed = {
+        name: x.refits.changes if x.refits is not None else [0.0] * seeds
+        for name, x in outcomes.items()
+        if x.unchanged or x.refits is not None
+    }
     by_group: dict[str, list[LayerComparison]] = {}  # one pass: a scan per type was quadratic
     by_type: dict[str, list[LayerComparison]] = {}  # (a generic checkpoint has a type per layer)
     for r in results:
@@ -706,64 +990,13 @@ def compare_plan(
         all=_group(results, per_seed),
         groups={g: _group(by_group[g], per_seed) for g in DEPTH_GROUPS if g in by_group},
         types={t: _group(by_type[t], per_seed) for t in sorted(by_type)},
-        non_finite=non_finite,
-        zeroed=zeroed,
+        non_finite=[x.name for x in layers if outcomes[x.name].finding == "non_finite"],
+        zeroed=[x.name for x in layers if outcomes[x.name].finding == "zeroed"],
+        unchanged=[x.name for x in layers if outcomes[x.name].unchanged],
+        refits=sum(len(x.refits.changes) for x in outcomes.values() if x.refits is not None),
+        refits_full=seeds * len(per_seed),
+        seed_rule="all" if all_seeds else "sequential",
     )
-
-
-def _refit_cost(ref: BaselineLayer, settings: FitSettings) -> float:
-    """FLOP of a layer's warm refits, one per stored seed."""
-    if ref.coords is None:
-        return 0.0
-    g, m, n = ref.shape
-    return g * fit_flop(settings, m, n, warm=True) * len(ref.null_mean_distance)
-
-
-def _warm_compare(
-    target: torch.Tensor,
-    stored: dict[str, torch.Tensor],
-    ref: BaselineLayer,
-    settings: FitSettings,
-    device: torch.device,
-) -> tuple[dict[str, Any], list[float]]:
-    g, m, n = target.shape
-    shape = block_shape(m, n, settings.max_entries)
-    steps = warm_steps(settings, *shape)
-    means, changes, absolute, moved = [], [], [], []
-    fid = weight_change = noise_like = None
-    for k in range(len(ref.null_mean_distance)):
-        cold = stored[f"cold.{k}"].to(device)
-        null = stored[f"null.{k}"].to(device)
-        # The rows and columns this seed's cold fit saw (all of them below max_entries).
-        seeds = [block_seed(settings.seed + k, ref.name, group) for group in range(g)]
-        fitted = to_device(take_blocks(target, shape, seeds), device)
-        warm = fit_coordinates(fitted, settings, cold, steps=steps, lr=settings.warm_lr)
-        _, md = discrepancy(warm)
-        new = float(md.mean())
-        base = ref.null_mean_distance[k]
-        means.append(new)
-        absolute.append(new - base)
-        changes.append((new - base) / base if base else 0.0)
-        moved.append(displacement(warm, null) / base if base else 0.0)
-        if k == 0:
-            fid = float(fidelity_of(warm, fitted).mean())
-            if "sketch" in stored:  # an older baseline has none: no weight-change figures
-                weight_change, noise_like = weight_figures(fitted, stored["sketch"], ref.name)
-    std = statistics.stdev(changes) if len(changes) > 1 else 0.0
-    change = Change(
-        mean=statistics.fmean(changes), std=std, absolute=statistics.fmean(absolute),
-        seeds=len(changes),
-    )  # fmt: skip
-    figures = {
-        "mean_distance": statistics.fmean(means),
-        "change": change,
-        "displacement": statistics.fmean(moved),
-        "noise": max(std, _null_drift(ref) or 0.0),
-        "fidelity": fid,
-        "weight_change": weight_change,
-        "noise_likeness": noise_like,
-    }
-    return figures, changes
 
 
 def displacement(coords: torch.Tensor, reference: torch.Tensor) -> float:
@@ -785,12 +1018,14 @@ def _null_drift(ref: BaselineLayer) -> float | None:
 
 
 def _group(layers: list[LayerComparison], per_seed: dict[str, list[float]]) -> GroupComparison:
-    """A group's change is the mean of its layers' relative changes, per seed; mean ± std over
-    seeds. Its noise is the larger of that std and the mean null drift of its layers."""
+    """A group's change is the mean of its layers' relative changes, per seed, over the seeds
+    every member has (sequential seeds refit some layers once: then seed 0 alone); mean ± std
+    over those seeds. Its noise is the larger of that std and the mean null drift of its
+    layers."""
     measured = [layer for layer in layers if layer.name in per_seed]
     if not measured:
         return GroupComparison(layers=0, change=None, noise=None, displacement=None)
-    seeds = len(per_seed[measured[0].name])
+    seeds = min(len(per_seed[x.name]) for x in measured)
     by_seed = [statistics.fmean(per_seed[x.name][k] for x in measured) for k in range(seeds)]
     std = statistics.stdev(by_seed) if seeds > 1 else 0.0
     absolute = statistics.fmean(x.change.absolute for x in measured if x.change is not None)

@@ -187,6 +187,7 @@ def _baseline_layer(layer: LayerResult, shape: list[int], writer: BaselineWriter
         scale=layer.scale, coords=writer.files.get(layer.name),
         cold_mean_distance=writer.cold.get(layer.name, []),
         null_mean_distance=writer.null.get(layer.name, []), reason=layer.reason,
+        digest=layer.digest,
     )  # fmt: skip
 
 
@@ -200,18 +201,24 @@ def check(
     sources: SourceOptions | None = None,
     progress: Progress | None = None,
     cache: bool = True,
+    all_seeds: bool = False,
     **settings: Any,
 ) -> CheckReport:
     """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
     measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
     as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
     (``device`` and ``threads`` are free). A baseline measured on the fly is kept in the cache
-    for the next check (``cache=False``: measured into a temporary directory and dropped)."""
+    for the next check (``cache=False``: measured into a temporary directory and dropped).
+
+    Layers whose bytes equal the baseline's are not refitted; of the others, seed 0 is
+    refitted first and the other K − 1 seeds only where a verdict under ``policy`` is near a
+    threshold (docs/gate.md); ``all_seeds`` refits every seed of every changed layer."""
     import torch
 
     from dynaudit.runtime import pick_device, torch_scope
 
     options = sources or SourceOptions()
+    chosen = policy or Policy()  # before the comparison: sequential seeds depend on it
     started = time.perf_counter()
     resolved = resolve(source, options)
     digest = _file_digest(options)
@@ -250,9 +257,9 @@ def check(
             with torch_scope(device, fit.threads):
                 threads = torch.get_num_threads()
                 comparison = compare_plan(
-                    checkpoint, plan, detection.family, stored, root, device, progress, ranks
-                )
-    chosen = policy or Policy()
+                    checkpoint, plan, detection.family, stored, root, device, progress, ranks,
+                    policy=chosen, all_seeds=all_seeds,
+                )  # fmt: skip
     return CheckReport(
         tool={"name": "dynaudit", "version": __version__},
         source=SourceInfo(

@@ -44,7 +44,9 @@ __all__ = [
     "Policy",
     "Verdict",
     "decide",
+    "layer_undecided",
     "load_policy",
+    "scope_undecided",
     "weight_damage",
 ]
 
@@ -89,6 +91,18 @@ class LayerComparison(_Model):
     noise: float | None = Field(description="max(std, null drift, floor): what a change must beat")
     fidelity: float | None
     reason: str | None = Field(None, description="why the figures are null (damage or NaN)")
+    unchanged: bool | None = Field(
+        None,
+        description="true: the layer's float32 matrices are bit-equal to the baseline's (same "
+        "digest): change 0, no refit",
+        exclude_if=lambda value: value is None,
+    )
+    margin: float | None = Field(
+        None,
+        description="sequential seeds: how far from a threshold the seed-0 change had to be "
+        "to stand for all K seeds (null: all seeds run, or no refit)",
+        exclude_if=lambda value: value is None,
+    )
     seconds: float = 0.0
 
 
@@ -106,6 +120,27 @@ class Comparison(_Model):
     types: dict[str, GroupComparison]
     non_finite: list[str] = Field(default_factory=list)
     zeroed: list[str] = Field(default_factory=list, description="layers that became all zeros")
+    unchanged: list[str] | None = Field(
+        None,
+        description="layers bit-equal to the baseline's (same digest): not refitted",
+        exclude_if=lambda value: value is None,
+    )
+    refits: int | None = Field(
+        None,
+        description="warm refits run (one per layer and seed)",
+        exclude_if=lambda value: value is None,
+    )
+    refits_full: int | None = Field(
+        None,
+        description="warm refits a check would run without digests and with all K seeds",
+        exclude_if=lambda value: value is None,
+    )
+    seed_rule: Literal["sequential", "all"] | None = Field(
+        None,
+        description="sequential: seeds beyond the first only where a verdict was near a "
+        "threshold; all: every seed for every changed layer",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class Policy(BaseModel):
@@ -264,6 +299,38 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
     if policy.max_noise_change is not None:
         checked += f" ({policy.max_noise_change:g}% if noise-like)"
     return Verdict(verdict="pass", reasons=[checked])
+
+
+def layer_undecided(
+    change: float, margin: float, displacement: float | None, share: float, policy: Policy
+) -> bool:
+    """Whether a layer's damage verdict could differ between its seed-0 figures and their
+    means over all K seeds, when the mean change lies within ``margin`` of seed 0's and the
+    mean displacement within ``share`` × ``max_displacement`` of seed 0's: its |change| is
+    within ``margin`` of ``max_layer_change``, or its displacement within ``share`` of the
+    bound. The weight figures come from seed 0 alone, whatever K: more seeds cannot move them."""
+    if abs(abs(change) - policy.max_layer_change / 100) <= margin:
+        return True
+    bound = policy.max_displacement
+    if bound is None or displacement is None:
+        return False
+    return abs(displacement - bound) <= share * bound
+
+
+def scope_undecided(
+    change: float, drift: float, margin: float, limit: float, policy: Policy
+) -> bool:
+    """Whether a scope's capacity-loss verdict (:func:`decide`: a drop beyond ``limit`` %
+    and beyond ``noise_multiple`` × its noise) could differ between its seed-0 change and
+    the mean over all K seeds, when that mean lies within ``margin`` of seed 0 and the std
+    over seeds, which seed 0 alone cannot give, is at most ``margin``: undecided when both
+    a failing and a passing verdict are reachable."""
+    drop = -change
+    floor = policy.noise_floor / 100
+    quiet, loud = max(drift, floor), max(drift, floor, margin)  # noise without / with the std
+    could_fail = drop + margin > limit / 100 and drop + margin > policy.noise_multiple * quiet
+    could_pass = drop - margin <= limit / 100 or drop - margin <= policy.noise_multiple * loud
+    return could_fail and could_pass
 
 
 def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:

@@ -188,7 +188,8 @@ def test_a_layer_with_shuffled_rows_fails_as_replaced(
 def test_an_older_baseline_without_a_sketch_still_compares(
     tiny_llama: Path, stored: Path, tmp_path: Path
 ) -> None:
-    """Baselines written before the weight sketch: no weight-change figure, no error."""
+    """Baselines written before the weight sketch (and so before layer digests): no
+    weight-change figure, no error; every layer refitted."""
     from dynaudit.tensors import sha256_file
 
     copy = shutil.copytree(stored, tmp_path / "old")
@@ -196,10 +197,16 @@ def test_an_older_baseline_without_a_sketch_still_compares(
     for file in (copy / "coords").iterdir():
         save_file({k: v for k, v in load_file(str(file)).items() if k != "sketch"}, str(file))
         manifest[f"coords/{file.name}"] = sha256_file(file)
+    data = json.loads((copy / "baseline.json").read_text())
+    for layer in [*data["layers"], *data["report"]["layers"]]:
+        layer.pop("digest", None)
+    (copy / "baseline.json").write_text(json.dumps(data))
+    manifest["baseline.json"] = sha256_file(copy / "baseline.json")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     report = dynaudit.check(tiny_llama, copy)
     assert report.verdict.passed
     assert all(x.weight_change is None for x in report.comparison.layers)
+    assert report.comparison.unchanged == [] and report.comparison.refits == 29
 
 
 def test_a_rank_collapsed_block_fails_naming_layers_and_groups(
@@ -274,7 +281,8 @@ def test_nan_weights_exit_1(tiny_llama: Path, stored: Path, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_real_fine_tunes_from_the_cli(tiny_llama: Path, stored: Path, tmp_path: Path) -> None:
     """Acceptance (b) and (c) with real fine-tunes: a gentle one is decided by the policy with
-    its deltas and spread shown; a catastrophic one exits 1 naming layers and groups."""
+    its deltas shown — from seed 0 alone, far from every threshold, and with their spread
+    over the K seeds under --all-seeds; a catastrophic one exits 1 naming layers and groups."""
     from experiments import zoo
     from experiments.calibrate_gate import FINETUNE_MODULES
 
@@ -288,8 +296,15 @@ def test_real_fine_tunes_from_the_cli(tiny_llama: Path, stored: Path, tmp_path: 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = dynaudit.CheckReport.model_validate_json(out.read_text())
     change = report.comparison.all.change
-    assert change is not None and change.seeds == 3 and change.std > 0
+    assert change is not None and change.seeds == 1 and report.comparison.refits == 29
     assert 0 < abs(change.mean) < 0.02  # it moved, a little
+    assert f"{change.mean * 100:+.2f}% (1 seed)" in proc.stdout
+    proc = cli("check", str(gentle), "--baseline", str(stored), "--json", str(out), "--all-seeds")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = dynaudit.CheckReport.model_validate_json(out.read_text())
+    change = report.comparison.all.change
+    assert change is not None and change.seeds == 3 and change.std > 0
+    assert report.comparison.refits == report.comparison.refits_full == 87
     assert f"{change.mean * 100:+.2f}% ± {change.std * 100:.2f}%" in proc.stdout
     proc = cli("check", str(wrecked), "--baseline", str(stored))
     assert proc.returncode == 1

@@ -137,6 +137,14 @@ MaxNoiseChange = Annotated[
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
 ]
+AllSeeds = Annotated[
+    bool,
+    typer.Option(
+        "--all-seeds",
+        help="refit every baseline seed of every changed layer (default: seed 0 first, the "
+        "others only where a verdict is near a threshold)",
+    ),
+]
 NoBaselineCache = Annotated[
     bool,
     typer.Option(
@@ -332,6 +340,7 @@ def check(
     junit_path: JunitOut = None,
     log_mlflow: LogMlflow = False,
     no_cache: NoBaselineCache = False,
+    all_seeds: AllSeeds = False,
     quiet: Quiet = False,
 ) -> int:
     """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
@@ -353,7 +362,7 @@ def check(
     with _progress() if main_rank else contextlib.nullcontext() as progress:
         report = run(
             source, baseline_ref, policy=policy, family=family, base=base, progress=progress,
-            device=device, threads=threads, cache=not no_cache,
+            device=device, threads=threads, cache=not no_cache, all_seeds=all_seeds,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
     if not main_rank:
@@ -391,6 +400,7 @@ def compare(
     junit_path: JunitOut = None,
     log_mlflow: LogMlflow = False,
     no_cache: NoBaselineCache = False,
+    all_seeds: AllSeeds = False,
     quiet: Quiet = False,
 ) -> int:
     """Compare two checkpoints: A is measured as the baseline of B (and kept in the cache)."""
@@ -411,7 +421,7 @@ def compare(
         report = run(
             a, b, policy=policy, family=family, progress=progress, device=device,
             q_dim=q_dim, pieces=pieces, steps=steps, max_entries=max_entries, seeds=seeds,
-            cache=not no_cache,
+            cache=not no_cache, all_seeds=all_seeds,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
         )  # fmt: skip
     return _finish_check(

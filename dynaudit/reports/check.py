@@ -8,18 +8,39 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dynaudit.policy import Change, GroupComparison
+from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison
 from dynaudit.report import CheckReport
 from dynaudit.reports.escape import escape_markdown, markdown_code, plain, print_plain
 from dynaudit.reports.markdown import fmt
 
-__all__ = ["render_check_markdown", "render_check_terminal"]
+__all__ = ["refit_summary", "render_check_markdown", "render_check_terminal"]
 
 
 def _change(change: Change | None) -> str:
     if change is None:
         return "—"
+    if change.seeds == 1:  # no spread to show: one seed (sequential seeds, or K = 1)
+        return f"{change.mean * 100:+.2f}% (1 seed)"
     return f"{change.mean * 100:+.2f}% ± {change.std * 100:.2f}%"
+
+
+def _layer_change(layer: LayerComparison) -> str:
+    return "0 (unchanged)" if layer.unchanged else _change(layer.change)
+
+
+def refit_summary(comparison: Comparison) -> str | None:
+    """What the check refitted, as one line: unchanged layers, warm refits run and what all
+    seeds of every layer would have cost (None for a comparison made before these counts)."""
+    if comparison.refits is None or comparison.refits_full is None:
+        return None
+    unchanged = len(comparison.unchanged or [])
+    rule = {"sequential": "sequential seeds", "all": "all seeds"}.get(comparison.seed_rule or "")
+    return (
+        f"{unchanged} layer{'s' if unchanged != 1 else ''} unchanged (bit-equal to the "
+        f"baseline's, not refitted); {comparison.refits} warm refit"
+        f"{'s' if comparison.refits != 1 else ''} run of {comparison.refits_full} for every "
+        f"seed of every layer" + (f" ({rule})" if rule else "")
+    )
 
 
 def _pct(value: float | None) -> str:
@@ -55,6 +76,7 @@ def render_check_markdown(report: CheckReport) -> str:
         f"- protocol v{report.protocol_version}; q_dim {_setting(report, 'q_dim')}, "
         f"H {_setting(report, 'pieces')}, {_setting(report, 'steps')} cold / "
         f"{_setting(report, 'warm_steps')} warm steps; {report.seconds:.1f} s",
+        *([f"- refits: {refits}"] if (refits := refit_summary(report.comparison)) else []),
         "",
         "## Verdict",
         "",
@@ -85,7 +107,7 @@ def render_check_markdown(report: CheckReport) -> str:
     failing = set(verdict.failing_layers)
     for layer in report.comparison.layers:
         name = f"**{esc(layer.name)}**" if layer.name in failing else esc(layer.name)
-        change = esc(layer.reason) if layer.reason else _change(layer.change)
+        change = esc(layer.reason) if layer.reason else _layer_change(layer)
         lines.append(
             f"| {name} | {esc(layer.type)} | {layer.group} | "
             f"{fmt(layer.baseline_mean_distance)} | {fmt(layer.mean_distance)} | {change} | "
@@ -106,7 +128,7 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
     failing = set(report.verdict.failing_layers)
     for layer in report.comparison.layers:
         style = "red" if layer.name in failing else ""
-        change = plain(layer.reason or _change(layer.change), style=style)
+        change = plain(layer.reason or _layer_change(layer), style=style)
         table.add_row(
             plain(layer.name, style=style), plain(layer.type), plain(layer.group),
             fmt(layer.baseline_mean_distance), fmt(layer.mean_distance), change,
@@ -123,6 +145,9 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
             fmt(group.displacement, 3),
         )  # fmt: skip
     console.print(groups)
+    refits = refit_summary(report.comparison)
+    if refits is not None:
+        print_plain(console, f"refits: {refits}", style="dim")
     style = "bold green" if report.verdict.passed else "bold red"
     console.print(Text(f"verdict: {report.verdict.verdict}", style=style))
     for reason in report.verdict.reasons:
