@@ -882,25 +882,25 @@ def _undecided(
     groups: dict[str, str],
     policy: Policy,
 ) -> list[Layer]:
-    """The refitted layers that need their other seeds: those whose own verdict is near a
-    threshold, and every refitted layer of a scope (all layers, a depth third) whose verdict
-    is. Unchanged layers take part in their scopes with change 0 and margin 0."""
-    seed0 = {name: x.refits.changes[0] for name, x in outcomes.items() if x.refits is not None}
-    members = {
-        name: groups[name] for name, x in outcomes.items() if x.unchanged or x.refits is not None
-    }
-    near = {
-        name for name, x in outcomes.items()
-        if x.refits is not None
-        and layer_undecided(seed0[name], margins[name], x.refits.moved[0], DISPLACEMENT_SHARE,
-                            policy)
-    }  # fmt: skip
-    scopes = [("all", policy.max_drop_all, list(members))]
-    for group in DEPTH_GROUPS:
-        names = [name for name, g in members.items() if g == group]
-        if names:
-            scopes.append((group, policy.max_drop_group, names))
-    for _, limit, names in scopes:
+    """The refitted layers that need their other seeds, in plan order (every rank of a job
+    computes the same list): those whose own verdict is near a threshold, and every refitted
+    layer of a scope (all layers, a depth third) whose verdict is. Unchanged layers take part
+    in their scopes with change 0 and margin 0."""
+    seed0: dict[str, float] = {}
+    near: set[str] = set()
+    scopes: dict[str, list[str]] = {}
+    for layer in layers:
+        name, refits = layer.name, outcomes[layer.name].refits
+        if refits is not None:
+            seed0[name] = refits.changes[0]
+            if layer_undecided(refits.changes[0], margins[name], refits.moved[0],
+                               DISPLACEMENT_SHARE, policy):  # fmt: skip
+                near.add(name)
+        if outcomes[name].unchanged or refits is not None:
+            scopes.setdefault("all", []).append(name)
+            scopes.setdefault(groups[name], []).append(name)
+    for scope, names in scopes.items():
+        limit = policy.max_drop_all if scope == "all" else policy.max_drop_group
         change = statistics.fmean(seed0.get(name, 0.0) for name in names)
         margin = statistics.fmean(margins.get(name, 0.0) for name in names)
         drift = statistics.fmean(_null_drift(run.by_name[name]) or 0.0 for name in names)

@@ -209,6 +209,16 @@ def test_a_baseline_without_digests_refits_every_layer(
     assert all(x.change is not None and x.change.mean == 0.0 for x in report.comparison.layers)
 
 
+def test_nothing_to_refit_is_no_error(base: Path, gate_baseline: Path, tmp_path: Path) -> None:
+    """Every layer NaN: no layer is refitted or unchanged, and no scope has members."""
+    from experiments.derived import poison
+
+    report = dynaudit.check(derive(base, tmp_path / "nan", poison("", float("nan"))),
+                            gate_baseline)  # fmt: skip
+    assert report.comparison.refits == 0 and report.comparison.unchanged == []
+    assert len(report.comparison.non_finite) == LAYERS and not report.verdict.passed
+
+
 # -- sequential seeds ---------------------------------------------------------------------
 
 
