@@ -127,44 +127,87 @@ def _rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
     return max(1, min(m, tile_bytes // max(1, 4 * b * h * n)))
 
 
-class _Work(NamedTuple):
-    """Buffers of one fit, allocated once rather than per tile and step (glibc maps blocks of
-    16 MiB and more afresh, so a buffer allocated per step was faulted in again at every step:
-    docs/performance.md, "allocation"). The fit works on coordinates laid out ``(b, H, k, N)``
-    (one row per dimension): both gradient products then read their operands in the
-    orientation BLAS runs fastest, and each piece's augmented coordinates are one
+class _Tile(NamedTuple):
+    """Views of one row tile of A into the fit's buffers, made once per fit: a step then runs
+    only the arithmetic (the ~40 views a step would otherwise make were a third of a small
+    matrix's step)."""
+
+    left: torch.Tensor  # (bH, k + 2, t): A's augmented rows (−2a, |a|², 1)
+    dist: torch.Tensor  # (bH, t, n): distances, then σ·G in place
+    pieces: torch.Tensor  # (b, H, t, n): the same memory
+    negative: torch.Tensor  # (b, H/2, t, n): the pieces with σ = −1
+    positive: torch.Tensor  # (b, H/2, t, n): those with σ = +1
+    flat: torch.Tensor  # (b, H, t·n): the same memory, for the signed sum
+    signed: torch.Tensor  # (b, 1, t·n): Σ_h σ_h E_h, then the residual r
+    resid: torch.Tensor  # (b, 1, t, n): r, the same memory
+    minus: torch.Tensor  # (b, 1, t, n): −r
+    target: torch.Tensor  # (b, t, n)
+    g_t: torch.Tensor  # (bH, n, t): Gᵀ
+    gb: torch.Tensor  # (bH, k + 1, t): ((G·B)ᵀ; rowsum G)
+    gb_sum: torch.Tensor  # (b, H, 1, t)
+    gb_dot: torch.Tensor  # (b, H, k, t)
+    grad: torch.Tensor  # (b, H, k, t): this tile's rows of ∇A
+    coords: torch.Tensor  # (b, H, k, t): this tile's rows of A
+
+
+class _Work:
+    """Buffers of one fit and views into them, made once rather than per tile and step (glibc
+    maps blocks of 16 MiB and more afresh, so a buffer allocated per step was faulted in again
+    at every step: docs/performance.md, "allocation"). The fit works on coordinates laid out
+    ``(b, H, k, N)`` (one row per dimension): both gradient products then read their operands
+    in the orientation BLAS runs fastest, and each piece's augmented coordinates are one
     ``(k + 2, N)`` matrix whose constant rows are written once."""
 
-    rows: int  # rows of A per tile
-    aug: torch.Tensor  # (b, H, k + 2, N): A's columns (−2a, |a|², 1), B's (b, 1, |b|²)
-    dist: torch.Tensor  # flat, (b, H, rows, n): distances, then σ·G in place
-    resid: torch.Tensor  # flat, (b, 2, rows, n): the residual r and −r
-    sigma: torch.Tensor  # (b, 1, H): the signs σ_h, for the signed sum as one product
-    grad: torch.Tensor  # (b, H, k, N)
-    grad_b: torch.Tensor  # (b, H, k + 2, n): Gᵀ·(−2A, |a|², 1) summed over tiles
-
-    @classmethod
-    def allocate(cls, b: int, h: int, k: int, m: int, n: int, tile_bytes: int, like: torch.Tensor
-    ) -> _Work:  # fmt: skip
-        rows = _rows_per_tile(b, h, m, n, tile_bytes)
+    def __init__(self, coords: torch.Tensor, target: torch.Tensor, tile_bytes: int) -> None:
+        bsz, h, k, total = coords.shape
+        m = target.shape[1]
+        n = total - m
+        half = h // 2
+        self.coords, self.m, self.k = coords, m, k
+        self.rows = _rows_per_tile(bsz, h, m, n, tile_bytes)
 
         def empty(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, dtype=like.dtype, device=like.device)
+            return torch.empty(*shape, dtype=coords.dtype, device=coords.device)
 
-        aug = empty(b, h, k + 2, m + n)
-        aug[:, :, k + 1, :m] = 1.0
-        aug[:, :, k, m:] = 1.0
-        sigma = torch.ones(b, 1, h, dtype=like.dtype, device=like.device)
-        sigma[..., : h // 2] = -1.0
-        return cls(
-            rows,
-            aug,
-            empty(b * h * rows * n),
-            empty(b * 2 * rows * n),
-            sigma,
-            empty(b, h, k, m + n),
-            empty(b, h, k + 2, n),
-        )
+        self.aug = empty(bsz, h, k + 2, total)
+        self.aug[:, :, k + 1, :m] = 1.0
+        self.aug[:, :, k, m:] = 1.0
+        self.sigma = torch.ones(bsz, 1, h, dtype=coords.dtype, device=coords.device)
+        self.sigma[..., :half] = -1.0
+        self.grad = empty(bsz, h, k, total)
+        self.grad_b = empty(bsz, h, k + 2, n)
+        self.norms = empty(bsz, h, total)
+        dist = empty(bsz * h * self.rows * n)
+        resid = empty(bsz * 2 * self.rows * n)
+        gb = empty(bsz * h * (k + 1) * self.rows)
+        flat = self.aug.view(bsz * h, k + 2, total)
+        self.right = flat[..., m:]  # (bH, k + 2, n): B's rows (b, 1, |b|²)
+        self.right_one = self.right[:, : k + 1]
+        self.tiles: list[_Tile] = []
+        for r0 in range(0, m, self.rows):
+            t = min(m, r0 + self.rows) - r0
+            g = dist[: bsz * h * t * n].view(bsz * h, t, n)
+            pieces = g.view(bsz, h, t, n)
+            two = resid[: bsz * 2 * t * n].view(bsz, 2, t * n)
+            tile_gb = gb[: bsz * h * (k + 1) * t].view(bsz * h, k + 1, t)
+            by_piece = tile_gb.view(bsz, h, k + 1, t)
+            self.tiles.append(_Tile(
+                left=flat[..., r0 : r0 + t], dist=g, pieces=pieces,
+                negative=pieces[:, :half], positive=pieces[:, half:],
+                flat=pieces.view(bsz, h, t * n), signed=two[:, 1:],
+                resid=two[:, 1:].view(bsz, 1, t, n), minus=two[:, :1].view(bsz, 1, t, n),
+                target=target[:, r0 : r0 + t], g_t=g.mT, gb=tile_gb,
+                gb_sum=by_piece[:, :, k:], gb_dot=by_piece[:, :, :k],
+                grad=self.grad[..., r0 : r0 + t], coords=coords[..., r0 : r0 + t],
+            ))  # fmt: skip
+        self.a_rows, self.b_rows = self.aug[:, :, :k, :m], self.aug[:, :, :k, m:]
+        self.a_norms, self.b_norms = self.aug[:, :, k, :m], self.aug[:, :, k + 1, m:]
+        self.a, self.b = coords[..., :m], coords[..., m:]
+        self.norms_a, self.norms_b = self.norms[..., :m], self.norms[..., m:]
+        self.grad_b_flat = self.grad_b.view(bsz * h, k + 2, n)
+        self.colsum, self.gta = self.grad_b[:, :, k + 1 :], self.grad_b[:, :, :k]
+        self.grad_tail = self.grad[..., m:]
+        self.scale = 2.0 / (m * n)
 
 
 def _augment(x: torch.Tensor, *, left: bool) -> torch.Tensor:
@@ -211,61 +254,40 @@ def reconstruct(
     return torch.cat(parts, dim=1)
 
 
-def _gradient(
-    coords: torch.Tensor,
-    target: torch.Tensor,
-    eps2: torch.Tensor,
-    mu: float,
-    work: _Work,
-) -> torch.Tensor:
-    """∂L/∂coords for L = mean((Ŵ − T)²) + μ·mean_i ‖q_i‖², coordinates laid out
-    ``(b, H, k, N)`` (the fit's layout, see :class:`_Work`); returns ``work.grad``.
+def _gradient(work: _Work, eps2: torch.Tensor, mu: float) -> torch.Tensor:
+    """∂L/∂coords for L = mean((Ŵ − T)²) + μ·mean_i ‖q_i‖², for the coordinates (laid out
+    ``(b, H, k, N)``) and target ``work`` was made for; returns ``work.grad``.
 
     One pass per row tile of A: the distances E (one product of augmented coordinates), the
     residual r = Σ_h σ_h E_h − T (one product with the signs), σ_h·G_h = σ_h·r ⊘ E_h in place,
     then ∇A's tile and ∇B's share of it, each one product."""
-    bsz, h, k, total = coords.shape
-    m = target.shape[1]
-    n = total - m
-    half = h // 2
-    aug, grad = work.aug, work.grad
-    torch.mul(coords[..., :m], -2.0, out=aug[:, :, :k, :m])
-    aug[:, :, :k, m:] = coords[..., m:]
-    norms = coords.square().sum(dim=2)  # (b, H, N)
-    aug[:, :, k, :m] = norms[..., :m]
-    aug[:, :, k + 1, m:] = norms[..., m:]
-    flat = aug.view(bsz * h, k + 2, total)
-    right = flat[..., m:]  # (bH, k + 2, n): rows (b, 1, |b|²)
-    grad_b = work.grad_b.view(bsz * h, k + 2, n)
-    for r0 in range(0, m, work.rows):
-        r1 = min(m, r0 + work.rows)
-        t = r1 - r0
-        left = flat[..., r0:r1]  # (bH, k + 2, t): rows (−2a, |a|², 1)
-        dist = torch.bmm(left.mT, right, out=work.dist[: bsz * h * t * n].view(bsz * h, t, n))
-        dist = dist.view(bsz, h, t, n).clamp_(min=eps2).sqrt_()
-        resid = work.resid[: bsz * 2 * t * n].view(bsz, 2, t * n)
-        torch.bmm(work.sigma, dist.view(bsz, h, t * n), out=resid[:, 1:])
-        pos = resid[:, 1].view(bsz, t, n).sub_(target[:, r0:r1]).mul_(2.0 / (m * n))
-        neg = torch.neg(pos, out=resid[:, 0].view(bsz, t, n))
+    torch.mul(work.a, -2.0, out=work.a_rows)
+    work.b_rows.copy_(work.b)
+    torch.sum(work.coords.square(), dim=2, out=work.norms)  # (b, H, N)
+    work.a_norms.copy_(work.norms_a)
+    work.b_norms.copy_(work.norms_b)
+    for i, tile in enumerate(work.tiles):
+        torch.bmm(tile.left.mT, work.right, out=tile.dist)
+        tile.pieces.clamp_(min=eps2).sqrt_()
+        torch.bmm(work.sigma, tile.flat, out=tile.signed)
+        tile.resid.sub_(tile.target.unsqueeze(1)).mul_(work.scale)
+        torch.neg(tile.resid, out=tile.minus)
         # σ_h·G_h = σ_h·r ⊘ E_h, over the distance buffer in place.
-        torch.div(neg.unsqueeze(1), dist[:, :half], out=dist[:, :half])
-        torch.div(pos.unsqueeze(1), dist[:, half:], out=dist[:, half:])
-        g = dist.view(bsz * h, t, n)
+        torch.div(tile.minus, tile.negative, out=tile.negative)
+        torch.div(tile.resid, tile.positive, out=tile.positive)
         # ∇A = rowsum(G)·A − G·B: the product (B; 1)ᵀ·Gᵀ gives (G·B)ᵀ and rowsum(G) at once.
-        gb = torch.bmm(right[:, : k + 1], g.mT).view(bsz, h, k + 1, t)
-        tile = grad[..., r0:r1]
-        torch.mul(gb[:, :, k:], coords[..., r0:r1], out=tile)
-        tile.sub_(gb[:, :, :k])
+        torch.bmm(work.right_one, tile.g_t, out=tile.gb)
+        torch.mul(tile.gb_sum, tile.coords, out=tile.grad)
+        tile.grad.sub_(tile.gb_dot)
         # ∇B = colsum(G)·B − Gᵀ·A: (−2A; |a|²; 1)·G gives −2·(Gᵀ·A)ᵀ and colsum(G).
-        if r0 == 0:
-            torch.bmm(left, g, out=grad_b)
+        if i == 0:
+            torch.bmm(tile.left, tile.dist, out=work.grad_b_flat)
         else:
-            grad_b.baddbmm_(left, g)
-    acc = work.grad_b
-    tail = grad[..., m:]
-    torch.mul(acc[:, :, k + 1 :], coords[..., m:], out=tail)
-    tail.add_(acc[:, :, :k], alpha=0.5)
-    return grad.add_(coords, alpha=2.0 * mu / total)
+            work.grad_b_flat.baddbmm_(tile.left, tile.dist)
+    torch.mul(work.colsum, work.b, out=work.grad_tail)
+    work.grad_tail.add_(work.gta, alpha=0.5)
+    total = work.coords.shape[-1]
+    return work.grad.add_(work.coords, alpha=2.0 * mu / total)
 
 
 def fit_coordinates(
@@ -287,14 +309,13 @@ def fit_coordinates(
     lr = settings.lr if lr is None else lr
     size = rms(target).float().view(bsz, 1, 1, 1)
     eps2 = (size * _EPS) ** 2
-    h, k = settings.pieces, settings.piece_dim
     coords = init.transpose(2, 3).contiguous()  # the fit's layout, (b, H, k, N)
     avg = torch.zeros_like(coords)
     avg_sq = torch.zeros_like(coords)
     step_size = torch.empty_like(coords)
-    work = _Work.allocate(bsz, h, k, m, n, work_bytes(settings, bsz, m, n), target)
+    work = _Work(coords, target, work_bytes(settings, bsz, m, n))
     for step in range(1, steps + 1):
-        grad = _gradient(coords, target, eps2, settings.mu, work)
+        grad = _gradient(work, eps2, settings.mu)
         avg.lerp_(grad, 1 - _BETA1)
         avg_sq.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
         rate = lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
