@@ -243,8 +243,8 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
         drop = -change.mean
         if drop > limit / 100 and drop > policy.noise_multiple * noise:
             message = (
-                f"capacity loss: {label} mean distance {_pct(change.mean)} "
-                f"± {_pct(change.std, False)} (limit −{limit:g}%, noise {_pct(noise, False)})"
+                f"capacity loss: {label} mean distance {_pct(change.mean)}"
+                f"{_spread(change)} (limit −{limit:g}%, noise {_pct(noise, False)})"
             )
             findings.append(
                 Finding(kind="capacity_loss", groups=sorted({"all", key}), message=message)
@@ -255,8 +255,8 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
         problem: str | None = None
         if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
             problem = (
-                f"damage: {layer.name} mean distance {_pct(moved.mean)} "
-                f"± {_pct(moved.std, False)} (limit ±{policy.max_layer_change:g}%)"
+                f"damage: {layer.name} mean distance {_pct(moved.mean)}"
+                f"{_spread(moved)} (limit ±{policy.max_layer_change:g}%)"
             )
         elif weights == "replaced":
             problem = (
@@ -376,6 +376,12 @@ def _problem(error: Any, origin: dict[str, str]) -> str:
     if where.startswith("--") and not where.startswith("--policy"):
         return f"{where} {shown}: {error.get('msg', 'invalid')}"
     return f"{key} = {shown} ({where}): {error.get('msg', 'invalid')}"
+
+
+def _spread(change: Change) -> str:
+    """`` ± std`` over the seeds, or `` (1 seed)`` when one seed gave the figure (sequential
+    seeds decided it there): no spread to show."""
+    return " (1 seed)" if change.seeds == 1 else f" ± {_pct(change.std, False)}"
 
 
 def _pct(value: float, sign: bool = True) -> str:

@@ -328,6 +328,21 @@ def test_scope_undecided(change: float, margin: float, undecided: bool) -> None:
     assert scope_undecided(change, 0.0002, margin, 2.0, Policy()) is undecided
 
 
+def test_a_figure_from_one_seed_shows_no_spread() -> None:
+    from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, decide
+
+    one = Change(mean=-0.3, std=0.0, absolute=-0.3, seeds=1)
+    layer = LayerComparison(
+        name="w", type="query", depth=0, group="bottom", shape=[1, 4, 4],
+        baseline_mean_distance=1.0, mean_distance=0.7, change=one, displacement=0.1,
+        null_drift=0.001, noise=0.001, fidelity=0.5,
+    )  # fmt: skip
+    group = GroupComparison(layers=1, change=one, noise=0.001, displacement=0.1)
+    comparison = Comparison(layers=[layer], all=group, groups={"bottom": group}, types={})
+    reasons = decide(comparison, Policy()).reasons
+    assert reasons and all("(1 seed)" in r and "±" not in r.split("(limit")[0] for r in reasons)
+
+
 # -- under torchrun ------------------------------------------------------------------------
 
 

@@ -40,6 +40,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="small fit settings, as the tests run them (default: dynaudit's)",
     )
+    parser.add_argument(
+        "--no-seed-comparison",
+        dest="compare_seeds",
+        action="store_false",
+        help="check each alarm and damage case once, as check runs by default (default: also "
+        "with --all-seeds, comparing the verdicts and the refits run)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep models, baselines and reports here")
     parser.add_argument("--out", type=Path, help="write every outcome as JSON here")
     parser.add_argument(
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     console = Console(stderr=True)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="dynaudit-reliability-"))
-    workspace = Workspace(root, quick=args.quick)
+    workspace = Workspace(root, quick=args.quick, compare_seeds=args.compare_seeds)
     # Like the tests (tests/conftest.py): no case sees the user's caches, tokens or servers.
     for name in ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI",
                  "MLFLOW_TRACKING_TOKEN", "GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY"):  # fmt: skip
@@ -100,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
 
         before = json.loads(args.round2_before.read_text())
         print(markdown(before, [o.as_dict() for o in outcomes]))
+    seeds = [o.seeds for o in outcomes if o.seeds is not None]
+    if seeds:
+        from experiments.calibrate_gate import seed_totals
+
+        totals = seed_totals(seeds)
+        print(f"sequential seeds: {totals['same_verdicts']}/{totals['checks']} verdicts equal to "
+              f"all seeds; {totals['refits_sequential']} warm refits (all seeds: "
+              f"{totals['refits_all_seeds']}; every seed of every layer: "
+              f"{totals['refits_full']})")  # fmt: skip
     known = [o for o in outcomes if not o.ok and o.known_miss]
     failed = [o for o in outcomes if not o.ok and not o.known_miss]
     print(f"{len(outcomes) - len(known) - len(failed)}/{len(outcomes)} cases as expected, "

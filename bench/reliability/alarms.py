@@ -69,9 +69,12 @@ def _recheck(ws: Workspace, *, family: str, variant: str, seed: int, threads: in
     detail = figures(check) or "; ".join(check.reasons)
     if check.verdict == "fail":
         detail += " · " + "; ".join(check.reasons)
+    if check.seeds_note:
+        detail += " · " + check.seeds_note
     name = f"{variant}, baseline seed {seed}" + (f", {threads} threads" if threads != 1 else "")
-    return Outcome("alarms", name, family, "pass", check.verdict, check.verdict == "pass", detail,
-                   elapsed())  # fmt: skip
+    ok = check.verdict == "pass" and check.same_as_all_seeds
+    return Outcome("alarms", name, family, "pass", check.verdict, ok, detail, elapsed(),
+                   seeds=check.seeds)  # fmt: skip
 
 
 def _cases() -> list[Case]:

@@ -85,6 +85,7 @@ class Outcome:
     detail: str = ""
     seconds: float = 0.0
     known_miss: str = ""
+    seeds: dict[str, Any] | None = None  # sequential vs all seeds (Workspace.compare_seeds)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,7 @@ class Outcome:
             "expected": self.expected, "actual": self.actual, "ok": self.ok,
             "detail": self.detail, "seconds": round(self.seconds, 2),
             "known_miss": self.known_miss,
+            **({"seeds": self.seeds} if self.seeds is not None else {}),
         }  # fmt: skip
 
 
@@ -123,10 +125,13 @@ def timed() -> Iterator[Callable[[], float]]:
 
 @dataclass
 class Workspace:
-    """A scratch directory with lazily built base models and baselines."""
+    """A scratch directory with lazily built base models and baselines. With
+    ``compare_seeds``, every :meth:`check` runs twice: as ``check`` runs by default
+    (sequential seeds) and with ``--all-seeds``."""
 
     root: Path
     quick: bool = False
+    compare_seeds: bool = False
     _made: dict[str, Path] = field(default_factory=dict)
 
     def path(self, *parts: str) -> Path:
@@ -165,22 +170,68 @@ class Workspace:
         return self.once(f"baseline/{family}/{seed}" + ("/quick" if self.quick else ""), make)
 
     def check(self, source: Path, family: str, *extra: str | Path, seed: int = 0) -> Check:
-        """``dynaudit check SOURCE --baseline <family's baseline>`` with a JSON report."""
+        """``dynaudit check SOURCE --baseline <family's baseline>`` with a JSON report (and,
+        with ``compare_seeds``, the same check with ``--all-seeds``)."""
+        run, data = self._check(source, family, *extra, seed=seed)
+        if not self.compare_seeds:
+            return Check(run, data)
+        full_run, full = self._check(source, family, *extra, "--all-seeds", seed=seed)
+        return Check(run, data, full_run, full)
+
+    def _check(
+        self, source: Path, family: str, *extra: str | Path, seed: int
+    ) -> tuple[Run, dict[str, Any] | None]:
         report = self.path("reports", f"{source.name}-{seed}-{time.monotonic_ns()}.json")
         run = dynaudit(
             "check", source, "--baseline", self.baseline(family, seed), "--no-cache",
             "--json", report, *FIT, *extra,
         )  # fmt: skip
-        data = json.loads(report.read_text()) if report.exists() else None
-        return Check(run, data)
+        return run, json.loads(report.read_text()) if report.exists() else None
 
 
 @dataclass(frozen=True)
 class Check:
-    """A finished check: the process and its JSON report (None when it wrote none)."""
+    """A finished check: the process and its JSON report (None when it wrote none); with
+    :attr:`Workspace.compare_seeds`, also the same check with ``--all-seeds``."""
 
     run: Run
     report: dict[str, Any] | None
+    full_run: Run | None = None
+    full: dict[str, Any] | None = None
+
+    @property
+    def seeds(self) -> dict[str, Any] | None:
+        """Sequential seeds against all seeds (experiments.calibrate_gate.seed_comparison);
+        None without the second check, or when either wrote no report (then their exit codes
+        are compared by :attr:`same_as_all_seeds`)."""
+        from experiments.calibrate_gate import seed_comparison
+
+        if self.report is None or self.full is None:
+            return None
+        return seed_comparison(self.report, self.full)
+
+    @property
+    def same_as_all_seeds(self) -> bool:
+        """The sequential check's verdict (or exit code) equals the all-seeds one's (true
+        without the second check)."""
+        if self.full_run is None:
+            return True
+        seeds = self.seeds
+        return bool(seeds["same"]) if seeds is not None else self.run.code == self.full_run.code
+
+    @property
+    def seeds_note(self) -> str:
+        """One phrase for a table's detail column ("" without the second check)."""
+        if self.full_run is None:
+            return ""
+        seeds = self.seeds
+        if not self.same_as_all_seeds:
+            full = seeds["verdict_all_seeds"] if seeds else f"exit {self.full_run.code}"
+            return f"sequential seeds {self.verdict}, all seeds {full}: DIFFER"
+        if seeds is None:
+            return "sequential = all seeds"
+        refits = seeds["refits_sequential"], seeds["refits_all_seeds"], seeds["refits_full"]
+        return "sequential = all seeds, refits {} (all seeds {}, full {})".format(*refits)
 
     @property
     def verdict(self) -> str:

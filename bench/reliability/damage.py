@@ -96,8 +96,11 @@ def _run(ws: Workspace, *, family: str, name: str, expected: str,
         check = ws.check(source, family)
     measured = figures(check)
     detail = (measured + " · " if measured else "") + "; ".join(check.reasons[:2])
-    return Outcome("damage", name, family, expected, check.verdict, check.verdict == expected,
-                   detail, elapsed())  # fmt: skip
+    if check.seeds_note:
+        detail += " · " + check.seeds_note
+    ok = check.verdict == expected and check.same_as_all_seeds
+    return Outcome("damage", name, family, expected, check.verdict, ok, detail, elapsed(),
+                   seeds=check.seeds)  # fmt: skip
 
 
 # Damage the default gate does not fail: (family, case) → (why, at which settings: "default",
