@@ -443,7 +443,7 @@ def test_an_interrupted_baseline_leaves_nothing(
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynaudit", "baseline", str(tiny_llama), "--out", str(out),
-         "--q-dim", "64", "--pieces", "4", "--steps", "400"],
+         "--q-dim", "64", "--pieces", "4", "--steps", "20000"],  # minutes: still fitting
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "CI": "true"},
     )  # fmt: skip
