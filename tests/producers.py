@@ -168,6 +168,29 @@ def torchvision_resnet18(out: Path) -> Path:
     return save_module(TorchvisionResNet18(), out)
 
 
+def peft_lora(
+    base: Path, out: Path, *, alpha: float, b_std: float, merged: Path | None = None
+) -> Path:
+    """A PEFT LoRA (r 4 on q_proj and v_proj) over the LLaMA at ``base``, saved by ``peft`` to
+    ``out``; its B drawn from N(0, b_std²) as after some training (PEFT starts B at 0), torch
+    seeded with 0. With ``merged``, the model ``merge_and_unload`` gives is saved there too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
+    peft = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, b_std)
+    peft.save_pretrained(out)
+    if merged is not None:
+        peft.merge_and_unload().save_pretrained(merged)
+    return out
+
+
 def raw_safetensors(path: Path, header: dict[str, object], data: bytes) -> Path:
     """A file in safetensors framing with any header, valid or not: length, JSON, data."""
     blob = json.dumps(header).encode()

@@ -55,20 +55,8 @@ def gate_baseline(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lora(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A gentle PEFT LoRA (r 4) on q_proj and v_proj: the adapter and its merged model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
     out = tmp_path_factory.mktemp("lora")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    peft = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:  # as after a few steps of training (PEFT starts B at 0)
-                param.normal_(0.0, 0.002)
-    peft.save_pretrained(out / "adapter")
-    peft.merge_and_unload().save_pretrained(out / "merged")
+    producers.peft_lora(base, out / "adapter", alpha=8, b_std=0.002, merged=out / "merged")
     return out / "adapter", out / "merged"
 
 

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from bench.reliability.alarms import figures
 from bench.reliability.core import Case, Outcome, Workspace, timed
 from experiments.derived import (
@@ -27,6 +25,7 @@ from experiments.derived import (
     swapped,
     zero,
 )
+from tests import producers
 
 __all__ = ["CASES"]
 
@@ -43,18 +42,7 @@ def _catastrophic(base: Path, out: Path) -> Path:
 
 def _absurd_lora(base: Path, out: Path) -> Path:
     """A PEFT LoRA adapter (r 4 on q/v) saved by ``peft``, trained-looking B, alpha 4096."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=4096, target_modules=["q_proj", "v_proj"])
-    peft = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
-    peft.save_pretrained(out)
+    producers.peft_lora(base, out, alpha=4096, b_std=0.02)
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base)
     return out
