@@ -336,19 +336,19 @@ def write_fine_tunes(base: Path, work: Path) -> dict[str, Path]:
 
 
 def _report_summary(path: Path) -> dict[str, Any]:
-    """What a report says about the work done: layers, verdict, seeds refitted in all, and
-    layers whose weights did not move (the ones a changed-only check need not refit)."""
+    """What a report says about the work done: layers, verdict, the warm refits a check ran
+    (and would have run for every seed of every layer), and the layers it found unchanged."""
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
     layers = (data.get("comparison") or {}).get("layers") or data.get("layers") or []
     summary: dict[str, Any] = {"layers": len(layers), "seconds_reported": data.get("seconds")}
     if "verdict" in data:
+        comparison = data["comparison"]
         summary["verdict"] = data["verdict"].get("verdict")
-        summary["seeds_refitted"] = sum((ly.get("change") or {}).get("seeds", 0) for ly in layers)
-        summary["weights_unchanged"] = sum(1 for ly in layers if ly.get("weight_change") == 0)
-        counts = {k: v for k, v in data["comparison"].items() if isinstance(v, int | float)}
-        summary["comparison_counts"] = counts  # e.g. a count of unchanged layers, when reported
+        run, full = comparison.get("refits", "-"), comparison.get("refits_full", "-")
+        summary["refits"] = f"{run} of {full}"
+        summary["unchanged"] = len(comparison.get("unchanged") or [])
     return summary
 
 
@@ -397,8 +397,8 @@ def run_check(plan: Plan, work: Path) -> dict[str, Any]:
     }
 
 
-CHECK_COLUMNS = ("process", "exit", "CPU s", "wall s", "layers", "verdict", "seeds refitted",
-                 "weights unchanged")  # fmt: skip
+CHECK_COLUMNS = ("process", "exit", "CPU s", "wall s", "layers", "verdict", "warm refits",
+                 "layers unchanged")  # fmt: skip
 RATIO_COLUMNS = (
     "check ÷ measure, full fine-tune",
     "check ÷ measure, q/v adapter",
@@ -409,8 +409,7 @@ RATIO_COLUMNS = (
 def check_tables(check: dict[str, Any]) -> list[str]:
     rows = [
         [name.replace("_", " "), run["exit_code"], seconds(run["cpu_s"]), seconds(run["wall_s"]),
-         *(run["report"].get(k, "-") for k in ("layers", "verdict", "seeds_refitted",
-                                                "weights_unchanged"))]
+         *(run["report"].get(k, "-") for k in ("layers", "verdict", "refits", "unchanged"))]
         for name, run in check["runs"].items()
     ]  # fmt: skip
     r = check["ratios"]
