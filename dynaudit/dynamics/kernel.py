@@ -16,7 +16,7 @@ keeps each piece's coordinates as rows, ``(k, N)``, augmented to ``(k + 2, N)``:
 ``(−2a, |a|², 1)``, B's ``(b, 1, |b|²)``. One product of the two gives the squared distances,
 one of B's first k + 1 rows with Gᵀ gives ``G·B`` and ``rowsum(G)``, and one of A's rows with
 G gives ``−2·Gᵀ·A`` and ``colsum(G)``; the signed sum over pieces is a product with σ. A step
-is about 25 aten calls (55 before protocol v3), and the same calls run on CPU and CUDA. Rows
+is about 25 aten calls (55 before), and the same calls run on CPU and CUDA. Rows
 of A are processed in tiles so that the work buffer stays under ``tile_bytes``.
 
 Everything scales with ``r = RMS(T)``: the initial spread, the learning rate and the
@@ -133,6 +133,7 @@ class _Tile(NamedTuple):
     matrix's step)."""
 
     left: torch.Tensor  # (bH, k + 2, t): A's augmented rows (−2a, |a|², 1)
+    left_t: torch.Tensor  # (bH, t, k + 2): the same, transposed
     dist: torch.Tensor  # (bH, t, n): distances, then σ·G in place
     pieces: torch.Tensor  # (b, H, t, n): the same memory
     negative: torch.Tensor  # (b, H/2, t, n): the pieces with σ = −1
@@ -163,7 +164,7 @@ class _Work:
         m = target.shape[1]
         n = total - m
         half = h // 2
-        self.coords, self.m, self.k = coords, m, k
+        self.coords = coords
         self.rows = _rows_per_tile(bsz, h, m, n, tile_bytes)
 
         def empty(*shape: int) -> torch.Tensor:
@@ -192,7 +193,8 @@ class _Work:
             tile_gb = gb[: bsz * h * (k + 1) * t].view(bsz * h, k + 1, t)
             by_piece = tile_gb.view(bsz, h, k + 1, t)
             self.tiles.append(_Tile(
-                left=flat[..., r0 : r0 + t], dist=g, pieces=pieces,
+                left=flat[..., r0 : r0 + t], left_t=flat[..., r0 : r0 + t].mT, dist=g,
+                pieces=pieces,
                 negative=pieces[:, :half], positive=pieces[:, half:],
                 flat=pieces.view(bsz, h, t * n), signed=two[:, 1:],
                 resid=two[:, 1:].view(bsz, 1, t, n), minus=two[:, :1].view(bsz, 1, t, n),
@@ -267,7 +269,7 @@ def _gradient(work: _Work, eps2: torch.Tensor, mu: float) -> torch.Tensor:
     work.a_norms.copy_(work.norms_a)
     work.b_norms.copy_(work.norms_b)
     for i, tile in enumerate(work.tiles):
-        torch.bmm(tile.left.mT, work.right, out=tile.dist)
+        torch.bmm(tile.left_t, work.right, out=tile.dist)
         tile.pieces.clamp_(min=eps2).sqrt_()
         torch.bmm(work.sigma, tile.flat, out=tile.signed)
         tile.resid.sub_(tile.target.unsqueeze(1)).mul_(work.scale)
