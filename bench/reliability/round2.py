@@ -142,14 +142,14 @@ def _problems(run: Run, codes: Sequence[int]) -> list[str]:
 # -- small checkpoints ------------------------------------------------------------------
 
 
-def _tiny(folder: Path) -> Path:
+def _tiny(folder: Path, scale: float = 0.1) -> Path:
     """Three Linear layers (two of one shape, so swapping their coordinates fits), a config."""
     gen = torch.Generator().manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
-        {"fc1.weight": torch.randn(32, 32, generator=gen) * 0.1,
-         "fc2.weight": torch.randn(32, 32, generator=gen) * 0.1,
-         "fc3.weight": torch.randn(16, 32, generator=gen) * 0.1},
+        {"fc1.weight": torch.randn(32, 32, generator=gen) * scale,
+         "fc2.weight": torch.randn(32, 32, generator=gen) * scale,
+         "fc3.weight": torch.randn(16, 32, generator=gen) * scale},
         str(folder / "model.safetensors"), metadata={"format": "pt"},
     )  # fmt: skip
     (folder / "config.json").write_text(json.dumps({"model_type": "mlp"}) + "\n")
@@ -487,7 +487,9 @@ def _tampered(ws: Workspace, *, name: str) -> Outcome:
     with timed() as elapsed:
         folder = _fresh(ws, "round2", f"tampered-{name}")
         copy = shutil.copytree(_tiny_baseline(ws), folder / "baseline")
-        source = _tiny(folder / "model")
+        # Every weight nudged, so that every layer is refitted and its coordinates read: a
+        # layer bit-equal to the baseline's is not refitted, and its file is never read.
+        source = _tiny(folder / "model", scale=0.1001)
         if name == "newer format":
             _newer(copy)
         else:
