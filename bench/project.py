@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,33 +49,47 @@ def _svd_flop(m: int, n: int) -> float:
     return 4 * m * n * n - 4 * n**3 / 3
 
 
-def time_svd(weight: torch.Tensor) -> float:
-    """Seconds of WeightWatcher's CPU path on one matrix: float64 singular values by SciPy."""
+Clock = Callable[[], float]
+
+
+def time_svd(weight: torch.Tensor, clock: Clock = time.perf_counter) -> float:
+    """Seconds of WeightWatcher's CPU path on one matrix: float64 singular values by SciPy
+    (the conversion to float64 left out), by ``clock`` (``time.process_time`` for CPU time)."""
     import numpy as np
     import scipy.linalg
 
     w = weight.numpy().astype(np.float64)
-    started = time.perf_counter()
+    started = clock()
     scipy.linalg.svd(w, compute_uv=False)
-    return time.perf_counter() - started
+    return clock() - started
 
 
-def time_fit(weight: torch.Tensor, settings: FitSettings, steps: int) -> dict[str, float]:
-    """Seconds of dynaudit's cold fit of one matrix at the default steps (scaled from
-    ``steps``), and of its metrics."""
+def time_fit(
+    weight: torch.Tensor,
+    settings: FitSettings,
+    steps: int | None = None,
+    clock: Clock = time.perf_counter,
+    name: str = "w",
+) -> dict[str, Any]:
+    """Seconds of dynaudit's cold fit of one matrix as the engine fits it (its block, seeded
+    by ``name``), at the block's ``fit_steps`` budget — measured over ``steps`` steps and
+    scaled when given — and of its metrics (discrepancy and fidelity), by ``clock``."""
     m, n = weight.shape
     target = (weight / rms(weight.unsqueeze(0)).float()).unsqueeze(0)
     shape = block_shape(m, n, settings.max_entries)
-    fitted = take_blocks(target, shape, [block_seed(settings.seed, "w", 0)])
+    fitted = take_blocks(target, shape, [block_seed(settings.seed, name, 0)])
+    del target
     size = rms(fitted).float().clamp_min(1e-30)
-    init = init_coordinates(*shape, settings, [matrix_seed(settings.seed, "w")], size)
-    started = time.perf_counter()
-    coords = fit_coordinates(fitted, settings, init, steps=steps)
-    fit_s = (time.perf_counter() - started) * fit_steps(settings, *shape) / steps
-    started = time.perf_counter()
+    init = init_coordinates(*shape, settings, [matrix_seed(settings.seed, name)], size)
+    budget = fit_steps(settings, *shape)
+    started = clock()
+    coords = fit_coordinates(fitted, settings, init, steps=steps or budget)
+    fit_s = (clock() - started) * budget / (steps or budget)
+    started = clock()
     discrepancy(coords)
     fidelity(coords, fitted)
-    return {"block": list(shape), "fit_s": fit_s, "metrics_s": time.perf_counter() - started}
+    return {"block": list(shape), "steps": budget, "fit_s": fit_s,
+            "metrics_s": clock() - started}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,12 +44,10 @@ from bench.checkpoint import Shape, generate, projection
 from bench.kernel import mm_throughput
 from bench.machine import describe, load_average
 from bench.profile import CATEGORIES, fit_passes
+from bench.project import time_fit, time_svd
 from bench.run import REPO, revision_of_dynaudit, run_process
 from bench.series import SIZES as SERIES_SIZES
 from dynaudit.config import FitSettings
-from dynaudit.dynamics import discrepancy, fidelity, fit_coordinates, init_coordinates
-from dynaudit.dynamics.blocks import block_seed, block_shape, take_blocks
-from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms
 
 __all__ = ["main", "markdown_table"]
 
@@ -143,51 +141,12 @@ def _timed_part(name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]
 # --- core: the fit of one block against the SVD of the whole matrix ------------------------
 
 
-def _cpu(work: Callable[[], object]) -> float:
-    started = time.process_time()
-    work()
-    return time.process_time() - started
-
-
-def time_fit(weight: torch.Tensor, settings: FitSettings) -> dict[str, Any]:
-    """CPU seconds of the cold fit of one matrix as the engine fits it (its block, its seeds,
-    ``fit_steps`` of the block), and of its metrics (discrepancy and fidelity)."""
-    m, n = weight.shape
-    name = f"{m}x{n}"
-    target = (weight / rms(weight.unsqueeze(0)).float()).unsqueeze(0)
-    block = block_shape(m, n, settings.max_entries)
-    fitted = take_blocks(target, block, [block_seed(settings.seed, name)])
-    del target
-    size = rms(fitted).float().clamp_min(1e-30)
-    init = init_coordinates(*block, settings, [matrix_seed(settings.seed, name)], size)
-    coords: list[torch.Tensor] = []
-    with torch.no_grad():
-        fit_s = _cpu(lambda: coords.append(fit_coordinates(fitted, settings, init)))
-        metrics_s = _cpu(lambda: (discrepancy(coords[0]), fidelity(coords[0], fitted)))
-    return {
-        "block": list(block),
-        "steps": fit_steps(settings, *block),
-        "fit_s": fit_s,
-        "metrics_s": metrics_s,
-    }
-
-
-def time_svd(weight: torch.Tensor) -> float:
-    """CPU seconds of WeightWatcher's CPU core on one matrix: its float64 singular values by
-    SciPy (the conversion to float64 is left out)."""
-    import numpy as np
-    import scipy.linalg
-
-    w = weight.numpy().astype(np.float64)
-    return _cpu(lambda: scipy.linalg.svd(w, compute_uv=False))
-
-
 def _warm_up(settings: FitSettings) -> None:
     """A tiny fit and SVD first, so that no timed shape pays for starting the thread pools,
     LAPACK's workspace queries or the allocator's first growth."""
     weight = projection(64, 64, torch.Generator().manual_seed(1))
-    time_svd(weight)
-    time_fit(weight, settings.model_copy(update={"steps": 2}))
+    time_svd(weight, time.process_time)
+    time_fit(weight, settings.model_copy(update={"steps": 2}), clock=time.process_time)
 
 
 def core_size(label: str, shape: Shape, settings: FitSettings) -> dict[str, Any]:
@@ -198,8 +157,9 @@ def core_size(label: str, shape: Shape, settings: FitSettings) -> dict[str, Any]
     for (m, n), count in counts.items():
         print(f"[bench.protocol] core {label}: {count} × {m}×{n}", file=sys.stderr, flush=True)
         weight = projection(m, n, torch.Generator().manual_seed(m * 100_003 + n))
-        fit = time_fit(weight, settings)
-        svd_s = time_svd(weight)
+        # Process CPU time, which a shared machine disturbs less than the wall clock.
+        fit = time_fit(weight, settings, clock=time.process_time, name=f"{m}x{n}")
+        svd_s = time_svd(weight, time.process_time)
         del weight
         one = fit["fit_s"] + fit["metrics_s"]
         rows.append({"shape": [m, n], "count": count, **fit, "svd_s": svd_s,
