@@ -10,7 +10,7 @@ __all__ = ["PROTOCOL_VERSION", "FitSettings"]
 
 # Bump whenever a change moves the numbers: reports and baselines of different protocol
 # versions are never compared.
-PROTOCOL_VERSION = 2  # 2: matrices above max_entries fitted on seeded blocks
+PROTOCOL_VERSION = 3  # 2: matrices above max_entries fitted on seeded blocks; 3: H = 16, 600 steps
 
 
 class FitSettings(BaseModel):
@@ -19,9 +19,9 @@ class FitSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     q_dim: int = Field(128, ge=2, le=4096, description="coordinate dimension of each neuron")
-    pieces: int = Field(8, ge=2, le=512, description="H, pieces of the alternating distance")
+    pieces: int = Field(16, ge=2, le=512, description="H, pieces of the alternating distance")
     mu: float = Field(0.03, gt=0, description="weight of the mean squared coordinate norm")
-    steps: int = Field(400, ge=1, le=1_000_000, description="Adam steps per fit")
+    steps: int = Field(600, ge=1, le=1_000_000, description="Adam steps per fit")
     lr: float = Field(0.05, gt=0, description="peak learning rate, in units of RMS(W/s)")
     warm_steps: int = Field(
         100, ge=1, le=1_000_000, description="Adam steps of a warm refit (comparisons, §4.9)"

@@ -14,7 +14,9 @@ Accuracy mode: every matrix is cold-fitted with K seeds at three budgets: the *r
 ``--candidate`` overrides, meant for the budget: steps, lr). Budgets go through ``fit_steps``,
 so the small-matrix rule applies and the ×4 multiplies it. A budget passes when every matrix's
 mean distance and objective are within 0.5 % of the reference's, and the K-seed spread does not
-shrink (see ``SPREAD_RULE``).
+shrink (see ``SPREAD_RULE``) against the yardstick: the candidate's is the default, and with
+``--previous`` (the settings being replaced, e.g. ``pieces=8,steps=400`` for protocol v2) the
+default's is that *previous* budget, fitted beside it and judged on nothing else.
 
 Trade-off mode: one seed at the default budget for each setting of a grid (q_dim × pieces × μ):
 median fidelity per kind and CPU seconds per matrix (docs/method.md's trade-off table).
@@ -49,8 +51,9 @@ KINDS = ("zoo", "generated", "pretrained")
 MAX_CHANGE = 0.005  # mean distance and objective, relative to the ×4 reference
 SPREAD_FRACTION = 0.5
 SPREAD_RULE = (
-    f"per kind, the median seed spread of the candidate ≥ {SPREAD_FRACTION} × the default's "
-    "(K = 2 gives a noisy spread per matrix, so the rule compares medians)"
+    f"per kind, the median seed spread of the judged budget ≥ {SPREAD_FRACTION} × its "
+    "yardstick's (the candidate's: the default; the default's: --previous). K = 2 gives a "
+    "noisy spread per matrix, so the rule compares medians"
 )
 QUICK_SETTING: dict[str, Any] = {"q_dim": 16, "pieces": 4, "steps": 40}
 QUICK_CANDIDATE: dict[str, Any] = {"steps": 20}
@@ -220,7 +223,7 @@ def accuracy(
         kind: {b: summarise([r["budgets"][b] for r in rows if r["kind"] == kind]) for b in budgets}
         for kind in _kinds(rows)
     }
-    checks = {b: verdict(rows, summary, b) for b in budgets if b != "reference"}
+    checks = {b: verdict(rows, summary, b) for b in budgets if b in ("default", "candidate")}
     decided = "candidate" if "candidate" in checks else "default"
     return {"rows": rows, "summary": summary, "checks": checks, "pass": checks[decided]["pass"]}
 
@@ -249,12 +252,13 @@ def verdict(
     out: dict[str, Any] = {
         "mean_distance": all(abs(f["mean_distance_change"]) <= MAX_CHANGE for f in fits),
         "objective": all(abs(f["objective_gap"]) <= MAX_CHANGE for f in fits),
-        "spread": None,  # the default is the yardstick of the spread rule
+        "spread": None,  # no yardstick: the default without --previous
     }
-    if budget == "candidate":
+    yardstick = {"candidate": "default", "default": "previous"}[budget]
+    if all(yardstick in per for per in summary.values()):
         out["spread"] = all(
             (per[budget]["seed_spread_median"] or 0.0)
-            >= SPREAD_FRACTION * (per["default"]["seed_spread_median"] or 0.0)
+            >= SPREAD_FRACTION * (per[yardstick]["seed_spread_median"] or 0.0)
             for per in summary.values()
         )
     out["pass"] = all(v is not False for v in out.values())
@@ -289,15 +293,16 @@ def tradeoff(
 
 def accuracy_table(result: dict[str, Any]) -> str:
     lines = [
-        "| kind | budget | steps (before the §7 rule) | matrices | fidelity median / min "
+        "| kind | budget | H, steps (before the §7 rule) | matrices | fidelity median / min "
         "| worst Δ mean distance | worst objective gap | seed spread median | CPU s per fit |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, per in result["summary"].items():
         for budget, s in per.items():
             spread = s["seed_spread_median"]
+            fields = result["budgets"][budget]
             lines.append(
-                f"| {kind} | {budget} | {result['budgets'][budget]['steps']} | {s['matrices']} "
+                f"| {kind} | {budget} | {fields['pieces']}, {fields['steps']} | {s['matrices']} "
                 f"| {s['fidelity_median']:.3f} / {s['fidelity_min']:.3f} "
                 f"| {s['worst_mean_distance_change']:+.3%} | {s['worst_objective_gap']:+.3%} "
                 f"| {'—' if spread is None else f'{spread:.3%}'} | {s['cpu_seconds_per_fit']:.2f} |"
@@ -390,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.tradeoff:
             grid = parse_grid((args.grid or (QUICK_GRID if args.quick else GRID)).split(), base)
         else:
-            budgets = _budgets(base, args.candidate, args.quick)
+            budgets = _budgets(base, args.candidate, args.previous, args.quick)
     except (ValueError, ValidationError) as err:
         raise SystemExit(f"bad settings: {err}") from None
     result: dict[str, Any] = {"machine": machine(device)}
@@ -425,6 +430,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--threads", type=int, help="torch threads (default: torch's; 1 with --quick)")
     add("--setting", help="FitSettings overrides, KEY=VAL,... (default: FitSettings())")
     add("--candidate", help="overrides of the setting to test, KEY=VAL,... (e.g. steps=200)")
+    add("--previous", help="the settings being replaced, KEY=VAL,...: the spread's yardstick")
     add("--seeds", type=int, default=2, help="cold fits per matrix and budget (K ≥ 2)")
     add("--only", help=f"comma-separated kinds (default: {','.join(KINDS)})")
     add("--matrices", type=int, help="at most this many matrices per kind, evenly spread")
@@ -436,9 +442,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _budgets(base: dict[str, Any], candidate: str | None, quick: bool) -> dict[str, FitSettings]:
+def _budgets(
+    base: dict[str, Any], candidate: str | None, previous: str | None, quick: bool
+) -> dict[str, FitSettings]:
     default = FitSettings(**base)
     out = {"reference": FitSettings(**{**base, "steps": 4 * default.steps}), "default": default}
+    if previous:
+        out["previous"] = FitSettings(**{**base, **parse_overrides(previous)})
     overrides = parse_overrides(candidate) if candidate else (QUICK_CANDIDATE if quick else {})
     if overrides:
         out["candidate"] = FitSettings(**{**base, **overrides})

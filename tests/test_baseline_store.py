@@ -354,6 +354,17 @@ def test_a_newer_protocol_is_refused_by_its_version(copy: Path) -> None:
         load_baseline(copy)
 
 
+def test_a_baseline_of_the_previous_protocol_asks_to_be_re_created(
+    model: Path, copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """v2 baselines (H = 8, 400 steps) hold numbers v3 does not compute: exit 3, one line."""
+    edit_json(copy, lambda d: d.update(protocol_version=PROTOCOL_VERSION - 1))
+    code, err = check(model, copy, capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
+    assert f"made with protocol v{PROTOCOL_VERSION - 1}" in err, err
+    assert "re-create the baseline" in err, err
+
+
 def test_a_baseline_without_format_version_still_loads(copy: Path) -> None:
     """Baselines written before the field was documented default to format 1."""
     edit_json(copy, lambda d: d.pop("format_version"))

@@ -123,7 +123,7 @@ def test_init_spread_follows_target_rms() -> None:
 def test_step_budget_grows_only_for_over_parameterised_matrices() -> None:
     from dynaudit.dynamics.kernel import fit_steps
 
-    settings = FitSettings()  # q_dim 128, 400 steps
+    settings = FitSettings(steps=400)
     assert fit_steps(settings, 4096, 4096) == 400
     assert fit_steps(settings, 384, 384) == 400  # ρ = 0.67
     assert fit_steps(settings, 128, 128) == 1600  # ρ = 2
