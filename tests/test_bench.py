@@ -41,7 +41,7 @@ def test_a_size_predicted_over_budget_runs_fewer_steps() -> None:
     steps, predicted = capped_steps(shape, previous, 400, 1, budget_s=1e6)
     assert steps == 400 and predicted is not None
     # Cold fits (measure + one baseline seed) at 400 steps: 2 × 100 s × 4 × the FLOP ratio.
-    flop = fit_tflop(shape, FitSettings()) / previous["fit_tflop_run"]
+    flop = fit_tflop(shape, FitSettings(steps=400)) / previous["fit_tflop_run"]
     assert predicted > 2 * 100.0 * flop
     capped, same = capped_steps(shape, previous, 400, 1, budget_s=predicted / 2)
     assert same == predicted and 20 <= capped < 400

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dynaudit.config import PROTOCOL_VERSION
 from tests.conftest import WriteCheckpoint
 
 FAST = ["--q-dim", "16", "--pieces", "4", "--steps", "40"]
@@ -47,7 +48,7 @@ def test_measure_twice_gives_identical_numbers(digits_mlp: Path, tmp_path: Path)
     b = Report.model_validate_json(second.read_text())
     assert a.numbers() == b.numbers()
     data = json.loads(first.read_text())
-    assert data["schema_version"] == 1 and data["protocol_version"] == 2
+    assert data["schema_version"] == 1 and data["protocol_version"] == PROTOCOL_VERSION == 3
     assert len(a.measured) == 3
     for layer in a.measured:
         for field in ("discrepancy", "mean_distance", "fidelity", "scale"):
