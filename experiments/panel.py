@@ -9,7 +9,8 @@ Three kinds of matrices, each fitted as W/RMS(W) like the engine does: the train
 power-law low-rank part) and real pretrained transformer layers (the 37 encoder and pooler
 matrices of all-MiniLM-L6-v2, from the PyPI package ``all_minilm_l6_v2``).
 
-Accuracy mode: every matrix is cold-fitted with K seeds at three budgets: the *reference*
+Accuracy mode: every matrix is cold-fitted with K seeds at three budgets (four with
+``--previous``): the *reference*
 (the setting with steps × 4), the setting's own *default*, and the *candidate* (the setting with
 ``--candidate`` overrides, meant for the budget: steps, lr). Budgets go through ``fit_steps``,
 so the small-matrix rule applies and the ×4 multiplies it. A budget passes when every matrix's

