@@ -82,9 +82,10 @@ def time_fit(
     size = rms(fitted).float().clamp_min(1e-30)
     init = init_coordinates(*shape, settings, [matrix_seed(settings.seed, name)], size)
     budget = fit_steps(settings, *shape)
+    run = steps or budget
     started = clock()
-    coords = fit_coordinates(fitted, settings, init, steps=steps or budget)
-    fit_s = (clock() - started) * budget / (steps or budget)
+    coords = fit_coordinates(fitted, settings, init, steps=run)
+    fit_s = (clock() - started) * budget / run
     started = clock()
     discrepancy(coords)
     fidelity(coords, fitted)

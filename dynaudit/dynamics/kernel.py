@@ -192,9 +192,9 @@ class _Work:
             two = resid[: bsz * 2 * t * n].view(bsz, 2, t * n)
             tile_gb = gb[: bsz * h * (k + 1) * t].view(bsz * h, k + 1, t)
             by_piece = tile_gb.view(bsz, h, k + 1, t)
+            left = flat[..., r0 : r0 + t]
             self.tiles.append(_Tile(
-                left=flat[..., r0 : r0 + t], left_t=flat[..., r0 : r0 + t].mT, dist=g,
-                pieces=pieces,
+                left=left, left_t=left.mT, dist=g, pieces=pieces,
                 negative=pieces[:, :half], positive=pieces[:, half:],
                 flat=pieces.view(bsz, h, t * n), signed=two[:, 1:],
                 resid=two[:, 1:].view(bsz, 1, t, n), minus=two[:, :1].view(bsz, 1, t, n),
