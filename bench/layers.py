@@ -90,7 +90,7 @@ def run_command(command: str, ckpt: Path, work: Path, seeds: int, fit: list[str]
         cli = ["baseline", str(ckpt), "--out", str(work / "baseline"), "--threads", "1",
                "--seeds", str(seeds), *fit]  # fmt: skip
     else:
-        cli = ["inspect", str(ckpt), "--weights", "--json"]
+        cli = ["inspect", str(ckpt), "--weights", "--json", "-"]
     # A cache of its own: no hit from an earlier run, nothing left in the user's cache.
     env = {**ONE_THREAD, "DYNAUDIT_CACHE_DIR": str(work / "cache")}
     result = run_process([*dynaudit, *cli], work / f"{command}.log", env)

@@ -16,6 +16,7 @@ __all__ = [
     "DynauditError",
     "EmptyCheckpoint",
     "InputError",
+    "NoReader",
     "NonFiniteWeights",
     "NotARegularFile",
     "NothingToAudit",
@@ -159,6 +160,10 @@ class OutputRefused(UsageError):
 
 class OutputError(InputError):
     """An output could not be written: permission denied, read-only or full disk (exit 3)."""
+
+
+class NoReader(OutputError):
+    """A FIFO given as an output that no process reads (exit 3): writing would wait forever."""
 
 
 class NonFiniteWeights(DynauditError):

@@ -35,7 +35,7 @@ from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, current, require_single_process
 from dynaudit.engine import Progress
 from dynaudit.errors import DynauditError, UnauditedWeights, UsageError
-from dynaudit.families import detect_family
+from dynaudit.families import Detection, detect_family
 from dynaudit.policy import Policy, decide
 from dynaudit.report import BaselineInfo, CheckReport, LayerResult, SourceInfo
 from dynaudit.sources import SourceOptions, open_checkpoint, resolve
@@ -202,12 +202,14 @@ def check(
     progress: Progress | None = None,
     cache: bool = True,
     all_seeds: bool = False,
+    baseline_from: str = "--baseline",
     **settings: Any,
 ) -> CheckReport:
     """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
     measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
     as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
-    (``device`` and ``threads`` are free). A baseline measured on the fly is kept in the cache
+    (``device`` and ``threads`` are free); ``baseline_from`` says where ``baseline_ref`` came
+    from, for the report. A baseline measured on the fly is kept in the cache
     for the next check (``cache=False``: measured into a temporary directory and dropped).
 
     Layers whose bytes equal the baseline's are not refitted; of the others, seed 0 is
@@ -230,7 +232,8 @@ def check(
         if baseline_ref is None:
             ref, found_from = find_baseline(resolved.path, base, os.fspath(source), options)
         else:
-            ref, found_from = os.fspath(baseline_ref), "--baseline"
+            ref, found_from = os.fspath(baseline_ref), baseline_from
+        log.info("baseline %s (%s)", ref, found_from)
         with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
             # Device and threads are where the refits run, not what they compute.
             runtime = {
@@ -241,6 +244,8 @@ def check(
             fit = stored.fit_settings().model_copy(update=runtime)
             device = pick_device(fit.device)
             detection = detect_family(checkpoint, family or stored.family.name)
+            if family is None:  # not the user's choice: the baseline's family, named so
+                detection = Detection(detection.family, 1.0, "the baseline's family")
             try:
                 plan = detection.family.plan(checkpoint)
             except DynauditError as exc:
@@ -326,6 +331,7 @@ def _baseline_at(
         return
     with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
         made = Path(tmp) / "baseline"
+        log.info("measuring the baseline %s (not kept: --no-cache or no writable cache)", ref)
         baseline(ref, made, sources=options, **settings)
         yield load_baseline(made), made, False
 
@@ -352,6 +358,7 @@ def _cached_baseline(
         entry = cache_root(options.cache_dir) / "baselines" / key[:2] / key
         if is_baseline(entry):
             try:
+                log.info("reusing the cached baseline of %s at %s", ref, entry)
                 return load_baseline(entry), entry
             except BaselineError as exc:
                 log.warning("remaking a damaged cached baseline: %s", exc)
@@ -364,6 +371,7 @@ def _cached_baseline(
         if not os.access(entry.parent, os.W_OK):
             log.warning("the baseline cache at %s is not writable", entry.parent)
             return None
+        log.info("measuring the baseline of %s into the cache at %s", ref, entry)
         try:
             made = _write_baseline(checkpoint, resolved, entry, fit, family=None, digest=digest)
         except UsageError:

@@ -20,7 +20,15 @@ from pathlib import Path
 from dynaudit.errors import OutputError, OutputRefused
 from dynaudit.tensors import file_kind
 
-__all__ = ["STDOUT", "Inputs", "guard_outputs", "is_stdout", "loader_reads", "output_file"]
+__all__ = [
+    "STDOUT",
+    "Inputs",
+    "guard_outputs",
+    "is_stdout",
+    "is_stream",
+    "loader_reads",
+    "output_file",
+]
 
 STDOUT = "-"  # a report flag given `-` writes to standard output
 
@@ -31,7 +39,27 @@ _WALK_LIMIT = 20_000  # files looked at per baseline directory when comparing id
 
 
 def is_stdout(path: str | os.PathLike[str] | None) -> bool:
-    return path is not None and os.fspath(path) == STDOUT
+    """``-``, or a path naming this process's standard output when that is a stream (a pipe,
+    a terminal, a socket): ``--json /dev/stdout`` writes to stdout, it replaces nothing."""
+    if path is None:
+        return False
+    if os.fspath(path) == STDOUT:
+        return True
+    try:
+        st, out = os.stat(path), os.fstat(1)
+    except (OSError, ValueError):
+        return False
+    return not stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
+def is_stream(path: str | os.PathLike[str]) -> bool:
+    """A FIFO or a character device (``/dev/null``, a terminal, ``>(jq .)``): written into
+    where it is, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def loader_reads(name: str) -> bool:
@@ -211,13 +239,15 @@ def guard_outputs(
             )
         if not directory:
             output_file(out, flag)
-        _writable_parent(out, flag)
+        if not is_stream(out):  # written into where it is: its folder is not written
+            _writable_parent(out, flag)
 
 
 def output_file(path: Path, flag: str = "") -> Path:
     """The regular file that writing ``path`` replaces or creates: a symlink is followed to the
-    file it names. Anything else there (a directory, FIFO, device, socket, a symlink to such
-    or to nothing) is refused: it is never replaced."""
+    file it names. A FIFO or character device is returned as it is: it is written into. Anything
+    else there (a directory, a block device, a socket, a symlink to such or to nothing) is
+    refused: it is never replaced."""
     named = f"{flag} {path}" if flag else str(path)
     try:
         st = os.stat(path)
@@ -231,9 +261,12 @@ def output_file(path: Path, flag: str = "") -> Path:
         raise OutputError(f"{named}: cannot write ({exc.strerror or exc})", path=str(path)) from exc
     if stat.S_ISDIR(st.st_mode):
         raise OutputRefused(f"{named}: is a directory; give a file path", path=str(path))
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        return path  # a stream: written into, not replaced
     if not stat.S_ISREG(st.st_mode):
         raise OutputRefused(
-            f"{named}: is {file_kind(st.st_mode)}, not a regular file; it is never replaced",
+            f"{named}: is {file_kind(st.st_mode)}, not a regular file or a stream; it is never "
+            "replaced",
             path=str(path),
         )
     return _real(path) if os.path.islink(path) else path

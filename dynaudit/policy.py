@@ -334,10 +334,11 @@ def scope_undecided(
 
 
 def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
-    """The policy from ``path`` (a TOML file with the fields at top level or under
-    ``[tool.dynaudit.policy]``), else ``[tool.dynaudit.policy]`` of ./pyproject.toml, else the
-    defaults; ``overrides`` (flags) win. Invalid values are a usage error (exit 2) naming the
-    key, the value, what is wrong with it, and where it came from: the flag or the file."""
+    """The policy from ``path`` (a TOML file with the fields under ``[tool.dynaudit.policy]``,
+    under ``[policy]`` or at top level), else ``[tool.dynaudit.policy]`` of ./pyproject.toml,
+    else the defaults; ``overrides`` (flags) win. Invalid values are a usage error (exit 2)
+    naming the key, the value, what is wrong with it, and where it came from: the flag or the
+    file."""
     table: dict[str, Any] = {}
     origin: dict[str, str] = {}
     source = path if path is not None else Path("pyproject.toml")
@@ -346,11 +347,9 @@ def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
             data = tomllib.loads(source.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"{source}: cannot read the policy ({exc})") from exc
-        nested: Any = data
-        for key in ("tool", "dynaudit", "policy"):
-            nested = nested.get(key) if isinstance(nested, dict) else None
-        if isinstance(nested, dict):
-            table, where = nested, f"[tool.dynaudit.policy] of {source}"
+        nested, where = _policy_table(data, source)
+        if nested is not None:
+            table = nested
         else:
             table, where = (data, f"--policy {source}") if path is not None else ({}, "")
         origin = dict.fromkeys(table, where)
@@ -362,6 +361,18 @@ def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
     except ValidationError as exc:
         problems = [_problem(error, origin) for error in exc.errors()]
         raise UsageError(f"invalid gate policy: {'; '.join(problems)}") from exc
+
+
+def _policy_table(data: dict[str, Any], source: Path) -> tuple[dict[str, Any] | None, str]:
+    """``[tool.dynaudit.policy]`` of a pyproject-style file, or ``[policy]`` of a settings file
+    of its own (``--config``), with how to name it; None when the file has neither."""
+    for keys in (("tool", "dynaudit", "policy"), ("policy",)):
+        nested: Any = data
+        for key in keys:
+            nested = nested.get(key) if isinstance(nested, dict) else None
+        if isinstance(nested, dict):
+            return nested, f"[{'.'.join(keys)}] of {source}"
+    return None, ""
 
 
 def _problem(error: Any, origin: dict[str, str]) -> str:

@@ -183,7 +183,7 @@ def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_inspect_and_plugins(digits_mlp: Path) -> None:
-    proc = run("inspect", str(digits_mlp), "--json")
+    proc = run("inspect", str(digits_mlp), "--json", "-")
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)
     assert found["family"]["name"] == "generic"

@@ -102,7 +102,7 @@ def test_baseline_is_linear_in_same_shape_layers(tmp_path: Path) -> None:
 
 def test_inspect_weights_is_linear_in_layers(tmp_path: Path) -> None:
     def inspect(ckpt: Path, n: int) -> list[str]:
-        return ["inspect", str(ckpt), "--weights", "--json"]
+        return ["inspect", str(ckpt), "--weights", "--json", "-"]
 
     assert marginal_growth(tmp_path, inspect) < 1.1
 
@@ -171,7 +171,7 @@ def test_above_the_rank_limit_the_norm_is_estimated_and_the_rank_not_computed(
     assert layer.rank is None and layer.full_rank == 300
     assert layer.spectral_norm == pytest.approx(float(torch.linalg.svdvals(w)[0]), rel=1e-5)
     assert found.structure.unranked == ["a.weight"] and found.structure.degenerate == []
-    assert main(["inspect", str(tmp_path / "m"), "--weights", "--json"]) == 0
+    assert main(["inspect", str(tmp_path / "m"), "--weights", "--json", "-"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["structure"]["unranked"] == [] and shown["layers"][0]["rank"] == 300
     console = Console(record=True, width=200)

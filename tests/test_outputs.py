@@ -8,9 +8,12 @@ import hashlib
 import json
 import os
 import resource
+import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,30 +264,76 @@ def fifo(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_an_output_that_cannot_be_a_file_is_exit_2(
-    checkpoint: Path, tmp_path: Path, fifo: Path, capsys: pytest.CaptureFixture[str]
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Regression: a directory, or a path below a file, for --json/--markdown was exit 4 after
-    the whole run; a FIFO (or a symlink to one) would have been replaced by a file."""
+    the whole run; a socket (or a symlink to one) would have been replaced by a file."""
     a_dir = tmp_path / "a-dir"
     a_dir.mkdir()
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
+    sock = tmp_path / "s.json"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
     link = tmp_path / "link.json"
-    link.symlink_to(fifo)
+    link.symlink_to(sock)
     cases = {
-        "--json": [a_dir, a_file / "r.json", fifo, link],
+        "--json": [a_dir, a_file / "r.json", sock, link],
         "--markdown": [a_dir, a_file / "r.md"],
     }
-    for flag, paths in cases.items():
-        for out in paths:
-            code, _, err = cli(capsys, "measure", str(checkpoint), *FAST, flag, str(out))
-            one_line(err, code, 2, flag, str(out))
-    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
+    try:
+        for flag, paths in cases.items():
+            for out in paths:
+                code, _, err = cli(capsys, "measure", str(checkpoint), *FAST, flag, str(out))
+                one_line(err, code, 2, flag, str(out))
+    finally:
+        listener.close()
+    assert stat.S_ISSOCK(os.lstat(sock).st_mode) and link.is_symlink()
     assert a_file.read_text() == "mine" and not any(a_dir.iterdir())
     code, _, err = cli(capsys, "plot", str(a_file), "--out", str(a_dir))
     one_line(err, code, 2, "--out", str(a_dir))
     code, _, err = cli(capsys, "baseline", str(checkpoint), "--out", str(a_file / "bl"), *FAST)
     one_line(err, code, 2, "--out", str(a_file))
+
+
+def test_a_fifo_with_a_reader_receives_the_report(
+    checkpoint: Path, fifo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A FIFO (``--json >(jq .)``) is written into, not replaced; it stays a FIFO."""
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    time.sleep(0.2)  # the reader opens the FIFO first, as a shell's process substitution does
+    code, _, err = cli(capsys, "measure", str(checkpoint), *FAST, "--json", str(fifo), "-q")
+    reader.join(timeout=60)
+    assert code == 0, err
+    assert "layers" in json.loads(got[0])
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_fifo_nobody_reads_is_exit_3_not_a_hang(checkpoint: Path, fifo: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: without one it was a hang."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "inspect", str(checkpoint), "--json", str(fifo)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "CI": "true"},
+    )  # fmt: skip
+    one_line(proc.stderr, proc.returncode, 3, str(fifo), "no process is reading")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_dev_stdout_is_standard_output(checkpoint: Path) -> None:
+    """Regression: as root, ``--json /dev/stdout`` replaced the /dev/stdout symlink with a
+    regular file and nothing reached stdout. It is stdout: the report, and no table."""
+    before = os.lstat("/dev/stdout")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "measure", str(checkpoint), *FAST, "--json",
+         "/dev/stdout"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "true"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "layers" in json.loads(proc.stdout)
+    after = os.lstat("/dev/stdout")
+    assert stat.S_ISLNK(after.st_mode) and after.st_ino == before.st_ino
 
 
 def test_an_unwritable_directory_is_exit_3(

@@ -161,7 +161,7 @@ def test_cli_inspect_weights_table_and_json(bottleneck_mlp: Path) -> None:
     assert not any(name in degenerate[0] for name in ("2.weight", "4.weight", "6.weight"))
     assert f"{DEFICIENT_RANK}/64" in proc.stdout
 
-    as_json = run_cli("inspect", str(bottleneck_mlp), "--weights", "--json")
+    as_json = run_cli("inspect", str(bottleneck_mlp), "--weights", "--json", "-")
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
     expected = dynaudit.inspect(bottleneck_mlp, weights=True)

@@ -40,12 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
-    warnings = _WarningLines(logging.WARNING)
-    logging.getLogger("dynaudit").addHandler(warnings)
+    logger = logging.getLogger("dynaudit")
+    level = logger.level  # -v/-vv lower it for this run only
+    logger.setLevel(logging.WARNING)
+    warnings = _WarningLines()
+    logger.addHandler(warnings)
     try:
         return _main(argv)
     finally:
-        logging.getLogger("dynaudit").removeHandler(warnings)
+        logger.removeHandler(warnings)
+        logger.setLevel(level)
+        from dynaudit.cli._errors import show_tracebacks
+
+        show_tracebacks(False)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -16,6 +16,7 @@ from dynaudit.errors import (
     DynauditError,
     EmptyCheckpoint,
     NonFiniteWeights,
+    NoReader,
     NothingToAudit,
     OutputError,
     OutputRefused,
@@ -50,6 +51,7 @@ EXIT_CODES = {
 _NEXT_STEP: list[tuple[type[BaseException], str]] = [
     (UnknownFamily, "`dynaudit plugins` lists the installed families"),
     (OutputRefused, ""),  # says what to give instead
+    (NoReader, ""),  # says what to do
     (OutputError, "check the directory's permissions and free space"),
     (UsageError, "see `dynaudit COMMAND --help`"),
     (RemoteNotFound, ""),  # remote sources say what to do in their own message
@@ -73,8 +75,16 @@ _ENVIRONMENT_ERRNOS = frozenset(
 )  # fmt: skip
 
 
+_tracebacks = False  # -vv: this run shows the traceback of an internal error
+
+
+def show_tracebacks(on: bool) -> None:
+    global _tracebacks
+    _tracebacks = on
+
+
 def _debug() -> bool:
-    return os.environ.get("DYNAUDIT_DEBUG", "") not in ("", "0", "false")
+    return _tracebacks or os.environ.get("DYNAUDIT_DEBUG", "") not in ("", "0", "false")
 
 
 def report_error(exc: BaseException) -> int:
@@ -107,7 +117,7 @@ def _report_error(exc: BaseException) -> int:
         reason = exc.strerror or str(exc)
         click.echo(f"dynaudit: error: {printable(f'{where}{reason}')}", err=True)
         return 3
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA
         click.echo(
             "dynaudit: error: out of memory (lower --q-dim or the tile size, or use a GPU)",
             err=True,

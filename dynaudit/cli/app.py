@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -28,7 +28,7 @@ app = typer.Typer(
     help="Audit neural-network checkpoints without data: the dynamical discrepancy of every "
     "layer.\n\n" + "\n\n".join(f"exit {code}: {text}" for code, text in EXIT_CODES.items()),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -42,47 +42,94 @@ Source = Annotated[
     ),
 ]
 Family = Annotated[
-    str | None, typer.Option("--family", help="family plugin to use (default: detected)")
-]
+    str | None,
+    typer.Option(
+        "--family", metavar="NAME", envvar="DYNAUDIT_FAMILY",
+        help="family plugin to use (default: detected)",
+    ),
+]  # fmt: skip
 Base = Annotated[
     str | None,
-    typer.Option("--base", help="base checkpoint of a LoRA adapter (default: from its config)"),
+    typer.Option(
+        "--base",
+        metavar="SOURCE",
+        help="base checkpoint of a LoRA adapter (default: from its config)",
+    ),
 ]
-Device = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda")]
-QDim = Annotated[int | None, typer.Option("--q-dim", help="coordinate dimension q_dim")]
-Pieces = Annotated[int | None, typer.Option("--pieces", help="pieces H (even, divides q_dim)")]
-Steps = Annotated[int | None, typer.Option(help="Adam steps per fit")]
-Seed = Annotated[int | None, typer.Option(help="seed of the first cold fit")]
+Device = Annotated[
+    str,
+    typer.Option(
+        metavar="auto|cpu|cuda", envvar="DYNAUDIT_DEVICE",
+        help="where fits run: auto (cuda when available), cpu or cuda",
+    ),
+]  # fmt: skip
+QDim = Annotated[
+    int | None,
+    typer.Option(
+        "--q-dim", metavar="N", envvar="DYNAUDIT_Q_DIM", help="coordinate dimension q_dim"
+    ),
+]
+Pieces = Annotated[
+    int | None,
+    typer.Option(
+        "--pieces", metavar="H", envvar="DYNAUDIT_PIECES", help="pieces H (even, divides q_dim)"
+    ),
+]
+Steps = Annotated[
+    int | None, typer.Option(metavar="N", envvar="DYNAUDIT_STEPS", help="Adam steps per fit")
+]
+Seed = Annotated[
+    int | None,
+    typer.Option(metavar="N", envvar="DYNAUDIT_SEED", help="seed of the first cold fit"),
+]
 MaxEntries = Annotated[
     int | None,
     typer.Option(
         "--max-entries",
+        metavar="N",
+        envvar="DYNAUDIT_MAX_ENTRIES",
         help="fit larger matrices on a seeded block of about this many entries (0: whole; "
         "default 1048576)",
     ),
 ]
-Seeds = Annotated[int | None, typer.Option(help="cold fits per layer; >1 reports the spread")]
-Threads = Annotated[int | None, typer.Option(help="torch threads (default: torch's)")]
+Seeds = Annotated[
+    int | None,
+    typer.Option(
+        metavar="K", envvar="DYNAUDIT_SEEDS", help="cold fits per layer; >1 reports the spread"
+    ),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(metavar="N", envvar="DYNAUDIT_THREADS", help="torch threads (default: torch's)"),
+]
 HfEndpoint = Annotated[
     str | None,
-    typer.Option("--hf-endpoint", help="Hugging Face Hub URL (default: HF_ENDPOINT or the Hub)"),
+    typer.Option(
+        "--hf-endpoint",
+        metavar="URL",
+        help="Hugging Face Hub URL (default: HF_ENDPOINT or the Hub)",
+    ),
 ]
 HfToken = Annotated[
     str | None,
     typer.Option(
         "--hf-token",
+        metavar="TOKEN",
         help="Hub token (default: HF_TOKEN; prefer the variable: flags show in process lists)",
         show_default=False,
     ),
 ]
 MlflowUri = Annotated[
     str | None,
-    typer.Option("--mlflow-uri", help="MLflow tracking server (default: MLFLOW_TRACKING_URI)"),
+    typer.Option(
+        "--mlflow-uri", metavar="URI", help="MLflow tracking server (default: MLFLOW_TRACKING_URI)"
+    ),
 ]
 CacheDir = Annotated[
     Path | None,
     typer.Option(
         "--cache-dir",
+        metavar="DIR",
         envvar="DYNAUDIT_CACHE_DIR",
         help="result and download cache (default: ~/.cache/dynaudit)",
     ),
@@ -96,18 +143,26 @@ AllowPickle = Annotated[
     ),
 ]
 PolicyPath = Annotated[
-    Path | None, typer.Option("--policy", help="TOML gate policy (default: pyproject's)")
-]
+    Path | None,
+    typer.Option(
+        "--policy", metavar="FILE", envvar="DYNAUDIT_POLICY",
+        help="TOML gate policy (default: [tool.dynaudit.policy] of the settings file)",
+    ),
+]  # fmt: skip
 JsonOut = Annotated[
-    Path | None, typer.Option("--json", help="write the JSON report here (-: stdout)")
+    Path | None,
+    typer.Option("--json", metavar="PATH", help="write the JSON report here (-: stdout)"),
 ]
 MarkdownOut = Annotated[
-    Path | None, typer.Option("--markdown", help="write the Markdown report here (-: stdout)")
+    Path | None,
+    typer.Option("--markdown", metavar="PATH", help="write the Markdown report here (-: stdout)"),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no table on stdout")]
 JunitOut = Annotated[
     Path | None,
-    typer.Option("--junit", help="write JUnit XML here, a test case per group (-: stdout)"),
+    typer.Option(
+        "--junit", metavar="PATH", help="write JUnit XML here, a test case per group (-: stdout)"
+    ),
 ]
 LogMlflow = Annotated[
     bool,
@@ -117,22 +172,48 @@ LogMlflow = Annotated[
         "MLFLOW_TRACKING_URI; the active run, else a new run in MLFLOW_EXPERIMENT_NAME)",
     ),
 ]
-MaxDropAll = Annotated[float | None, typer.Option(help="% drop of all layers that fails")]
-MaxDropGroup = Annotated[float | None, typer.Option(help="% drop of a depth third that fails")]
-MaxLayerChange = Annotated[
-    float | None, typer.Option(help="% change of any layer, either direction, that fails")
+MaxDropAll = Annotated[
+    float | None,
+    typer.Option(
+        metavar="PCT", envvar="DYNAUDIT_MAX_DROP_ALL", help="% drop of all layers that fails"
+    ),
 ]
+MaxDropGroup = Annotated[
+    float | None,
+    typer.Option(
+        metavar="PCT", envvar="DYNAUDIT_MAX_DROP_GROUP", help="% drop of a depth third that fails"
+    ),
+]
+MaxLayerChange = Annotated[
+    float | None,
+    typer.Option(
+        metavar="PCT", envvar="DYNAUDIT_MAX_LAYER_CHANGE",
+        help="% change of any layer, either direction, that fails",
+    ),
+]  # fmt: skip
 MaxDisplacement = Annotated[
     float | None,
-    typer.Option(help="neuron displacement of any layer that fails (units of its mean distance)"),
+    typer.Option(
+        metavar="X",
+        envvar="DYNAUDIT_MAX_DISPLACEMENT",
+        help="neuron displacement of any layer that fails (units of its mean distance)",
+    ),
 ]
 MaxWeightChange = Annotated[
     float | None,
-    typer.Option(help="% a layer's weights may move, ‖ΔW‖/‖W‖, before it counts as replaced"),
+    typer.Option(
+        metavar="PCT",
+        envvar="DYNAUDIT_MAX_WEIGHT_CHANGE",
+        help="% a layer's weights may move, ‖ΔW‖/‖W‖, before it counts as replaced",
+    ),
 ]
 MaxNoiseChange = Annotated[
     float | None,
-    typer.Option(help="% a layer's weights may move in a noise-like way before it is damage"),
+    typer.Option(
+        metavar="PCT",
+        envvar="DYNAUDIT_MAX_NOISE_CHANGE",
+        help="% a layer's weights may move in a noise-like way before it is damage",
+    ),
 ]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
@@ -153,6 +234,74 @@ NoBaselineCache = Annotated[
         "cache and reused)",
     ),
 ]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from dynaudit import __version__
+
+        typer.echo(f"dynaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _settings(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            envvar="DYNAUDIT_CONFIG",
+            help="settings file: [tool.dynaudit] of a pyproject.toml, or the same keys at the "
+            "top level of any TOML file (default: ./pyproject.toml); flags and DYNAUDIT_* "
+            "variables win over it",
+        ),
+    ] = None,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="say more on stderr: -v what is read and reused, -vv also debug detail and "
+            "tracebacks of internal errors",
+        ),
+    ] = 0,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Read the settings file into click's default map (so a flag or a DYNAUDIT_* variable
+    wins over it) and set how much is logged."""
+    from dynaudit.cli.settings import default_map, read_table
+
+    if verbose:
+        logging.getLogger("dynaudit").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+    if verbose > 1:
+        from dynaudit.cli import _errors
+
+        _errors.show_tracebacks(True)
+    path = config if config is not None else Path("pyproject.toml")
+    if config is None and not path.is_file():
+        return
+    table = read_table(path, explicit=config is not None)
+    where = f"[tool.dynaudit] of {path}" if config is None else f"--config {path}"
+    commands = [(name, [p.name for p in cmd.params if p.name]) for name, cmd in _commands(ctx)]
+    ctx.default_map = default_map(table, where, commands)
+    ctx.meta["dynaudit.settings"] = where
+    if config is not None and isinstance(table.get("policy"), dict):
+        for params in ctx.default_map.values():
+            params.setdefault("policy_path", str(config))
+
+
+def _commands(ctx: typer.Context) -> list[tuple[str, Any]]:
+    """The group's subcommands (click's or Typer's own copy of click: duck-typed)."""
+    found: dict[str, Any] = getattr(ctx.command, "commands", {})
+    return list(found.items())
 
 
 def _sources(
@@ -196,7 +345,8 @@ def measure(
     no_cache: NoCache = False,
     log_mlflow: LogMlflow = False,
     json_path: Annotated[
-        Path | None, typer.Option("--json", help="write the JSON report (schema v1) (-: stdout)")
+        Path | None,
+        typer.Option("--json", metavar="PATH", help="write the JSON report here (-: stdout)"),
     ] = None,
     markdown_path: Annotated[
         Path | None, typer.Option("--markdown", help="write the Markdown report here (-: stdout)")
@@ -245,7 +395,9 @@ def baseline_command(
     source: Source,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="baseline directory to create (never overwritten)"),
+        typer.Option(
+            "--out", metavar="DIR", help="baseline directory to create (never overwritten)"
+        ),
     ] = None,
     family: Family = None,
     base: Base = None,
@@ -256,7 +408,12 @@ def baseline_command(
     max_entries: MaxEntries = None,
     seed: Seed = None,
     seeds: Annotated[
-        int | None, typer.Option(help="K cold fits (and null refits) per layer (default 3)")
+        int | None,
+        typer.Option(
+            metavar="K",
+            envvar="DYNAUDIT_SEEDS",
+            help="K cold fits (and null refits) per layer (default 3)",
+        ),
     ] = None,
     threads: Threads = None,
     hf_endpoint: HfEndpoint = None,
@@ -273,7 +430,8 @@ def baseline_command(
         ),
     ] = False,
     experiment: Annotated[
-        str | None, typer.Option(help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME)")
+        str | None,
+        typer.Option(metavar="NAME", help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME)"),
     ] = None,
 ) -> int:
     """Store a baseline: K cold fits of every layer, their null refits, scales and settings."""
@@ -310,11 +468,14 @@ def baseline_command(
 
 @app.command(epilog=_EPILOG)
 def check(
+    ctx: typer.Context,
     source: Source,
     baseline_ref: Annotated[
         str | None,
         typer.Option(
             "--baseline",
+            metavar="REF",
+            envvar="DYNAUDIT_BASELINE",
             help="baseline directory, or a checkpoint (any SOURCE form) measured as one; "
             "default: [tool.dynaudit] baseline, the adapter's base, the model card's base_model",
         ),
@@ -364,6 +525,7 @@ def check(
             source, baseline_ref, policy=policy, family=family, base=base, progress=progress,
             device=device, threads=threads, cache=not no_cache, all_seeds=all_seeds,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
+            baseline_from=_baseline_given_by(ctx),
         )  # fmt: skip
     if not main_rank:
         return 0
@@ -429,6 +591,17 @@ def compare(
     )
 
 
+def _baseline_given_by(ctx: typer.Context) -> str:
+    """Where ``--baseline``'s value came from, for the report: the flag, the environment
+    variable, or the settings file."""
+    source = getattr(ctx.get_parameter_source("baseline_ref"), "name", "")
+    if source == "ENVIRONMENT":
+        return "DYNAUDIT_BASELINE"
+    if source == "DEFAULT_MAP":
+        return f"baseline in {ctx.meta.get('dynaudit.settings', 'the settings file')}"
+    return "--baseline"
+
+
 def _reports(
     json_path: Path | None, markdown_path: Path | None, junit_path: Path | None
 ) -> dict[str, Path | None]:
@@ -486,8 +659,8 @@ def _log_to_mlflow(report: Report | CheckReport, mlflow_uri: str | None) -> None
 
     try:
         log_report(report, tracking_uri=mlflow_uri)
-    except (DynauditError, OSError) as exc:
-        reason = exc.message if isinstance(exc, DynauditError) else str(exc)
+    except Exception as exc:  # whatever broke, the reports are written and the verdict stands
+        reason = exc.message if isinstance(exc, DynauditError) else f"{type(exc).__name__}: {exc}"
         logging.getLogger("dynaudit").warning(
             "could not log to MLflow (%s); the verdict stands", reason
         )
@@ -514,22 +687,28 @@ def inspect(
     mlflow_uri: MlflowUri = None,
     cache_dir: CacheDir = None,
     allow_pickle: AllowPickle = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    json_path: JsonOut = None,
+    quiet: Quiet = False,
 ) -> int:
     """Headers only (no weights read): family, layer graph, shapes, dtypes, size, structural
     class and fit cost. --weights adds ranks, degenerate layers and residual-branch gains."""
     from dynaudit.api import inspect as run
+    from dynaudit.outputs import Inputs, guard_outputs, is_stdout
+    from dynaudit.reports import write_text_atomic
     from dynaudit.reports.inspect import render_inspection
 
+    read = Inputs()
+    read.add_source(source, base)
+    guard_outputs({"--json": json_path}, read)
     found = run(
         source, family=family, base=base, weights=weights, q_dim=q_dim, pieces=pieces,
         steps=steps, max_entries=max_entries, seeds=seeds,
         sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
     )  # fmt: skip
-    if as_json:
-        typer.echo(found.model_dump_json(indent=2))
-        return 0
-    render_inspection(found, _console())
+    if json_path is not None:
+        write_text_atomic(json_path, found.model_dump_json(indent=2) + "\n")
+    if not quiet and not is_stdout(json_path):
+        render_inspection(found, _console())
     return 0
 
 

@@ -3,9 +3,11 @@
 Every file dynaudit writes for the user (reports, plots, the demo checkpoint) goes through
 :func:`write_bytes_atomic` (SPEC §8): written to a temporary file in the same directory and
 renamed over the target, with the mode the umask gives a new file (an existing file keeps its
-own); a directory, FIFO, device or anything else that is not a regular file is never replaced;
-``-`` is standard output. A failed write is one :class:`~dynaudit.errors.OutputError` (exit 3),
-a path that cannot be a file one :class:`~dynaudit.errors.OutputRefused` (exit 2).
+own); a directory, block device, socket or anything else that is not a regular file is never
+replaced; a FIFO or character device is written into; ``-`` (or a path naming stdout, such as
+``/dev/stdout``) is standard output. A failed write is one
+:class:`~dynaudit.errors.OutputError` (exit 3), a path that cannot be a file one
+:class:`~dynaudit.errors.OutputRefused` (exit 2).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dynaudit.errors import OutputError, OutputRefused
-from dynaudit.outputs import is_stdout, output_file
+from dynaudit.errors import NoReader, OutputError, OutputRefused
+from dynaudit.outputs import is_stdout, is_stream, output_file
 from dynaudit.report import Report
 
 __all__ = ["current_umask", "write_bytes_atomic", "write_json", "write_text_atomic"]
@@ -57,6 +59,9 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
         return Path(os.fspath(path))
     given = Path(path).expanduser()
     target = output_file(given)  # a symlink to a regular file: that file is replaced
+    if is_stream(target):
+        _write_stream(target, data)
+        return given
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -85,6 +90,26 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return given
+
+
+def _write_stream(path: Path, data: bytes) -> None:
+    """Into a FIFO or character device, where it is: nothing is replaced, and an atomic
+    rename has no meaning for a stream. A FIFO nobody reads is an error, not a hang (opening
+    it without O_NONBLOCK would wait for a reader forever)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise NoReader(
+                f"{path}: no process is reading this FIFO; start the reader first", path=str(path)
+            ) from exc
+        raise _failed(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.set_blocking(fd, True)  # a reader slower than us must not fail the write
+            fh.write(data)
+    except OSError as exc:
+        raise _failed(path, exc) from exc
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
