@@ -36,9 +36,10 @@ app = typer.Typer(
 Source = Annotated[
     str,
     typer.Argument(
+        metavar="SOURCE",
         help="checkpoint: a .safetensors file or directory, hf://org/name[@rev] or org/name "
         "(Hugging Face Hub), models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, "
-        "models:/m-ID or runs:/RUN_ID/PATH (MLflow)"
+        "models:/m-ID or runs:/RUN_ID/PATH (MLflow)",
     ),
 ]
 Family = Annotated[
@@ -536,8 +537,10 @@ def check(
 
 @app.command(epilog=_EPILOG)
 def compare(
-    a: Annotated[str, typer.Argument(help="the reference checkpoint (measured as the baseline)")],
-    b: Annotated[str, typer.Argument(help="the checkpoint to compare with it")],
+    a: Annotated[
+        str, typer.Argument(metavar="A", help="the reference checkpoint (measured as the baseline)")
+    ],
+    b: Annotated[str, typer.Argument(metavar="B", help="the checkpoint to compare with it")],
     policy_path: PolicyPath = None,
     max_drop_all: MaxDropAll = None,
     max_drop_group: MaxDropGroup = None,
@@ -717,12 +720,13 @@ def plot(
     inputs: Annotated[
         list[Path],
         typer.Argument(
+            metavar="INPUT",
             help="a check report (JSON) → per-layer bars; several measure reports (JSON) → "
-            "trajectory; a baseline directory → neuron map"
+            "trajectory; a baseline directory → neuron map",
         ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", help="PNG file to write (-: standard output)")
+        Path, typer.Option("--out", metavar="PATH", help="PNG file to write (-: standard output)")
     ] = Path("dynaudit.png"),
     layer: Annotated[
         str | None, typer.Option(help="neuron map: the layer (default: the first)")
