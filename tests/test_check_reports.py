@@ -113,11 +113,13 @@ def test_the_crafted_name_breaks_no_format() -> None:
     assert failures == {"all layers", "bottom third", "type value\\x1b[31m\\x0b<&>\\u202e"}
     texts = [f.text or "" for f in root.iter("failure")]
     assert any("pwned" in t and "\\r" in t for t in texts)  # the CR shown, not written
-    for line in github_annotations(report):
+    annotations = github_annotations(report)
+    for line in annotations:
         # One command per line: the crafted "\n::error::" is data after %0A, not a command.
         assert line.startswith("::error title=dynaudit%3A ")
-        assert "\n" not in line and "\r" not in line and "%0A::error::pwned" in line
+        assert "\n" not in line and "\r" not in line
         assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line
+    assert sum("%0A::error::pwned" in line for line in annotations) == 1  # the damaged layer's
     assert escape_command_data("a%\r\nb") == "a%25%0D%0Ab"
 
 
@@ -146,5 +148,30 @@ def test_github_actions_outputs(tmp_path: Path) -> None:
     lines = report_to_github(sample_report(), env)
     assert summary.read_text().startswith("earlier step\n# dynaudit check: hf://org/fine-tuned@v2")
     assert output.read_text() == "verdict=fail\n"
-    assert len(lines) == 3  # all layers, bottom third, type value
+    assert lines == github_annotations(sample_report())
     assert report_to_github(sample_report(), {}) == []
+
+
+def test_one_annotation_per_root_cause() -> None:
+    """Regression: annotations were one per failing group, so one damaged layer (in all layers,
+    its third and its type) gave three ``::error`` lines with the same message."""
+    report = sample_report()
+    layers = [_layer("model.layers.0.q_proj.weight", "query", "bottom", 0.001),
+              _layer("model.layers.2.o_proj.weight", "output", "top", 0.30)]  # fmt: skip
+    comparison = Comparison(
+        layers=layers, all=_group(0.001, 2),
+        groups={"bottom": _group(0.001, 1), "top": _group(0.001, 1)},
+        types={"query": _group(0.001, 1), "output": _group(0.30, 1)},
+    )  # fmt: skip
+    report = report.model_copy(update={"comparison": comparison,
+                                       "verdict": decide(comparison, Policy())})  # fmt: skip
+    assert report.verdict.failing_groups == ["all", "top", "output"]
+    assert github_annotations(report) == [
+        "::error title=dynaudit%3A damage::damage: model.layers.2.o_proj.weight mean distance "
+        "+30.00%25 ± 0.10%25 (limit ±25%25)"
+    ]
+    # The sample: two capacity losses (all layers, bottom third) and one damaged layer.
+    titles = [line.split("::")[1] for line in github_annotations(sample_report())]
+    assert titles == ["error title=dynaudit%3A capacity loss"] * 2 + [
+        "error title=dynaudit%3A damage"
+    ]
