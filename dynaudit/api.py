@@ -8,7 +8,7 @@ import os
 import platform
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,6 +20,7 @@ from dynaudit.engine import CoordsSink, Progress, measure_plan
 from dynaudit.errors import NothingToAudit, UsageError
 from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
 from dynaudit.report import CacheInfo, FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
+from dynaudit.schemas import minor_field
 from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
 from dynaudit.structure import StructuralClass
 from dynaudit.tensors import Checkpoint, sha256_file
@@ -184,7 +185,7 @@ def fit_report(
 
 
 class InspectedLayer(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     type: str
@@ -204,7 +205,7 @@ class InspectedLayer(BaseModel):
 
 
 class Structure(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     structural_class: StructuralClass
     widths: list[int] = Field(description="feature widths along the main path, input first")
@@ -226,7 +227,7 @@ class BranchGain(BaseModel):
     the branch's gain, not a bound — activations, token mixing in attention, the softmax and
     the conv operator norm (up to √(kh·kw) × the reshaped kernel's) all stand between them."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     block: str
     branch: str
@@ -236,8 +237,13 @@ class BranchGain(BaseModel):
 
 
 class Inspection(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """What ``dynaudit inspect`` finds; its JSON is the versioned "inspect" format
+    (:mod:`dynaudit.schemas`)."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = Field(1, description="the format's major version")
+    schema_minor: int = minor_field("inspect")
     uri: str
     files: list[str]
     family: FamilyInfo

@@ -65,6 +65,7 @@ from dynaudit.policy import (
 )
 from dynaudit.report import DEPTH_GROUPS, FamilyInfo, Report, SourceInfo
 from dynaudit.runtime import to_device
+from dynaudit.schemas import FORMATS, drop_unknown, minor_field
 from dynaudit.tensors import Checkpoint, parse_header
 
 __all__ = [
@@ -81,7 +82,8 @@ BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
 COORDS_DIR = "coords"
 # The layout of the directory and of baseline.json: bump when an older dynaudit could not read
-# a new baseline. A baseline without the field is format 1 (all baselines so far).
+# a new baseline. A baseline without the field is format 1 (all baselines so far). A change an
+# older dynaudit can read by ignoring fields bumps the minor instead (dynaudit.schemas).
 BASELINE_FORMAT: Final = 1
 # Written in each coordinate file's safetensors metadata: which layer it belongs to.
 LAYER_KEY = "dynaudit.layer"
@@ -119,7 +121,8 @@ class BaselineLayer(_Model):
 
 
 class Baseline(_Model):
-    format_version: Literal[1] = BASELINE_FORMAT
+    format_version: Literal[1] = Field(BASELINE_FORMAT, description="the format's major version")
+    format_minor: int = minor_field("baseline")
     protocol_version: int
     tool: dict[str, str]
     created_at: str
@@ -494,8 +497,10 @@ def _parse(data: bytes, path: Path) -> Baseline:
         return value
 
     try:
-        json.loads(data, parse_constant=constant, parse_float=number)
-        return Baseline.model_validate_json(data)
+        raw = json.loads(data, parse_constant=constant, parse_float=number)
+        if isinstance(raw, dict):  # a newer minor's fields: dropped with a warning
+            raw = drop_unknown(Baseline, raw, FORMATS["baseline"], str(where))
+        return Baseline.model_validate(raw)
     except (ValidationError, ValueError, RecursionError) as exc:
         raise BaselineError(
             f"{where}: not a valid baseline (tampered or corrupt); re-create the baseline",

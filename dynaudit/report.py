@@ -1,4 +1,8 @@
-"""The report: JSON schema v1 (SPEC §5) as pydantic models, and its aggregates."""
+"""The report: JSON schema v1 (SPEC §5) as pydantic models, its aggregates, and its reader.
+
+The models are strict (unknown fields are an error when writing); :func:`read_report` reads a
+report under the format contract of :mod:`dynaudit.schemas` (newer minor versions welcome,
+newer major versions refused)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dynaudit.config import PROTOCOL_VERSION
 from dynaudit.policy import Comparison, Policy, Verdict
+from dynaudit.schemas import FORMATS, minor_field, read_versioned
 
 __all__ = [
     "DEPTH_GROUPS",
@@ -26,10 +31,10 @@ __all__ = [
     "Spread",
     "Summary",
     "depth_groups",
+    "read_report",
     "summarize",
 ]
 
-SCHEMA_VERSION = 1  # bump with any incompatible change to the JSON layout
 DEPTH_GROUPS = ("bottom", "middle", "top")
 
 
@@ -132,7 +137,8 @@ class Summary(_Model):
 
 
 class Report(_Model):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1] = Field(1, description="the format's major version")
+    schema_minor: int = minor_field("measure")
     tool: dict[str, str]
     protocol_version: int = PROTOCOL_VERSION
     source: SourceInfo
@@ -223,7 +229,8 @@ class BaselineInfo(_Model):
 class CheckReport(_Model):
     """The result of `dynaudit check` / `compare` (JSON schema v1, kind "check")."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1] = Field(1, description="the format's major version")
+    schema_minor: int = minor_field("check")
     kind: Literal["check"] = "check"
     tool: dict[str, str]
     protocol_version: int = PROTOCOL_VERSION
@@ -237,3 +244,12 @@ class CheckReport(_Model):
     created_at: str
     host: str
     seconds: float
+
+
+def read_report(data: object, where: str) -> Report | CheckReport:
+    """A measure or check report parsed from JSON (``kind`` says which), read under the format
+    contract: unknown fields dropped with one warning, a newer major version refused in one
+    line (:class:`~dynaudit.errors.InputError`, exit 3), as is anything that is not a report."""
+    if isinstance(data, dict) and data.get("kind") == "check":
+        return read_versioned(CheckReport, data, FORMATS["check"], where)
+    return read_versioned(Report, data, FORMATS["measure"], where)

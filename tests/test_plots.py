@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,23 @@ def test_bars_trajectory_and_neuron_map(digits_mlp: Path, tmp_path: Path) -> Non
         assert data.startswith(PNG) and len(data) > 10_000, name
     bad = plot(str(tmp_path / "step0.json"), "--out", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "at least two" in bad.stderr
+
+
+def test_plot_reads_a_newer_minor_and_refuses_a_newer_major(tmp_path: Path) -> None:
+    """Regression: plot refused any field it did not know, so a report of a newer minor
+    version could not be drawn; a newer major version is one line, exit 3."""
+    data = json.loads(sample_report().model_dump_json())
+    data["schema_minor"] = 1
+    data["from_the_future"] = True
+    data["comparison"]["layers"][0]["also_new"] = 1
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(data))
+    proc = plot(str(newer), "--out", str(tmp_path / "bars.png"))
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "from_the_future" in warnings[0], proc.stderr
+    data["schema_version"] = 2
+    newer.write_text(json.dumps(data))
+    proc = plot(str(newer), "--out", str(tmp_path / "bars.png"))
+    assert proc.returncode == 3, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "newer" in proc.stderr

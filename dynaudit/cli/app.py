@@ -742,7 +742,7 @@ def plot(
     from dynaudit.errors import InputError, UsageError
     from dynaudit.outputs import Inputs, guard_outputs, is_stdout
     from dynaudit.plots import check_method, plot_bars, plot_neurons, plot_trajectory
-    from dynaudit.report import CheckReport, Report
+    from dynaudit.report import CheckReport, Report, read_report
 
     check_method(method)
     read = Inputs()
@@ -759,10 +759,9 @@ def plot(
         for path in inputs:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                kind = CheckReport if data.get("kind") == "check" else Report
-                loaded.append(kind.model_validate(data))
-            except (OSError, ValueError, AttributeError, RecursionError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 raise InputError(f"{path}: not a dynaudit report or baseline ({exc})") from exc
+            loaded.append(read_report(data, str(path)))  # a newer minor: unknown fields dropped
         checks = [r for r in loaded if isinstance(r, CheckReport)]
         if len(loaded) == 1 and checks:
             written = plot_bars(checks[0], out)
