@@ -1,7 +1,8 @@
 """dynaudit's own cache: measured reports keyed by what determines them, and file hashes.
 
-Layout under the cache root (``--cache-dir``, ``DYNAUDIT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/dynaudit`` or ``~/.cache/dynaudit``)::
+Layout under the cache root (``--cache-dir``, ``DYNAUDIT_CACHE_DIR``, else ``dynaudit/`` in
+huggingface_hub's assets folder when ``HF_HOME`` or ``HF_ASSETS_CACHE`` is set, else
+``$XDG_CACHE_HOME/dynaudit`` or ``~/.cache/dynaudit``; see :func:`cache_root`)::
 
     results/<key[:2]>/<key>/report.json   one entry per checkpoint fingerprint + settings
     hashes/<id>                           sha256 of a file, keyed by its path, size and mtime
@@ -48,10 +49,20 @@ STALE_SECONDS = 24 * 3600
 
 
 def cache_root(configured: str | os.PathLike[str] | None = None) -> Path:
+    """Where dynaudit caches: ``configured``, else ``DYNAUDIT_CACHE_DIR``, else — when the
+    user moved the Hugging Face cache with ``HF_HOME`` (a cluster's scratch disk, say) — the
+    ``assets/`` folder huggingface_hub sets aside there for other libraries
+    (``HF_ASSETS_CACHE``, default ``$HF_HOME/assets``: its ``cached_assets_path``), else
+    ``$XDG_CACHE_HOME/dynaudit``. Not inside ``hub/``: that layout belongs to
+    huggingface_hub, and its cache scanner reports foreign folders there as corrupt."""
     if configured:
         return Path(configured).expanduser()
     if env := os.environ.get("DYNAUDIT_CACHE_DIR"):
         return Path(env).expanduser()
+    if assets := os.environ.get("HF_ASSETS_CACHE"):
+        return Path(assets).expanduser() / "dynaudit"
+    if home := os.environ.get("HF_HOME"):
+        return Path(home).expanduser() / "assets" / "dynaudit"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "dynaudit"
 

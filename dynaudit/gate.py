@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import platform
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -416,7 +415,9 @@ def find_baseline(
             return named, "the adapter's base_model_name_or_path"
     card = folder / "README.md"
     if present(card, "the model card (README.md)"):
-        named = _card_base_model(read_text(card, "the model card (README.md)"))
+        from dynaudit.sources.hub import card_base_model  # huggingface_hub's ModelCard
+
+        named = card_base_model(read_text(card, "the model card (README.md)"), str(card))
         if named:
             return named, "the model card's base_model"
     if source.startswith("models:/"):
@@ -430,22 +431,3 @@ def find_baseline(
         "directory or the base checkpoint), or set `baseline` under [tool.dynaudit] in "
         "pyproject.toml"
     )
-
-
-def _card_base_model(text: str) -> str | None:
-    """``base_model`` from a model card's YAML front matter (a string, or the first of a list)."""
-    match = re.match(r"^---\s*\n(.*?)\n---", text, flags=re.DOTALL)
-    if match is None:
-        return None
-    lines = match.group(1).splitlines()
-    for i, line in enumerate(lines):
-        found = re.match(r"^base_model:\s*(.*)$", line)
-        if not found:
-            continue
-        value = found.group(1).strip().strip("'\"")
-        if value:
-            return value
-        following = lines[i + 1] if i + 1 < len(lines) else ""
-        item = re.match(r"^\s*-\s*(.+)$", following)
-        return item.group(1).strip().strip("'\"") if item else None
-    return None

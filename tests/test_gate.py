@@ -482,14 +482,6 @@ def test_no_baseline_anywhere_is_a_usage_error(tiny_llama: Path, tmp_path: Path)
     assert proc.returncode == 2 and "--baseline" in proc.stderr
 
 
-def test_model_card_base_model() -> None:
-    from dynaudit.gate import _card_base_model
-
-    assert _card_base_model("---\nlicense: mit\nbase_model: org/base\n---\n# x") == "org/base"
-    assert _card_base_model("---\nbase_model:\n- org/first\n- org/second\n---\n") == "org/first"
-    assert _card_base_model("# no front matter\nbase_model: x") is None
-
-
 @pytest.mark.slow
 def test_a_bf16_round_trip_passes_against_ten_seeds(tiny_llama: Path, tmp_path: Path) -> None:
     """Acceptance (a): no false alarm against baselines of 10 different seeds. (The base

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,22 @@ def published(hub: LocalHub, sharded_llama: Path, tmp_path_factory: pytest.TempP
 # -- Hugging Face Hub -------------------------------------------------------------------
 
 
+def test_revision_flag_pins_the_hub_revision(hub: LocalHub, published: str) -> None:
+    """``--revision REV`` is ``hf://org/name@REV``: the report names the pinned URI and commit;
+    a different revision in the URI is one line, exit 2, before anything is downloaded."""
+    proc = cli("inspect", "hf://org/tiny-llama", "--revision", "v1", "--hf-endpoint", hub.url,
+               "--json", "-")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert found["uri"] == "hf://org/tiny-llama@v1"
+    start = len(hub.requests)
+    clash = cli("measure", "hf://org/tiny-llama@main", "--revision", "v1", "--hf-endpoint",
+                hub.url)  # fmt: skip
+    assert clash.returncode == 2, clash.stderr
+    assert len(clash.stderr.strip().splitlines()) == 1 and "differs" in clash.stderr
+    assert len(hub.requests) == start
+
+
 def test_hub_measure_equals_local(
     hub: LocalHub, published: str, local_numbers: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -142,6 +159,12 @@ def test_a_local_path_wins_over_a_repo_id(
     assert json.loads((tmp_path / "r.json").read_text())["source"]["revision"] is None
 
 
+USAGE_ERRORS = {
+    "hf://not a repo", "hf://org/two..dots", "hf://datasets/org/tiny-llama",
+    "hf://org/tiny-llama/config.json",
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("source", "extra", "needles"),
     [
@@ -155,6 +178,9 @@ def test_a_local_path_wins_over_a_repo_id(
         ("hf://org/tiny-llama", ["--hf-endpoint", "http://127.0.0.1:{dead}"], ["cannot reach"]),
         ("hf://not a repo", [], ["hf://org/name"]),
         ("hf://org/two..dots", [], ["not a valid Hub repository id"]),
+        ("hf://datasets/org/tiny-llama", [], ["a Hub dataset", "dynaudit audits model"]),
+        ("hf://org/tiny-llama/no-such-folder", [], ["no folder 'no-such-folder'"]),
+        ("hf://org/tiny-llama/config.json", [], ["is a file", "name the folder"]),
     ],
 )
 def test_hub_failures_are_one_line_exit_3(
@@ -165,7 +191,7 @@ def test_hub_failures_are_one_line_exit_3(
     started = time.monotonic()
     proc = cli("measure", source, *endpoint, *extra, *FAST_FLAGS)
     elapsed = time.monotonic() - started
-    expected = 2 if source in ("hf://not a repo", "hf://org/two..dots") else 3
+    expected = 2 if source in USAGE_ERRORS else 3
     assert proc.returncode == expected, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -294,6 +320,186 @@ def test_offline_mode_uses_the_populated_cache(
     )  # fmt: skip
     assert empty.returncode == 3
     assert "HF_HUB_OFFLINE" in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="session")
+def trainer_run(
+    hub: LocalHub, sharded_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """org/trainer-run as a Trainer pushes it: a model card at the root, the weights in
+    checkpoint-500/, published as main, a pull request (refs/pr/1) and a branch with a slash
+    (feature/x); returns the commit."""
+    folder = tmp_path_factory.mktemp("trainer-run")
+    shutil.copytree(sharded_llama, folder / "checkpoint-500")
+    (folder / "README.md").write_text("---\nbase_model: org/base\n---\n# a run\n")
+    (folder / "training_args.bin").write_bytes(b"a pickle beside the checkpoints")
+    return hub.add("org/trainer-run", folder, revisions=("main", "refs/pr/1", "feature/x"))
+
+
+HF_FILE_SYSTEM_FORMS = [
+    "hf://org/trainer-run",
+    "hf://org/trainer-run/checkpoint-500",
+    "hf://org/trainer-run@main/checkpoint-500",
+    "hf://org/trainer-run@refs/pr/1/checkpoint-500",
+    "hf://org/trainer-run@refs%2Fpr%2F1/checkpoint-500",
+    "hf://org/trainer-run@feature%2Fx",
+    "org/trainer-run@main/checkpoint-500",
+]
+
+
+def test_hub_uris_parse_like_hf_file_system(hub: LocalHub, trainer_run: str) -> None:
+    """Regression: ``/checkpoint-500`` was refused and ``@main/sub`` read as revision
+    "main/sub". Each form is compared with what huggingface_hub's own HfFileSystem makes of
+    it, against the same endpoint."""
+    from huggingface_hub import HfFileSystem
+
+    from dynaudit.sources.hub import parse
+
+    fs = HfFileSystem(endpoint=hub.url, skip_instance_cache=True)
+    for uri in HF_FILE_SYSTEM_FORMS:
+        theirs = fs.resolve_path(uri)
+        ours = parse(uri)
+        assert ours is not None, uri
+        assert (ours.repo_id, ours.revision or "main", ours.subfolder) == (
+            theirs.repo_id, theirs.revision, theirs.path_in_repo
+        ), uri  # fmt: skip
+    flagged = fs.resolve_path("hf://org/trainer-run/checkpoint-500", revision="refs/pr/1")
+    ours = parse("hf://org/trainer-run/checkpoint-500", "refs/pr/1")
+    assert ours is not None and (ours.revision, ours.subfolder) == (
+        flagged.revision, flagged.path_in_repo
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="not the same"):
+        fs.resolve_path("hf://org/trainer-run@main/checkpoint-500", revision="refs/pr/1")
+    with pytest.raises(dynaudit.DynauditError, match="differs from the revision 'main'"):
+        parse("hf://org/trainer-run@main/checkpoint-500", "refs/pr/1")
+
+
+def test_a_checkpoint_in_a_folder_of_a_repo(
+    hub: LocalHub, trainer_run: str, sharded_llama: Path, local_numbers: dict[str, Any]
+) -> None:
+    """Only the folder's files are fetched; the weights equal the local ones, at the pull
+    request's commit; its headers alone are read remotely the same way."""
+    from dynaudit.api import inspect
+
+    options = SourceOptions(hf_endpoint=hub.url)
+    uri = "hf://org/trainer-run@refs%2Fpr%2F1/checkpoint-500"
+    start = len(hub.requests)
+    report = dynaudit.measure(uri, sources=options, cache=False, **FAST)
+    assert figures(report) == local_numbers
+    assert report.source.uri == uri and report.source.revision == trainer_run
+    fetched = {r.path for r in hub.requests[start:] if r.method == "GET" and r.body_bytes}
+    assert fetched and all("/checkpoint-500/" in path for path in fetched), fetched
+    remote = inspect("hf://org/trainer-run/checkpoint-500", sources=options)
+    local = inspect(sharded_llama)
+    assert remote.layers == local.layers and len(remote.files) == 4
+
+
+def test_a_folder_is_found_offline_in_the_cache(
+    hub: LocalHub, trainer_run: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from dynaudit.sources import resolve
+
+    options = SourceOptions(hf_endpoint=hub.url)
+    online = resolve("hf://org/trainer-run@feature%2Fx/checkpoint-500", options)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = resolve("hf://org/trainer-run@feature%2Fx/checkpoint-500", options)
+    assert offline.path == online.path and offline.path.name == "checkpoint-500"
+    assert offline.revision == trainer_run
+    with pytest.raises(dynaudit.DynauditError, match="HF_HUB_OFFLINE"):
+        resolve("hf://org/trainer-run@feature%2Fx/checkpoint-900", options)
+
+
+@pytest.mark.parametrize(
+    ("source", "revision", "expected"),
+    [
+        ("hf://org/name", "v1", "hf://org/name@v1"),
+        ("org/name/checkpoint-500", "refs/pr/1", "hf://org/name@refs/pr/1/checkpoint-500"),
+        ("hf://org/name/sub", "feature/x", "hf://org/name@feature%2Fx/sub"),
+        ("hf://org/name@refs%2Fpr%2F1", "refs/pr/1", "hf://org/name@refs%2Fpr%2F1"),
+        ("hf://org/name@v1/sub", "v1", "hf://org/name@v1/sub"),
+        ("models:/tiny/1", None, "models:/tiny/1"),
+    ],
+)
+def test_revision_folds_into_the_uri(source: str, revision: str | None, expected: str) -> None:
+    from dynaudit.sources import with_revision
+    from dynaudit.sources.hub import parse
+
+    pinned = with_revision(source, revision)
+    assert pinned == expected
+    if revision is not None:
+        repo = parse(pinned)
+        assert repo is not None and repo.revision == revision
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("hf://org/name@v1", "--revision 'v2' differs from the revision 'v1'"),
+        ("models:/tiny/1", "MLflow URI names its version"),
+        ("{local}", "a local path has no revision"),
+    ],
+)
+def test_a_revision_that_cannot_apply_is_a_usage_error(
+    source: str, says: str, tmp_path: Path
+) -> None:
+    from dynaudit.sources import with_revision
+
+    with pytest.raises(dynaudit.DynauditError, match=re.escape(says)) as caught:
+        with_revision(source.format(local=tmp_path), "v2")
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("card", "base"),
+    [
+        ("---\nlicense: mit\nbase_model: org/base\n---\n# x", "org/base"),
+        ("---\nbase_model:\n- org/first\n- org/second\n---\n", "org/first"),
+        ("# no front matter\nbase_model: x", None),
+        ("---\nbase_model: org/base  # the model we tuned\n---\n", "org/base"),
+        ('---\nbase_model: ["org/a", org/b]\n---\n', "org/a"),
+        ("---\r\nbase_model: 'org/crlf'\r\n---\r\n", "org/crlf"),
+        ("---\nmodel-index: not a list\nbase_model: org/m\n---\n", "org/m"),
+        ("---\nlicense: mit\n---\n", None),
+    ],
+)
+def test_the_model_card_is_read_by_huggingface_hub(
+    card: str, base: str | None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: the hand-written reader kept a trailing comment and a flow list's
+    brackets as part of the name. Through find_baseline, as check uses it."""
+    from dynaudit.gate import find_baseline
+
+    (tmp_path / "README.md").write_bytes(card.encode())
+    if base is None:
+        with pytest.raises(dynaudit.DynauditError, match="no baseline given"):
+            find_baseline(tmp_path, None)
+    else:
+        assert find_baseline(tmp_path, None) == (base, "the model card's base_model")
+    assert capfd.readouterr().err == ""  # huggingface_hub's warnings stay quiet
+
+
+@pytest.mark.parametrize(
+    ("front", "says"),
+    [
+        ("a: &x [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: [*x, *x, *x, *x, *x]\n", "aliases"),
+        ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested deeper than 64"),
+        ("a: x\n" * 60_000, "over 256 KiB"),
+        ("base_model: [unclosed\n", "cannot be read"),
+        ("- a list\n- not a mapping\n", "should be a dict"),
+    ],
+)
+def test_a_hostile_model_card_is_one_line_exit_3(front: str, says: str) -> None:
+    from dynaudit.sources.hub import card_base_model
+
+    started = time.monotonic()
+    with pytest.raises(dynaudit.DynauditError, match=says) as caught:
+        card_base_model(f"---\n{front}---\n# card\n", "ckpt/README.md")
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert caught.value.exit_code == 3 and "\n" not in message
+    assert message.startswith("ckpt/README.md: the model card's YAML front matter")
 
 
 # -- MLflow -----------------------------------------------------------------------------
@@ -504,3 +710,24 @@ def test_the_cache_key_covers_the_config(digits_mlp: Path, tmp_path: Path) -> No
     second = dynaudit.measure(copy, **FAST)
     assert first.cache is not None and second.cache is not None
     assert not second.cache.hit and second.cache.key != first.cache.key
+
+
+def test_the_cache_sits_beside_the_hugging_face_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With HF_HOME moved (a scratch disk), dynaudit's cache follows it, into the assets
+    folder huggingface_hub keeps for other libraries; never inside hub/."""
+    from dynaudit.cache import cache_root
+
+    monkeypatch.delenv("DYNAUDIT_CACHE_DIR")
+    monkeypatch.delenv("HF_ASSETS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    home = Path(os.environ["HF_HOME"])
+    assert cache_root() == home / "assets" / "dynaudit"
+    monkeypatch.setenv("HF_ASSETS_CACHE", str(tmp_path / "assets"))
+    assert cache_root() == tmp_path / "assets" / "dynaudit"
+    monkeypatch.setenv("DYNAUDIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine" and cache_root(tmp_path / "flag") == tmp_path / "flag"
+    for var in ("DYNAUDIT_CACHE_DIR", "HF_ASSETS_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var)
+    assert cache_root() == tmp_path / "xdg" / "dynaudit"

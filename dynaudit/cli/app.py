@@ -37,7 +37,7 @@ Source = Annotated[
     str,
     typer.Argument(
         metavar="SOURCE",
-        help="checkpoint: a .safetensors file or directory, hf://org/name[@rev] or org/name "
+        help="checkpoint: a .safetensors file or directory, hf://org/name[@rev][/path] or org/name "
         "(Hugging Face Hub), models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, "
         "models:/m-ID or runs:/RUN_ID/PATH (MLflow)",
     ),
@@ -132,7 +132,8 @@ CacheDir = Annotated[
         "--cache-dir",
         metavar="DIR",
         envvar="DYNAUDIT_CACHE_DIR",
-        help="result and download cache (default: ~/.cache/dynaudit)",
+        help="result and download cache (default: $HF_HOME/assets/dynaudit when HF_HOME is set, "
+        "else ~/.cache/dynaudit)",
     ),
 ]
 AllowPickle = Annotated[
@@ -216,6 +217,14 @@ MaxNoiseChange = Annotated[
         help="% a layer's weights may move in a noise-like way before it is damage",
     ),
 ]
+Revision = Annotated[
+    str | None,
+    typer.Option(
+        "--revision", metavar="REV",
+        help="Hub revision of SOURCE: a branch, tag, commit or refs/pr/N (the same as "
+        "hf://org/name@REV)",
+    ),
+]  # fmt: skip
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="always fit, never reuse or store a cached result")
 ]
@@ -305,6 +314,15 @@ def _commands(ctx: typer.Context) -> list[tuple[str, Any]]:
     return list(found.items())
 
 
+def _pinned(source: str, revision: str | None) -> str:
+    """SOURCE with ``--revision`` folded into its URI, which every later step (and the
+    report's ``source.uri``) reads; not a source option, so an adapter's base and
+    ``--baseline`` never inherit it."""
+    from dynaudit.sources import with_revision
+
+    return with_revision(source, revision) if revision is not None else source
+
+
 def _sources(
     hf_endpoint: str | None,
     hf_token: str | None,
@@ -328,6 +346,7 @@ def _console() -> Console:
 @app.command(epilog=_EPILOG)
 def measure(
     source: Source,
+    revision: Revision = None,
     family: Family = None,
     base: Base = None,
     device: Device = "auto",
@@ -362,6 +381,7 @@ def measure(
     from dynaudit.reports import render_markdown, render_terminal, write_json, write_text_atomic
 
     outputs = {"--json": json_path, "--markdown": markdown_path}
+    source = _pinned(source, revision)
     inputs = Inputs()
     inputs.add_source(source, base)
     guard_outputs(outputs, inputs)  # before any fit
@@ -394,6 +414,7 @@ def measure(
 @app.command("baseline", epilog=_EPILOG)
 def baseline_command(
     source: Source,
+    revision: Revision = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -440,6 +461,7 @@ def baseline_command(
     from dynaudit.gate import baseline as run
     from dynaudit.outputs import Inputs, guard_outputs
 
+    source = _pinned(source, revision)
     inputs = Inputs()
     inputs.add_source(source, base)
     guard_outputs({"--out": out}, inputs, directory=True)  # before any fit
@@ -471,6 +493,7 @@ def baseline_command(
 def check(
     ctx: typer.Context,
     source: Source,
+    revision: Revision = None,
     baseline_ref: Annotated[
         str | None,
         typer.Option(
@@ -511,6 +534,7 @@ def check(
     from dynaudit.outputs import Inputs, guard_outputs
     from dynaudit.policy import load_policy
 
+    source = _pinned(source, revision)
     inputs = Inputs()
     inputs.add_source(source, base)
     inputs.add_reference(baseline_ref)
@@ -672,6 +696,7 @@ def _log_to_mlflow(report: Report | CheckReport, mlflow_uri: str | None) -> None
 @app.command(epilog=_EPILOG)
 def inspect(
     source: Source,
+    revision: Revision = None,
     family: Family = None,
     base: Base = None,
     weights: Annotated[
@@ -700,6 +725,7 @@ def inspect(
     from dynaudit.reports import write_text_atomic
     from dynaudit.reports.inspect import render_inspection
 
+    source = _pinned(source, revision)
     read = Inputs()
     read.add_source(source, base)
     guard_outputs({"--json": json_path}, read)

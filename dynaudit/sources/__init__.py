@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dynaudit.errors import CheckpointNotFound
+from dynaudit.errors import CheckpointNotFound, UsageError
 from dynaudit.sources import hub
 from dynaudit.sources.base import ResolvedSource, SourceOptions
 from dynaudit.sources.local import open_checkpoint, verify_download
@@ -26,6 +26,7 @@ __all__ = [
     "open_headers",
     "resolve",
     "verify_download",
+    "with_revision",
 ]
 
 
@@ -61,17 +62,46 @@ def open_headers(
     return hub.open_remote_headers(_hub_repo(text), options or SourceOptions())
 
 
+def with_revision(source: str | os.PathLike[str], revision: str | None) -> str:
+    """SOURCE with ``--revision REV`` folded in, as the ``hf://org/name@REV[/path]`` URI that
+    every later step (and the report's ``source.uri``) reads; SOURCE itself when ``revision``
+    is None. A usage error (exit 2) when SOURCE already names another revision, or is not a
+    Hub source (a local path, an MLflow URI): the flag applies to SOURCE only, never to an
+    adapter's base or a baseline."""
+    from dynaudit.sources import mlflow
+
+    text = os.fspath(source)
+    if revision is None:
+        return text
+    if not revision.strip():
+        raise UsageError("--revision: empty; name a branch, tag or commit")
+    if text.startswith(mlflow.SCHEMES):
+        raise UsageError(
+            f"{text}: --revision applies to Hugging Face Hub sources; an MLflow URI names its "
+            "version itself (models:/NAME/VERSION, models:/NAME@ALIAS)"
+        )
+    if _local(text) is not None:
+        raise UsageError(
+            f"{text}: a local path has no revision; write hf://{text} to mean the Hub repository"
+        )
+    repo = _hub_repo(text, revision)
+    if repo.uri.startswith(hub.SCHEME) and hub.parse(repo.uri) == repo:
+        return repo.uri  # already names this revision
+    return repo.label
+
+
 def _local(text: str) -> Path | None:
     """The local path SOURCE names, if it exists (``hf://`` never names one)."""
     path = Path(text).expanduser()
     return path if not text.startswith(hub.SCHEME) and path.exists() else None
 
 
-def _hub_repo(text: str) -> hub.HubRepo:
+def _hub_repo(text: str, revision: str | None = None) -> hub.HubRepo:
     """SOURCE as a Hub repository, unless it reads as a mistyped local path."""
-    repo = hub.parse(text)
+    explicit = text.startswith(hub.SCHEME)
     first = Path(text.split("/", 1)[0]).expanduser()
     looks_local = text.endswith(LOCAL_SUFFIXES) or (first.exists() and first != Path(text))
-    if repo is None or (looks_local and not text.startswith(hub.SCHEME)):
+    repo = None if looks_local and not explicit else hub.parse(text, revision)
+    if repo is None:
         raise CheckpointNotFound(f"{text}: no such file or directory", path=text)
     return repo

@@ -1,10 +1,11 @@
-"""The Hugging Face Hub: ``hf://org/name[@revision]`` and bare ``org/name``.
+"""The Hugging Face Hub: ``hf://org/name[@revision][/path]`` and bare ``org/name``.
 
 Everything goes through the real ``huggingface_hub`` client: its cache, ``HF_TOKEN``,
 ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``. Only what an audit needs is downloaded — config,
 index, adapter config, model card and the safetensors weights the index (or the usual file
 names) point at; pickles never. The Hub's sha256 of each weight file is returned so the caller
-can check the download against it.
+can check the download against it. URIs are read by the rules of ``HfFileSystem``: ``/path``
+after the repository (or its revision) is the folder holding the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
-from dynaudit.errors import AccessDenied, RemoteNotFound, SourceUnreachable, UsageError
+from dynaudit.errors import (
+    AccessDenied,
+    CorruptCheckpoint,
+    RemoteNotFound,
+    SourceUnreachable,
+    UsageError,
+)
 from dynaudit.sources.base import (
     SIDE_FILES,
     ResolvedSource,
@@ -32,33 +40,120 @@ from dynaudit.tensors import Checkpoint, WeightSelection, parse_header, read_jso
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SCHEME", "HubRepo", "fetch", "open_remote_headers", "parse"]
+__all__ = ["SCHEME", "HubRepo", "card_base_model", "fetch", "open_remote_headers", "parse"]
 
 SCHEME = "hf://"
-_REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
+FORM = "hf://org/name[@revision][/path]"
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")  # one half of a repository id
+# Revisions that hold a "/" and are matched whole before the rest is split into
+# <revision>/<path> (HfFileSystem's rule): pull requests and the Hub's conversions.
+_SPECIAL_REF = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)")
+_OTHER_KINDS = {"datasets": "dataset", "spaces": "Space", "kernels": "kernel", "buckets": "bucket"}
 _HEADER_PROBE = 64 * 1024  # first ranged read; most safetensors headers fit
+_CARD_YAML_LIMIT = 256 * 1024  # front matter parsed at most (real cards: a few KiB)
+_CARD_YAML_DEPTH = 64
 
 
 @dataclass(frozen=True)
 class HubRepo:
-    uri: str  # as the user wrote it
+    uri: str  # as the user wrote it (with --revision folded in)
     repo_id: str
     revision: str | None
+    subfolder: str = ""  # the folder of the repository that holds the checkpoint
 
     @property
     def label(self) -> str:
-        return f"hf://{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+        return pinned_uri(self.repo_id, self.revision, self.subfolder)
+
+    def path(self, name: str) -> str:
+        """A file of the checkpoint as a path in the repository."""
+        return f"{self.subfolder}/{name}" if self.subfolder else name
 
 
-def parse(text: str) -> HubRepo | None:
-    """``hf://org/name[@rev]`` or a bare ``org/name[@rev]``; None when ``text`` is neither."""
-    body = text[len(SCHEME) :] if text.startswith(SCHEME) else text
-    match = _REPO.match(body)
-    if match is None:
-        if text.startswith(SCHEME):
-            raise UsageError(f"{text}: not a Hub repository; expected hf://org/name[@revision]")
+class _Malformed(ValueError):
+    """SOURCE is not of the Hub's form (a bare one may still be a mistyped local path)."""
+
+
+class _Refused(_Malformed):
+    """SOURCE is of the Hub's form but cannot be audited as given, written bare or not."""
+
+
+def parse(text: str, revision: str | None = None) -> HubRepo | None:
+    """``hf://org/name[@rev][/path]`` or the same without ``hf://``, read as ``HfFileSystem``
+    reads it; ``revision`` is ``--revision``, which must agree with an ``@rev`` in ``text``.
+    None when a bare ``text`` is not of that form (``hf://`` text is a usage error)."""
+    explicit = text.startswith(SCHEME)
+    location = text[len(SCHEME) :].strip("/") if explicit else text.rstrip("/")
+    try:
+        repo_id, found, subfolder = _split(location, revision)
+    except _Malformed as exc:
+        if explicit or isinstance(exc, _Refused):
+            raise UsageError(f"{text}: {exc}") from None
         return None
-    return HubRepo(text, match["repo"], match["revision"])
+    return HubRepo(text, repo_id, found, subfolder)
+
+
+def pinned_uri(repo_id: str, revision: str | None, subfolder: str = "") -> str:
+    """The ``hf://`` URI naming ``revision`` of ``repo_id`` (and a folder in it) that
+    :func:`parse` reads back: a ``/`` or ``%`` in a branch name is percent-encoded, as
+    ``HfFileSystem`` writes it; ``refs/pr/N`` stays as it is."""
+    uri = SCHEME + repo_id
+    if revision is not None:
+        special = _SPECIAL_REF.fullmatch(revision) is not None
+        uri += "@" + (revision if special else revision.replace("%", "%25").replace("/", "%2F"))
+    return uri + (f"/{subfolder}" if subfolder else "")
+
+
+def _split(location: str, revision: str | None) -> tuple[str, str | None, str]:
+    """``[models/]org/name[@rev][/path]`` → (repo id, revision, path), by HfFileSystem's
+    rules: an ``@`` counts only right after ``org/name``."""
+    first, _, rest = location.partition("/")
+    if first in _OTHER_KINDS and rest:
+        raise _Refused(
+            f"a Hub {_OTHER_KINDS[first]} ({first}/…), not a model; dynaudit audits model "
+            f"repositories: {FORM}"
+        )
+    if first == "models" and rest:
+        location = rest
+    at = location.find("@")
+    if at == -1 or location[:at].count("/") > 1:
+        parts = location.split("/", 2)
+        repo_id, found, path = "/".join(parts[:2]), None, "/".join(parts[2:])
+    else:
+        repo_id = location[:at]
+        found, path = _revision_and_path(location[at + 1 :], revision)
+    _check_repo_id(repo_id)
+    _check_path(path)
+    if revision is not None and found is not None and found != revision:
+        raise _Refused(f"--revision {revision!r} differs from the revision {found!r} in the URI")
+    return repo_id, found if found is not None else revision, path
+
+
+def _revision_and_path(tail: str, revision: str | None) -> tuple[str, str]:
+    """What follows ``@``: a special ref (``refs/pr/1``) is matched whole, unless
+    ``--revision`` names another (a branch named ``refs``); else the revision ends at the
+    first ``/``. The revision is URL-decoded (``refs%2Fpr%2F1``)."""
+    special = _SPECIAL_REF.match(tail)
+    if special and revision in (None, special.group()):
+        raw, path = special.group(), tail[special.end() :].removeprefix("/")
+    else:
+        raw, _, path = tail.partition("/")
+    if not raw:
+        raise _Malformed(f"no revision after '@'; expected {FORM}")
+    return unquote(raw), path
+
+
+def _check_repo_id(repo_id: str) -> None:
+    halves = repo_id.split("/")
+    if len(halves) != 2 or not all(_NAME.match(half) for half in halves):
+        raise _Malformed(f"not a Hub repository; expected {FORM}")
+
+
+def _check_path(path: str) -> None:
+    """A folder inside the repository: no empty, ``.`` or ``..`` segment (it is joined to the
+    local snapshot directory)."""
+    if path and any(part in ("", ".", "..") for part in path.split("/")):
+        raise _Malformed(f"the path {path!r} is not a folder of the repository; expected {FORM}")
 
 
 def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
@@ -71,10 +166,12 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
             folder = Path(
                 snapshot_download(
                     repo.repo_id, revision=repo.revision, local_files_only=True,
-                    allow_patterns=[glob.escape(name) for name in SIDE_FILES],
+                    allow_patterns=[glob.escape(repo.path(name)) for name in SIDE_FILES],
                 )
             )  # fmt: skip
-            return ResolvedSource(uri=repo.uri, path=folder, revision=folder.name)
+            if not (folder / repo.subfolder).is_dir():
+                raise _offline_miss(repo)
+            return ResolvedSource(uri=repo.uri, path=folder / repo.subfolder, revision=folder.name)
         listing = _Listing.fetch(repo, options)
         selection = listing.selection(allow_pickle=options.allow_pickle)
         weights = [
@@ -86,7 +183,8 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
             snapshot_download(
                 repo.repo_id, revision=repo.revision or constants.DEFAULT_REVISION,
                 endpoint=options.hf_endpoint, token=options.hf_token,
-                allow_patterns=[glob.escape(name) for name in wanted], tqdm_class=_tqdm_class(),
+                allow_patterns=[glob.escape(repo.path(name)) for name in wanted],
+                tqdm_class=_tqdm_class(),
             )
         )  # fmt: skip
     if folder.name != listing.commit:
@@ -96,10 +194,77 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
         )
     expected = {n: f.lfs.sha256 for n in weights if (f := listing.files[n]).lfs is not None}
     return ResolvedSource(
-        uri=repo.uri, path=folder, revision=listing.commit, expected_sha256=expected,
+        uri=repo.uri, path=folder / repo.subfolder, revision=listing.commit,
+        expected_sha256=expected,
         unread_sha256={n: listing.vouched(n) for n in selection.others if n not in wanted},
         selection=selection,
     )  # fmt: skip
+
+
+def card_base_model(text: str, where: str) -> str | None:
+    """``base_model`` of a model card (README.md), read by ``huggingface_hub``'s ``ModelCard``
+    (a string, or the first of a list); None when the card declares none. ``where`` names the
+    card in errors. A card whose front matter does not parse is exit 3, naming it."""
+    import yaml
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    found = REGEX_YAML_BLOCK.search(text)
+    if found is None:
+        return None  # no front matter (ModelCard would log a warning)
+    block = found.group(2)
+    try:
+        _check_card_yaml(block)
+        with _quiet("huggingface_hub.repocard", "huggingface_hub.repocard_data"):
+            card = ModelCard(f"---\n{block}\n---\n", ignore_metadata_errors=True)
+        named = card.data.get("base_model")
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+        problem = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CorruptCheckpoint(
+            f"{where}: the model card's YAML front matter cannot be read ({problem[:200]})",
+            path=where,
+        ) from None
+    if isinstance(named, list):
+        named = named[0] if named else None
+    return (named.strip() or None) if isinstance(named, str) else None
+
+
+def _check_card_yaml(block: str) -> None:
+    """What ``yaml.safe_load`` and ``ModelCardData`` would choke on, refused from the tokens
+    first: a front matter over the size bound, nesting deeper than a card ever needs (PyYAML
+    recurses, and its scanner slows down quadratically with depth), and aliases, which
+    ``ModelCardData`` would expand while walking ``model-index`` (a few lines can mean 10⁹
+    entries)."""
+    import yaml
+
+    if len(block) > _CARD_YAML_LIMIT:
+        raise ValueError(f"front matter over {_CARD_YAML_LIMIT // 1024} KiB")
+    opening = (yaml.BlockSequenceStartToken, yaml.BlockMappingStartToken,
+               yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken)  # fmt: skip
+    closing = (yaml.BlockEndToken, yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken)
+    depth = 0
+    for token in yaml.scan(block):
+        if isinstance(token, yaml.AliasToken):
+            raise ValueError("YAML aliases (*name) are not accepted")
+        depth += isinstance(token, opening) - isinstance(token, closing)
+        if depth > _CARD_YAML_DEPTH:
+            raise ValueError(f"nested deeper than {_CARD_YAML_DEPTH} levels")
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """huggingface_hub's warnings about parts of a card dynaudit does not read (an invalid
+    ``model-index``) kept off stderr while the card is parsed."""
+    import logging
+
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 class RemoteCheckpoint(Checkpoint):
@@ -146,17 +311,32 @@ class _Listing:
     repo: HubRepo
     options: SourceOptions
     commit: str
-    files: dict[str, Any]  # name → huggingface_hub.RepoSibling
+    files: dict[str, Any]  # name in the checkpoint's folder → huggingface_hub.RepoSibling
     _json: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def fetch(cls, repo: HubRepo, options: SourceOptions) -> _Listing:
+        """The listing of the checkpoint's folder (the repository's root, or ``/path``)."""
         from huggingface_hub import HfApi
 
         api = HfApi(endpoint=options.hf_endpoint, token=options.hf_token)
         info = api.model_info(repo.repo_id, revision=repo.revision, files_metadata=True)
         assert info.sha is not None
-        return cls(repo, options, info.sha, {s.rfilename: s for s in info.siblings or []})
+        siblings = {s.rfilename: s for s in info.siblings or []}
+        if not repo.subfolder:
+            return cls(repo, options, info.sha, siblings)
+        prefix = repo.subfolder + "/"
+        inside = {n[len(prefix) :]: s for n, s in siblings.items() if n.startswith(prefix)}
+        if repo.subfolder in siblings:
+            raise UsageError(
+                f"{repo.uri}: {repo.subfolder!r} is a file; name the folder that holds the "
+                f"checkpoint ({FORM})"
+            )
+        if not inside:
+            raise RemoteNotFound(
+                f"{repo.uri}: {repo.repo_id} has no folder {repo.subfolder!r} at this revision"
+            )
+        return cls(repo, options, info.sha, inside)
 
     def selection(self, allow_pickle: bool = False) -> WeightSelection:
         """The weight files, by the rule local directories follow (config.json's
@@ -181,8 +361,8 @@ class _Listing:
 
         if name not in self._json:
             path = hf_hub_download(
-                self.repo.repo_id, name, revision=self.commit, endpoint=self.options.hf_endpoint,
-                token=self.options.hf_token,
+                self.repo.repo_id, self.repo.path(name), revision=self.commit,
+                endpoint=self.options.hf_endpoint, token=self.options.hf_token,
             )  # fmt: skip
             self._json[name] = read_json(Path(path))
         return self._json[name]
@@ -191,36 +371,54 @@ class _Listing:
 def _read_range(repo: HubRepo, commit: str, name: str, options: SourceOptions, offset: int,
                 length: int) -> bytes:  # fmt: skip
     """``length`` bytes of a Hub file from ``offset``, streamed and cut off: a server that
-    ignores ``Range`` costs one connection, never the whole file."""
-    from huggingface_hub import constants, get_session, hf_hub_url, hf_raise_for_status
+    ignores ``Range`` costs one connection, never the whole file. (huggingface_hub's
+    ``parse_safetensors_file_metadata`` reads the whole response body, so it is not used.)"""
+    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-    url = hf_hub_url(repo.repo_id, name, revision=commit, endpoint=options.hf_endpoint)
+    url = hf_hub_url(repo.repo_id, repo.path(name), revision=commit, endpoint=options.hf_endpoint)
     headers = {
         **build_hf_headers(token=options.hf_token),
         "Range": f"bytes={offset}-{offset + length - 1}",
     }
     data = bytearray()
-    with get_session().stream(
-        "GET",
-        url,
-        headers=headers,
-        follow_redirects=True,
-        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
-    ) as response:
-        if response.status_code >= 400:
-            response.read()
-            hf_raise_for_status(response)
-        if response.status_code != 206 and offset:
+    with _streamed_get(url, headers) as (status, chunks):
+        if status != 206 and offset:
             raise SourceUnreachable(
                 f"{repo.uri}: the endpoint ignores Range requests, so headers cannot be read "
                 "alone; use `inspect --weights` to download the checkpoint"
             )
-        for chunk in response.iter_bytes():
+        for chunk in chunks:
             data += chunk
             if len(data) >= length:
                 break
     return bytes(data[:length])
+
+
+@contextlib.contextmanager
+def _streamed_get(url: str, headers: dict[str, str]) -> Iterator[tuple[int, Iterator[bytes]]]:
+    """A GET through the client's own session, its body read chunk by chunk as the caller
+    asks: httpx (huggingface_hub 1 and later) or requests (0.x). HTTP errors are raised as
+    the client's own exceptions."""
+    from huggingface_hub import constants, get_session
+    from huggingface_hub.utils import hf_raise_for_status  # type: ignore[attr-defined]
+
+    session: Any = get_session()
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    httpx = callable(getattr(session, "stream", None))  # requests has a bool there
+    if httpx:
+        opened = session.stream("GET", url, headers=headers, follow_redirects=True,
+                                timeout=timeout)  # fmt: skip
+    else:
+        opened = session.get(url, headers=headers, stream=True, allow_redirects=True,
+                             timeout=timeout)  # fmt: skip
+    with opened as response:
+        if response.status_code >= 400:
+            if httpx:
+                response.read()  # the error's body, which the client's message quotes
+            hf_raise_for_status(response)
+        chunks = response.iter_bytes() if httpx else response.iter_content(_HEADER_PROBE)
+        yield response.status_code, chunks
 
 
 def _prefetched(read: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
@@ -257,11 +455,12 @@ def _tqdm_class() -> Any:
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP library's connection and timeout errors (httpx2 for huggingface_hub 2,
-    httpx for 1)."""
+    httpx for 1, requests for 0.x; huggingface_hub's own HTTP errors are caught before)."""
     found: list[type[BaseException]] = []
-    for module in ("httpx2", "httpx"):
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "RequestException")):  # fmt: skip
         with contextlib.suppress(ImportError):
-            found.append(importlib.import_module(module).TransportError)
+            found.append(getattr(importlib.import_module(module), name))
     return tuple(found)
 
 
@@ -295,21 +494,17 @@ def _hub_errors(repo: HubRepo, options: SourceOptions) -> Iterator[None]:
             f"{uri}: {repo.repo_id} has no revision {repo.revision!r}; name an existing branch, "
             "tag or commit"
         ) from exc
-    except hf.RemoteEntryNotFoundError as exc:
-        raise RemoteNotFound(
-            f"{uri}: a file the checkpoint needs is missing on the Hub "
-            f"({_url_tail(exc)}); the upload looks incomplete"
-        ) from exc
-    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled) as exc:
-        if constants.HF_HUB_OFFLINE:
-            raise SourceUnreachable(
-                f"{uri}: HF_HUB_OFFLINE is set and the checkpoint is not (completely) in the "
-                f"Hugging Face cache at {constants.HF_HUB_CACHE}; run once online, or unset "
-                "HF_HUB_OFFLINE"
-            ) from exc
+    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled) as exc:  # before: in 0.x
+        if constants.HF_HUB_OFFLINE:  # both are EntryNotFound and HTTP errors too
+            raise _offline_miss(repo) from exc
         raise SourceUnreachable(
             f"{uri}: the download from {endpoint} failed and the files are not in the cache; "
             "check the network and retry"
+        ) from exc
+    except getattr(hf, "RemoteEntryNotFoundError", hf.EntryNotFoundError) as exc:  # 1.x; 0.x
+        raise RemoteNotFound(
+            f"{uri}: a file the checkpoint needs is missing on the Hub "
+            f"({_url_tail(exc)}); the upload looks incomplete"
         ) from exc
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
@@ -327,6 +522,16 @@ def _hub_errors(repo: HubRepo, options: SourceOptions) -> Iterator[None]:
             "check --hf-endpoint / HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to use "
             "the local cache"
         ) from exc
+
+
+def _offline_miss(repo: HubRepo) -> SourceUnreachable:
+    from huggingface_hub import constants
+
+    return SourceUnreachable(
+        f"{repo.uri}: HF_HUB_OFFLINE is set and the checkpoint is not (completely) in the "
+        f"Hugging Face cache at {constants.HF_HUB_CACHE}; run once online, or unset "
+        "HF_HUB_OFFLINE"
+    )
 
 
 def _url_tail(exc: BaseException) -> str:
