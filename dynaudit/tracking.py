@@ -1,38 +1,75 @@
 """MLflow logging: reports as metrics, params, tags and artifacts; a training callback.
 
-Metric names (``dynaudit/<figure>/<scope>``)::
+Metrics are aggregates only, named ``dynaudit/<figure>/<scope>`` with scope ``all``,
+``group/<third>`` or ``type/<layer type>``::
 
-    dynaudit/mean_distance/all            dynaudit/change/all              (check)
-    dynaudit/mean_distance/group/bottom   dynaudit/change/group/bottom
-    dynaudit/mean_distance/type/query     dynaudit/change/type/query
-    dynaudit/mean_distance/layer/<name>   dynaudit/change/layer/<name>
-    (likewise discrepancy and fidelity)   dynaudit/verdict_pass (1 or 0)
+    measure: mean_distance  discrepancy  fidelity  fidelity_median  layers   (per scope)
+             dynaudit/skipped  dynaudit/non_finite                            (counts)
+    check:   change  change_std  noise  displacement  layers                 (per scope)
+             dynaudit/verdict_pass (1 or 0)  dynaudit/findings  dynaudit/failing_groups
+             dynaudit/failing_layers  dynaudit/non_finite  dynaudit/zeroed
+             dynaudit/unchanged  dynaudit/refits                              (counts)
 
-Layer names come from checkpoints, so they are made valid MLflow names (letters, digits,
-``_ - . /`` and spaces; no ``..`` or ``//``; at most 250 characters, with a short hash when
-a name had to be changed, so two names never collide). Settings are params (``dynaudit.*``,
-logged once per run), family / verdict / baseline / source are tags (``dynaudit.*``), and the
-JSON and Markdown reports are artifacts under ``dynaudit/``.
+Per-layer figures are one table artifact, ``dynaudit/layers.json`` (``layers-step<N>.json``
+with a step), written by MLflow's ``log_table`` (MLflow's "split" JSON: ``columns`` and
+``data``), or in the same shape by dynaudit where pandas, which ``log_table`` needs, is missing.
+Group and type names come from checkpoints, so they are made valid MLflow names (letters,
+digits, ``_ - . /`` and spaces; no ``..`` or ``//``; at most 250 characters, with a short hash
+when a name had to be changed, so two names never collide).
+
+Settings are params ``dynaudit.<name>``, and a check's gate policy ``dynaudit.policy.<name>``
+(each logged once per run). Family / source / protocol version, and for a check verdict /
+baseline / failing groups, are tags ``dynaudit.*``; the JSON and Markdown reports are artifacts
+under ``dynaudit/``. A run dynaudit starts is named for what it did (``dynaudit check SOURCE vs
+BASELINE``) and carries MLflow's context tags (``mlflow.source.name``, ``mlflow.source.type``,
+``mlflow.user``, from MLflow's own context providers) and ``mlflow.source.git.commit``: the
+commit of the git checkout the command runs in (MLflow's own git provider would look at the
+directory of ``sys.argv[0]``, which for the CLI is dynaudit's installation, not the project).
+A check of a registered model version (``models:/NAME/…``) also tags that version with
+``dynaudit.verdict``, ``dynaudit.report_run`` and ``dynaudit.failing_groups``.
+
+Every failure (server down or silent, access refused, an MLflow 3 file store, an artifact
+store that cannot be written) is raised as a :class:`~dynaudit.errors.DynauditError` with one
+scrubbed line, so a caller can treat logging as the side channel it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dynaudit.errors import UsageError
 from dynaudit.report import Aggregate, CheckReport, Report
 
-__all__ = ["DynauditCallback", "log_report", "measure_and_log", "metric_name"]
+__all__ = [
+    "DynauditCallback",
+    "log_report",
+    "measure_and_log",
+    "metric_name",
+    "report_metrics",
+    "tag_model_version",
+]
+
+if TYPE_CHECKING:  # built on first use: see __getattr__
+    DynauditCallback: type[Any]
 
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MAX_KEY = 250
+_MAX_RUN_NAME = 250  # the runs table's name column
+_MAX_TAG = 5000  # MLflow 2's limit for a tag value (MLflow 3 allows more)
+_BATCH = 900  # MLflow's batch limit is 1000 metrics, params and tags together
+VERDICT_TAG = "dynaudit.verdict"
+REPORT_RUN_TAG = "dynaudit.report_run"
+FAILING_GROUPS_TAG = "dynaudit.failing_groups"
 
 
 def metric_name(*parts: str) -> str:
@@ -46,51 +83,119 @@ def metric_name(*parts: str) -> str:
     return clean
 
 
+def report_metrics(report: Report | CheckReport, prefix: str = "dynaudit") -> dict[str, float]:
+    """The report's aggregate figures and counts as ``{metric name: value}`` (no per-layer
+    figure: those are the table of :func:`layer_table`)."""
+    if isinstance(report, CheckReport):
+        return _check_metrics(report, prefix)
+    summary = report.summary
+    scopes = [("all", summary.all)]
+    scopes += [(f"group/{g}", agg) for g, agg in summary.groups.items()]
+    scopes += [(f"type/{t}", agg) for t, agg in summary.types.items()]
+    metrics: dict[str, float] = {}
+    for scope, agg in scopes:
+        metrics.update(_aggregate_metrics(prefix, scope, agg))
+    metrics[metric_name(prefix, "skipped")] = float(len(report.skipped))
+    metrics[metric_name(prefix, "non_finite")] = float(len(report.non_finite))
+    return metrics
+
+
 def _aggregate_metrics(prefix: str, scope: str, agg: Aggregate) -> dict[str, float]:
     out = {}
-    for figure in ("mean_distance", "discrepancy", "fidelity"):
+    for figure in ("mean_distance", "discrepancy", "fidelity", "fidelity_median", "layers"):
         value = getattr(agg, figure)
         if value is not None:
             out[metric_name(prefix, figure, *scope.split("/"))] = float(value)
     return out
 
 
-def report_metrics(report: Report | CheckReport, prefix: str = "dynaudit") -> dict[str, float]:
-    """The report's figures as ``{metric name: value}``."""
+def _check_metrics(report: CheckReport, prefix: str) -> dict[str, float]:
+    comparison, verdict = report.comparison, report.verdict
+    scopes = [("all", comparison.all)]
+    scopes += [(f"group/{g}", c) for g, c in comparison.groups.items()]
+    scopes += [(f"type/{t}", c) for t, c in comparison.types.items()]
     metrics: dict[str, float] = {}
-    if isinstance(report, CheckReport):
-        comparison = report.comparison
-        scopes = [("all", comparison.all)]
-        scopes += [(f"group/{g}", c) for g, c in comparison.groups.items()]
-        scopes += [(f"type/{t}", c) for t, c in comparison.types.items()]
-        for scope, compared in scopes:
-            if compared.change is not None:
-                metrics[metric_name(prefix, "change", *scope.split("/"))] = compared.change.mean
-                metrics[metric_name(prefix, "change_std", *scope.split("/"))] = compared.change.std
-        for moved in comparison.layers:
-            if moved.change is not None:
-                metrics[metric_name(prefix, "change", "layer", moved.name)] = moved.change.mean
-            if moved.displacement is not None:
-                key = metric_name(prefix, "displacement", "layer", moved.name)
-                metrics[key] = moved.displacement
-            for figure in ("weight_change", "noise_likeness"):
-                value = getattr(moved, figure)
-                if value is not None:
-                    metrics[metric_name(prefix, figure, "layer", moved.name)] = value
-        metrics[metric_name(prefix, "verdict_pass")] = 1.0 if report.verdict.passed else 0.0
-        return metrics
-    summary = report.summary
-    metrics.update(_aggregate_metrics(prefix, "all", summary.all))
-    for group, agg in summary.groups.items():
-        metrics.update(_aggregate_metrics(prefix, f"group/{group}", agg))
-    for type_, agg in summary.types.items():
-        metrics.update(_aggregate_metrics(prefix, f"type/{type_}", agg))
-    for layer in report.measured:
-        for figure in ("mean_distance", "discrepancy", "fidelity"):
-            value = getattr(layer, figure)
+    for scope, compared in scopes:
+        figures = {"layers": compared.layers, "noise": compared.noise}
+        figures["displacement"] = compared.displacement
+        if compared.change is not None:
+            figures |= {"change": compared.change.mean, "change_std": compared.change.std}
+        for figure, value in figures.items():
             if value is not None:
-                metrics[metric_name(prefix, figure, "layer", layer.name)] = float(value)
+                metrics[metric_name(prefix, figure, *scope.split("/"))] = float(value)
+    counts = {
+        "verdict_pass": 1 if verdict.passed else 0,
+        "findings": len(verdict.findings),
+        "failing_groups": len(verdict.failing_groups),
+        "failing_layers": len(verdict.failing_layers),
+        "non_finite": len(comparison.non_finite),
+        "zeroed": len(comparison.zeroed),
+        "unchanged": len(comparison.unchanged) if comparison.unchanged is not None else None,
+        "refits": comparison.refits,
+    }
+    for name, count in counts.items():
+        if count is not None:
+            metrics[metric_name(prefix, name)] = float(count)
     return metrics
+
+
+def layer_table(report: Report | CheckReport) -> tuple[list[str], list[list[Any]]]:
+    """The per-layer figures as columns and rows (one row per layer, skipped layers too)."""
+    if isinstance(report, CheckReport):
+        columns = [
+            "name", "type", "depth", "group", "shape", "baseline_mean_distance",
+            "mean_distance", "change", "change_std", "noise", "displacement", "weight_change",
+            "noise_likeness", "fidelity", "unchanged", "reason",
+        ]  # fmt: skip
+        rows = []
+        for moved in report.comparison.layers:
+            change = moved.change
+            rows.append([
+                moved.name, moved.type, moved.depth, moved.group, _shape(moved.shape),
+                moved.baseline_mean_distance, moved.mean_distance,
+                change.mean if change else None, change.std if change else None, moved.noise,
+                moved.displacement, moved.weight_change, moved.noise_likeness, moved.fidelity,
+                bool(moved.unchanged), moved.reason,
+            ])  # fmt: skip
+        return columns, rows
+    columns = ["name", "type", "depth", "group", "shape", "mean_distance", "discrepancy",
+               "fidelity", "scale", "seconds", "reason"]  # fmt: skip
+    rows = [
+        [layer.name, layer.type, layer.depth, layer.group, _shape(layer.shape),
+         layer.mean_distance, layer.discrepancy, layer.fidelity, layer.scale, layer.seconds,
+         layer.reason]
+        for layer in report.measured
+    ]  # fmt: skip
+    rows += [[s.name, None, None, None, None, None, None, None, None, None, s.skipped]
+             for s in report.skipped]  # fmt: skip
+    return columns, rows
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def report_params(report: Report | CheckReport) -> dict[str, str]:
+    """The settings (``dynaudit.<name>``) and a check's policy (``dynaudit.policy.<name>``)."""
+    params = {f"dynaudit.{k}": str(v) for k, v in report.settings.items() if k != "threads"}
+    if isinstance(report, CheckReport):
+        policy = report.policy.model_dump()
+        params |= {f"dynaudit.policy.{k}": str(v) for k, v in policy.items()}
+    return params
+
+
+def run_name(report: Report | CheckReport) -> str:
+    """What the run did, e.g. ``dynaudit check ./ft vs meta-llama/Llama-2-7b``."""
+    if isinstance(report, CheckReport):
+        name = f"dynaudit check {_label(report.source.uri)} vs {_label(report.baseline.source.uri)}"
+    else:
+        name = f"dynaudit measure {_label(report.source.uri)}"
+    return name[:_MAX_RUN_NAME]
+
+
+def _label(uri: str) -> str:
+    """``uri``, its end kept when it is long (the end names the checkpoint)."""
+    return uri if len(uri) <= 100 else "…" + uri[-99:]
 
 
 def log_report(
@@ -104,72 +209,155 @@ def log_report(
 ) -> str:
     """Log ``report`` to MLflow and return the run id. The run is ``run_id``, else the
     active run, else a new run in ``experiment`` (default ``MLFLOW_EXPERIMENT_NAME`` or
-    "dynaudit"), which is then ended."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
+    "dynaudit"), which is then ended. A check of a registered model version also tags that
+    version (:func:`tag_model_version`). Raises only :class:`~dynaudit.errors.DynauditError`."""
     from dynaudit.sources.mlflow import client_environment, mlflow_errors
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    uri = _server(tracking_uri)
     with client_environment(uri), mlflow_errors("logging the report to MLflow", uri):
-        client = MlflowClient(tracking_uri=uri)
+        import mlflow
+
+        from dynaudit.sources.mlflow import client
+
+        tracking = client(uri)
         active = mlflow.active_run()
         owned = False
         if run_id is None and active is not None:
             run_id = active.info.run_id
         if run_id is None:
-            run_id = start_run(client, experiment)
+            run_id = start_run(tracking, experiment, run_name(report))
             owned = True
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, value, now, step or 0) for key, value in report_metrics(report).items()
-        ]
-        existing = client.get_run(run_id).data.params
-        params = [
-            Param(f"dynaudit.{key}", str(value))
-            for key, value in report.settings.items()
-            if f"dynaudit.{key}" not in existing and key != "threads"
-        ]
-        for chunk in range(0, max(len(metrics), 1), 900):  # MLflow's batch limit is 1000
-            client.log_batch(
-                run_id, metrics=metrics[chunk : chunk + 900],
-                params=params if chunk == 0 else [], tags=_tags(report) if chunk == 0 else [],
-            )  # fmt: skip
-        if artifacts:
-            _log_artifacts(client, run_id, report, step)
+        with _failed_unless_done(tracking, run_id if owned else None):
+            _log_to_run(tracking, run_id, report, step, artifacts)
         if owned:
-            client.set_terminated(run_id)
+            tracking.set_terminated(run_id)
+    if isinstance(report, CheckReport):
+        tag_model_version(report, run_id, tracking_uri=uri)
     return run_id
 
 
-def start_run(client: Any, experiment: str | None = None) -> str:
-    """A new run in ``experiment`` (default ``MLFLOW_EXPERIMENT_NAME`` or "dynaudit")."""
-    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dynaudit"
-    found = client.get_experiment_by_name(name)
-    experiment_id = found.experiment_id if found else client.create_experiment(name)
-    return str(client.create_run(experiment_id, run_name="dynaudit").info.run_id)
+def _log_to_run(
+    tracking: Any, run_id: str, report: Report | CheckReport, step: int | None, artifacts: bool
+) -> None:
+    """Metrics, params and tags in batches, the layer table and (``artifacts``) the reports."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, step or 0) for key, value in report_metrics(report).items()]
+    existing = tracking.get_run(run_id).data.params
+    params = [Param(k, v) for k, v in report_params(report).items() if k not in existing]
+    tags = [RunTag(k, v[:_MAX_TAG]) for k, v in _tags(report).items()]
+    entities: list[Any] = [*params, *tags, *metrics]
+    for chunk in range(0, len(entities), _BATCH):
+        batch = entities[chunk : chunk + _BATCH]
+        tracking.log_batch(
+            run_id, metrics=[e for e in batch if isinstance(e, Metric)],
+            params=[e for e in batch if isinstance(e, Param)],
+            tags=[e for e in batch if isinstance(e, RunTag)],
+        )  # fmt: skip
+    suffix = f"-step{step}" if step is not None else ""
+    _log_table(tracking, run_id, report, f"dynaudit/layers{suffix}.json")
+    if artifacts:
+        _log_artifacts(tracking, run_id, report, suffix)
 
 
-def _tags(report: Report | CheckReport) -> list[Any]:
-    from mlflow.entities import RunTag
+@contextlib.contextmanager
+def _failed_unless_done(tracking: Any, run_id: str | None) -> Iterator[None]:
+    """A run dynaudit started and could not fill is ended as FAILED, not left RUNNING (best
+    effort: the server may be the reason it failed)."""
+    try:
+        yield
+    except BaseException:
+        if run_id is not None:
+            with contextlib.suppress(Exception):
+                tracking.set_terminated(run_id, status="FAILED")
+        raise
 
+
+def _server(tracking_uri: str | None) -> str:
+    """The tracking server: the argument, ``MLFLOW_TRACKING_URI``, else MLflow's default."""
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    from dynaudit.sources.mlflow import mlflow_errors
+
+    with mlflow_errors("logging the report to MLflow", "MLflow's default tracking URI"):
+        import mlflow
+
+        return str(mlflow.get_tracking_uri())
+
+
+def start_run(client: Any, experiment: str | None = None, name: str = "dynaudit") -> str:
+    """A new run ``name`` in ``experiment`` (default ``MLFLOW_EXPERIMENT_NAME`` or
+    "dynaudit"), with MLflow's context tags (see the module docstring)."""
+    experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dynaudit"
+    found = client.get_experiment_by_name(experiment_name)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
+    run = client.create_run(experiment_id, run_name=name, tags=context_tags())
+    return str(run.info.run_id)
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's context tags, as its own providers set them (user, source name and type, and
+    those of Databricks or ``MLFLOW_RUN_CONTEXT``), with the git commit of the working
+    directory in place of that of ``sys.argv[0]``'s directory."""
+    from mlflow.tracking.context.git_context import GitRunContext
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    # MLflow annotates ``ignore`` as instances, but matches classes (isinstance).
+    resolved = resolve_tags(ignore=[GitRunContext])  # type: ignore[list-item]
+    tags = {k: str(v) for k, v in resolved.items()}
+    commit = git_commit(Path.cwd())
+    if commit is not None:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit checked out in the git work tree that holds ``folder``, if any (no git, not
+    a checkout, or a repository git refuses to read: none)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "--verify", "-q", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def _tags(report: Report | CheckReport) -> dict[str, str]:
     tags = {"dynaudit.family": report.family.name, "dynaudit.source": report.source.uri}
     tags["dynaudit.protocol_version"] = str(report.protocol_version)
     if isinstance(report, CheckReport):
-        tags["dynaudit.verdict"] = report.verdict.verdict
+        tags[VERDICT_TAG] = report.verdict.verdict
         tags["dynaudit.baseline"] = report.baseline.ref
-    return [RunTag(key, value[:5000]) for key, value in tags.items()]
+        tags[FAILING_GROUPS_TAG] = ",".join(report.verdict.failing_groups) or "none"
+    return tags
 
 
-def _log_artifacts(
-    client: Any, run_id: str, report: Report | CheckReport, step: int | None
-) -> None:
+def _log_table(client: Any, run_id: str, report: Report | CheckReport, artifact: str) -> None:
+    """The per-layer table through MLflow's ``log_table``; in the same JSON shape where
+    pandas (which ``log_table`` needs) is not installed, as with ``mlflow-skinny``."""
+    columns, rows = layer_table(report)
+    try:
+        import pandas  # type: ignore[import-untyped]
+    except ImportError:
+        folder, name = artifact.rsplit("/", 1)
+        with tempfile.TemporaryDirectory(prefix="dynaudit-mlflow-") as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps({"columns": columns, "data": rows}))
+            client.log_artifact(run_id, str(path), folder)
+        return
+    client.log_table(run_id, pandas.DataFrame(rows, columns=columns), artifact)
+
+
+def _log_artifacts(client: Any, run_id: str, report: Report | CheckReport, suffix: str) -> None:
     from dynaudit.reports import render_markdown
     from dynaudit.reports.check import render_check_markdown
 
     name = "check" if isinstance(report, CheckReport) else "report"
-    suffix = f"-step{step}" if step is not None else ""
     markdown = (
         render_check_markdown(report)
         if isinstance(report, CheckReport)
@@ -180,6 +368,36 @@ def _log_artifacts(
         (folder / f"{name}{suffix}.json").write_text(report.model_dump_json(indent=2))
         (folder / f"{name}{suffix}.md").write_text(markdown)
         client.log_artifacts(run_id, str(folder), "dynaudit")
+
+
+def tag_model_version(
+    report: CheckReport, run_id: str, *, tracking_uri: str | None = None
+) -> str | None:
+    """Tag the registered model version a check audited (``models:/NAME/VERSION``,
+    ``@ALIAS`` or ``/latest``, as resolved when it was downloaded) with ``dynaudit.verdict``,
+    ``dynaudit.report_run`` (the run holding the report) and ``dynaudit.failing_groups``
+    ("none" when it passed), in the registry MLflow uses (``MLFLOW_REGISTRY_URI``, else the
+    tracking server). Returns ``NAME/VERSION``, or None for any other source."""
+    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors, model_version
+    from dynaudit.sources.mlflow import parse as parse_uri
+
+    if not report.source.uri.startswith("models:/"):
+        return None
+    model = parse_uri(report.source.uri)
+    if model.name is None:  # a logged model (models:/m-ID) has no version to tag
+        return None
+    uri = _server(tracking_uri)
+    with client_environment(uri), mlflow_errors(f"tagging {model.uri} with the verdict", uri):
+        registry = client(uri)
+        revision = report.source.revision or ""
+        name, _, version = revision.rpartition("/")
+        if name != model.name or not version.isdigit():
+            version = model_version(registry, model)
+        tags = {VERDICT_TAG: report.verdict.verdict, REPORT_RUN_TAG: run_id}
+        tags[FAILING_GROUPS_TAG] = ",".join(report.verdict.failing_groups) or "none"
+        for key, value in tags.items():
+            registry.set_model_version_tag(model.name, version, key, value[:_MAX_TAG])
+    return f"{model.name}/{version}"
 
 
 # -- during training --------------------------------------------------------------------
@@ -234,15 +452,26 @@ def _snapshot(weights: Any, config: Mapping[str, Any] | None) -> Iterator[Path]:
         yield folder
 
 
-def _callback_base() -> type:
+def __getattr__(name: str) -> Any:
+    """``DynauditCallback`` is built on first use: its base class is transformers'
+    ``TrainerCallback``, and importing transformers takes seconds, which ``import
+    dynaudit.tracking`` must not cost."""
+    if name == "DynauditCallback":
+        callback = _build_callback()
+        globals()[name] = callback
+        return callback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build_callback() -> type:
     try:
         from transformers import TrainerCallback
     except ImportError:  # transformers is optional: the callback is then a plain object
-        return object
-    return TrainerCallback
+        return type("DynauditCallback", (_CallbackLogic,), {"__module__": __name__})
+    return type("DynauditCallback", (_CallbackLogic, TrainerCallback), {"__module__": __name__})
 
 
-class DynauditCallback(_callback_base()):  # type: ignore[misc]
+class _CallbackLogic:
     """A transformers ``TrainerCallback`` that measures the model every ``every_n_steps``
     steps (and/or at each epoch end) and logs the figures to MLflow with the global step, so
     the run shows the discrepancy trajectory. ``layers``: regex of layer names to measure."""
@@ -271,10 +500,12 @@ class DynauditCallback(_callback_base()):  # type: ignore[misc]
         import mlflow
 
         if self.run_id is None and mlflow.active_run() is None:
-            from mlflow import MlflowClient
+            from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
 
-            uri = self.tracking_uri or mlflow.get_tracking_uri()
-            self.run_id, self._owned = start_run(MlflowClient(tracking_uri=uri)), True
+            uri = _server(self.tracking_uri)
+            with client_environment(uri), mlflow_errors("starting an MLflow run", uri):
+                self.run_id = start_run(client(uri), name="dynaudit during training")
+            self._owned = True
         report = measure_and_log(
             model, step, layers=self.layers, run_id=self.run_id,
             tracking_uri=self.tracking_uri, **self.settings,
@@ -293,14 +524,11 @@ class DynauditCallback(_callback_base()):  # type: ignore[misc]
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._owned and self.run_id is not None:
-            import mlflow
-            from mlflow import MlflowClient
+            from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
 
-            from dynaudit.sources.mlflow import client_environment
-
-            uri = self.tracking_uri or mlflow.get_tracking_uri()
-            with client_environment(uri):
-                MlflowClient(tracking_uri=uri).set_terminated(self.run_id)
+            uri = _server(self.tracking_uri)
+            with client_environment(uri), mlflow_errors("ending the MLflow run", uri):
+                client(uri).set_terminated(self.run_id)
         return control
 
 
@@ -317,62 +545,63 @@ def store_baseline(
     The run is marked finished and tagged ``dynaudit.baseline`` only after every artifact is
     uploaded; when the baseline's source is an MLflow model version, that version is tagged
     with the URI too, so `check models:/NAME/…` finds it."""
-    from mlflow import MlflowClient
-
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import client_environment, mlflow_errors, parse
+    from dynaudit.sources.mlflow import (
+        client,
+        client_environment,
+        mlflow_errors,
+        model_version,
+        parse,
+    )
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
     with client_environment(uri), mlflow_errors("storing the baseline in MLflow", uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        run_id = start_run(client, experiment)
+        tracking = client(uri)
+        run_id = start_run(tracking, experiment, f"dynaudit baseline {_label(source_uri)}")
         try:
-            client.log_artifacts(run_id, str(folder), BASELINE_ARTIFACTS)
+            tracking.log_artifacts(run_id, str(folder), BASELINE_ARTIFACTS)
         except BaseException:
-            client.set_terminated(run_id, status="FAILED")
+            tracking.set_terminated(run_id, status="FAILED")
             raise
         ref = f"runs:/{run_id}/{BASELINE_ARTIFACTS}"
-        client.set_tag(run_id, "dynaudit.source", source_uri)
-        client.set_tag(run_id, BASELINE_TAG, ref)
-        client.set_terminated(run_id)
+        tracking.set_tag(run_id, "dynaudit.source", source_uri)
+        tracking.set_tag(run_id, BASELINE_TAG, ref)
+        tracking.set_terminated(run_id)
         if source_uri.startswith("models:/"):
             model = parse(source_uri)
             if model.name is not None:
-                version = _version_of(client, model)
-                client.set_model_version_tag(model.name, version, BASELINE_TAG, ref)
+                version = model_version(tracking, model)
+                tracking.set_model_version_tag(model.name, version, BASELINE_TAG, ref)
     return ref
-
-
-def _version_of(client: Any, model: Any) -> str:
-    if model.alias is not None:
-        return str(client.get_model_version_by_alias(model.name, model.alias).version)
-    if model.version == "latest":
-        versions = client.search_model_versions(f"name = '{model.name}'")
-        return str(max(int(v.version) for v in versions))
-    return str(model.version)
 
 
 def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None) -> Path:
     """Download a baseline stored as run artifacts (``runs:/<id>/dynaudit-baseline``)."""
-    from mlflow.artifacts import download_artifacts
-
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import client_environment, mlflow_errors, parse
+    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors, parse
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
+    stored = parse(ref)
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(uri), mlflow_errors(parse(ref).uri, uri):
-        path = download_artifacts(artifact_uri=ref, dst_path=str(destination), tracking_uri=uri)
+    with client_environment(uri), mlflow_errors(stored.uri, uri):
+        if stored.run_id is None:
+            raise UsageError(f"{ref}: a baseline in MLflow is runs:/RUN_ID/{BASELINE_ARTIFACTS}")
+        destination.mkdir(parents=True, exist_ok=True)  # MLflow 2 does not create it
+        path = client(uri).download_artifacts(stored.run_id, stored.path, str(destination))
     return Path(path)
 
 
 def declared_baseline(source_uri: str, tracking_uri: str | None = None) -> str | None:
     """The ``dynaudit.baseline`` tag of the MLflow model version ``source_uri`` names."""
-    from mlflow import MlflowClient
-
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import client_environment, mlflow_errors, parse
+    from dynaudit.sources.mlflow import (
+        client,
+        client_environment,
+        mlflow_errors,
+        model_version,
+        parse,
+    )
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     model = parse(source_uri)
@@ -380,7 +609,7 @@ def declared_baseline(source_uri: str, tracking_uri: str | None = None) -> str |
         return None
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
     with client_environment(uri), mlflow_errors(model.uri, uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        tags = client.get_model_version(model.name, _version_of(client, model)).tags or {}
+        registry = client(uri)
+        tags = registry.get_model_version(model.name, model_version(registry, model)).tags or {}
     value = tags.get(BASELINE_TAG)
     return str(value) if value else None

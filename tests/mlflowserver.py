@@ -1,4 +1,8 @@
-"""A real ``mlflow server`` for tests: sqlite backend, local artifacts, job execution off."""
+"""A real ``mlflow server`` for tests: sqlite backend, local artifacts, job execution off.
+
+The server runs on this interpreter, or on ``DYNAUDIT_MLFLOW_SERVER_PYTHON`` when set: a client
+environment with ``mlflow-skinny`` alone (an MLflow 2.x client, say) has no server, so the
+compatibility runs point it at an interpreter that has one."""
 
 from __future__ import annotations
 
@@ -35,8 +39,9 @@ class MlflowServer:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         }
+        python = os.environ.get("DYNAUDIT_MLFLOW_SERVER_PYTHON") or sys.executable
         command = [
-            sys.executable, "-m", "mlflow", "server",
+            python, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
             "--artifacts-destination", artifacts.as_uri(),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",

@@ -1,9 +1,11 @@
 """MLflow: ``models:/name/version``, ``models:/name@alias``, ``models:/name/latest``,
 ``models:/m-<id>`` and ``runs:/<run_id>/path``, through the MLflow client.
 
-The tracking server comes from ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` (also used as the
-registry); MLflow's own auth variables apply. Retries and timeouts are bounded unless the user
-set MLflow's variables, so a dead server fails in seconds. Only the files an audit reads are
+The tracking server comes from ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI``; the registry is
+``MLFLOW_REGISTRY_URI`` when set, else the tracking server (MLflow's own rule); MLflow's own auth
+variables apply. Retries and timeouts are bounded unless the user set MLflow's variables, so a
+dead server fails in seconds. MLflow 2.x and 3.x clients both work; ``models:/m-<id>`` (a logged
+model) exists only in MLflow 3. Only the files an audit reads are
 downloaded, into dynaudit's cache, keyed by the server, the artifact location and the listing,
 so a second audit of the same model version does not download it again.
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +43,7 @@ from dynaudit.sources.base import (
 )
 from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, read_json
 
-__all__ = ["SCHEMES", "MlflowRef", "fetch", "mlflow_errors", "parse"]
+__all__ = ["SCHEMES", "MlflowRef", "client_environment", "fetch", "mlflow_errors", "parse"]
 
 SCHEMES = ("models:/", "runs:/")
 # Bounded unless set by the user: MLflow's defaults retry for minutes against a dead server.
@@ -96,10 +100,12 @@ def tracking_uri(options: SourceOptions) -> str:
 
 @contextlib.contextmanager
 def client_environment(uri: str | None = None) -> Iterator[None]:
-    """For the duration: MLflow's HTTP retries bounded; in CI logs and pipes, its download
-    progress bars off; and when the tracking ``uri`` carries credentials
-    (``http://user:password@host``), its "View run at <url>" lines off, since MLflow prints the
-    URL with them — each only where the user has not set the variable."""
+    """For the duration: MLflow's HTTP retries bounded and, in CI logs and pipes, its download
+    progress bars off, each only where the user has not set the variable; the process's
+    tracking URI is ``uri`` (MLflow 2 clients resolve ``mlflow-artifacts:/`` locations against
+    it, whatever server the client was given); and what MLflow prints to stdout (its "View run
+    at <url>" lines) goes to stderr, scrubbed of secrets, since stdout may be a report
+    (``--json -``) and the URL may carry the password of ``http://user:password@host``."""
     from dynaudit.secrets import remember, scrub_logging
     from dynaudit.terminal import interactive
 
@@ -108,15 +114,60 @@ def client_environment(uri: str | None = None) -> Iterator[None]:
     defaults = dict(RETRY_DEFAULTS)
     if not interactive():
         defaults["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    if uri is not None and redact_url(uri) != uri:
-        defaults["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     added = [k for k in defaults if k not in os.environ]
     os.environ.update({k: defaults[k] for k in added})
     try:
-        yield
+        with _process_tracking_uri(uri), _stdout_to_stderr():
+            yield
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _process_tracking_uri(uri: str | None) -> Iterator[None]:
+    """The process-wide tracking URI set to ``uri``, then put back exactly as it was (MLflow's
+    own ``set_tracking_uri`` would also write, or delete, ``MLFLOW_TRACKING_URI``)."""
+    if uri is None:
+        yield
+        return
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    saved = tracking_state._tracking_uri
+    tracking_state._tracking_uri = uri  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        tracking_state._tracking_uri = saved
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    from dynaudit.secrets import scrub
+
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    finally:
+        if held.getvalue():
+            sys.stderr.write(scrub(held.getvalue()))
+            sys.stderr.flush()
+
+
+def client(uri: str) -> Any:
+    """An MLflow client for the tracking server ``uri``; its registry is MLflow's choice
+    (``MLFLOW_REGISTRY_URI`` or ``mlflow.set_registry_uri``, else the tracking server)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def major_version() -> int:
+    """The installed MLflow client's major version (2 or 3)."""
+    import mlflow
+
+    return int(mlflow.__version__.split(".")[0])
 
 
 def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
@@ -124,13 +175,12 @@ def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
     ref = parse(uri)
     server = tracking_uri(options)
 
-    from mlflow import MlflowClient  # after the checks above: importing MLflow takes seconds
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     with client_environment(server), mlflow_errors(ref.uri, server):
-        client = MlflowClient(tracking_uri=server, registry_uri=server)
-        location, revision = _artifact_location(client, ref)
-        repo = get_artifact_repository(location, tracking_uri=server, registry_uri=server)
+        # Imported here, after the checks above: importing MLflow takes seconds.
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        location, revision = _artifact_location(client(server), ref)
+        repo = get_artifact_repository(location)  # resolved against the process's server
         listing = _list_files(repo, ref)
         root = _checkpoint_root(ref, listing, options.allow_pickle)
         names = {p[len(root) + 1 :] if root else p for p in listing if _under(p, root)}
@@ -152,21 +202,34 @@ def _artifact_location(client: Any, ref: MlflowRef) -> tuple[str, str]:
         run = client.get_run(ref.run_id)
         return _join(run.info.artifact_uri, ref.path), ref.run_id
     if ref.model_id is not None:
+        if major_version() < 3:
+            import mlflow
+
+            raise UsageError(
+                f"{ref.uri}: models:/m-ID names an MLflow 3 logged model, and the installed "
+                f"MLflow client is {mlflow.__version__}; install mlflow>=3, or name a "
+                "registered version (models:/NAME/VERSION)"
+            )
         return _join(client.get_logged_model(ref.model_id).artifact_location, ref.path), (
             ref.model_id
         )
     assert ref.name is not None
+    version = model_version(client, ref)
+    location = client.get_model_version_download_uri(ref.name, version)
+    return _join(location, ref.path), f"{ref.name}/{version}"
+
+
+def model_version(client: Any, ref: MlflowRef) -> str:
+    """The version number ``models:/NAME/VERSION``, ``@ALIAS`` or ``/latest`` names now."""
+    assert ref.name is not None
     if ref.alias is not None:
-        version = str(client.get_model_version_by_alias(ref.name, ref.alias).version)
-    elif ref.version == "latest":
+        return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
+    if ref.version == "latest":
         versions = client.search_model_versions(f"name = '{ref.name}'")
         if not versions:
             raise RemoteNotFound(f"{ref.uri}: registered model {ref.name!r} has no versions")
-        version = str(max(int(v.version) for v in versions))
-    else:
-        version = str(client.get_model_version(ref.name, ref.version).version)
-    location = client.get_model_version_download_uri(ref.name, version)
-    return _join(location, ref.path), f"{ref.name}/{version}"
+        return str(max(int(v.version) for v in versions))
+    return str(client.get_model_version(ref.name, ref.version).version)
 
 
 def _list_files(repo: Any, ref: MlflowRef) -> dict[str, int]:
@@ -257,43 +320,62 @@ def _quoted(exc: BaseException, limit: int) -> str:
 
 @contextlib.contextmanager
 def mlflow_errors(what: str, server: str) -> Iterator[None]:
-    """The client's exceptions as one-line input errors naming ``what`` (a model URI, or the
-    action) and what to do; what the server said is quoted scrubbed of the user's secrets."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    server = redact_url(server)
-    unreachable = (
-        f"{what}: cannot reach the MLflow server at {server}; check --mlflow-uri / "
-        "MLFLOW_TRACKING_URI and that the server is up"
-    )
+    """Every failure of the MLflow client, its HTTP stack or an artifact store's own client as
+    one DynauditError naming ``what`` (a model URI, or the action) and what to do; what the
+    server said is quoted scrubbed of the user's secrets."""
     try:
         yield
     except DynauditError:
         raise
-    except MlflowException as exc:
-        code = getattr(exc, "error_code", "")
-        text = _quoted(exc, 300)
-        if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in text.lower():
-            raise RemoteNotFound(f"{what}: not found on {server} ({text})") from exc
-        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            raise AccessDenied(
-                f"{what}: {server} refused the credentials ({text}); check "
-                "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD"
-            ) from exc
-        if "max retries" in text.lower() or "connection" in text.lower():
-            raise SourceUnreachable(unreachable) from exc
-        raise InputError(f"{what}: MLflow error from {server}: {text}") from exc
-    except requests.RequestException as exc:
-        raise SourceUnreachable(unreachable) from exc
-    except ImportError as exc:
-        raise InputError(
-            f"{what}: the artifact store needs the Python package {exc.name!r}, which is not "
-            f"installed (e.g. boto3 for s3://, google-cloud-storage for gs://); install it"
-        ) from exc
-    except Exception as exc:  # the artifact store's own client (cloud SDKs, ...)
+    except Exception as exc:
+        raise translated(exc, what, redact_url(server)) from exc
+
+
+def translated(exc: Exception, what: str, server: str) -> DynauditError:
+    """The DynauditError that says what went wrong in ``exc`` (see :func:`mlflow_errors`)."""
+    import requests
+
+    lowered = str(exc).lower()
+    why = next((w for w in ("timed out", "refused") if w in lowered), type(exc).__name__)
+    unreachable = SourceUnreachable(
+        f"{what}: cannot reach the MLflow server at {server} ({why}); check "
+        "--mlflow-uri / MLFLOW_TRACKING_URI and that the server is up"
+    )
+    if isinstance(exc, requests.RequestException | TimeoutError | ConnectionError):
+        return unreachable
+    if isinstance(exc, ImportError):
+        return InputError(
+            f"{what}: MLflow needs the Python package {exc.name!r}, which is not installed "
+            "(e.g. boto3 for s3://, google-cloud-storage for gs://); install it"
+        )
+    if not _is_mlflow_exception(exc):  # the artifact store's own client (cloud SDKs, ...)
         text = _quoted(exc, 200)
-        raise InputError(
+        return InputError(
             f"{what}: the artifact store failed: {type(exc).__name__}"
             + (f": {text}" if text else "")
-        ) from exc
+        )
+    code = getattr(exc, "error_code", "")
+    text = _quoted(exc, 300)
+    said = text.lower()  # the first line: an echoing server's headers say "Connection" too
+    if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in said:
+        return RemoteNotFound(f"{what}: not found on {server} ({text})")
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return AccessDenied(
+            f"{what}: {server} refused the credentials ({text}); check "
+            "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD"
+        )
+    if "MLFLOW_ALLOW_FILE_STORE" in str(exc):
+        return InputError(
+            f"{what}: MLflow 3 no longer writes to a file store ({server}); use a tracking "
+            "server or a database (e.g. MLFLOW_TRACKING_URI=sqlite:///mlflow.db), or set "
+            "MLFLOW_ALLOW_FILE_STORE=true"
+        )
+    if any(word in said for word in ("max retries", "connection", "timed out", "timeout")):
+        return unreachable
+    return InputError(f"{what}: MLflow error from {server}: {text}")
+
+
+def _is_mlflow_exception(exc: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException)
