@@ -151,6 +151,7 @@ def test_the_checked_model_version_is_tagged_in_the_registry_mlflow_names(
     )
     report = checked.model_copy(update={"source": source})
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
+    monkeypatch.chdir(tmp_path)  # a database store keeps its artifacts in ./mlruns
     local = f"sqlite:///{tmp_path / 'runs.db'}"
     run_id = log_report(report, tracking_uri=local)
     tags = client.get_model_version("registry-elsewhere", "1").tags
