@@ -89,6 +89,19 @@ def test_completion_script_and_answers() -> None:
     assert script.returncode == 0 and "_DYNAUDIT_COMPLETE" in script.stdout
 
 
+def test_completion_installs(tmp_path: Path) -> None:
+    """``--install-completion`` writes the script and sources it from the shell's rc file."""
+    env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit", "--install-completion", "bash"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script = tmp_path / ".bash_completions" / "dynaudit.sh"
+    assert "_DYNAUDIT_COMPLETE" in script.read_text()
+    assert str(script) in (tmp_path / ".bashrc").read_text()
+
+
 def test_flag_beats_variable_beats_file_beats_default(
     project: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
