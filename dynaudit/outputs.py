@@ -53,13 +53,15 @@ def is_stdout(path: str | os.PathLike[str] | None) -> bool:
 
 
 def is_stream(path: str | os.PathLike[str]) -> bool:
-    """A FIFO or a character device (``/dev/null``, a terminal, ``>(jq .)``): written into
-    where it is, never replaced."""
+    """A FIFO (``--json >(jq .)``) or the null device: written into where it is, never
+    replaced. Other devices are refused: writing into ``/dev/mem`` or a disk is no report."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except (OSError, ValueError):
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+    if stat.S_ISFIFO(st.st_mode):
+        return True
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
 
 
 def loader_reads(name: str) -> bool:
@@ -245,8 +247,8 @@ def guard_outputs(
 
 def output_file(path: Path, flag: str = "") -> Path:
     """The regular file that writing ``path`` replaces or creates: a symlink is followed to the
-    file it names. A FIFO or character device is returned as it is: it is written into. Anything
-    else there (a directory, a block device, a socket, a symlink to such or to nothing) is
+    file it names. A FIFO or the null device is returned as it is: it is written into. Anything
+    else there (a directory, another device, a socket, a symlink to such or to nothing) is
     refused: it is never replaced."""
     named = f"{flag} {path}" if flag else str(path)
     try:
@@ -261,8 +263,8 @@ def output_file(path: Path, flag: str = "") -> Path:
         raise OutputError(f"{named}: cannot write ({exc.strerror or exc})", path=str(path)) from exc
     if stat.S_ISDIR(st.st_mode):
         raise OutputRefused(f"{named}: is a directory; give a file path", path=str(path))
-    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
-        return path  # a stream: written into, not replaced
+    if is_stream(path):
+        return path  # written into, not replaced
     if not stat.S_ISREG(st.st_mode):
         raise OutputRefused(
             f"{named}: is {file_kind(st.st_mode)}, not a regular file or a stream; it is never "

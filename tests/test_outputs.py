@@ -321,6 +321,18 @@ def test_a_fifo_nobody_reads_is_exit_3_not_a_hang(checkpoint: Path, fifo: Path) 
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
+def test_the_null_device_is_written_into_and_other_devices_are_refused(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/dev/null takes a report it discards; /dev/full (any device but the null one, where a
+    write could do harm) is refused before the run and stays a device."""
+    code, _, err = cli(capsys, "inspect", str(checkpoint), "--json", os.devnull)
+    assert code == 0, err
+    code, _, err = cli(capsys, "inspect", str(checkpoint), "--json", "/dev/full")
+    one_line(err, code, 2, "/dev/full", "never replaced")
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode) and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
 def test_dev_stdout_is_standard_output(checkpoint: Path) -> None:
     """Regression: as root, ``--json /dev/stdout`` replaced the /dev/stdout symlink with a
     regular file and nothing reached stdout. It is stdout: the report, and no table."""

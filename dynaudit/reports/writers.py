@@ -3,8 +3,8 @@
 Every file dynaudit writes for the user (reports, plots, the demo checkpoint) goes through
 :func:`write_bytes_atomic` (SPEC §8): written to a temporary file in the same directory and
 renamed over the target, with the mode the umask gives a new file (an existing file keeps its
-own); a directory, block device, socket or anything else that is not a regular file is never
-replaced; a FIFO or character device is written into; ``-`` (or a path naming stdout, such as
+own); a directory, device, socket or anything else that is not a regular file is never
+replaced; a FIFO or the null device is written into; ``-`` (or a path naming stdout, such as
 ``/dev/stdout``) is standard output. A failed write is one
 :class:`~dynaudit.errors.OutputError` (exit 3), a path that cannot be a file one
 :class:`~dynaudit.errors.OutputRefused` (exit 2).
@@ -93,7 +93,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def _write_stream(path: Path, data: bytes) -> None:
-    """Into a FIFO or character device, where it is: nothing is replaced, and an atomic
+    """Into a FIFO or the null device, where it is: nothing is replaced, and an atomic
     rename has no meaning for a stream. A FIFO nobody reads is an error, not a hang (opening
     it without O_NONBLOCK would wait for a reader forever)."""
     try:
