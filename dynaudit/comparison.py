@@ -65,7 +65,7 @@ from dynaudit.policy import (
 )
 from dynaudit.report import DEPTH_GROUPS, FamilyInfo, Report, SourceInfo
 from dynaudit.runtime import to_device
-from dynaudit.schemas import FORMATS, drop_unknown, minor_field
+from dynaudit.schemas import FORMATS, minor_field, strip_unknown, warn_ignored
 from dynaudit.tensors import Checkpoint, parse_header
 
 __all__ = [
@@ -498,14 +498,15 @@ def _parse(data: bytes, path: Path) -> Baseline:
 
     try:
         raw = json.loads(data, parse_constant=constant, parse_float=number)
-        if isinstance(raw, dict):  # a newer minor's fields: dropped with a warning
-            raw = drop_unknown(Baseline, raw, FORMATS["baseline"], str(where))
-        return Baseline.model_validate(raw)
+        clean, dropped = strip_unknown(Baseline, raw) if isinstance(raw, dict) else (raw, [])
+        baseline = Baseline.model_validate(clean)
     except (ValidationError, ValueError, RecursionError) as exc:
         raise BaselineError(
             f"{where}: not a valid baseline (tampered or corrupt); re-create the baseline",
             path=str(path),
         ) from exc
+    warn_ignored(dropped, FORMATS["baseline"], raw, str(where))  # a newer minor's fields
+    return baseline
 
 
 def _check_numbers(baseline: Baseline, path: Path) -> FitSettings:

@@ -30,7 +30,15 @@ from pydantic.fields import FieldInfo
 
 from dynaudit.errors import InputError
 
-__all__ = ["FORMATS", "Format", "drop_unknown", "minor_field", "read_versioned", "schema_text"]
+__all__ = [
+    "FORMATS",
+    "Format",
+    "minor_field",
+    "read_versioned",
+    "schema_text",
+    "strip_unknown",
+    "warn_ignored",
+]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -106,32 +114,39 @@ def read_versioned(
             f"{fmt.major}.x); upgrade dynaudit",
             path=where,
         )
-    clean = drop_unknown(model, data, fmt, where)
+    clean, dropped = strip_unknown(model, data)
     try:
-        return model.model_validate(clean)
+        read = model.model_validate(clean)
     except ValidationError as exc:
         first = exc.errors()[0]
         at = ".".join(map(str, first["loc"])) or "document"
         raise error(
             f"{where}: not a valid dynaudit {fmt.what} ({at}: {first['msg']})", path=where
         ) from exc
+    warn_ignored(dropped, fmt, data, where)
+    return read
 
 
-def drop_unknown(model: type[BaseModel], data: dict[str, Any], fmt: Format, where: str) -> Any:
-    """``data`` without the fields ``model`` does not know, at any depth; one warning names
-    them. Nothing else changes: what is left is validated as usual."""
+def strip_unknown(model: type[BaseModel], data: dict[str, Any]) -> tuple[Any, list[str]]:
+    """``data`` without the fields ``model`` does not know, at any depth, and their paths.
+    Nothing else changes: what is left is validated as usual."""
     dropped: list[str] = []
-    clean = _strip_model(model, data, "", dropped)
-    if dropped:
-        unique = list(dict.fromkeys(dropped))
-        named = ", ".join(unique[:_NAMED_FIELDS])
-        more = f" and {len(unique) - _NAMED_FIELDS} more" if len(unique) > _NAMED_FIELDS else ""
-        major, minor = fmt.version_of(data)
-        log.warning(
-            "%s: ignored fields this dynaudit does not know (%s %s.%s, reads %s): %s%s",
-            where, fmt.what, major, minor, fmt.version, named, more,
-        )  # fmt: skip
-    return clean
+    return _strip_model(model, data, "", dropped), dropped
+
+
+def warn_ignored(dropped: list[str], fmt: Format, data: dict[str, Any], where: str) -> None:
+    """One warning naming the fields dropped, once the rest was read: a document that is
+    refused anyway gets its one error line, not a warning beside it."""
+    if not dropped:
+        return
+    unique = list(dict.fromkeys(dropped))
+    named = ", ".join(unique[:_NAMED_FIELDS])
+    more = f" and {len(unique) - _NAMED_FIELDS} more" if len(unique) > _NAMED_FIELDS else ""
+    major, minor = fmt.version_of(data)
+    log.warning(
+        "%s: ignored fields this dynaudit does not know (%s %s.%s, reads %s): %s%s",
+        where, fmt.what, major, minor, fmt.version, named, more,
+    )  # fmt: skip
 
 
 def _strip_model(
