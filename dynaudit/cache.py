@@ -53,18 +53,36 @@ def cache_root(configured: str | os.PathLike[str] | None = None) -> Path:
     user moved the Hugging Face cache with ``HF_HOME`` (a cluster's scratch disk, say) — the
     ``assets/`` folder huggingface_hub sets aside there for other libraries
     (``HF_ASSETS_CACHE``, default ``$HF_HOME/assets``: its ``cached_assets_path``), else
-    ``$XDG_CACHE_HOME/dynaudit``. Not inside ``hub/``: that layout belongs to
+    ``$XDG_CACHE_HOME/dynaudit``. The HF folder only when it is the user's own and no one
+    else can write in it (see :func:`_private`). Not inside ``hub/``: that layout belongs to
     huggingface_hub, and its cache scanner reports foreign folders there as corrupt."""
     if configured:
         return Path(configured).expanduser()
     if env := os.environ.get("DYNAUDIT_CACHE_DIR"):
         return Path(env).expanduser()
-    if assets := os.environ.get("HF_ASSETS_CACHE"):
+    assets = os.environ.get("HF_ASSETS_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "assets") if os.environ.get("HF_HOME") else ""
+    )
+    if assets and _private(Path(assets).expanduser()):
         return Path(assets).expanduser() / "dynaudit"
-    if home := os.environ.get("HF_HOME"):
-        return Path(home).expanduser() / "assets" / "dynaudit"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "dynaudit"
+
+
+def _private(folder: Path) -> bool:
+    """The first existing folder at or above ``folder`` is this user's and no one else can
+    write in it. A shared Hugging Face cache (a team's HF_HOME) is not a place for results
+    and file-hash memos another user could plant: those stay in the user's own cache."""
+    for place in (folder, *folder.parents):
+        try:
+            st = place.stat()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        own = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+        return own and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return False
 
 
 def result_key(

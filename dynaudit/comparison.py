@@ -499,6 +499,11 @@ def _parse(data: bytes, path: Path) -> Baseline:
     try:
         raw = json.loads(data, parse_constant=constant, parse_float=number)
         clean, dropped = strip_unknown(Baseline, raw) if isinstance(raw, dict) else (raw, [])
+        if isinstance(clean, dict) and isinstance(clean.get("settings"), dict):
+            # a free-form table the schema cannot describe: a newer minor's fit setting
+            known = FitSettings.model_fields
+            dropped += [f"settings.{k}" for k in clean["settings"] if k not in known]
+            clean["settings"] = {k: v for k, v in clean["settings"].items() if k in known}
         baseline = Baseline.model_validate(clean)
     except (ValidationError, ValueError, RecursionError) as exc:
         raise BaselineError(

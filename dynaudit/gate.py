@@ -99,8 +99,9 @@ def baseline(
         from dynaudit.tracking import store_baseline
 
         ref = store_baseline(
-            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment
-        )
+            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment,
+            revision=made.source.revision,
+        )  # fmt: skip
         made = made.model_copy(update={"stored_at": ref})
     else:
         made = made.model_copy(update={"stored_at": str(target)})
@@ -202,13 +203,15 @@ def check(
     cache: bool = True,
     all_seeds: bool = False,
     baseline_from: str = "--baseline",
+    read_pyproject: bool = True,
     **settings: Any,
 ) -> CheckReport:
     """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
     measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
     as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
     (``device`` and ``threads`` are free); ``baseline_from`` says where ``baseline_ref`` came
-    from, for the report. A baseline measured on the fly is kept in the cache
+    from, for the report; ``read_pyproject=False`` (a ``--config`` file in use) keeps
+    ./pyproject.toml out of the search. A baseline measured on the fly is kept in the cache
     for the next check (``cache=False``: measured into a temporary directory and dropped).
 
     Layers whose bytes equal the baseline's are not refitted; of the others, seed 0 is
@@ -229,7 +232,9 @@ def check(
         require_audited(checkpoint, resolved.uri)
         fingerprint = checkpoint.fingerprint(digest)
         if baseline_ref is None:
-            ref, found_from = find_baseline(resolved.path, base, os.fspath(source), options)
+            ref, found_from = find_baseline(
+                resolved.path, base, os.fspath(source), options, read_pyproject=read_pyproject
+            )
         else:
             ref, found_from = os.fspath(baseline_ref), baseline_from
         log.info("baseline %s (%s)", ref, found_from)
@@ -385,6 +390,8 @@ def find_baseline(
     base: str | os.PathLike[str] | None,
     source: str = "",
     options: SourceOptions | None = None,
+    *,
+    read_pyproject: bool = True,
 ) -> tuple[str, str]:
     """The baseline of a checkpoint when none is given (SPEC §2): ``[tool.dynaudit] baseline``
     in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
@@ -398,7 +405,7 @@ def find_baseline(
         import tomli as tomllib
 
     project = Path("pyproject.toml")
-    if project.is_file():
+    if read_pyproject and project.is_file():
         with contextlib.suppress(OSError, ValueError):
             table = tomllib.loads(project.read_text(encoding="utf-8")).get("tool", {})
             configured = table.get("dynaudit", {}).get("baseline")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,18 +39,32 @@ _READ_NAMES = frozenset({"config.json", "adapter_config.json", "README.md"})
 _WALK_LIMIT = 20_000  # files looked at per baseline directory when comparing identities
 
 
+# Names of this process's standard output, whatever it is (a pipe, a terminal, a file the
+# shell opened, in append mode or not): written through the descriptor, never replaced.
+_STDOUT_NAMES = frozenset({"/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
+# Names of other open descriptors: their target is the shell's, not a path to replace.
+_DESCRIPTOR = re.compile(r"/dev/(stdin|stderr|fd/\d+)|/proc/(self|\d+)/fd/\d+")
+
+
 def is_stdout(path: str | os.PathLike[str] | None) -> bool:
-    """``-``, or a path naming this process's standard output when that is a stream (a pipe,
-    a terminal, a socket): ``--json /dev/stdout`` writes to stdout, it replaces nothing."""
+    """``-``, ``/dev/stdout`` (or ``/dev/fd/1``), or a path naming this process's standard
+    output when that is a stream: the report goes to stdout, and nothing is replaced."""
     if path is None:
         return False
-    if os.fspath(path) == STDOUT:
+    given = os.fspath(path)
+    if given == STDOUT or os.path.abspath(given) in _STDOUT_NAMES:
         return True
     try:
         st, out = os.stat(path), os.fstat(1)
     except (OSError, ValueError):
         return False
     return not stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
+def names_a_descriptor(path: str | os.PathLike[str]) -> bool:
+    """``/dev/stderr``, ``/dev/fd/N``, ``/proc/self/fd/N``: an open descriptor, whose file
+    must not be replaced by a rename (the shell's redirection would lose it)."""
+    return _DESCRIPTOR.fullmatch(os.path.abspath(os.fspath(path))) is not None
 
 
 def is_stream(path: str | os.PathLike[str]) -> bool:
@@ -265,6 +280,11 @@ def output_file(path: Path, flag: str = "") -> Path:
         raise OutputRefused(f"{named}: is a directory; give a file path", path=str(path))
     if is_stream(path):
         return path  # written into, not replaced
+    if names_a_descriptor(path):
+        raise OutputRefused(
+            f"{named}: names an open file descriptor; give a file path, or - for stdout",
+            path=str(path),
+        )
     if not stat.S_ISREG(st.st_mode):
         raise OutputRefused(
             f"{named}: is {file_kind(st.st_mode)}, not a regular file or a stream; it is never "

@@ -333,16 +333,19 @@ def scope_undecided(
     return could_fail and could_pass
 
 
-def load_policy(path: Path | None = None, **overrides: float | None) -> Policy:
+def load_policy(
+    path: Path | None = None, *, settings: Path | None = None, **overrides: float | None
+) -> Policy:
     """The policy from ``path`` (a TOML file with the fields under ``[tool.dynaudit.policy]``,
     under ``[policy]`` or at top level), else ``[tool.dynaudit.policy]`` of ./pyproject.toml,
-    else the defaults; ``overrides`` (flags) win. Invalid values are a usage error (exit 2)
+    else the defaults; ``settings`` (``--config FILE``) replaces ./pyproject.toml, its policy
+    table or none at all; ``overrides`` (flags) win. Invalid values are a usage error (exit 2)
     naming the key, the value, what is wrong with it, and where it came from: the flag or the
     file."""
     table: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    source = path if path is not None else Path("pyproject.toml")
-    if path is not None or source.is_file():
+    source = path or settings or Path("pyproject.toml")
+    if path is not None or settings is not None or source.is_file():
         try:
             data = tomllib.loads(source.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

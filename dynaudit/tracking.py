@@ -11,8 +11,8 @@ Metrics are aggregates only, named ``dynaudit/<figure>/<scope>`` with scope ``al
              dynaudit/unchanged  dynaudit/refits                              (counts)
 
 Per-layer figures are one table artifact, ``dynaudit/layers.json`` (``layers-step<N>.json``
-with a step), written by MLflow's ``log_table`` (MLflow's "split" JSON: ``columns`` and
-``data``), or in the same shape by dynaudit where pandas, which ``log_table`` needs, is missing.
+with a step), in the "split" JSON MLflow's ``log_table`` writes (``columns`` and ``data``), but
+replaced rather than appended to when logged again.
 Group and type names come from checkpoints, so they are made valid MLflow names (letters,
 digits, ``_ - . /`` and spaces; no ``..`` or ``//``; at most 250 characters, with a short hash
 when a name had to be changed, so two names never collide).
@@ -214,7 +214,7 @@ def log_report(
     from dynaudit.sources.mlflow import client_environment, mlflow_errors
 
     uri = _server(tracking_uri)
-    with client_environment(uri), mlflow_errors("logging the report to MLflow", uri):
+    with mlflow_errors("logging the report to MLflow", uri), client_environment(uri):
         import mlflow
 
         from dynaudit.sources.mlflow import client
@@ -338,19 +338,16 @@ def _tags(report: Report | CheckReport) -> dict[str, str]:
 
 
 def _log_table(client: Any, run_id: str, report: Report | CheckReport, artifact: str) -> None:
-    """The per-layer table through MLflow's ``log_table``; in the same JSON shape where
-    pandas (which ``log_table`` needs) is not installed, as with ``mlflow-skinny``."""
+    """The per-layer table as MLflow's "split" JSON (``columns`` and ``data``, what
+    ``log_table`` writes), always through ``log_artifact``: ``log_table`` appends to a table
+    already in the run (a second report would mix its rows in) and needs pandas, which
+    ``mlflow-skinny`` lacks."""
     columns, rows = layer_table(report)
-    try:
-        import pandas  # type: ignore[import-untyped]
-    except ImportError:
-        folder, name = artifact.rsplit("/", 1)
-        with tempfile.TemporaryDirectory(prefix="dynaudit-mlflow-") as tmp:
-            path = Path(tmp) / name
-            path.write_text(json.dumps({"columns": columns, "data": rows}))
-            client.log_artifact(run_id, str(path), folder)
-        return
-    client.log_table(run_id, pandas.DataFrame(rows, columns=columns), artifact)
+    folder, name = artifact.rsplit("/", 1)
+    with tempfile.TemporaryDirectory(prefix="dynaudit-mlflow-") as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps({"columns": columns, "data": rows}))
+        client.log_artifact(run_id, str(path), folder)
 
 
 def _log_artifacts(client: Any, run_id: str, report: Report | CheckReport, suffix: str) -> None:
@@ -387,7 +384,7 @@ def tag_model_version(
     if model.name is None:  # a logged model (models:/m-ID) has no version to tag
         return None
     uri = _server(tracking_uri)
-    with client_environment(uri), mlflow_errors(f"tagging {model.uri} with the verdict", uri):
+    with mlflow_errors(f"tagging {model.uri} with the verdict", uri), client_environment(uri):
         registry = client(uri)
         revision = report.source.revision or ""
         name, _, version = revision.rpartition("/")
@@ -503,7 +500,7 @@ class _CallbackLogic:
             from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
 
             uri = _server(self.tracking_uri)
-            with client_environment(uri), mlflow_errors("starting an MLflow run", uri):
+            with mlflow_errors("starting an MLflow run", uri), client_environment(uri):
                 self.run_id = start_run(client(uri), name="dynaudit during training")
             self._owned = True
         report = measure_and_log(
@@ -514,20 +511,29 @@ class _CallbackLogic:
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._measure(kwargs["model"], state.global_step)
+            self._measure_once(kwargs["model"], state)
         return control
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.every_epoch:
-            self._measure(kwargs["model"], state.global_step)
+            self._measure_once(kwargs["model"], state)
         return control
+
+    def _measure_once(self, model: Any, state: Any) -> None:
+        """Rank 0 only (as transformers' own MLflow callback: every rank holds the same
+        weights), and a step once: an epoch that ends on a multiple of N is one point."""
+        if not getattr(state, "is_world_process_zero", True):
+            return
+        if self.reports and self.reports[-1][0] == state.global_step:
+            return
+        self._measure(model, state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._owned and self.run_id is not None:
             from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
 
             uri = _server(self.tracking_uri)
-            with client_environment(uri), mlflow_errors("ending the MLflow run", uri):
+            with mlflow_errors("ending the MLflow run", uri), client_environment(uri):
                 client(uri).set_terminated(self.run_id)
         return control
 
@@ -539,12 +545,18 @@ BASELINE_ARTIFACTS = "dynaudit-baseline"
 
 
 def store_baseline(
-    folder: Path, source_uri: str, *, tracking_uri: str | None = None, experiment: str | None = None
+    folder: Path,
+    source_uri: str,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    revision: str | None = None,
 ) -> str:
     """Upload a baseline directory as the artifacts of a new run and return its ``runs:/`` URI.
     The run is marked finished and tagged ``dynaudit.baseline`` only after every artifact is
     uploaded; when the baseline's source is an MLflow model version, that version is tagged
-    with the URI too, so `check models:/NAME/…` finds it."""
+    with the URI too, so `check models:/NAME/…` finds it: the version measured (``revision``,
+    ``NAME/VERSION`` as the source resolved it), not where an alias points by now."""
     from dynaudit.sources.base import SourceOptions
     from dynaudit.sources.mlflow import (
         client,
@@ -556,22 +568,25 @@ def store_baseline(
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(uri), mlflow_errors("storing the baseline in MLflow", uri):
+    with mlflow_errors("storing the baseline in MLflow", uri), client_environment(uri):
         tracking = client(uri)
         run_id = start_run(tracking, experiment, f"dynaudit baseline {_label(source_uri)}")
+        ref = f"runs:/{run_id}/{BASELINE_ARTIFACTS}"
         try:
             tracking.log_artifacts(run_id, str(folder), BASELINE_ARTIFACTS)
+            tracking.set_tag(run_id, "dynaudit.source", source_uri)
+            tracking.set_tag(run_id, BASELINE_TAG, ref)
         except BaseException:
-            tracking.set_terminated(run_id, status="FAILED")
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                tracking.set_terminated(run_id, status="FAILED")
             raise
-        ref = f"runs:/{run_id}/{BASELINE_ARTIFACTS}"
-        tracking.set_tag(run_id, "dynaudit.source", source_uri)
-        tracking.set_tag(run_id, BASELINE_TAG, ref)
         tracking.set_terminated(run_id)
         if source_uri.startswith("models:/"):
             model = parse(source_uri)
-            if model.name is not None:
+            name, _, version = (revision or "").rpartition("/")
+            if model.name is not None and not (name == model.name and version):
                 version = model_version(tracking, model)
+            if model.name is not None:
                 tracking.set_model_version_tag(model.name, version, BASELINE_TAG, ref)
     return ref
 
@@ -584,7 +599,7 @@ def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None)
 
     stored = parse(ref)
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(uri), mlflow_errors(stored.uri, uri):
+    with mlflow_errors(stored.uri, uri), client_environment(uri):
         if stored.run_id is None:
             raise UsageError(f"{ref}: a baseline in MLflow is runs:/RUN_ID/{BASELINE_ARTIFACTS}")
         destination.mkdir(parents=True, exist_ok=True)  # MLflow 2 does not create it
@@ -608,7 +623,7 @@ def declared_baseline(source_uri: str, tracking_uri: str | None = None) -> str |
     if model.name is None:
         return None
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with client_environment(uri), mlflow_errors(model.uri, uri):
+    with mlflow_errors(model.uri, uri), client_environment(uri):
         registry = client(uri)
         tags = registry.get_model_version(model.name, model_version(registry, model)).tags or {}
     value = tags.get(BASELINE_TAG)

@@ -105,20 +105,20 @@ server_python() {
 server_python
 # COMPAT_PYTHON runs every job on one interpreter (.ci/run: the default Python, whose CPU torch
 # build is at hand; the hosted CI's matrix runs them on 3.10 and 3.13).
-py310="${COMPAT_PYTHON:-$(find_python 3.10 "${PY310:-}")}"
-py313="${COMPAT_PYTHON:-$(find_python 3.13 "${PY313:-}")}"
+py310() { echo "${COMPAT_PYTHON:-$(find_python 3.10 "${PY310:-}")}"; }
+py313() { echo "${COMPAT_PYTHON:-$(find_python 3.13 "${PY313:-}")}"; }
 for name in "${jobs[@]}"; do
     case "$name" in
         stack4)
-            job stack4 "$py310" "transformers>=4.57,<5" "mlflow-skinny>=2.16,<3"
+            job stack4 "$(py310)" "transformers>=4.57,<5" "mlflow-skinny>=2.16,<3"
             ;;
         newest)
-            job newest "$py313" transformers mlflow-skinny  # a fresh venv: the newest of each
+            job newest "$(py313)" transformers mlflow-skinny  # a fresh venv: the newest of each
             ;;
         lowest)
             floors >"$work/floors.txt"
             cat "$work/floors.txt"
-            job lowest "$py310" --constraint "$work/floors.txt"
+            job lowest "$(py310)" --constraint "$work/floors.txt"
             ;;
         *)
             echo "compat: unknown job $name (stack4, newest, lowest)" >&2

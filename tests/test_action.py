@@ -25,7 +25,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import dynaudit
-from dynaudit.reports.ci import COMMENT_LIMIT, COMMENT_MARKER, render_pr_comment, results_cache_key
+from dynaudit.reports.ci import (
+    COMMENT_LIMIT,
+    COMMENT_MARKER,
+    comment_marker,
+    render_pr_comment,
+    results_cache_key,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / ".github" / "actions" / "dynaudit-check" / "action.yml"
@@ -189,8 +195,27 @@ def test_a_passing_check(digits_mlp: Path, baseline: Path, tmp_path: Path) -> No
     assert out["cache-key"].startswith(run.outputs("prepare")["results-model-prefix"] + "sha256-")
     assert run.summary.read_text().startswith("# dynaudit check")
     body = Path(out["comment-body"]).read_text()
-    assert body == f"{COMMENT_MARKER}\n" + Path(out["markdown"]).read_text()
+    assert body == f"{comment_marker(str(digits_mlp))}\n" + Path(out["markdown"]).read_text()
     assert run.step("gate").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("--all-seeds", ["--all-seeds"]),
+        ("-q", ["-q"]),
+        ("--threads '1' -q", ["--threads", "1", "-q"]),
+    ],
+)
+def test_extra_args_are_split_like_a_shell(text: str, words: list[str]) -> None:
+    """Regression: one option alone (``extra-args: --all-seeds``) was read by the splitter as
+    its own unknown option, and the check never ran (exit 2)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynaudit.reports.ci", "split-args", "--", text],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split(b"\0")[:-1] == [w.encode() for w in words]
 
 
 def test_a_failing_check_annotates_each_root_cause_once(
@@ -233,7 +258,9 @@ def test_no_verdict_is_an_error(extra_args: str, code: str, tmp_path: Path) -> N
     assert errors[0].endswith("); see the log")
     assert "# dynaudit check: error" in run.summary.read_text()
     body = Path(out["comment-body"]).read_text()
-    assert body.startswith(f"{COMMENT_MARKER}\n# dynaudit check: error\n")
+    assert body.startswith(
+        f"{comment_marker(str(tmp_path / 'missing'))}\n# dynaudit check: error\n"
+    )
     assert "https://github.example/org/trainer/actions/runs/42" in body
     assert run.step("gate").returncode == int(code)
 
@@ -297,7 +324,9 @@ class GitHubStandIn(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self._call()
-        self.comments.append({"id": 1000 + len(self.comments), "body": body["body"]})
+        self.comments.append(
+            {"id": 1000 + len(self.comments), "body": body["body"], "user": {"type": "Bot"}}
+        )
         self._answer(201, self.comments[-1])
 
     def do_PATCH(self) -> None:
@@ -313,7 +342,11 @@ class GitHubStandIn(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def github() -> Iterator[str]:
-    GitHubStandIn.comments = [{"id": n, "body": f"a review {n}"} for n in range(150)]
+    GitHubStandIn.comments = [
+        {"id": n, "body": f"a review {n}", "user": {"type": "User"}} for n in range(150)
+    ]
+    # A person quoting the marker: never edited (it would be refused, and it is not ours).
+    GitHubStandIn.comments[3]["body"] = f"{COMMENT_MARKER}\nby hand"
     GitHubStandIn.calls, GitHubStandIn.refuse = [], False
     server = ThreadingHTTPServer(("127.0.0.1", 0), GitHubStandIn)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -333,8 +366,11 @@ def test_the_comment_is_created_then_edited_in_place(github: str, tmp_path: Path
         body.write_text(f"{COMMENT_MARKER}\n{text}")
         run.context["steps"]["check"] = {"outputs": {"comment-body": str(body)}}
         assert run.step("comment").returncode == 0
-    ours = [c for c in GitHubStandIn.comments if c["body"].startswith(COMMENT_MARKER)]
-    assert ours == [{"id": 1150, "body": f"{COMMENT_MARKER}\n# dynaudit check: pass\n"}]
+    ours = [c for c in GitHubStandIn.comments if c["user"]["type"] == "Bot"]
+    assert ours == [
+        {"id": 1150, "body": f"{COMMENT_MARKER}\n# dynaudit check: pass\n", "user": {"type": "Bot"}}
+    ]
+    assert GitHubStandIn.comments[3]["body"] == f"{COMMENT_MARKER}\nby hand"
     methods = [(method, path.split("?")[0]) for method, path, _ in GitHubStandIn.calls]
     assert methods.count(("POST", "/repos/org/trainer/issues/7/comments")) == 1
     assert methods[-1] == ("PATCH", "/repos/org/trainer/issues/comments/1150")

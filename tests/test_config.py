@@ -214,3 +214,62 @@ def test_running_out_of_gpu_memory_is_exit_3(capsys: pytest.CaptureFixture[str])
 
     code = report_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert code == 3 and "out of memory" in capsys.readouterr().err
+
+
+def test_the_usual_variables_beat_the_file_for_endpoints(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: ``hf-endpoint`` in the file won over HF_ENDPOINT (and ``mlflow-uri`` over
+    MLFLOW_TRACKING_URI), against flag > variable > file."""
+    (project / "pyproject.toml").write_text(
+        '[tool.dynaudit]\nhf-endpoint = "http://127.0.0.1:9/file"\n'
+    )
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/variable")
+    one_line(capsys, main(["inspect", "hf://org/x"]), 3, "http://127.0.0.1:9/variable")
+    monkeypatch.delenv("HF_ENDPOINT")
+    one_line(capsys, main(["inspect", "hf://org/x"]), 3, "http://127.0.0.1:9/file")
+
+
+def test_a_config_file_replaces_pyproject_for_the_policy_and_the_baseline(
+    project: Path, model: Path, stored: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: with --config FILE, ./pyproject.toml's policy and baseline still applied.
+    Paths in the file are relative to it."""
+    (project / "pyproject.toml").write_text(
+        f"[tool.dynaudit]\nbaseline = {json.dumps(str(stored))}\n"
+        "[tool.dynaudit.policy]\nmax_drop_all = 1.5\n"
+    )
+    elsewhere = project / "ci"
+    elsewhere.mkdir()
+    config = elsewhere / "audit.toml"
+    config.write_text('cache-dir = "cache"\n')
+    code = main(["--config", str(config), "check", str(model)])
+    one_line(capsys, code, 2, "no baseline given")
+    stored.rename(elsewhere / "base")
+    config.write_text('cache-dir = "cache"\nbaseline = "base"\n')
+    code = main(["--config", str(config), "check", str(model), "--json", "-"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out)
+    assert report["policy"]["max_drop_all"] == 2.0  # the default, not pyproject's 1.5
+    assert report["baseline"]["ref"] == str(elsewhere / "base")
+    assert report["baseline"]["resolved_from"] == f"baseline in --config {config}"
+
+
+def test_a_policy_that_is_not_a_table_is_refused(
+    project: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: ``policy = "gate.toml"`` was silently ignored."""
+    (project / "pyproject.toml").write_text('[tool.dynaudit]\npolicy = "gate.toml"\n')
+    one_line(capsys, main(["check", str(model)]), 2, "policy must be a table", "--policy FILE")
+
+
+def test_verbose_names_settings_a_command_does_not_use(
+    project: Path, model: Path, stored: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``check`` takes its fit settings from the baseline: the file's are named, not dropped
+    in silence."""
+    (project / "pyproject.toml").write_text('[tool.dynaudit]\nsteps = 12\ndevice = "cpu"\n')
+    assert main(["-v", "check", str(model), "--baseline", str(stored), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "[tool.dynaudit] of pyproject.toml: steps not used by `dynaudit check`" in err

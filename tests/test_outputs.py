@@ -321,6 +321,31 @@ def test_a_fifo_nobody_reads_is_exit_3_not_a_hang(checkpoint: Path, fifo: Path) 
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
+def test_dev_stdout_redirected_to_a_file_appends_to_it(checkpoint: Path, tmp_path: Path) -> None:
+    """Regression: with stdout redirected to a file (``>> log``), ``--json /dev/stdout``
+    followed the link to that file and renamed a report over it: what the file held was lost.
+    It is stdout: written through the descriptor, the shell's append kept."""
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n")
+    before = log.stat().st_ino
+    with open(log, "a") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dynaudit", "inspect", str(checkpoint), "--json", "/dev/stdout"],
+            stdout=out, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert text.startswith("earlier\n{") and "layers" in json.loads(text.split("\n", 1)[1])
+    assert log.stat().st_ino == before
+    err = tmp_path / "err.txt"
+    with open(err, "w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dynaudit", "inspect", str(checkpoint), "--json", "/dev/stderr"],
+            stdout=subprocess.PIPE, stderr=out, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 2 and "open file descriptor" in err.read_text()
+
+
 def test_the_null_device_is_written_into_and_other_devices_are_refused(
     checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -314,6 +314,7 @@ def future_baseline(stored: Path, tmp_path: Path) -> tuple[Path, dict[str, Any]]
         layer["future_layer"] = "x"
     data["report"]["future_report"] = 1
     data["report"]["layers"][0]["future_report_layer"] = 1
+    data["settings"]["future_setting"] = 2  # a free-form table: was "invalid fit settings"
     return copied, data
 
 
@@ -328,7 +329,7 @@ def test_a_baseline_of_a_newer_minor_loads_with_one_warning(
     (warning,) = warnings_of(caplog)
     assert "baseline.json: ignored fields this dynaudit does not know (baseline 1.1" in warning
     for field in ("future_top", "layers[*].future_layer", "report.future_report",
-                  "report.layers[*].future_report_layer"):  # fmt: skip
+                  "report.layers[*].future_report_layer", "settings.future_setting"):  # fmt: skip
         assert field in warning
 
 

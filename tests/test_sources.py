@@ -488,6 +488,11 @@ def test_the_model_card_is_read_by_huggingface_hub(
         ("a: x\n" * 60_000, "over 256 KiB"),
         ("base_model: [unclosed\n", "cannot be read"),
         ("- a list\n- not a mapping\n", "should be a dict"),
+        (  # huggingface_hub's model-index walk raised AttributeError: exit 4 (regression)
+            "model-index: [{name: x, results: [{task: {type: t}, dataset: {type: a, name: b},"
+            " metrics: [{type: m, value: 1}], source: [1]}]}]\n",
+            "",
+        ),
     ],
 )
 def test_a_hostile_model_card_is_one_line_exit_3(front: str, says: str) -> None:
@@ -500,6 +505,23 @@ def test_a_hostile_model_card_is_one_line_exit_3(front: str, says: str) -> None:
     message = str(caught.value)
     assert caught.value.exit_code == 3 and "\n" not in message
     assert message.startswith("ckpt/README.md: the model card's YAML front matter")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["hf://org/name@..", "hf://org/name@%2E%2E", "hf://org/name@..%2F..%2Fx",
+     "hf://org/name@%2Fetc%2Fpasswd", "hf://org/name@a%5Cb", "hf://org/name@a%0Ab"],
+)  # fmt: skip
+def test_a_revision_cannot_leave_the_cache(uri: str) -> None:
+    """Regression: a revision is joined to the cache folder (refs/<revision>, read offline and
+    written online); ``..`` or an absolute one was accepted, and offline it was exit 4."""
+    from dynaudit.errors import UsageError
+    from dynaudit.sources import hub, with_revision
+
+    with pytest.raises(UsageError, match="is not a revision"):
+        hub.parse(uri)
+    with pytest.raises(UsageError, match="is not a revision"):
+        with_revision("hf://org/name", "../../x")
 
 
 # -- MLflow -----------------------------------------------------------------------------
@@ -726,6 +748,11 @@ def test_the_cache_sits_beside_the_hugging_face_cache(
     assert cache_root() == home / "assets" / "dynaudit"
     monkeypatch.setenv("HF_ASSETS_CACHE", str(tmp_path / "assets"))
     assert cache_root() == tmp_path / "assets" / "dynaudit"
+    shared = tmp_path / "team-hf"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # a team's cache: results and hash memos are not kept where others write
+    monkeypatch.setenv("HF_ASSETS_CACHE", str(shared / "assets"))
+    assert cache_root() == tmp_path / "xdg" / "dynaudit"
     monkeypatch.setenv("DYNAUDIT_CACHE_DIR", str(tmp_path / "mine"))
     assert cache_root() == tmp_path / "mine" and cache_root(tmp_path / "flag") == tmp_path / "flag"
     for var in ("DYNAUDIT_CACHE_DIR", "HF_ASSETS_CACHE", "HF_HOME"):

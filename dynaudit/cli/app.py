@@ -108,7 +108,8 @@ HfEndpoint = Annotated[
     typer.Option(
         "--hf-endpoint",
         metavar="URL",
-        help="Hugging Face Hub URL (default: HF_ENDPOINT or the Hub)",
+        envvar="HF_ENDPOINT",
+        help="Hugging Face Hub URL (default: the Hub)",
     ),
 ]
 HfToken = Annotated[
@@ -123,7 +124,10 @@ HfToken = Annotated[
 MlflowUri = Annotated[
     str | None,
     typer.Option(
-        "--mlflow-uri", metavar="URI", help="MLflow tracking server (default: MLFLOW_TRACKING_URI)"
+        "--mlflow-uri",
+        metavar="URI",
+        envvar="MLFLOW_TRACKING_URI",
+        help="MLflow tracking server (also the registry, unless MLFLOW_REGISTRY_URI is set)",
     ),
 ]
 CacheDir = Annotated[
@@ -287,7 +291,7 @@ def _settings(
 ) -> None:
     """Read the settings file into click's default map (so a flag or a DYNAUDIT_* variable
     wins over it) and set how much is logged."""
-    from dynaudit.cli.settings import default_map, read_table
+    from dynaudit.cli.settings import default_map, ignored_keys, read_table
 
     if verbose:
         logging.getLogger("dynaudit").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
@@ -295,17 +299,20 @@ def _settings(
         from dynaudit.cli import _errors
 
         _errors.show_tracebacks(True)
+    ctx.meta["dynaudit.config"] = config  # replaces ./pyproject.toml, policy and baseline too
     path = config if config is not None else Path("pyproject.toml")
     if config is None and not path.is_file():
         return
     table = read_table(path, explicit=config is not None)
     where = f"[tool.dynaudit] of {path}" if config is None else f"--config {path}"
     commands = [(name, [p.name for p in cmd.params if p.name]) for name, cmd in _commands(ctx)]
-    ctx.default_map = default_map(table, where, commands)
+    ctx.default_map = default_map(table, where, commands, relative_to=path.parent)
     ctx.meta["dynaudit.settings"] = where
-    if config is not None and isinstance(table.get("policy"), dict):
-        for params in ctx.default_map.values():
-            params.setdefault("policy_path", str(config))
+    unused = ignored_keys(table, dict(commands).get(ctx.invoked_subcommand or "", []))
+    if unused:
+        logging.getLogger("dynaudit").info(
+            "%s: %s not used by `dynaudit %s`", where, ", ".join(unused), ctx.invoked_subcommand
+        )
 
 
 def _commands(ctx: typer.Context) -> list[tuple[str, Any]]:
@@ -540,7 +547,8 @@ def check(
     inputs.add_reference(baseline_ref)
     guard_outputs(_reports(json_path, markdown_path, junit_path), inputs)  # before any fit
     policy = load_policy(
-        policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
+        policy_path, settings=ctx.meta.get("dynaudit.config"), max_drop_all=max_drop_all,
+        max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
         max_weight_change=max_weight_change, max_noise_change=max_noise_change,
     )  # fmt: skip
@@ -551,6 +559,7 @@ def check(
             device=device, threads=threads, cache=not no_cache, all_seeds=all_seeds,
             sources=_sources(hf_endpoint, hf_token, mlflow_uri, cache_dir, allow_pickle),
             baseline_from=_baseline_given_by(ctx),
+            read_pyproject=ctx.meta.get("dynaudit.config") is None,
         )  # fmt: skip
     if not main_rank:
         return 0
@@ -561,6 +570,7 @@ def check(
 
 @app.command(epilog=_EPILOG)
 def compare(
+    ctx: typer.Context,
     a: Annotated[
         str, typer.Argument(metavar="A", help="the reference checkpoint (measured as the baseline)")
     ],
@@ -602,7 +612,8 @@ def compare(
     inputs.add_source(b)
     guard_outputs(_reports(json_path, markdown_path, junit_path), inputs)  # before any fit
     policy = load_policy(
-        policy_path, max_drop_all=max_drop_all, max_drop_group=max_drop_group,
+        policy_path, settings=ctx.meta.get("dynaudit.config"), max_drop_all=max_drop_all,
+        max_drop_group=max_drop_group,
         max_layer_change=max_layer_change, max_displacement=max_displacement,
         max_weight_change=max_weight_change, max_noise_change=max_noise_change,
     )  # fmt: skip

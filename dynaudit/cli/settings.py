@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["SETTINGS", "default_map", "read_table"]
+__all__ = ["SETTINGS", "default_map", "ignored_keys", "read_table"]
 
 # The keys a file may set, as written in TOML, with the command parameter each one fills.
 # `policy` is a table of its own, read by dynaudit.policy.load_policy.
@@ -55,15 +55,25 @@ def read_table(path: Path, *, explicit: bool) -> dict[str, Any]:
 
 
 def default_map(
-    table: dict[str, Any], where: str, commands: Iterable[tuple[str, Iterable[str]]]
+    table: dict[str, Any],
+    where: str,
+    commands: Iterable[tuple[str, Iterable[str]]],
+    relative_to: Path = Path(),
 ) -> dict[str, dict[str, Any]]:
     """Click's ``default_map``: for each command, the file's value of each parameter that the
-    command has. Keys are written with dashes or underscores; an unknown key or a value that
-    is a table where a scalar belongs is refused, naming the key and the file."""
+    command has. Keys are written with dashes or underscores; an unknown key, or a value of
+    the wrong type, is refused, naming the key and the file. Paths are relative to the file:
+    ``cache-dir`` always, ``baseline`` when it names something there (else it is a SOURCE
+    such as ``org/base``)."""
     values: dict[str, Any] = {}
     for raw, value in table.items():
         key = raw.replace("_", "-")
         if key in _TABLES:
+            if not isinstance(value, dict):
+                raise UsageError(
+                    f"{where}: {raw} must be a table ([...{raw}]); a policy file is given "
+                    "with --policy FILE or DYNAUDIT_POLICY"
+                )
             continue
         if key not in SETTINGS:
             known = ", ".join(sorted([*SETTINGS, *_TABLES]))
@@ -72,8 +82,26 @@ def default_map(
         if type(value) is not kind:  # TOML's own types: a bool is not an int here
             wanted = "an integer" if kind is int else "a string"
             raise UsageError(f"{where}: {raw} = {value!r} must be {wanted}")
-        values[param] = value
+        values[param] = _relative(key, value, relative_to)
     return {
         name: {param: values[param] for param in params if param in values}
         for name, params in commands
     }
+
+
+def _relative(key: str, value: Any, folder: Path) -> Any:
+    if key == "cache-dir":
+        return str(folder / Path(value).expanduser())
+    if key == "baseline" and not Path(value).is_absolute() and (folder / value).exists():
+        return str(folder / value)
+    return value
+
+
+def ignored_keys(table: dict[str, Any], params: Iterable[str]) -> list[str]:
+    """The file's keys that the command does not take (``check`` has no fit settings: it
+    uses the baseline's), for a ``-v`` line; nothing is silently dropped."""
+    taken = set(params)
+    return [
+        raw for raw in table
+        if (key := raw.replace("_", "-")) in SETTINGS and SETTINGS[key][0] not in taken
+    ]  # fmt: skip

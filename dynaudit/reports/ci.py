@@ -36,6 +36,7 @@ from dynaudit.reports.escape import escape_command_data, escape_command_property
 
 __all__ = [
     "COMMENT_MARKER",
+    "comment_marker",
     "escape_command_data",
     "finish_action",
     "github_annotations",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 # The first line of the action's pull-request comment: how a re-run finds the comment to update.
-COMMENT_MARKER = "<!-- dynaudit-check -->"
+COMMENT_MARKER = "<!-- dynaudit-check -->"  # with a key per checked model: see comment_marker
 COMMENT_LIMIT = 65536  # GitHub refuses a longer comment body (characters)
 _KINDS = {"capacity_loss": "capacity loss", "damage": "damage", "non_finite": "non-finite weights"}
 
@@ -162,7 +163,17 @@ def _run_url(env: Mapping[str, str]) -> str | None:
     return None if not all(parts) else "{}/{}/actions/runs/{}".format(*parts)
 
 
-def render_pr_comment(markdown: str | None, exit_code: int, run_url: str | None) -> str:
+def comment_marker(key: str = "") -> str:
+    """The first line of the comment: one comment per checked model (``key``), so two uses of
+    the action on one pull request (a matrix over models) do not overwrite each other."""
+    if not key:
+        return COMMENT_MARKER
+    return f"<!-- dynaudit-check {hashlib.sha256(key.encode()).hexdigest()[:12]} -->"
+
+
+def render_pr_comment(
+    markdown: str | None, exit_code: int, run_url: str | None, key: str = ""
+) -> str:
     """The pull-request comment: the marker line, then the Markdown report, or what went wrong
     when ``check`` wrote none (a comment left from a passing run must not outlive a broken
     one). Cut at a line to GitHub's size limit, saying so: the full report is in the run."""
@@ -174,7 +185,7 @@ def render_pr_comment(markdown: str | None, exit_code: int, run_url: str | None)
         )
     else:
         text = markdown if markdown.endswith("\n") else markdown + "\n"
-    body = f"{COMMENT_MARKER}\n{text}"
+    body = f"{comment_marker(key)}\n{text}"
     if len(body) <= COMMENT_LIMIT:
         return body
     note = f"\n*The report is cut here: the whole report is in the job summary of {where}.*\n"
@@ -215,7 +226,8 @@ def finish_action(
         outputs["cache-key"] = results_cache_key(written["json"], cache_prefix)
     markdown = written["markdown"].read_text(encoding="utf-8") if "markdown" in written else None
     try:
-        comment_body.write_text(render_pr_comment(markdown, exit_code, _run_url(env)), "utf-8")
+        body = render_pr_comment(markdown, exit_code, _run_url(env), env.get("INPUT_MODEL", ""))
+        comment_body.write_text(body, "utf-8")
         outputs["comment-body"] = str(comment_body.resolve())
     except OSError as exc:
         warn(f"could not write the comment body ({comment_body}): {exc.strerror}")
@@ -246,13 +258,15 @@ def _github(method: str, url: str, token: str, body: Mapping[str, str] | None = 
         return json.loads(response.read() or b"null")
 
 
-def _find_comment(issue: str, token: str) -> int | None:
-    """The id of the pull request's comment that starts with the marker, looking through every
-    page of its comments (100 a page)."""
+def _find_comment(issue: str, token: str, marker: str) -> int | None:
+    """The id of the pull request's comment that a bot (the workflow's token) left starting
+    with ``marker``, looking through every page of its comments (100 a page). A person's
+    comment that starts with the marker is not ours to edit."""
     for page in range(1, 1000):
         comments = _github("GET", f"{issue}/comments?per_page=100&page={page}", token)
         for comment in comments:
-            if str(comment.get("body", "")).startswith(COMMENT_MARKER):
+            by_bot = (comment.get("user") or {}).get("type") == "Bot"
+            if by_bot and str(comment.get("body", "")).split("\n", 1)[0] == marker:
                 return int(comment["id"])
         if len(comments) < 100:
             break
@@ -278,12 +292,13 @@ def post_pr_comment(
     api = env.get("GITHUB_API_URL", "https://api.github.com").rstrip("/")
     issue = f"{api}/repos/{repo}/issues/{number}"
     try:
-        if (found := _find_comment(issue, token)) is not None:
+        marker = body.split("\n", 1)[0]
+        if (found := _find_comment(issue, token, marker)) is not None:
             _github("PATCH", f"{api}/repos/{repo}/issues/comments/{found}", token, {"body": body})
             return "updated"
         _github("POST", f"{issue}/comments", token, {"body": body})
         return "created"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # whatever the API did, the verdict stands
         from dynaudit.secrets import scrub
 
         refused = isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403, 404)

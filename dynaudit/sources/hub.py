@@ -24,6 +24,7 @@ from urllib.parse import unquote
 from dynaudit.errors import (
     AccessDenied,
     CorruptCheckpoint,
+    DynauditError,
     RemoteNotFound,
     SourceUnreachable,
     UsageError,
@@ -124,6 +125,8 @@ def _split(location: str, revision: str | None) -> tuple[str, str | None, str]:
         found, path = _revision_and_path(location[at + 1 :], revision)
     _check_repo_id(repo_id)
     _check_path(path)
+    for named in (found, revision):
+        _check_revision(named)
     if revision is not None and found is not None and found != revision:
         raise _Refused(f"--revision {revision!r} differs from the revision {found!r} in the URI")
     return repo_id, found if found is not None else revision, path
@@ -150,10 +153,26 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 def _check_path(path: str) -> None:
-    """A folder inside the repository: no empty, ``.`` or ``..`` segment (it is joined to the
-    local snapshot directory)."""
-    if path and any(part in ("", ".", "..") for part in path.split("/")):
+    """A folder inside the repository: no empty, ``.`` or ``..`` segment, no backslash (it is
+    joined to the local snapshot directory)."""
+    if path and ("\\" in path or any(part in ("", ".", "..") for part in path.split("/"))):
         raise _Malformed(f"the path {path!r} is not a folder of the repository; expected {FORM}")
+
+
+def _check_revision(revision: str | None) -> None:
+    """A branch, tag, commit or ``refs/…`` name by git's rules for ref names: huggingface_hub
+    joins it to the cache folder (``refs/<revision>``, read offline and written online), so
+    ``..``, an absolute name, a backslash or a control character could leave that folder."""
+    if revision is None:
+        return
+    parts = revision.split("/")
+    bad = (
+        not revision or revision.startswith("/") or "\\" in revision
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(c) < 32 or ord(c) == 127 for c in revision)
+    )  # fmt: skip
+    if bad:
+        raise _Refused(f"{revision!r} is not a revision (a branch, tag, commit or refs/pr/N)")
 
 
 def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
@@ -205,7 +224,6 @@ def card_base_model(text: str, where: str) -> str | None:
     """``base_model`` of a model card (README.md), read by ``huggingface_hub``'s ``ModelCard``
     (a string, or the first of a list); None when the card declares none. ``where`` names the
     card in errors. A card whose front matter does not parse is exit 3, naming it."""
-    import yaml
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
@@ -218,7 +236,7 @@ def card_base_model(text: str, where: str) -> str | None:
         with _quiet("huggingface_hub.repocard", "huggingface_hub.repocard_data"):
             card = ModelCard(f"---\n{block}\n---\n", ignore_metadata_errors=True)
         named = card.data.get("base_model")
-    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+    except Exception as exc:  # the card is the checkpoint author's: any failure is theirs
         problem = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CorruptCheckpoint(
             f"{where}: the model card's YAML front matter cannot be read ({problem[:200]})",
@@ -521,6 +539,13 @@ def _hub_errors(repo: HubRepo, options: SourceOptions) -> Iterator[None]:
             f"{uri}: cannot reach the Hugging Face Hub at {endpoint} ({type(exc).__name__}); "
             "check --hf-endpoint / HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to use "
             "the local cache"
+        ) from exc
+    except DynauditError:
+        raise
+    except ValueError as exc:  # an endpoint that is not a Hub: an answer that is not its JSON
+        raise SourceUnreachable(
+            f"{uri}: {endpoint} did not answer as a Hugging Face Hub ({type(exc).__name__}); "
+            "check --hf-endpoint / HF_ENDPOINT"
         ) from exc
 
 

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ def tracking_uri(options: SourceOptions) -> str:
     return uri
 
 
+# One MLflow call at a time changes the process-wide state client_environment sets (two
+# threads interleaving would leave stdout, the tracking URI or the retry bounds wrong).
+_CLIENT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def client_environment(uri: str | None = None) -> Iterator[None]:
     """For the duration: MLflow's HTTP retries bounded and, in CI logs and pipes, its download
@@ -106,22 +112,26 @@ def client_environment(uri: str | None = None) -> Iterator[None]:
     it, whatever server the client was given); and what MLflow prints to stdout (its "View run
     at <url>" lines) goes to stderr, scrubbed of secrets, since stdout may be a report
     (``--json -``) and the URL may carry the password of ``http://user:password@host``."""
+    import mlflow
+
     from dynaudit.secrets import remember, scrub_logging
     from dynaudit.terminal import interactive
 
     remember(uri=uri)  # a password in it is scrubbed from every message
-    scrub_logging()  # MLflow's handlers exist once it is imported
+    remember(uri=mlflow.get_registry_uri())  # and one in MLFLOW_REGISTRY_URI's
+    scrub_logging()  # MLflow's handlers exist now that it is imported
     defaults = dict(RETRY_DEFAULTS)
     if not interactive():
         defaults["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    added = [k for k in defaults if k not in os.environ]
-    os.environ.update({k: defaults[k] for k in added})
-    try:
-        with _process_tracking_uri(uri), _stdout_to_stderr():
-            yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    with _CLIENT_LOCK:  # the environment, the tracking URI and stdout are the process's
+        added = [k for k in defaults if k not in os.environ]
+        os.environ.update({k: defaults[k] for k in added})
+        try:
+            with _process_tracking_uri(uri), _stdout_to_stderr():
+                yield
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -175,7 +185,7 @@ def fetch(uri: str, options: SourceOptions) -> ResolvedSource:
     ref = parse(uri)
     server = tracking_uri(options)
 
-    with client_environment(server), mlflow_errors(ref.uri, server):
+    with mlflow_errors(ref.uri, server), client_environment(server):
         # Imported here, after the checks above: importing MLflow takes seconds.
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
@@ -235,15 +245,19 @@ def model_version(client: Any, ref: MlflowRef) -> str:
 def _list_files(repo: Any, ref: MlflowRef) -> dict[str, int]:
     """Every file under the artifact location (path → size), breadth first, bounded."""
     files: dict[str, int] = {}
-    pending = [""]
+    pending, seen = [""], {""}
     while pending:
         folder = pending.pop(0)
         for info in repo.list_artifacts(folder or None):
-            if info.is_dir:
+            # A folder strictly below the one listed, once: a store that lists a folder in
+            # itself (or its parent) must not walk forever; folders count toward the bound.
+            below = not folder or info.path.startswith(folder.rstrip("/") + "/")
+            if info.is_dir and below and info.path not in seen:
+                seen.add(info.path)
                 pending.append(info.path)
-            else:
+            elif not info.is_dir:
                 files[info.path] = int(info.file_size or 0)
-            if len(files) > _MAX_FILES:
+            if len(files) + len(seen) > _MAX_FILES:
                 raise InputError(f"{ref.uri}: more than {_MAX_FILES} artifacts; not a checkpoint")
     if not files:
         raise RemoteNotFound(f"{ref.uri}: no artifacts at this location (wrong path?)")
