@@ -13,14 +13,13 @@ from dynaudit_plugins.generic import GenericFamily, role
 from dynaudit import inspect, measure
 from dynaudit.errors import UnknownFamily
 from dynaudit.families import (
-    Family,
     available_families,
     detect_family,
     get_family,
-    matrix_shape,
 )
-from dynaudit.families.base import Layer, weight_matrices
+from dynaudit.families.base import Layer, LayerPlan, weight_matrices
 from dynaudit.families.build import StructureError
+from dynaudit.families.testing import ConformanceError, check_family
 from dynaudit.tensors import Checkpoint
 from experiments import zoo
 from tests import producers
@@ -63,57 +62,27 @@ def test_every_first_party_family_has_fixtures() -> None:
 def test_every_installed_family_honours_the_contract(
     name: str, fixture: str, family_zoo: dict[str, Path]
 ) -> None:
-    """Conformance: detection on the family's own checkpoints; every tensor used or skipped
-    with a reason; matrix views of the planned shapes; the layer graph acyclic and complete,
-    its index maps onto the predecessor's outputs."""
-    family = get_family(name)
-    assert isinstance(family, Family)
-    assert family.name == name and family.description
-    with Checkpoint.open(family_zoo[fixture]) as checkpoint:
-        assert detect_family(checkpoint).family.name == name
-        plan = family.plan(checkpoint)
-        names = [layer.name for layer in plan.layers]
-        assert len(set(names)) == len(names)
-        used = {layer.source for layer in plan.layers}
-        skipped = {s.name for s in plan.skipped}
-        assert not used & skipped and used | skipped == set(checkpoint.tensors)
-        assert all(s.reason for s in plan.skipped)
-        shapes = {}
-        for layer in plan.layers:
-            shape = matrix_shape(layer, checkpoint.tensors[layer.source].shape)
-            mats = family.matrices(layer, checkpoint.read(layer.source))
-            assert tuple(mats.shape) == shape, layer.name
-            shapes[layer.name] = shape
-        depth = {layer.name: layer.depth for layer in plan.layers}
-        for feed in plan.feeds:
-            assert depth[feed.src] <= depth[feed.dst] and feed.src != feed.dst
-            g, _, n = shapes[feed.dst]
-            src_g, src_m, _ = shapes[feed.src]
-            index = feed.index.indices(g, n)
-            assert index.shape == (g, n)
-            assert set(index.flatten().tolist()) == set(range(src_g * src_m)), feed
-        for layer_name, sources in plan.fed_by().items():
-            assert layer_name in plan.reads_input or sources, layer_name
-        _assert_acyclic(names, [(f.src, f.dst) for f in plan.feeds])
-        for block in plan.blocks:
-            assert all(x in shapes for branch in block.branches.values() for x in branch)
+    """Conformance through the public kit plugin authors use (docs/families.md)."""
+    plan = check_family(name, family_zoo[fixture])
+    assert plan.layers
 
 
-def _assert_acyclic(nodes: list[str], edges: list[tuple[str, str]]) -> None:
-    incoming = {n: 0 for n in nodes}
-    for _, dst in edges:
-        incoming[dst] += 1
-    ready = [n for n, k in incoming.items() if k == 0]
-    seen = 0
-    while ready:
-        node = ready.pop()
-        seen += 1
-        for src, dst in edges:
-            if src == node:
-                incoming[dst] -= 1
-                if incoming[dst] == 0:
-                    ready.append(dst)
-    assert seen == len(nodes), "the layer graph has a cycle"
+class _Forgetful(GenericFamily):
+    """The generic family, but it forgets its last layer: neither used nor skipped."""
+
+    name = "forgetful"
+
+    def plan(self, checkpoint: Checkpoint) -> LayerPlan:
+        made = super().plan(checkpoint)
+        return LayerPlan(layers=made.layers[:-1], skipped=made.skipped)
+
+
+def test_the_conformance_kit_names_a_broken_rule(digits_mlp: Path) -> None:
+    """check_family can fail: a tensor the plan drops is named."""
+    with pytest.raises(ConformanceError, match=r"neither used nor skipped: \['4.weight'\]"):
+        check_family(_Forgetful(), digits_mlp, detects=False)
+    with pytest.raises(ConformanceError, match="detected as 'generic', not its own"):
+        check_family(_Forgetful(), digits_mlp)
 
 
 def test_generic_plan_order_types_and_skips(write_checkpoint) -> None:  # type: ignore[no-untyped-def]

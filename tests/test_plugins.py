@@ -154,6 +154,24 @@ def test_keras_checkpoint_is_detected_by_the_plugin(
     assert skipped == {"dense_0/bias": "bias", "dense_1/bias": "bias"}
 
 
+def test_the_installed_plugin_passes_the_conformance_kit(
+    plugin_env: dict[str, str], keras_checkpoint: Path
+) -> None:
+    """A third-party plugin proves its conformance with one public call, as ours do."""
+    code = (
+        "import sys\n"
+        "from dynaudit.families.testing import check_family\n"
+        "plan = check_family('dense-kernels', sys.argv[1])\n"
+        "print(len(plan.layers), len(plan.feeds))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(keras_checkpoint)],
+        capture_output=True, text=True, env={**os.environ, **plugin_env}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "0"]  # two layers; it declares no feeds
+
+
 def test_family_flag_selects_the_plugin(
     plugin_env: dict[str, str], keras_checkpoint: Path, tmp_path: Path
 ) -> None:
