@@ -60,6 +60,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # built on first use: see __getattr__
+    from dynaudit.sources.mlflow import MlflowRef
+
     DynauditCallback: type[Any]
 
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -375,7 +377,7 @@ def tag_model_version(
     ``dynaudit.report_run`` (the run holding the report) and ``dynaudit.failing_groups``
     ("none" when it passed), in the registry MLflow uses (``MLFLOW_REGISTRY_URI``, else the
     tracking server). Returns ``NAME/VERSION``, or None for any other source."""
-    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors, model_version
+    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
     from dynaudit.sources.mlflow import parse as parse_uri
 
     if not report.source.uri.startswith("models:/"):
@@ -386,10 +388,7 @@ def tag_model_version(
     uri = _server(tracking_uri)
     with mlflow_errors(f"tagging {model.uri} with the verdict", uri), client_environment(uri):
         registry = client(uri)
-        revision = report.source.revision or ""
-        name, _, version = revision.rpartition("/")
-        if name != model.name or not version.isdigit():
-            version = model_version(registry, model)
+        version = _measured_version(registry, model, report.source.revision)
         tags = {VERDICT_TAG: report.verdict.verdict, REPORT_RUN_TAG: run_id}
         tags[FAILING_GROUPS_TAG] = ",".join(report.verdict.failing_groups) or "none"
         for key, value in tags.items():
@@ -558,13 +557,7 @@ def store_baseline(
     with the URI too, so `check models:/NAME/…` finds it: the version measured (``revision``,
     ``NAME/VERSION`` as the source resolved it), not where an alias points by now."""
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import (
-        client,
-        client_environment,
-        mlflow_errors,
-        model_version,
-        parse,
-    )
+    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors, parse
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
@@ -583,12 +576,22 @@ def store_baseline(
         tracking.set_terminated(run_id)
         if source_uri.startswith("models:/"):
             model = parse(source_uri)
-            name, _, version = (revision or "").rpartition("/")
-            if model.name is not None and not (name == model.name and version):
-                version = model_version(tracking, model)
             if model.name is not None:
+                version = _measured_version(tracking, model, revision)
                 tracking.set_model_version_tag(model.name, version, BASELINE_TAG, ref)
     return ref
+
+
+def _measured_version(registry: Any, model: MlflowRef, revision: str | None) -> str:
+    """The version a report or baseline was made from: its source's ``NAME/VERSION`` as
+    resolved at download, not where an alias or ``latest`` points by now; resolved afresh
+    only when the revision does not name one of this model's versions."""
+    from dynaudit.sources.mlflow import model_version
+
+    name, _, version = (revision or "").rpartition("/")
+    if name == model.name and version.isdigit():
+        return version
+    return model_version(registry, model)
 
 
 def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None) -> Path:
