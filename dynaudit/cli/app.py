@@ -33,6 +33,14 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _setting(flag: str, metavar: str, help: str) -> Any:
+    """An option that the environment (``DYNAUDIT_`` and the flag's name: ``--q-dim`` →
+    ``DYNAUDIT_Q_DIM``) and the settings file can set too (:mod:`dynaudit.cli.settings`)."""
+    variable = "DYNAUDIT_" + flag.removeprefix("--").replace("-", "_").upper()
+    return typer.Option(flag, metavar=metavar, envvar=variable, help=help)
+
+
 Source = Annotated[
     str,
     typer.Argument(
@@ -44,11 +52,8 @@ Source = Annotated[
 ]
 Family = Annotated[
     str | None,
-    typer.Option(
-        "--family", metavar="NAME", envvar="DYNAUDIT_FAMILY",
-        help="family plugin to use (default: detected)",
-    ),
-]  # fmt: skip
+    _setting("--family", "NAME", "family plugin to use (default: detected)"),
+]
 Base = Annotated[
     str | None,
     typer.Option(
@@ -59,49 +64,42 @@ Base = Annotated[
 ]
 Device = Annotated[
     str,
-    typer.Option(
-        metavar="auto|cpu|cuda", envvar="DYNAUDIT_DEVICE",
-        help="where fits run: auto (cuda when available), cpu or cuda",
+    _setting(
+        "--device", "auto|cpu|cuda", "where fits run: auto (cuda when available), cpu or cuda"
     ),
-]  # fmt: skip
+]
 QDim = Annotated[
     int | None,
-    typer.Option(
-        "--q-dim", metavar="N", envvar="DYNAUDIT_Q_DIM", help="coordinate dimension q_dim"
-    ),
+    _setting("--q-dim", "N", "coordinate dimension q_dim"),
 ]
 Pieces = Annotated[
     int | None,
-    typer.Option(
-        "--pieces", metavar="H", envvar="DYNAUDIT_PIECES", help="pieces H (even, divides q_dim)"
-    ),
+    _setting("--pieces", "H", "pieces H (even, divides q_dim)"),
 ]
 Steps = Annotated[
-    int | None, typer.Option(metavar="N", envvar="DYNAUDIT_STEPS", help="Adam steps per fit")
+    int | None,
+    _setting("--steps", "N", "Adam steps per fit"),
 ]
 Seed = Annotated[
     int | None,
-    typer.Option(metavar="N", envvar="DYNAUDIT_SEED", help="seed of the first cold fit"),
+    _setting("--seed", "N", "seed of the first cold fit"),
 ]
 MaxEntries = Annotated[
     int | None,
-    typer.Option(
+    _setting(
         "--max-entries",
-        metavar="N",
-        envvar="DYNAUDIT_MAX_ENTRIES",
-        help="fit larger matrices on a seeded block of about this many entries (0: whole; "
+        "N",
+        "fit larger matrices on a seeded block of about this many entries (0: whole; "
         "default 1048576)",
     ),
 ]
 Seeds = Annotated[
     int | None,
-    typer.Option(
-        metavar="K", envvar="DYNAUDIT_SEEDS", help="cold fits per layer; >1 reports the spread"
-    ),
+    _setting("--seeds", "K", "cold fits per layer; >1 reports the spread"),
 ]
 Threads = Annotated[
     int | None,
-    typer.Option(metavar="N", envvar="DYNAUDIT_THREADS", help="torch threads (default: torch's)"),
+    _setting("--threads", "N", "torch threads (default: torch's)"),
 ]
 HfEndpoint = Annotated[
     str | None,
@@ -132,11 +130,10 @@ MlflowUri = Annotated[
 ]
 CacheDir = Annotated[
     Path | None,
-    typer.Option(
+    _setting(
         "--cache-dir",
-        metavar="DIR",
-        envvar="DYNAUDIT_CACHE_DIR",
-        help="result and download cache (default: $HF_HOME/assets/dynaudit when HF_HOME is set, "
+        "DIR",
+        "result and download cache (default: $HF_HOME/assets/dynaudit when HF_HOME is set, "
         "else ~/.cache/dynaudit)",
     ),
 ]
@@ -150,11 +147,12 @@ AllowPickle = Annotated[
 ]
 PolicyPath = Annotated[
     Path | None,
-    typer.Option(
-        "--policy", metavar="FILE", envvar="DYNAUDIT_POLICY",
-        help="TOML gate policy (default: [tool.dynaudit.policy] of the settings file)",
+    _setting(
+        "--policy",
+        "FILE",
+        "TOML gate policy (default: [tool.dynaudit.policy] of the settings file)",
     ),
-]  # fmt: skip
+]
 JsonOut = Annotated[
     Path | None,
     typer.Option("--json", metavar="PATH", help="write the JSON report here (-: stdout)"),
@@ -180,45 +178,38 @@ LogMlflow = Annotated[
 ]
 MaxDropAll = Annotated[
     float | None,
-    typer.Option(
-        metavar="PCT", envvar="DYNAUDIT_MAX_DROP_ALL", help="% drop of all layers that fails"
-    ),
+    _setting("--max-drop-all", "PCT", "% drop of all layers that fails"),
 ]
 MaxDropGroup = Annotated[
     float | None,
-    typer.Option(
-        metavar="PCT", envvar="DYNAUDIT_MAX_DROP_GROUP", help="% drop of a depth third that fails"
-    ),
+    _setting("--max-drop-group", "PCT", "% drop of a depth third that fails"),
 ]
 MaxLayerChange = Annotated[
     float | None,
-    typer.Option(
-        metavar="PCT", envvar="DYNAUDIT_MAX_LAYER_CHANGE",
-        help="% change of any layer, either direction, that fails",
-    ),
-]  # fmt: skip
+    _setting("--max-layer-change", "PCT", "% change of any layer, either direction, that fails"),
+]
 MaxDisplacement = Annotated[
     float | None,
-    typer.Option(
-        metavar="X",
-        envvar="DYNAUDIT_MAX_DISPLACEMENT",
-        help="neuron displacement of any layer that fails (units of its mean distance)",
+    _setting(
+        "--max-displacement",
+        "X",
+        "neuron displacement of any layer that fails (units of its mean distance)",
     ),
 ]
 MaxWeightChange = Annotated[
     float | None,
-    typer.Option(
-        metavar="PCT",
-        envvar="DYNAUDIT_MAX_WEIGHT_CHANGE",
-        help="% a layer's weights may move, ‖ΔW‖/‖W‖, before it counts as replaced",
+    _setting(
+        "--max-weight-change",
+        "PCT",
+        "% a layer's weights may move, ‖ΔW‖/‖W‖, before it counts as replaced",
     ),
 ]
 MaxNoiseChange = Annotated[
     float | None,
-    typer.Option(
-        metavar="PCT",
-        envvar="DYNAUDIT_MAX_NOISE_CHANGE",
-        help="% a layer's weights may move in a noise-like way before it is damage",
+    _setting(
+        "--max-noise-change",
+        "PCT",
+        "% a layer's weights may move in a noise-like way before it is damage",
     ),
 ]
 Revision = Annotated[
@@ -263,12 +254,11 @@ def _settings(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option(
+        _setting(
             "--config",
-            metavar="FILE",
-            envvar="DYNAUDIT_CONFIG",
-            help="settings file: [tool.dynaudit] of a pyproject.toml, or the same keys at the "
-            "top level of any TOML file (default: ./pyproject.toml); flags and DYNAUDIT_* "
+            "FILE",
+            "settings file: [tool.dynaudit] of a pyproject.toml, or the same keys at the top "
+            "level of any TOML file (default: ./pyproject.toml); flags and DYNAUDIT_* "
             "variables win over it",
         ),
     ] = None,
@@ -327,7 +317,7 @@ def _pinned(source: str, revision: str | None) -> str:
     ``--baseline`` never inherit it."""
     from dynaudit.sources import with_revision
 
-    return with_revision(source, revision) if revision is not None else source
+    return with_revision(source, revision)  # None: SOURCE as given
 
 
 def _sources(
@@ -438,11 +428,7 @@ def baseline_command(
     seed: Seed = None,
     seeds: Annotated[
         int | None,
-        typer.Option(
-            metavar="K",
-            envvar="DYNAUDIT_SEEDS",
-            help="K cold fits (and null refits) per layer (default 3)",
-        ),
+        _setting("--seeds", "K", "K cold fits (and null refits) per layer (default 3)"),
     ] = None,
     threads: Threads = None,
     hf_endpoint: HfEndpoint = None,
@@ -503,12 +489,11 @@ def check(
     revision: Revision = None,
     baseline_ref: Annotated[
         str | None,
-        typer.Option(
+        _setting(
             "--baseline",
-            metavar="REF",
-            envvar="DYNAUDIT_BASELINE",
-            help="baseline directory, or a checkpoint (any SOURCE form) measured as one; "
-            "default: [tool.dynaudit] baseline, the adapter's base, the model card's base_model",
+            "REF",
+            "baseline directory, or a checkpoint (any SOURCE form) measured as one; default: "
+            "[tool.dynaudit] baseline, the adapter's base, the model card's base_model",
         ),
     ] = None,
     policy_path: PolicyPath = None,
