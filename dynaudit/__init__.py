@@ -32,26 +32,24 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from dynaudit.api import inspect, measure
+    from dynaudit.api import baseline, check, compare, inspect, measure
     from dynaudit.config import PROTOCOL_VERSION, FitSettings
     from dynaudit.errors import DynauditError
-    from dynaudit.gate import baseline, check, compare
-    from dynaudit.policy import Policy
-    from dynaudit.report import CheckReport, Report
+    from dynaudit.schema import CheckReport, Policy, Report
     from dynaudit.sources.base import SourceOptions
 
 _LAZY = {
     "measure": "dynaudit.api",
     "inspect": "dynaudit.api",
-    "baseline": "dynaudit.gate",
-    "check": "dynaudit.gate",
-    "compare": "dynaudit.gate",
-    "Policy": "dynaudit.policy",
-    "CheckReport": "dynaudit.report",
+    "baseline": "dynaudit.api",
+    "check": "dynaudit.api",
+    "compare": "dynaudit.api",
+    "Policy": "dynaudit.schema",
+    "CheckReport": "dynaudit.schema",
     "FitSettings": "dynaudit.config",
     "PROTOCOL_VERSION": "dynaudit.config",
     "DynauditError": "dynaudit.errors",
-    "Report": "dynaudit.report",
+    "Report": "dynaudit.schema",
     "SourceOptions": "dynaudit.sources.base",
 }
 

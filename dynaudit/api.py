@@ -1,53 +1,62 @@
-"""The library's entry points; the CLI calls nothing else."""
+"""The library's one facade: :func:`measure`, :func:`inspect`, :func:`baseline`, :func:`check`
+and :func:`compare`. The CLI calls nothing else; each function opens its SOURCE, hands the
+opened checkpoint to the engine, and returns one of the models of :mod:`dynaudit.schema`."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
+import logging
 import os
 import platform
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pathlib import Path
+from typing import Any
 
 from dynaudit import __version__
+from dynaudit.baseline_store import (
+    BaselineWriter,
+    check_architecture,
+    check_settings,
+    discard,
+    find_baseline,
+    is_baseline,
+    load_baseline,
+    matrix_shapes,
+    refuse_existing,
+    staging_for,
+)
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
-from dynaudit.distributed import Ranks, current
-from dynaudit.dynamics.blocks import fit_flop
-from dynaudit.engine import CoordsSink, Progress, measure_plan
-from dynaudit.errors import NothingToAudit, UsageError
-from dynaudit.families import Detection, LayerPlan, detect_family, matrix_shape
-from dynaudit.report import CacheInfo, FamilyInfo, Report, SkippedLayer, SourceInfo, summarize
-from dynaudit.schemas import minor_field
+from dynaudit.distributed import Ranks, current, require_single_process
+from dynaudit.engine import Progress, compare_plan, fit_report
+from dynaudit.engine.plan import family_info, plan_checkpoint, require_layers, settings_from
+from dynaudit.errors import BaselineError, DynauditError, UnauditedWeights, UsageError
+from dynaudit.families import Detection, detect_family
+from dynaudit.gate import decide
+from dynaudit.schema import (
+    Baseline,
+    BaselineInfo,
+    BaselineLayer,
+    CacheInfo,
+    CheckReport,
+    Inspection,
+    LayerResult,
+    Policy,
+    Report,
+    SourceInfo,
+)
 from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
-from dynaudit.structure import StructuralClass
+from dynaudit.sources.base import ResolvedSource
 from dynaudit.tensors import Checkpoint, sha256_file
 
-if TYPE_CHECKING:
-    import torch
+__all__ = ["DEFAULT_BASELINE_SEEDS", "baseline", "check", "compare", "inspect", "measure"]
 
-__all__ = [
-    "InspectedLayer",
-    "Inspection",
-    "SourceOptions",
-    "inspect",
-    "measure",
-    "settings_from",
-]
+log = logging.getLogger(__name__)
 
-
-def settings_from(overrides: dict[str, Any]) -> FitSettings:
-    """Validated fit settings; invalid values are a usage error (exit 2)."""
-    try:
-        return FitSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}".replace("Value error, ", "")
-            for e in exc.errors()
-        )
-        raise UsageError(f"invalid settings: {problems}") from exc
+DEFAULT_BASELINE_SEEDS = 3  # K cold fits per layer (docs/gate.md: "default ≥ 3")
 
 
 def measure(
@@ -122,141 +131,6 @@ def measure(
     return report
 
 
-def plan_checkpoint(
-    checkpoint: Checkpoint, family: str | None, layers: str | None = None
-) -> tuple[Detection, LayerPlan]:
-    """Detect (or take) the family and plan an opened checkpoint; ``layers`` selects."""
-    detection = detect_family(checkpoint, family)
-    plan = select_layers(detection.family.plan(checkpoint), layers)
-    if layers is None:  # a --layers selection that matches nothing says so itself
-        require_layers(plan, detection, str(checkpoint.root))
-    return detection, plan
-
-
-def require_layers(plan: LayerPlan, detection: Detection, where: str) -> None:
-    """A checkpoint without a single layer to fit has nothing to audit: an input error, not a
-    report of zero layers that passes every gate."""
-    if not plan.layers:
-        raise NothingToAudit(
-            f"{where}: no weight matrix to audit (family {detection.family.name}: only "
-            "biases, norms or scalars?)"
-        )
-
-
-def fit_report(
-    checkpoint: Checkpoint,
-    source_info: SourceInfo,
-    detection: Detection,
-    plan: LayerPlan,
-    fit: FitSettings,
-    device: torch.device,
-    *,
-    scales: dict[str, float] | None = None,
-    progress: Progress | None = None,
-    sink: CoordsSink | None = None,
-    started: float,
-    ranks: Ranks | None = None,
-) -> Report:
-    """Fit the planned layers of an opened checkpoint: the report of ``measure`` (with
-    ``ranks``, sharded over a torchrun job)."""
-    import torch
-
-    from dynaudit.runtime import torch_scope
-
-    with torch_scope(device, fit.threads):
-        threads = torch.get_num_threads()
-        measured, non_finite = measure_plan(
-            checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress,
-            sink=sink, ranks=ranks,
-        )  # fmt: skip
-    return Report(
-        tool={"name": "dynaudit", "version": __version__},
-        source=source_info,
-        family=family_info(detection, plan),
-        settings={**fit.numeric(), "device": device.type, "threads": threads},
-        layers=[*measured, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
-        summary=summarize(measured),
-        non_finite=non_finite,
-        cache=None,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        host=platform.node(),
-        seconds=round(time.perf_counter() - started, 3),
-    )
-
-
-class InspectedLayer(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    type: str
-    depth: int
-    shape: list[int]
-    dtype: str
-    matrices: int
-    neurons: int
-    gflop: float  # fit cost at the given settings, all seeds
-    inputs: list[str] = Field(description="layers whose outputs feed this layer's inputs")
-    reads_input: bool = Field(description="reads the model's input (directly or via a stream)")
-    rank: int | None = Field(
-        None, description="numerical rank (--weights; null above the exact-rank size limit)"
-    )
-    full_rank: int | None = Field(None, description="min(m, n)")
-    spectral_norm: float | None = Field(None, description="largest singular value (--weights)")
-
-
-class Structure(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    structural_class: StructuralClass
-    widths: list[int] = Field(description="feature widths along the main path, input first")
-    reason: str
-    branches: dict[str, int] = Field(description="residual branches per structural class")
-    degenerate: list[str] | None = Field(
-        None, description="rank-deficient layers (--weights; null when weights were not read)"
-    )
-    unranked: list[str] | None = Field(
-        None,
-        description="layers too large for an exact rank (--weights): rank not computed, "
-        "spectral norm estimated",
-    )
-    rank_rule: str | None = None
-
-
-class BranchGain(BaseModel):
-    """Product of the spectral norms of the matrices along a residual branch: an indicator of
-    the branch's gain, not a bound — activations, token mixing in attention, the softmax and
-    the conv operator norm (up to √(kh·kw) × the reshaped kernel's) all stand between them."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    block: str
-    branch: str
-    layers: list[str]
-    gain: float
-    note: str
-
-
-class Inspection(BaseModel):
-    """What ``dynaudit inspect`` finds; its JSON is the versioned "inspect" format
-    (:mod:`dynaudit.schemas`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    schema_version: Literal[1] = Field(1, description="the format's major version")
-    schema_minor: int = minor_field("inspect")
-    uri: str
-    files: list[str]
-    family: FamilyInfo
-    layers: list[InspectedLayer]
-    skipped: list[SkippedLayer]
-    structure: Structure
-    gains: list[BranchGain] = Field(default_factory=list)
-    tensors: int
-    bytes: int
-    parameters: int
-    gflop: float
-
-
 def inspect(
     source: str | os.PathLike[str],
     *,
@@ -274,7 +148,7 @@ def inspect(
     computed for matrices whose ``m·n·min(m, n)`` is at most ``rank_work`` (default
     :data:`dynaudit.structure.RANK_WORK`, 4096³); larger ones get an estimated spectral norm
     and are listed as ``unranked``."""
-    from dynaudit.structure import chain_widths, check_matrices, classify, path_widths
+    from dynaudit.structure import inspect_checkpoint
 
     fit = settings_from(settings)
     options = sources or SourceOptions()
@@ -286,114 +160,353 @@ def inspect(
         uri, opened = resolved.uri, open_checkpoint(resolved, base, options)
     with opened as checkpoint:
         detection = detect_family(checkpoint, family)
-        plan = detection.family.plan(checkpoint)
-        checks = check_matrices(checkpoint, plan, detection.family, rank_work) if weights else {}
-        fed_by = plan.fed_by()
-        layers = []
-        for layer in plan.layers:
-            info = checkpoint.tensors[layer.source]
-            g, m, n = matrix_shape(layer, info.shape)
-            flop = g * fit_flop(fit, m, n) * fit.seeds
-            check = checks.get(layer.name)
-            layers.append(
-                InspectedLayer(
-                    name=layer.name, type=layer.type, depth=layer.depth,
-                    shape=[m, n] if layer.rows else list(info.shape), dtype=info.dtype,
-                    matrices=g, neurons=m + n, gflop=flop / 1e9,
-                    inputs=fed_by[layer.name],
-                    reads_input=layer.name in plan.reads_input,
-                    rank=check.rank if check else None,
-                    full_rank=min(m, n),
-                    spectral_norm=check.spectral_norm if check else None,
-                )
+        return inspect_checkpoint(
+            checkpoint, uri, detection, fit, weights=weights, rank_work=rank_work
+        )
+
+
+def _baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with K = DEFAULT_BASELINE_SEEDS unless given (the CLI passes None for an
+    option left out: that is not given either)."""
+    if settings.get("seeds") is None:
+        return {**settings, "seeds": DEFAULT_BASELINE_SEEDS}
+    return settings
+
+
+def baseline(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    family: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    sources: SourceOptions | None = None,
+    progress: Progress | None = None,
+    mlflow: bool = False,
+    experiment: str | None = None,
+    **settings: Any,
+) -> Baseline:
+    """Measure ``source`` with K cold fits and their null refits and store it as a baseline
+    directory at ``out`` (written atomically; an existing ``out`` is never overwritten), and/or
+    with ``mlflow`` as the artifacts of a new MLflow run (``Baseline.stored_at`` says where)."""
+    if out is None and not mlflow:
+        raise UsageError("a baseline needs --out DIR, --mlflow, or both")
+    if out is None:
+        require_single_process("baseline --mlflow without --out")  # one temporary dir per rank
+        with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
+            return baseline(
+                source, Path(tmp) / "baseline", family=family, base=base, sources=sources,
+                progress=progress, mlflow=True, experiment=experiment, **settings,
             )  # fmt: skip
-        widths = chain_widths(plan, checkpoint)
-        kind, reason = classify(widths)
-        by_name = {layer.name: layer for layer in plan.layers}
-        branch_classes: dict[str, int] = {}
-        gains = []
-        for block in plan.blocks:
-            for branch, names in block.branches.items():
-                branch_kind, _ = classify(path_widths([by_name[n] for n in names], checkpoint))
-                branch_classes[branch_kind] = branch_classes.get(branch_kind, 0) + 1
-                if checks:
-                    gains.append(
-                        BranchGain(
-                            block=block.name, branch=branch, layers=list(names),
-                            gain=math.prod(checks[name].spectral_norm for name in names),
-                            note=block.note,
-                        )
-                    )  # fmt: skip
-        structure = Structure(
-            structural_class=kind,
-            widths=widths,
-            reason=reason,
-            branches=branch_classes,
-            degenerate=[n for n, c in checks.items() if c.degenerate] if weights else None,
-            unranked=[n for n, c in checks.items() if c.rank is None] if weights else None,
-            rank_rule=RANK_RULE if weights else None,
+    fit = settings_from(_baseline_settings(settings))
+    options = sources or SourceOptions()
+    started = time.perf_counter()
+    target = Path(out)
+    refuse_existing(target)  # before any work
+    ranks = current()  # a torchrun job: each rank fits its share of the layers
+    resolved = resolve(source, options)
+    digest = _file_digest(options)
+    with open_checkpoint(resolved, base, options, digest) as checkpoint:
+        made = _write_baseline(
+            checkpoint, resolved, target, fit, family=family, digest=digest, progress=progress,
+            started=started, ranks=ranks,
+        )  # fmt: skip
+    if ranks is not None and not ranks.is_main:
+        return made  # rank 0 stores and reports
+    if mlflow:
+        from dynaudit.tracking import store_baseline
+
+        ref = store_baseline(
+            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment,
+            revision=made.source.revision,
+        )  # fmt: skip
+        made = made.model_copy(update={"stored_at": ref})
+    else:
+        made = made.model_copy(update={"stored_at": str(target)})
+    return made
+
+
+def _write_baseline(
+    checkpoint: Checkpoint,
+    resolved: ResolvedSource,
+    target: Path,
+    fit: FitSettings,
+    *,
+    family: str | None,
+    digest: Callable[[Path], str],
+    progress: Progress | None = None,
+    started: float | None = None,
+    ranks: Ranks | None = None,
+) -> Baseline:
+    """Measure an opened checkpoint into a new baseline directory ``target``, staged beside it
+    and renamed into place: an interruption or an error leaves nothing behind. With ``ranks``
+    (a torchrun job) each rank fits its share into rank 0's staging directory, which must be
+    on a filesystem every rank sees, and rank 0 completes and renames it."""
+    from dynaudit.runtime import pick_device
+
+    started = time.perf_counter() if started is None else started
+    main = ranks is None or ranks.is_main
+    if ranks is None:
+        staging = staging_for(target)
+    else:
+        staging = Path(ranks.from_main(str(staging_for(target)) if main else ""))
+        if not staging.is_dir():
+            raise UsageError(
+                f"{target}: rank {ranks.rank} cannot see rank 0's staging directory "
+                f"{staging}; under torchrun --out must be on a filesystem every rank shares"
+            )
+    try:
+        source_info = SourceInfo(
+            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
+            files=checkpoint.fingerprint(digest), selection=checkpoint.selection_note,
+        )  # fmt: skip
+        detection, plan = plan_checkpoint(checkpoint, family)
+        writer = BaselineWriter(staging, fit, [layer.name for layer in plan.layers])
+        report = fit_report(
+            checkpoint, source_info, detection, plan, fit, pick_device(fit.device),
+            progress=progress, sink=writer.sink, started=started, ranks=ranks,
+        )  # fmt: skip
+        if ranks is not None:
+            writer.absorb(ranks.gather(writer.records))
+        shapes = matrix_shapes(checkpoint, plan)
+        made = Baseline(
+            protocol_version=PROTOCOL_VERSION,
+            tool={"name": "dynaudit", "version": __version__},
+            created_at=report.created_at,
+            source=source_info,
+            family=report.family,
+            settings=fit.numeric(),
+            seeds=fit.seeds,
+            layers=[
+                _baseline_layer(layer, shapes[layer.name], writer) for layer in report.measured
+            ],
+            report=report,
         )
-        return Inspection(
-            uri=uri,
-            files=[str(f) for f in checkpoint.files],
-            family=family_info(detection, plan),
-            layers=layers,
-            skipped=[SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped],
-            structure=structure,
-            gains=gains,
-            tensors=len(checkpoint.tensors),
-            bytes=checkpoint.total_bytes,
-            parameters=sum(info.numel for info in checkpoint.tensors.values()),
-            gflop=sum(layer.gflop for layer in layers),
+        if main:
+            writer.finish(made, target)
+    except BaseException:
+        if main:
+            discard(staging)
+        raise
+    return made
+
+
+def _file_digest(options: SourceOptions) -> Callable[[Path], str]:
+    """sha256 of a file, remembered in the cache's hash memo (an unchanged multi-GB checkpoint
+    is hashed once across measure, baseline and check)."""
+    from dynaudit.cache import ResultCache, cache_root
+
+    return ResultCache(cache_root(options.cache_dir)).digest
+
+
+def _baseline_layer(layer: LayerResult, shape: list[int], writer: BaselineWriter) -> BaselineLayer:
+    return BaselineLayer(
+        name=layer.name, type=layer.type, depth=layer.depth, group=layer.group, shape=shape,
+        scale=layer.scale, coords=writer.files.get(layer.name),
+        cold_mean_distance=writer.cold.get(layer.name, []),
+        null_mean_distance=writer.null.get(layer.name, []), reason=layer.reason,
+        digest=layer.digest,
+    )  # fmt: skip
+
+
+def check(
+    source: str | os.PathLike[str],
+    baseline_ref: str | os.PathLike[str] | None = None,
+    *,
+    policy: Policy | None = None,
+    family: str | None = None,
+    base: str | os.PathLike[str] | None = None,
+    sources: SourceOptions | None = None,
+    progress: Progress | None = None,
+    cache: bool = True,
+    all_seeds: bool = False,
+    baseline_from: str = "--baseline",
+    read_pyproject: bool = True,
+    **settings: Any,
+) -> CheckReport:
+    """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
+    measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
+    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
+    (``device`` and ``threads`` are free); ``baseline_from`` says where ``baseline_ref`` came
+    from, for the report; ``read_pyproject=False`` (a ``--config`` file in use) keeps
+    ./pyproject.toml out of the search. A baseline measured on the fly is kept in the cache
+    for the next check (``cache=False``: measured into a temporary directory and dropped).
+
+    Layers whose bytes equal the baseline's are not refitted; of the others, seed 0 is
+    refitted first and the other K − 1 seeds only where a verdict under ``policy`` is near a
+    threshold (docs/gate.md); ``all_seeds`` refits every seed of every changed layer."""
+    import torch
+
+    from dynaudit.runtime import pick_device, torch_scope
+
+    options = sources or SourceOptions()
+    chosen = policy or Policy()  # before the comparison: sequential seeds depend on it
+    started = time.perf_counter()
+    resolved = resolve(source, options)
+    digest = _file_digest(options)
+    # The candidate is opened (every file identified, the weights chosen) before a baseline
+    # is found or measured: a bad candidate fails at once.
+    with open_checkpoint(resolved, base, options, digest) as checkpoint:
+        require_audited(checkpoint, resolved.uri)
+        fingerprint = checkpoint.fingerprint(digest)
+        if baseline_ref is None:
+            ref, found_from = find_baseline(
+                resolved.path, base, os.fspath(source), options, read_pyproject=read_pyproject
+            )
+        else:
+            ref, found_from = os.fspath(baseline_ref), baseline_from
+        log.info("baseline %s (%s)", ref, found_from)
+        with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
+            # Device and threads are where the refits run, not what they compute.
+            runtime = {
+                "device": settings.get("device", "auto"), "threads": settings.get("threads")
+            }  # fmt: skip
+            numeric = {k: v for k, v in settings.items() if k not in runtime}
+            check_settings(stored, numeric, str(ref))
+            fit = stored.fit_settings().model_copy(update=runtime)
+            device = pick_device(fit.device)
+            detection = detect_family(checkpoint, family or stored.family.name)
+            if family is None:  # not the user's choice: the baseline's family, named so
+                detection = Detection(detection.family, 1.0, "the baseline's family")
+            try:
+                plan = detection.family.plan(checkpoint)
+            except DynauditError as exc:
+                if family is not None:  # the user's own --family: their error stands
+                    raise
+                raise BaselineError(
+                    f"{resolved.uri}: architecture differs from the baseline ({stored.source.uri},"
+                    f" family {stored.family.name}): {exc.message}; check it against a baseline "
+                    "of its own base model"
+                ) from exc
+            require_layers(plan, detection, resolved.uri)
+            check_architecture(stored, checkpoint, plan, resolved.uri)
+            ranks = current()  # a torchrun job: each rank refits its share of the layers
+            with torch_scope(device, fit.threads):
+                threads = torch.get_num_threads()
+                comparison = compare_plan(
+                    checkpoint, plan, detection.family, stored, root, device, progress, ranks,
+                    policy=chosen, all_seeds=all_seeds,
+                )  # fmt: skip
+    return CheckReport(
+        tool={"name": "dynaudit", "version": __version__},
+        source=SourceInfo(
+            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
+            files=fingerprint, selection=checkpoint.selection_note,
+        ),
+        baseline=BaselineInfo(
+            ref=str(ref), resolved_from=found_from, source=stored.source,
+            created_at=stored.created_at, seeds=stored.seeds, stored=kept,
+        ),
+        family=family_info(detection, plan),
+        settings={**fit.numeric(), "device": device.type, "threads": threads},
+        policy=chosen,
+        comparison=comparison,
+        verdict=decide(comparison, chosen),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(),
+        seconds=round(time.perf_counter() - started, 3),
+    )  # fmt: skip
+
+
+def require_audited(checkpoint: Checkpoint, uri: str) -> None:
+    """Refuse a candidate holding weight files that transformers' ``from_pretrained`` would
+    load and the audit would not read: a gate must not pass weights it never saw."""
+    unread = checkpoint.unread_weights()
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise UnauditedWeights(
+            f"{uri}: transformers would load weight files the audit did not read ({shown}); "
+            "audit the directory itself, or remove the files that are not the model",
+            path=str(checkpoint.root),
         )
 
 
-RANK_RULE = (
-    "rank = singular values above max(u·rms(W)·(√m+√n), σ_max·max(m,n)·ε_f32), u the storage "
-    "dtype's unit roundoff; not computed when m·n·min(m,n) > 4096³ (the spectral norm is then "
-    "a block-Krylov estimate)"
-)
+def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], **kwargs: Any) -> CheckReport:
+    """``check(b, baseline=a)``: two checkpoints, A measured on the fly as the baseline."""
+    return check(b, a, **kwargs)
+
+
+@contextlib.contextmanager
+def _baseline_at(
+    ref: str, options: SourceOptions, settings: dict[str, Any], cache: bool
+) -> Iterator[tuple[Baseline, Path, bool]]:
+    """A stored baseline directory, or one made from a checkpoint on the fly (kept in the
+    cache unless ``cache`` is False)."""
+    path = Path(ref).expanduser()
+    if is_baseline(path):
+        yield load_baseline(path), path, True
+        return
+    if ref.startswith("runs:/"):
+        from dynaudit.tracking import fetch_baseline
+
+        with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
+            fetched = fetch_baseline(ref, Path(tmp), options.mlflow_uri)
+            if is_baseline(fetched):
+                yield load_baseline(fetched), fetched, True
+                return
+        # not a stored baseline: a checkpoint logged in a run, measured on the fly below
+    require_single_process("check against a checkpoint (its baseline is measured first)")
+    settings = {k: v for k, v in settings.items() if v is not None}
+    cached = _cached_baseline(ref, options, settings) if cache else None
+    if cached is not None:
+        yield *cached, False
+        return
+    with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
+        made = Path(tmp) / "baseline"
+        log.info("measuring the baseline %s (not kept: --no-cache or no writable cache)", ref)
+        baseline(ref, made, sources=options, **settings)
+        yield load_baseline(made), made, False
+
+
+def _cached_baseline(
+    ref: str, options: SourceOptions, settings: dict[str, Any]
+) -> tuple[Baseline, Path] | None:
+    """The baseline of checkpoint ``ref`` in the cache (``<cache>/baselines/<key>``), made
+    there first if needed: a CI job checking against the same base measures it once. The key
+    is the result cache's (file sha256s, settings, config, plugins, versions). None when the
+    cache cannot be written (the caller measures into a temporary directory)."""
+    from dynaudit.api import cache_context
+    from dynaudit.cache import cache_root, discard_dir, result_key
+
+    fit = settings_from(_baseline_settings(settings))
+    resolved = resolve(ref, options)
+    digest = _file_digest(options)
+    with open_checkpoint(resolved, None, options, digest) as checkpoint:
+        key = result_key(
+            checkpoint.fingerprint(digest), fit.numeric(), family=None, scales=None,
+            version=__version__, protocol=PROTOCOL_VERSION,
+            context={**cache_context(checkpoint), "kind": "baseline"},
+        )  # fmt: skip
+        entry = cache_root(options.cache_dir) / "baselines" / key[:2] / key
+        if is_baseline(entry):
+            try:
+                log.info("reusing the cached baseline of %s at %s", ref, entry)
+                return load_baseline(entry), entry
+            except BaselineError as exc:
+                log.warning("remaking a damaged cached baseline: %s", exc)
+                discard_dir(entry)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("could not write the baseline cache at %s: %s", entry.parent, exc)
+            return None
+        if not os.access(entry.parent, os.W_OK):
+            log.warning("the baseline cache at %s is not writable", entry.parent)
+            return None
+        log.info("measuring the baseline of %s into the cache at %s", ref, entry)
+        try:
+            made = _write_baseline(checkpoint, resolved, entry, fit, family=None, digest=digest)
+        except UsageError:
+            if not is_baseline(entry):  # not a lost race with another process: a real error
+                raise
+            return load_baseline(entry), entry
+    return made, entry
 
 
 def cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
     """Besides the weight files, what a report depends on: the config the family plugins read,
     how an adapter is merged, and which plugins are installed (they decide the family)."""
-    from dynaudit.adapters import AdapterCheckpoint
     from dynaudit.families import available_families
+    from dynaudit.sources.adapters import AdapterCheckpoint
 
     merge = checkpoint.merge_plan() if isinstance(checkpoint, AdapterCheckpoint) else None
     return {"config": checkpoint.config, "merge": merge, "plugins": available_families()}
-
-
-def select_layers(plan: LayerPlan, pattern: str | None) -> LayerPlan:
-    """Only the layers whose names match ``pattern`` (a regular expression, searched); the
-    others join the skipped list. None keeps every layer."""
-    import dataclasses
-    import re
-
-    from dynaudit.families import Skip
-
-    if pattern is None:
-        return plan
-    try:
-        wanted = re.compile(pattern)
-    except re.error as exc:
-        raise UsageError(f"--layers {pattern!r}: not a regular expression ({exc})") from exc
-    kept = [layer for layer in plan.layers if wanted.search(layer.name)]
-    if not kept:
-        raise UsageError(f"--layers {pattern!r} matches none of the {len(plan.layers)} layers")
-    chosen = {layer.name for layer in kept}  # a set: `layer not in kept` was quadratic
-    dropped = [
-        Skip(layer.name, "not selected") for layer in plan.layers if layer.name not in chosen
-    ]
-    return dataclasses.replace(plan, layers=kept, skipped=[*plan.skipped, *dropped])
-
-
-def family_info(detection: Detection, plan: LayerPlan) -> FamilyInfo:
-    return FamilyInfo(
-        name=detection.family.name,
-        confidence=detection.confidence,
-        detected_by=detection.how,
-        depth_note=plan.depth_note,
-        notes=plan.notes,
-    )

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dynaudit.report import Report
+from dynaudit.schema import Report
 from dynaudit.tensors import sha256_file
 
 __all__ = ["ResultCache", "cache_root", "publish_dir", "result_key", "sweep_stale"]

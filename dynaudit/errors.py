@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 __all__ = [
     "AccessDenied",
+    "AdapterRefused",
+    "BaselineError",
     "CheckpointNotFound",
     "CorruptCheckpoint",
     "DynauditError",
@@ -26,6 +28,7 @@ __all__ = [
     "PluginError",
     "RemoteNotFound",
     "SourceUnreachable",
+    "StructureError",
     "UnauditedWeights",
     "UnknownFamily",
     "UsageError",
@@ -143,6 +146,20 @@ class NotARegularFile(InputError):
 
 class UnauditedWeights(InputError):
     """The loader would read weight files that the audit did not."""
+
+
+class StructureError(InputError):
+    """The checkpoint contradicts its own config.json or its family's architecture (a layer
+    whose tensor cannot be read as the matrices its kind needs, among others)."""
+
+
+class AdapterRefused(InputError):
+    """An adapter dynaudit cannot merge exactly (DoRA, unknown PEFT type, a malformed
+    adapter_config.json, a base that is the adapter itself, ...)."""
+
+
+class BaselineError(InputError):
+    """A baseline that cannot be used: missing, tampered, or made with other settings."""
 
 
 class PluginError(InputError):

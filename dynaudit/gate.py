@@ -1,440 +1,262 @@
-"""The gate's entry points: ``baseline``, ``check`` and ``compare`` (SPEC §2, §4.9, §5, §6)."""
+"""The gate (SPEC §6): a comparison's figures, the policy, and the pure decision between them.
+
+A comparison gives, per layer and per group, the relative change of the mean distance against
+the baseline's null refits (mean ± std over the K baseline seeds), the noise it must beat and
+the neurons' displacement. The policy is two-sided:
+
+- **capacity loss** (the paper's signal): the all-layers mean distance drops by more than
+  ``max_drop_all`` %, or a depth group's by more than ``max_drop_group`` %, *and* the drop is
+  more than ``noise_multiple`` × its noise;
+- **damage**: any layer's mean distance moves by more than ``max_layer_change`` % in either
+  direction, or its neurons are displaced by more than ``max_displacement`` (in units of the
+  reference's mean distance) — heavy noise, re-initialisation or pruning can *raise* the
+  discrepancy while wrecking the layer; any layer's weights moved by more than
+  ``max_weight_change`` % of their norm — a layer replaced by another with the same
+  statistics (re-drawn, swapped) keeps its discrepancy but is √2 of its norm away; any layer
+  whose weights moved by more than ``max_noise_change`` % in a noise-like way (a noise
+  likeness ≥ ``min_noise_likeness``: random corruption, not a structured update); a layer
+  that became all zeros; NaN/Inf weights.
+
+:func:`decide` is a pure function of the comparison and the policy.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import platform
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from dynaudit import __version__
-from dynaudit.api import family_info, fit_report, plan_checkpoint, require_layers, settings_from
-from dynaudit.comparison import (
-    Baseline,
-    BaselineError,
-    BaselineLayer,
-    BaselineWriter,
-    check_architecture,
-    check_settings,
-    compare_plan,
-    discard,
-    is_baseline,
-    load_baseline,
-    matrix_shapes,
-    refuse_existing,
-    staging_for,
-)
-from dynaudit.config import PROTOCOL_VERSION, FitSettings
-from dynaudit.distributed import Ranks, current, require_single_process
-from dynaudit.engine import Progress
-from dynaudit.errors import DynauditError, UnauditedWeights, UsageError
-from dynaudit.families import Detection, detect_family
-from dynaudit.policy import Policy, decide
-from dynaudit.report import BaselineInfo, CheckReport, LayerResult, SourceInfo
-from dynaudit.sources import SourceOptions, open_checkpoint, resolve
-from dynaudit.sources.base import ResolvedSource
-from dynaudit.tensors import Checkpoint, present, read_json, read_text
+from pydantic import ValidationError
 
-__all__ = ["DEFAULT_BASELINE_SEEDS", "baseline", "check", "compare", "find_baseline"]
+from dynaudit.errors import UsageError
+from dynaudit.schema import Change, Comparison, Finding, Policy, Verdict
 
-log = logging.getLogger(__name__)
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
-DEFAULT_BASELINE_SEEDS = 3  # K cold fits per layer (SPEC §4.9: "default ≥ 3")
+__all__ = [
+    "Policy",
+    "decide",
+    "layer_undecided",
+    "load_policy",
+    "scope_undecided",
+    "weight_damage",
+]
 
 
-def _baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with K = DEFAULT_BASELINE_SEEDS unless given (the CLI passes None for an
-    option left out: that is not given either)."""
-    if settings.get("seeds") is None:
-        return {**settings, "seeds": DEFAULT_BASELINE_SEEDS}
-    return settings
+def weight_damage(
+    change: float | None, likeness: float | None, policy: Policy
+) -> Literal["replaced", "noise"] | None:
+    """What a layer's weight figures say under ``policy``: ``"replaced"`` (moved beyond
+    ``max_weight_change``), ``"noise"`` (beyond ``max_noise_change`` with a noise likeness of
+    at least ``min_noise_likeness``) or None."""
+    if change is None:
+        return None
+    if policy.max_weight_change is not None and change > policy.max_weight_change / 100:
+        return "replaced"
+    if (
+        policy.max_noise_change is not None
+        and likeness is not None
+        and change > policy.max_noise_change / 100
+        and likeness >= policy.min_noise_likeness
+    ):
+        return "noise"
+    return None
 
 
-def baseline(
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str] | None = None,
-    *,
-    family: str | None = None,
-    base: str | os.PathLike[str] | None = None,
-    sources: SourceOptions | None = None,
-    progress: Progress | None = None,
-    mlflow: bool = False,
-    experiment: str | None = None,
-    **settings: Any,
-) -> Baseline:
-    """Measure ``source`` with K cold fits and their null refits and store it as a baseline
-    directory at ``out`` (written atomically; an existing ``out`` is never overwritten), and/or
-    with ``mlflow`` as the artifacts of a new MLflow run (``Baseline.stored_at`` says where)."""
-    if out is None and not mlflow:
-        raise UsageError("a baseline needs --out DIR, --mlflow, or both")
-    if out is None:
-        require_single_process("baseline --mlflow without --out")  # one temporary dir per rank
-        with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
-            return baseline(
-                source, Path(tmp) / "baseline", family=family, base=base, sources=sources,
-                progress=progress, mlflow=True, experiment=experiment, **settings,
+def decide(comparison: Comparison, policy: Policy) -> Verdict:
+    """The gate's verdict: a pure function of the figures and the thresholds."""
+    by_name = {layer.name: layer for layer in comparison.layers}
+
+    def about(names: list[str]) -> list[str]:
+        scopes = dict.fromkeys(["all"])  # ordered set: `in list` was quadratic in the names
+        for name in names:
+            layer = by_name.get(name)
+            if layer is not None:
+                scopes.update(dict.fromkeys((layer.group, layer.type)))
+        return list(scopes)
+
+    findings: list[Finding] = []
+    if comparison.non_finite:
+        names = comparison.non_finite
+        message = f"non-finite weights (NaN/Inf) in {_names(names)}"
+        findings.append(
+            Finding(kind="non_finite", groups=about(names), layers=names, message=message)
+        )
+    if comparison.zeroed:
+        names = comparison.zeroed
+        message = f"damage: all-zero weights in {_names(names)}"
+        findings.append(Finding(kind="damage", groups=about(names), layers=names, message=message))
+    scopes = [("all layers", "all", comparison.all, policy.max_drop_all)]
+    scopes += [(f"{g} third", g, c, policy.max_drop_group) for g, c in comparison.groups.items()]
+    for label, key, group, limit in scopes:
+        if group.change is None or group.noise is None:
+            continue
+        change, noise = group.change, max(group.noise, policy.noise_floor / 100)
+        drop = -change.mean
+        if drop > limit / 100 and drop > policy.noise_multiple * noise:
+            message = (
+                f"capacity loss: {label} mean distance {_pct(change.mean)}"
+                f"{_spread(change)} (limit −{limit:g}%, noise {_pct(noise, False)})"
+            )
+            findings.append(
+                Finding(kind="capacity_loss", groups=sorted({"all", key}), message=message)
+            )
+    for layer in comparison.layers:
+        moved = layer.change
+        weights = weight_damage(layer.weight_change, layer.noise_likeness, policy)
+        problem: str | None = None
+        if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
+            problem = (
+                f"damage: {layer.name} mean distance {_pct(moved.mean)}"
+                f"{_spread(moved)} (limit ±{policy.max_layer_change:g}%)"
+            )
+        elif weights == "replaced":
+            problem = (
+                f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
+                f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
+            )
+        elif weights == "noise":
+            problem = (
+                f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
+                f"their norm like random noise (noise likeness {layer.noise_likeness:.2f}; "
+                f"limit {policy.max_noise_change:g}%)"
+            )
+        elif (
+            policy.max_displacement is not None
+            and layer.displacement is not None
+            and layer.displacement > policy.max_displacement
+        ):
+            problem = (
+                f"damage: {layer.name} neurons displaced by {layer.displacement:.3g} "
+                f"(limit {policy.max_displacement:g})"
+            )
+        if problem is not None:
+            findings.append(
+                Finding(kind="damage", groups=about([layer.name]), layers=[layer.name],
+                        message=problem)
             )  # fmt: skip
-    fit = settings_from(_baseline_settings(settings))
-    options = sources or SourceOptions()
-    started = time.perf_counter()
-    target = Path(out)
-    refuse_existing(target)  # before any work
-    ranks = current()  # a torchrun job: each rank fits its share of the layers
-    resolved = resolve(source, options)
-    digest = _file_digest(options)
-    with open_checkpoint(resolved, base, options, digest) as checkpoint:
-        made = _write_baseline(
-            checkpoint, resolved, target, fit, family=family, digest=digest, progress=progress,
-            started=started, ranks=ranks,
+    if findings:
+        groups = list(dict.fromkeys(g for f in findings for g in f.groups))
+        layers = list(dict.fromkeys(n for f in findings for n in f.layers))
+        return Verdict(
+            verdict="fail", reasons=[f.message for f in findings], findings=findings,
+            failing_groups=groups, failing_layers=layers,
         )  # fmt: skip
-    if ranks is not None and not ranks.is_main:
-        return made  # rank 0 stores and reports
-    if mlflow:
-        from dynaudit.tracking import store_baseline
-
-        ref = store_baseline(
-            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment,
-            revision=made.source.revision,
-        )  # fmt: skip
-        made = made.model_copy(update={"stored_at": ref})
-    else:
-        made = made.model_copy(update={"stored_at": str(target)})
-    return made
-
-
-def _write_baseline(
-    checkpoint: Checkpoint,
-    resolved: ResolvedSource,
-    target: Path,
-    fit: FitSettings,
-    *,
-    family: str | None,
-    digest: Callable[[Path], str],
-    progress: Progress | None = None,
-    started: float | None = None,
-    ranks: Ranks | None = None,
-) -> Baseline:
-    """Measure an opened checkpoint into a new baseline directory ``target``, staged beside it
-    and renamed into place: an interruption or an error leaves nothing behind. With ``ranks``
-    (a torchrun job) each rank fits its share into rank 0's staging directory, which must be
-    on a filesystem every rank sees, and rank 0 completes and renames it."""
-    from dynaudit.runtime import pick_device
-
-    started = time.perf_counter() if started is None else started
-    main = ranks is None or ranks.is_main
-    if ranks is None:
-        staging = staging_for(target)
-    else:
-        staging = Path(ranks.from_main(str(staging_for(target)) if main else ""))
-        if not staging.is_dir():
-            raise UsageError(
-                f"{target}: rank {ranks.rank} cannot see rank 0's staging directory "
-                f"{staging}; under torchrun --out must be on a filesystem every rank shares"
-            )
-    try:
-        source_info = SourceInfo(
-            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=checkpoint.fingerprint(digest), selection=checkpoint.selection_note,
-        )  # fmt: skip
-        detection, plan = plan_checkpoint(checkpoint, family)
-        writer = BaselineWriter(staging, fit, [layer.name for layer in plan.layers])
-        report = fit_report(
-            checkpoint, source_info, detection, plan, fit, pick_device(fit.device),
-            progress=progress, sink=writer.sink, started=started, ranks=ranks,
-        )  # fmt: skip
-        if ranks is not None:
-            writer.absorb(ranks.gather(writer.records))
-        shapes = matrix_shapes(checkpoint, plan)
-        made = Baseline(
-            protocol_version=PROTOCOL_VERSION,
-            tool={"name": "dynaudit", "version": __version__},
-            created_at=report.created_at,
-            source=source_info,
-            family=report.family,
-            settings=fit.numeric(),
-            seeds=fit.seeds,
-            layers=[
-                _baseline_layer(layer, shapes[layer.name], writer) for layer in report.measured
-            ],
-            report=report,
-        )
-        if main:
-            writer.finish(made, target)
-    except BaseException:
-        if main:
-            discard(staging)
-        raise
-    return made
-
-
-def _file_digest(options: SourceOptions) -> Callable[[Path], str]:
-    """sha256 of a file, remembered in the cache's hash memo (an unchanged multi-GB checkpoint
-    is hashed once across measure, baseline and check)."""
-    from dynaudit.cache import ResultCache, cache_root
-
-    return ResultCache(cache_root(options.cache_dir)).digest
-
-
-def _baseline_layer(layer: LayerResult, shape: list[int], writer: BaselineWriter) -> BaselineLayer:
-    return BaselineLayer(
-        name=layer.name, type=layer.type, depth=layer.depth, group=layer.group, shape=shape,
-        scale=layer.scale, coords=writer.files.get(layer.name),
-        cold_mean_distance=writer.cold.get(layer.name, []),
-        null_mean_distance=writer.null.get(layer.name, []), reason=layer.reason,
-        digest=layer.digest,
-    )  # fmt: skip
-
-
-def check(
-    source: str | os.PathLike[str],
-    baseline_ref: str | os.PathLike[str] | None = None,
-    *,
-    policy: Policy | None = None,
-    family: str | None = None,
-    base: str | os.PathLike[str] | None = None,
-    sources: SourceOptions | None = None,
-    progress: Progress | None = None,
-    cache: bool = True,
-    all_seeds: bool = False,
-    baseline_from: str = "--baseline",
-    read_pyproject: bool = True,
-    **settings: Any,
-) -> CheckReport:
-    """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
-    measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
-    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
-    (``device`` and ``threads`` are free); ``baseline_from`` says where ``baseline_ref`` came
-    from, for the report; ``read_pyproject=False`` (a ``--config`` file in use) keeps
-    ./pyproject.toml out of the search. A baseline measured on the fly is kept in the cache
-    for the next check (``cache=False``: measured into a temporary directory and dropped).
-
-    Layers whose bytes equal the baseline's are not refitted; of the others, seed 0 is
-    refitted first and the other K − 1 seeds only where a verdict under ``policy`` is near a
-    threshold (docs/gate.md); ``all_seeds`` refits every seed of every changed layer."""
-    import torch
-
-    from dynaudit.runtime import pick_device, torch_scope
-
-    options = sources or SourceOptions()
-    chosen = policy or Policy()  # before the comparison: sequential seeds depend on it
-    started = time.perf_counter()
-    resolved = resolve(source, options)
-    digest = _file_digest(options)
-    # The candidate is opened (every file identified, the weights chosen) before a baseline
-    # is found or measured: a bad candidate fails at once.
-    with open_checkpoint(resolved, base, options, digest) as checkpoint:
-        require_audited(checkpoint, resolved.uri)
-        fingerprint = checkpoint.fingerprint(digest)
-        if baseline_ref is None:
-            ref, found_from = find_baseline(
-                resolved.path, base, os.fspath(source), options, read_pyproject=read_pyproject
-            )
-        else:
-            ref, found_from = os.fspath(baseline_ref), baseline_from
-        log.info("baseline %s (%s)", ref, found_from)
-        with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
-            # Device and threads are where the refits run, not what they compute.
-            runtime = {
-                "device": settings.get("device", "auto"), "threads": settings.get("threads")
-            }  # fmt: skip
-            numeric = {k: v for k, v in settings.items() if k not in runtime}
-            check_settings(stored, numeric, str(ref))
-            fit = stored.fit_settings().model_copy(update=runtime)
-            device = pick_device(fit.device)
-            detection = detect_family(checkpoint, family or stored.family.name)
-            if family is None:  # not the user's choice: the baseline's family, named so
-                detection = Detection(detection.family, 1.0, "the baseline's family")
-            try:
-                plan = detection.family.plan(checkpoint)
-            except DynauditError as exc:
-                if family is not None:  # the user's own --family: their error stands
-                    raise
-                raise BaselineError(
-                    f"{resolved.uri}: architecture differs from the baseline ({stored.source.uri},"
-                    f" family {stored.family.name}): {exc.message}; check it against a baseline "
-                    "of its own base model"
-                ) from exc
-            require_layers(plan, detection, resolved.uri)
-            check_architecture(stored, checkpoint, plan, resolved.uri)
-            ranks = current()  # a torchrun job: each rank refits its share of the layers
-            with torch_scope(device, fit.threads):
-                threads = torch.get_num_threads()
-                comparison = compare_plan(
-                    checkpoint, plan, detection.family, stored, root, device, progress, ranks,
-                    policy=chosen, all_seeds=all_seeds,
-                )  # fmt: skip
-    return CheckReport(
-        tool={"name": "dynaudit", "version": __version__},
-        source=SourceInfo(
-            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=fingerprint, selection=checkpoint.selection_note,
-        ),
-        baseline=BaselineInfo(
-            ref=str(ref), resolved_from=found_from, source=stored.source,
-            created_at=stored.created_at, seeds=stored.seeds, stored=kept,
-        ),
-        family=family_info(detection, plan),
-        settings={**fit.numeric(), "device": device.type, "threads": threads},
-        policy=chosen,
-        comparison=comparison,
-        verdict=decide(comparison, chosen),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        host=platform.node(),
-        seconds=round(time.perf_counter() - started, 3),
-    )  # fmt: skip
-
-
-def require_audited(checkpoint: Checkpoint, uri: str) -> None:
-    """Refuse a candidate holding weight files that transformers' ``from_pretrained`` would
-    load and the audit would not read: a gate must not pass weights it never saw."""
-    unread = checkpoint.unread_weights()
-    if unread:
-        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
-        raise UnauditedWeights(
-            f"{uri}: transformers would load weight files the audit did not read ({shown}); "
-            "audit the directory itself, or remove the files that are not the model",
-            path=str(checkpoint.root),
-        )
-
-
-def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], **kwargs: Any) -> CheckReport:
-    """``check(b, baseline=a)``: two checkpoints, A measured on the fly as the baseline."""
-    return check(b, a, **kwargs)
-
-
-@contextlib.contextmanager
-def _baseline_at(
-    ref: str, options: SourceOptions, settings: dict[str, Any], cache: bool
-) -> Iterator[tuple[Baseline, Path, bool]]:
-    """A stored baseline directory, or one made from a checkpoint on the fly (kept in the
-    cache unless ``cache`` is False)."""
-    path = Path(ref).expanduser()
-    if is_baseline(path):
-        yield load_baseline(path), path, True
-        return
-    if ref.startswith("runs:/"):
-        from dynaudit.tracking import fetch_baseline
-
-        with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
-            fetched = fetch_baseline(ref, Path(tmp), options.mlflow_uri)
-            if is_baseline(fetched):
-                yield load_baseline(fetched), fetched, True
-                return
-        # not a stored baseline: a checkpoint logged in a run, measured on the fly below
-    require_single_process("check against a checkpoint (its baseline is measured first)")
-    settings = {k: v for k, v in settings.items() if v is not None}
-    cached = _cached_baseline(ref, options, settings) if cache else None
-    if cached is not None:
-        yield *cached, False
-        return
-    with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
-        made = Path(tmp) / "baseline"
-        log.info("measuring the baseline %s (not kept: --no-cache or no writable cache)", ref)
-        baseline(ref, made, sources=options, **settings)
-        yield load_baseline(made), made, False
-
-
-def _cached_baseline(
-    ref: str, options: SourceOptions, settings: dict[str, Any]
-) -> tuple[Baseline, Path] | None:
-    """The baseline of checkpoint ``ref`` in the cache (``<cache>/baselines/<key>``), made
-    there first if needed: a CI job checking against the same base measures it once. The key
-    is the result cache's (file sha256s, settings, config, plugins, versions). None when the
-    cache cannot be written (the caller measures into a temporary directory)."""
-    from dynaudit.api import cache_context
-    from dynaudit.cache import cache_root, discard_dir, result_key
-
-    fit = settings_from(_baseline_settings(settings))
-    resolved = resolve(ref, options)
-    digest = _file_digest(options)
-    with open_checkpoint(resolved, None, options, digest) as checkpoint:
-        key = result_key(
-            checkpoint.fingerprint(digest), fit.numeric(), family=None, scales=None,
-            version=__version__, protocol=PROTOCOL_VERSION,
-            context={**cache_context(checkpoint), "kind": "baseline"},
-        )  # fmt: skip
-        entry = cache_root(options.cache_dir) / "baselines" / key[:2] / key
-        if is_baseline(entry):
-            try:
-                log.info("reusing the cached baseline of %s at %s", ref, entry)
-                return load_baseline(entry), entry
-            except BaselineError as exc:
-                log.warning("remaking a damaged cached baseline: %s", exc)
-                discard_dir(entry)
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            log.warning("could not write the baseline cache at %s: %s", entry.parent, exc)
-            return None
-        if not os.access(entry.parent, os.W_OK):
-            log.warning("the baseline cache at %s is not writable", entry.parent)
-            return None
-        log.info("measuring the baseline of %s into the cache at %s", ref, entry)
-        try:
-            made = _write_baseline(checkpoint, resolved, entry, fit, family=None, digest=digest)
-        except UsageError:
-            if not is_baseline(entry):  # not a lost race with another process: a real error
-                raise
-            return load_baseline(entry), entry
-    return made, entry
-
-
-def find_baseline(
-    checkpoint: Path,
-    base: str | os.PathLike[str] | None,
-    source: str = "",
-    options: SourceOptions | None = None,
-    *,
-    read_pyproject: bool = True,
-) -> tuple[str, str]:
-    """The baseline of a checkpoint when none is given (SPEC §2): ``[tool.dynaudit] baseline``
-    in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
-    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``, the MLflow
-    model version's ``dynaudit.baseline`` tag."""
-    import sys
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-
-    project = Path("pyproject.toml")
-    if read_pyproject and project.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            table = tomllib.loads(project.read_text(encoding="utf-8")).get("tool", {})
-            configured = table.get("dynaudit", {}).get("baseline")
-            if isinstance(configured, str) and configured:
-                return configured, "[tool.dynaudit] baseline in pyproject.toml"
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    adapter = folder / "adapter_config.json"
-    if base is not None:
-        return os.fspath(base), "--base (the adapter's base model)"
-    if present(adapter, "adapter_config.json"):
-        config = read_json(adapter)
-        named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-        if isinstance(named, str) and named:
-            return named, "the adapter's base_model_name_or_path"
-    card = folder / "README.md"
-    if present(card, "the model card (README.md)"):
-        from dynaudit.sources.hub import card_base_model  # huggingface_hub's ModelCard
-
-        named = card_base_model(read_text(card, "the model card (README.md)"), str(card))
-        if named:
-            return named, "the model card's base_model"
-    if source.startswith("models:/"):
-        from dynaudit.tracking import declared_baseline
-
-        tagged = declared_baseline(source, (options or SourceOptions()).mlflow_uri)
-        if tagged:
-            return tagged, "the MLflow model version's dynaudit.baseline tag"
-    raise UsageError(
-        f"{checkpoint}: no baseline given and none declared; pass --baseline REF (a baseline "
-        "directory or the base checkpoint), or set `baseline` under [tool.dynaudit] in "
-        "pyproject.toml"
+    checked = (
+        f"no drop beyond −{policy.max_drop_all:g}% (all) / −{policy.max_drop_group:g}% (thirds) "
+        f"above {policy.noise_multiple:g}× noise; no layer beyond ±{policy.max_layer_change:g}%"
     )
+    if policy.max_weight_change is not None:
+        checked += f" or with weights moved beyond {policy.max_weight_change:g}%"
+    if policy.max_noise_change is not None:
+        checked += f" ({policy.max_noise_change:g}% if noise-like)"
+    return Verdict(verdict="pass", reasons=[checked])
+
+
+def layer_undecided(
+    change: float, margin: float, displacement: float | None, share: float, policy: Policy
+) -> bool:
+    """Whether a layer's damage verdict could differ between its seed-0 figures and their
+    means over all K seeds, when the mean change lies within ``margin`` of seed 0's and the
+    mean displacement within ``share`` × ``max_displacement`` of seed 0's: its |change| is
+    within ``margin`` of ``max_layer_change``, or its displacement within ``share`` of the
+    bound. The weight figures come from seed 0 alone, whatever K: more seeds cannot move them."""
+    if abs(abs(change) - policy.max_layer_change / 100) <= margin:
+        return True
+    bound = policy.max_displacement
+    if bound is None or displacement is None:
+        return False
+    return abs(displacement - bound) <= share * bound
+
+
+def scope_undecided(
+    change: float, drift: float, margin: float, limit: float, policy: Policy
+) -> bool:
+    """Whether a scope's capacity-loss verdict (:func:`decide`: a drop beyond ``limit`` %
+    and beyond ``noise_multiple`` × its noise) could differ between its seed-0 change and
+    the mean over all K seeds, when that mean lies within ``margin`` of seed 0 and the std
+    over seeds, which seed 0 alone cannot give, is at most ``margin``: undecided when both
+    a failing and a passing verdict are reachable."""
+    drop = -change
+    floor = policy.noise_floor / 100
+    quiet, loud = max(drift, floor), max(drift, floor, margin)  # noise without / with the std
+    could_fail = drop + margin > limit / 100 and drop + margin > policy.noise_multiple * quiet
+    could_pass = drop - margin <= limit / 100 or drop - margin <= policy.noise_multiple * loud
+    return could_fail and could_pass
+
+
+def load_policy(
+    path: Path | None = None, *, settings: Path | None = None, **overrides: float | None
+) -> Policy:
+    """The policy from ``path`` (a TOML file with the fields under ``[tool.dynaudit.policy]``,
+    under ``[policy]`` or at top level), else ``[tool.dynaudit.policy]`` of ./pyproject.toml,
+    else the defaults; ``settings`` (``--config FILE``) replaces ./pyproject.toml, its policy
+    table or none at all; ``overrides`` (flags) win. Invalid values are a usage error (exit 2)
+    naming the key, the value, what is wrong with it, and where it came from: the flag or the
+    file."""
+    table: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    source = path or settings or Path("pyproject.toml")
+    if path is not None or settings is not None or source.is_file():
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"{source}: cannot read the policy ({exc})") from exc
+        nested, where = _policy_table(data, source)
+        if nested is not None:
+            table = nested
+        else:
+            table, where = (data, f"--policy {source}") if path is not None else ({}, "")
+        origin = dict.fromkeys(table, where)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    table = {**table, **flags}
+    origin.update({key: f"--{key.replace('_', '-')}" for key in flags})
+    try:
+        return Policy(**table)
+    except ValidationError as exc:
+        problems = [_problem(error, origin) for error in exc.errors()]
+        raise UsageError(f"invalid gate policy: {'; '.join(problems)}") from exc
+
+
+def _policy_table(data: dict[str, Any], source: Path) -> tuple[dict[str, Any] | None, str]:
+    """``[tool.dynaudit.policy]`` of a pyproject-style file, or ``[policy]`` of a settings file
+    of its own (``--config``), with how to name it; None when the file has neither."""
+    for keys in (("tool", "dynaudit", "policy"), ("policy",)):
+        nested: Any = data
+        for key in keys:
+            nested = nested.get(key) if isinstance(nested, dict) else None
+        if isinstance(nested, dict):
+            return nested, f"[{'.'.join(keys)}] of {source}"
+    return None, ""
+
+
+def _problem(error: Any, origin: dict[str, str]) -> str:
+    """One pydantic error as ``KEY = VALUE (from WHERE): WHAT IS WRONG``."""
+    key = ".".join(map(str, error.get("loc", ()))) or "policy"
+    where = origin.get(key.split(".")[0], "")
+    value = error.get("input")
+    if error.get("type") == "extra_forbidden":
+        known = ", ".join(Policy.model_fields)
+        return f"{key} ({where}) is not a policy setting; the settings are {known}"
+    shown = repr(value) if not isinstance(value, (int, float)) else f"{value:g}"
+    if where.startswith("--") and not where.startswith("--policy"):
+        return f"{where} {shown}: {error.get('msg', 'invalid')}"
+    return f"{key} = {shown} ({where}): {error.get('msg', 'invalid')}"
+
+
+def _spread(change: Change) -> str:
+    """`` ± std`` over the seeds, or `` (1 seed)`` when one seed gave the figure (sequential
+    seeds decided it there): no spread to show."""
+    return " (1 seed)" if change.seeds == 1 else f" ± {_pct(change.std, False)}"
+
+
+def _pct(value: float, sign: bool = True) -> str:
+    return f"{value * 100:+.2f}%" if sign else f"{value * 100:.2f}%"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaudit.errors import UsageError
-from dynaudit.report import DEPTH_GROUPS, CheckReport, Report
+from dynaudit.schema import DEPTH_GROUPS, CheckReport, Report
 
 __all__ = ["METHODS", "plot_bars", "plot_neurons", "plot_trajectory"]
 
@@ -97,7 +97,7 @@ def plot_neurons(baseline_dir: Path, layer: str | None, out: Path, method: str =
     """Neurons of ``layer`` (default: the first fitted one) from the baseline's first cold fit."""
     import torch
 
-    from dynaudit.comparison import load_baseline, read_coords
+    from dynaudit.baseline_store import load_baseline, read_coords
     from dynaudit.dynamics.blocks import block_shape
 
     check_method(method)

@@ -19,9 +19,20 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from dynaudit.families.base import Family, Layer, LayerPlan, matrix_shape
+from dynaudit.config import FitSettings
+from dynaudit.dynamics.blocks import fit_flop
+from dynaudit.engine.plan import family_info
+from dynaudit.families.base import Detection, Family, Layer, LayerPlan, matrix_shape
+from dynaudit.schema import (
+    BranchGain,
+    InspectedLayer,
+    Inspection,
+    SkippedLayer,
+    StructuralClass,
+    Structure,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -29,18 +40,17 @@ if TYPE_CHECKING:
     from dynaudit.tensors import Checkpoint
 
 __all__ = [
+    "RANK_RULE",
     "MatrixCheck",
-    "StructuralClass",
     "chain_widths",
     "check_matrices",
     "check_matrix",
     "classify",
+    "inspect_checkpoint",
     "path_widths",
     "rank_tolerance",
     "spectral_norm",
 ]
-
-StructuralClass = Literal["non-augmented", "augmented", "bottleneck"]
 
 # Unit roundoff of each storage dtype: the rounding noise a stored weight carries.
 _ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
@@ -211,3 +221,107 @@ def _interruptible(call: Callable[..., _T], *args: Any, big: bool) -> _T:
         raise box["error"]
     value: _T = box["value"]
     return value
+
+
+RANK_RULE = (
+    "rank = singular values above max(u·rms(W)·(√m+√n), σ_max·max(m,n)·ε_f32), u the storage "
+    "dtype's unit roundoff; not computed when m·n·min(m,n) > 4096³ (the spectral norm is then "
+    "a block-Krylov estimate)"
+)
+
+
+def inspect_checkpoint(
+    checkpoint: Checkpoint,
+    uri: str,
+    detection: Detection,
+    fit: FitSettings,
+    *,
+    weights: bool = False,
+    rank_work: int | None = None,
+) -> Inspection:
+    """What ``dynaudit inspect`` reports of an opened checkpoint: its layer graph, shapes,
+    structural class and fit cost from the headers, and with ``weights`` each layer's rank and
+    spectral norm, the degenerate layers and the gain of every residual branch."""
+    plan = detection.family.plan(checkpoint)
+    checks = check_matrices(checkpoint, plan, detection.family, rank_work) if weights else {}
+    layers = _inspected_layers(checkpoint, plan, fit, checks)
+    return Inspection(
+        uri=uri,
+        files=[str(f) for f in checkpoint.files],
+        family=family_info(detection, plan),
+        layers=layers,
+        skipped=[SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped],
+        structure=_structure(checkpoint, plan, checks if weights else None),
+        gains=_branch_gains(plan, checks) if checks else [],
+        tensors=len(checkpoint.tensors),
+        bytes=checkpoint.total_bytes,
+        parameters=sum(info.numel for info in checkpoint.tensors.values()),
+        gflop=sum(layer.gflop for layer in layers),
+    )
+
+
+def _inspected_layers(
+    checkpoint: Checkpoint, plan: LayerPlan, fit: FitSettings, checks: dict[str, MatrixCheck]
+) -> list[InspectedLayer]:
+    fed_by = plan.fed_by()
+    layers = []
+    for layer in plan.layers:
+        info = checkpoint.tensors[layer.source]
+        g, m, n = matrix_shape(layer, info.shape)
+        check = checks.get(layer.name)
+        layers.append(
+            InspectedLayer(
+                name=layer.name,
+                type=layer.type,
+                depth=layer.depth,
+                shape=[m, n] if layer.rows else list(info.shape),
+                dtype=info.dtype,
+                matrices=g,
+                neurons=m + n,
+                gflop=g * fit_flop(fit, m, n) * fit.seeds / 1e9,
+                inputs=fed_by[layer.name],
+                reads_input=layer.name in plan.reads_input,
+                rank=check.rank if check else None,
+                full_rank=min(m, n),
+                spectral_norm=check.spectral_norm if check else None,
+            )
+        )
+    return layers
+
+
+def _structure(
+    checkpoint: Checkpoint, plan: LayerPlan, checks: dict[str, MatrixCheck] | None
+) -> Structure:
+    """The main path's class and widths, the residual branches' classes and, when the weights
+    were read (``checks``), the degenerate and unranked layers."""
+    widths = chain_widths(plan, checkpoint)
+    kind, reason = classify(widths)
+    by_name = {layer.name: layer for layer in plan.layers}
+    branches: dict[str, int] = {}
+    for block in plan.blocks:
+        for names in block.branches.values():
+            branch_kind, _ = classify(path_widths([by_name[n] for n in names], checkpoint))
+            branches[branch_kind] = branches.get(branch_kind, 0) + 1
+    return Structure(
+        structural_class=kind,
+        widths=widths,
+        reason=reason,
+        branches=branches,
+        degenerate=None if checks is None else [n for n, c in checks.items() if c.degenerate],
+        unranked=None if checks is None else [n for n, c in checks.items() if c.rank is None],
+        rank_rule=None if checks is None else RANK_RULE,
+    )
+
+
+def _branch_gains(plan: LayerPlan, checks: dict[str, MatrixCheck]) -> list[BranchGain]:
+    return [
+        BranchGain(
+            block=block.name,
+            branch=branch,
+            layers=list(names),
+            gain=math.prod(checks[name].spectral_norm for name in names),
+            note=block.note,
+        )
+        for block in plan.blocks
+        for branch, names in block.branches.items()
+    ]

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynaudit.errors import UsageError
-from dynaudit.report import Aggregate, CheckReport, Report
+from dynaudit.schema import Aggregate, CheckReport, Report
 
 __all__ = [
     "DynauditCallback",
@@ -539,7 +539,6 @@ class _CallbackLogic:
 
 # -- baselines in MLflow ----------------------------------------------------------------
 
-BASELINE_TAG = "dynaudit.baseline"
 BASELINE_ARTIFACTS = "dynaudit-baseline"
 
 
@@ -557,7 +556,13 @@ def store_baseline(
     with the URI too, so `check models:/NAME/…` finds it: the version measured (``revision``,
     ``NAME/VERSION`` as the source resolved it), not where an alias points by now."""
     from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors, parse
+    from dynaudit.sources.mlflow import (
+        BASELINE_TAG,
+        client,
+        client_environment,
+        mlflow_errors,
+        parse,
+    )
     from dynaudit.sources.mlflow import tracking_uri as server_of
 
     uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
@@ -608,26 +613,3 @@ def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None)
         destination.mkdir(parents=True, exist_ok=True)  # MLflow 2 does not create it
         path = client(uri).download_artifacts(stored.run_id, stored.path, str(destination))
     return Path(path)
-
-
-def declared_baseline(source_uri: str, tracking_uri: str | None = None) -> str | None:
-    """The ``dynaudit.baseline`` tag of the MLflow model version ``source_uri`` names."""
-    from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import (
-        client,
-        client_environment,
-        mlflow_errors,
-        model_version,
-        parse,
-    )
-    from dynaudit.sources.mlflow import tracking_uri as server_of
-
-    model = parse(source_uri)
-    if model.name is None:
-        return None
-    uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with mlflow_errors(model.uri, uri), client_environment(uri):
-        registry = client(uri)
-        tags = registry.get_model_version(model.name, model_version(registry, model)).tags or {}
-    value = tags.get(BASELINE_TAG)
-    return str(value) if value else None

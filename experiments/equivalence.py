@@ -108,9 +108,9 @@ def reconstructions(
 ) -> tuple[torch.Tensor, list[float]]:
     """K reconstructions s·Ŵ of ``weight`` (one per fit seed, shaped like ``weight``) and their
     fidelities, fitted as ``measure`` fits a layer: conv weights as C_out × (C_in·kh·kw)."""
-    from dynaudit.api import settings_from
     from dynaudit.dynamics import fit_coordinates, init_coordinates, reconstruct
     from dynaudit.dynamics.kernel import matrix_seed, rms
+    from dynaudit.engine.plan import settings_from
 
     fit = settings_from(settings)
     matrix = weight.detach().reshape(weight.shape[0], -1).float()

@@ -32,7 +32,8 @@ def _layers(path: Path) -> dict[str, torch.Tensor]:
 
 def run(quick: bool, work: Path) -> dict[str, Any]:
     from dynaudit.dynamics.sketch import sketch, weight_figures
-    from dynaudit.policy import Policy, weight_damage
+    from dynaudit.gate import weight_damage
+    from dynaudit.schema import Policy
 
     policy = Policy()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +10,10 @@ import pytest
 import torch
 
 from dynaudit import measure
-from dynaudit.adapters import AdapterRefused, open_adapter
+from dynaudit.errors import AdapterRefused
+from dynaudit.sources import open_adapter
 from tests import producers
+from tests.cli import run_cli
 from tests.conftest import small_settings
 
 SETTINGS = small_settings(steps=40)
@@ -95,12 +95,6 @@ def test_adapter_base_flag_overrides_the_config(base_llama: Path, tmp_path: Path
     weights_file = measure(adapter / "adapter_model.safetensors", base=base_llama, **SETTINGS)
     assert weights_file.family.name == "llama"
     assert numbers(weights_file) == numbers(report)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def test_dora_is_refused_with_exit_3(base_llama: Path, tmp_path: Path) -> None:

@@ -22,15 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dynaudit
+from dynaudit.baseline_store import expected_coords, load_baseline, read_coords
 from dynaudit.cli import main
-from dynaudit.comparison import (
-    BASELINE_FORMAT,
-    BaselineError,
-    expected_coords,
-    load_baseline,
-    read_coords,
-)
 from dynaudit.config import PROTOCOL_VERSION
+from dynaudit.errors import BaselineError
+from dynaudit.schema import BASELINE_FORMAT
 from tests import producers
 
 FIT: dict[str, Any] = {"q_dim": 16, "pieces": 4, "steps": 30, "warm_steps": 10, "seeds": 2}
@@ -459,7 +455,7 @@ def test_stale_baseline_staging_is_swept_on_the_next_baseline(model: Path, tmp_p
 
 def test_stale_cache_staging_is_swept_on_the_next_cache_write(model: Path, tmp_path: Path) -> None:
     from dynaudit.cache import ResultCache, cache_root
-    from dynaudit.report import Report
+    from dynaudit.schema import Report
 
     dynaudit.measure(model, q_dim=16, pieces=4, steps=30)
     (entry,) = (cache_root() / "results").glob("*/*")

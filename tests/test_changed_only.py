@@ -17,10 +17,10 @@ import torch
 import dynaudit
 from dynaudit.cli import main
 from dynaudit.distributed import Ranks
-from dynaudit.engine import layer_digest
-from dynaudit.policy import Policy, layer_undecided, scope_undecided
-from dynaudit.report import CheckReport
+from dynaudit.engine.measure import layer_digest
+from dynaudit.gate import layer_undecided, scope_undecided
 from dynaudit.reports.check import render_check_markdown
+from dynaudit.schema import CheckReport, Policy
 from experiments.derived import Change, collapse, derive, noise
 from tests import producers
 
@@ -317,7 +317,8 @@ def test_scope_undecided(change: float, margin: float, undecided: bool) -> None:
 
 
 def test_a_figure_from_one_seed_shows_no_spread() -> None:
-    from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, decide
+    from dynaudit.gate import decide
+    from dynaudit.schema import Change, Comparison, GroupComparison, LayerComparison
 
     one = Change(mean=-0.3, std=0.0, absolute=-0.3, seeds=1)
     layer = LayerComparison(
@@ -359,8 +360,8 @@ def test_two_ranks_refit_each_stage_once_and_agree(
     """compare_plan over two ranks (threads exchanging pickles, as all_gather_object does),
     with one layer at its threshold: both stages are shared, every rank gets the single
     process's comparison."""
-    import dynaudit.gate
-    from dynaudit import comparison
+    import dynaudit.api
+    from dynaudit.engine import compare as comparison
 
     source = _one_noisy_layer(base, tmp_path / "noisy-layer")
     quiet = Policy(max_weight_change=None, max_noise_change=None)
@@ -371,7 +372,7 @@ def test_two_ranks_refit_each_stage_once_and_agree(
     single = dynaudit.check(source, gate_baseline, policy=policy)
     _ThreadRanks.board = _Board(2)
     by_thread = {f"rank{r}": _ThreadRanks(r, 2) for r in (0, 1)}
-    monkeypatch.setattr(dynaudit.gate, "current",
+    monkeypatch.setattr(dynaudit.api, "current",
                         lambda: by_thread[threading.current_thread().name])  # fmt: skip
     refitted: list[tuple[str, str, int]] = []  # (rank, layer, seed)
     original = comparison._warm_refits

@@ -9,14 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, Policy, decide
-from dynaudit.report import BaselineInfo, CheckReport, FamilyInfo, SourceInfo
+from dynaudit.gate import decide
 from dynaudit.reports.check import render_check_markdown
 from dynaudit.reports.ci import (
     escape_command_data,
     github_annotations,
     render_junit,
     report_to_github,
+)
+from dynaudit.schema import (
+    BaselineInfo,
+    Change,
+    CheckReport,
+    Comparison,
+    FamilyInfo,
+    GroupComparison,
+    LayerComparison,
+    Policy,
+    SourceInfo,
 )
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -1,11 +1,10 @@
-"""The command line as a user meets it: real processes, exit codes, one-line errors."""
+"""The command line as a user meets it: exit codes, one-line errors (run in-process by
+:func:`tests.cli.run_cli`, which gives each call what a fresh process would see)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from dynaudit.config import PROTOCOL_VERSION
+from tests.cli import CliResult, run_cli
 from tests.conftest import WriteCheckpoint
 
 FAST = ["--q-dim", "16", "--pieces", "4", "--steps", "40"]
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CI": "true", **(env or {})},
-        timeout=300,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+def assert_one_line_error(proc: CliResult, code: int, *needles: str) -> None:
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -38,11 +28,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *ne
 
 
 def test_measure_twice_gives_identical_numbers(digits_mlp: Path, tmp_path: Path) -> None:
-    from dynaudit.report import Report
+    from dynaudit.schema import Report
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     for out in (first, second):
-        proc = run("measure", str(digits_mlp), *FAST, "--json", str(out), "--quiet", "--no-cache")
+        proc = run_cli(
+            "measure", str(digits_mlp), *FAST, "--json", str(out), "--quiet", "--no-cache"
+        )
         assert proc.returncode == 0, proc.stderr
     a = Report.model_validate_json(first.read_text())
     b = Report.model_validate_json(second.read_text())
@@ -60,7 +52,7 @@ def test_measure_twice_gives_identical_numbers(digits_mlp: Path, tmp_path: Path)
 
 def test_measure_writes_markdown_and_prints_a_table(digits_mlp: Path, tmp_path: Path) -> None:
     md = tmp_path / "r.md"
-    proc = run("measure", str(digits_mlp), *FAST, "--markdown", str(md))
+    proc = run_cli("measure", str(digits_mlp), *FAST, "--markdown", str(md))
     assert proc.returncode == 0, proc.stderr
     assert "mean dist" in proc.stdout and "summary" in proc.stdout
     text = md.read_text()
@@ -69,32 +61,32 @@ def test_measure_writes_markdown_and_prints_a_table(digits_mlp: Path, tmp_path: 
 
 def test_missing_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    assert_one_line_error(run("measure", str(missing)), 3, str(missing), "no such file")
+    assert_one_line_error(run_cli("measure", str(missing)), 3, str(missing), "no such file")
 
 
 def test_empty_directory(tmp_path: Path) -> None:
-    assert_one_line_error(run("measure", str(tmp_path)), 3, str(tmp_path), "no .safetensors")
+    assert_one_line_error(run_cli("measure", str(tmp_path)), 3, str(tmp_path), "no .safetensors")
 
 
 def test_nothing_to_audit(tmp_path: Path) -> None:
     """Only biases, norms and scalars: once a report of zero layers that passed every gate."""
     path = tmp_path / "model.safetensors"
     save_file({"fc.bias": torch.randn(8), "scale": torch.tensor(2.0)}, str(path))
-    assert_one_line_error(run("measure", str(path)), 3, str(path), "no weight matrix to audit")
-    assert_one_line_error(run("compare", str(path), str(path)), 3, "no weight matrix to audit")
+    assert_one_line_error(run_cli("measure", str(path)), 3, str(path), "no weight matrix to audit")
+    assert_one_line_error(run_cli("compare", str(path), str(path)), 3, "no weight matrix to audit")
 
 
 def test_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(64, 64)}, str(path))
     path.write_bytes(path.read_bytes()[:-1000])
-    assert_one_line_error(run("measure", str(path)), 3, str(path), "truncated")
+    assert_one_line_error(run_cli("measure", str(path)), 3, str(path), "truncated")
 
 
 def test_file_that_is_not_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.write_text("<html>not a model</html>")
-    assert_one_line_error(run("measure", str(path)), 3, str(path), "not a safetensors file")
+    assert_one_line_error(run_cli("measure", str(path)), 3, str(path), "not a safetensors file")
 
 
 def test_pickle_is_refused_and_never_loaded(tmp_path: Path) -> None:
@@ -107,7 +99,7 @@ def test_pickle_is_refused_and_never_loaded(tmp_path: Path) -> None:
     import pickle
 
     (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
-    proc = run("measure", str(tmp_path))
+    proc = run_cli("measure", str(tmp_path))
     assert_one_line_error(proc, 3, "pytorch_model.bin", "pickle")
     assert not canary.exists()
 
@@ -121,7 +113,7 @@ def test_non_finite_weights_exit_1_naming_the_tensors(
     inf[0, 0] = float("inf")
     path = write_checkpoint({"a.weight": bad, "b.weight": torch.randn(16, 16), "c.weight": inf})
     out = tmp_path / "r.json"
-    proc = run("measure", str(path), *FAST, "--json", str(out), "--quiet")
+    proc = run_cli("measure", str(path), *FAST, "--json", str(out), "--quiet")
     assert_one_line_error(proc, 1, "a.weight", "c.weight", "non-finite")
     report = json.loads(out.read_text())
     assert report["non_finite"] == ["a.weight", "c.weight"]
@@ -136,7 +128,7 @@ def test_a_crafted_tensor_name_stays_on_one_line(write_checkpoint: WriteCheckpoi
     bad = torch.randn(16, 16)
     bad[3, 4] = float("nan")
     path = write_checkpoint({"a.weight": torch.randn(16, 16), crafted: bad})
-    proc = run("measure", str(path), *FAST)
+    proc = run_cli("measure", str(path), *FAST)
     assert_one_line_error(proc, 1, "non-finite", "blocks.1.evil\\n::error::pwned\\r")
     for line in (proc.stdout + proc.stderr).splitlines():
         assert not line.lstrip().startswith("::"), line
@@ -147,7 +139,7 @@ def test_all_zero_matrix_gets_null_metrics(
 ) -> None:
     path = write_checkpoint({"a.weight": torch.zeros(12, 10), "b.weight": torch.randn(12, 10)})
     out = tmp_path / "r.json"
-    proc = run("measure", str(path), *FAST, "--json", str(out), "--quiet")
+    proc = run_cli("measure", str(path), *FAST, "--json", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     layers = {x["name"]: x for x in json.loads(out.read_text())["layers"]}
     zero = layers["a.weight"]
@@ -166,37 +158,37 @@ def test_all_zero_matrix_gets_null_metrics(
      (["--device", "tpu"], "device")],
 )  # fmt: skip
 def test_usage_errors_exit_2(digits_mlp: Path, flags: list[str], needle: str) -> None:
-    assert_one_line_error(run("measure", str(digits_mlp), *flags), 2, needle)
+    assert_one_line_error(run_cli("measure", str(digits_mlp), *flags), 2, needle)
 
 
 def test_parse_errors_name_the_command_and_its_help() -> None:
-    assert_one_line_error(run("check"), 2, "Missing argument", "`dynaudit check --help`")
-    assert_one_line_error(run("nosuch"), 2, "No such command 'nosuch'")
-    bare = run()
+    assert_one_line_error(run_cli("check"), 2, "Missing argument", "`dynaudit check --help`")
+    assert_one_line_error(run_cli("nosuch"), 2, "No such command 'nosuch'")
+    bare = run_cli()
     assert bare.returncode == 2 and "Commands" in bare.stdout and "Traceback" not in bare.stderr
 
 
 def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:
-    proc = run("measure", str(tmp_path / "nope"), env={"DYNAUDIT_DEBUG": "1"})
+    proc = run_cli("measure", str(tmp_path / "nope"), env={"DYNAUDIT_DEBUG": "1"})
     assert proc.returncode == 3
     assert "Traceback" in proc.stderr
 
 
 def test_inspect_and_plugins(digits_mlp: Path) -> None:
-    proc = run("inspect", str(digits_mlp), "--json", "-")
+    proc = run_cli("inspect", str(digits_mlp), "--json", "-")
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)
     assert found["family"]["name"] == "generic"
     assert [x["shape"] for x in found["layers"]] == [[384, 64], [384, 384], [10, 384]]
     assert found["gflop"] > 0
-    table = run("inspect", str(digits_mlp))
+    table = run_cli("inspect", str(digits_mlp))
     assert table.returncode == 0 and "fit GFLOP" in table.stdout
-    plugins = run("plugins")
+    plugins = run_cli("plugins")
     assert plugins.returncode == 0 and "generic" in plugins.stdout
 
 
 def test_help_documents_exit_codes() -> None:
-    proc = run("--help")
+    proc = run_cli("--help")
     assert proc.returncode == 0
     for code in ("0", "1", "2", "3", "4", "130"):
         assert f"exit {code}:" in proc.stdout

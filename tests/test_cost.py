@@ -29,7 +29,7 @@ import dynaudit
 from dynaudit import structure
 from dynaudit.cli import main
 from dynaudit.config import FitSettings
-from dynaudit.engine import BATCH_COORD_BYTES, _batches
+from dynaudit.engine.measure import BATCH_COORD_BYTES, _batches
 from dynaudit.families import Layer
 from dynaudit.reports.inspect import render_inspection
 

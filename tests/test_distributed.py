@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dynaudit.distributed import Ranks, assign
+from tests.cli import run_cli
 from tests.conftest import small_settings
 
 SETTINGS = ["--q-dim", "32", "--pieces", "4", "--steps", "100", "--seeds", "2", "--no-cache"]
@@ -68,11 +69,7 @@ def test_two_ranks_give_the_single_process_report(tiny_llama: Path, tmp_path: Pa
     rank 0, with every layer's numbers within 1e-5 of a one-process run on one thread."""
     env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    single = subprocess.run(
-        [sys.executable, "-m", "dynaudit", "measure", str(tiny_llama), "--json", str(one),
-         "--threads", "1", "--quiet", *SETTINGS],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    single = run_cli("measure", tiny_llama, "--json", one, "--threads", "1", "--quiet", *SETTINGS)
     assert single.returncode == 0, single.stderr
     sharded = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -141,12 +138,7 @@ def test_two_ranks_make_and_check_baselines_like_one_process(
     noisy = derive(tiny_llama, tmp_path / "noisy", lambda _, v: v + 0.2 * v.std() * torch.randn(
         v.shape, generator=gen) if v.dim() == 2 else v)  # fmt: skip
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "dynaudit", "check", str(noisy), "--baseline", str(one_dir),
-         "--json", str(one)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    single = run_cli("check", noisy, "--baseline", one_dir, "--json", one)
     assert single.returncode in (0, 1), single.stderr
     sharded = _torchrun("check", str(noisy), "--baseline", str(two_dir), "--json", str(two),
                         cwd=tmp_path)  # fmt: skip
@@ -179,12 +171,7 @@ def test_a_baseline_into_mlflow_alone_refuses_to_run_per_rank(
 
 
 def test_a_world_size_without_torchrun_is_a_usage_error(tiny_llama: Path) -> None:
-    env = {**os.environ, "CI": "true", "WORLD_SIZE": "2", "RANK": "0"}
-    env.pop("MASTER_ADDR", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynaudit", "measure", str(tiny_llama)], capture_output=True,
-        text=True, timeout=120, env=env,
-    )  # fmt: skip
+    proc = run_cli("measure", tiny_llama, env={"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": None})
     assert proc.returncode == 2, proc.stderr
     assert "torchrun rendezvous failed" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from io import StringIO
@@ -37,6 +35,7 @@ from dynaudit.reports.escape import (
     escape_xml,
     markdown_code,
 )
+from tests.cli import run_cli
 
 # The crafted names, each a whole tensor name of a generic-family checkpoint (the family
 # turns the part before ".weight" into the layer type, so types are crafted too).
@@ -307,14 +306,6 @@ def test_an_unwritable_step_summary_is_a_warning(
 # -- the CLI, end to end ---------------------------------------------------------------------
 
 
-def _cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", *map(str, args)],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1", **(env or {})},
-    )  # fmt: skip
-
-
 def test_check_in_github_actions_end_to_end(crafted: dict[str, Any], tmp_path: Path) -> None:
     """`check` of the damaged crafted checkpoint inside GitHub Actions: exit 1; stdout,
     stderr, the job summary, --markdown and --junit all clean; then the same with a step
@@ -324,8 +315,17 @@ def test_check_in_github_actions_end_to_end(crafted: dict[str, Any], tmp_path: P
     md, junit = tmp_path / "check.md", tmp_path / "check.xml"
     env = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary),
            "GITHUB_OUTPUT": str(output)}  # fmt: skip
-    proc = _cli("check", crafted["damaged"], "--baseline", crafted["baseline"],
-                "--markdown", md, "--junit", junit, env=env)  # fmt: skip
+    proc = run_cli(
+        "check",
+        crafted["damaged"],
+        "--baseline",
+        crafted["baseline"],
+        "--markdown",
+        md,
+        "--junit",
+        junit,
+        env=env,
+    )
     assert proc.returncode == 1, proc.stderr
     assert_clean(proc.stdout, "stdout")
     assert_clean(proc.stderr, "stderr")
@@ -340,8 +340,9 @@ def test_check_in_github_actions_end_to_end(crafted: dict[str, Any], tmp_path: P
     assert output.read_text() == "verdict=fail\n"
 
     env["GITHUB_STEP_SUMMARY"] = str(tmp_path / "missing" / "summary.md")
-    proc = _cli("check", crafted["damaged"], "--baseline", crafted["baseline"], "--quiet",
-                env=env)  # fmt: skip
+    proc = run_cli(
+        "check", crafted["damaged"], "--baseline", crafted["baseline"], "--quiet", env=env
+    )
     assert proc.returncode == 1, proc.stderr
     assert_clean(proc.stderr, "stderr")
     assert proc.stderr.startswith("dynaudit: warning: could not write $GITHUB_STEP_SUMMARY")
@@ -352,12 +353,12 @@ def test_check_in_github_actions_end_to_end(crafted: dict[str, Any], tmp_path: P
 def test_inspect_and_measure_end_to_end(crafted: dict[str, Any], tmp_path: Path) -> None:
     """`inspect` printed raw ANSI from tensor names; `measure` of a NaN in the ESC-named
     layer: exit 1 with one clean line on stderr and a clean table."""
-    proc = _cli("inspect", crafted["clean"])
+    proc = run_cli("inspect", crafted["clean"])
     assert proc.returncode == 0, proc.stderr
     assert_clean(proc.stdout, "inspect stdout")
     assert "\\x1b[2K\\x1b[1Gverdict: PASS" in proc.stdout
     nan = _write(tmp_path / "nan", nan=True)
-    proc = _cli("measure", nan, *FAST_FLAGS)
+    proc = run_cli("measure", nan, *FAST_FLAGS)
     assert proc.returncode == 1, proc.stderr
     assert_clean(proc.stdout, "measure stdout")
     assert_clean(proc.stderr, "measure stderr")
@@ -373,7 +374,7 @@ def test_logged_warnings_are_one_escaped_line(crafted: dict[str, Any], tmp_path:
     blocked = tmp_path / "a-file\x1b[2K\x07\n::error::pwned"
     blocked.write_text("not a directory")
     env = {"DYNAUDIT_CACHE_DIR": str(blocked / "cache")}
-    proc = _cli("measure", crafted["clean"], *FAST_FLAGS, "--quiet", env=env)
+    proc = run_cli("measure", crafted["clean"], *FAST_FLAGS, "--quiet", env=env)
     assert proc.returncode == 0, proc.stderr
     assert_clean(proc.stderr, "stderr")
     lines = proc.stderr.splitlines()

@@ -23,16 +23,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dynaudit
-from dynaudit.comparison import (
+from dynaudit.baseline_store import (
     BASELINE_FILE,
     MANIFEST_FILE,
-    BaselineError,
     expected_coords,
     load_baseline,
     read_coords,
 )
-from dynaudit.errors import CorruptCheckpoint, DynauditError, UsageError
-from dynaudit.policy import Policy, load_policy
+from dynaudit.errors import BaselineError, CorruptCheckpoint, DynauditError, UsageError
+from dynaudit.gate import load_policy
+from dynaudit.schema import Policy
 from dynaudit.tensors import parse_header, read_header, read_index
 
 CI = bool(os.environ.get("CI"))

@@ -15,23 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dynaudit
-from dynaudit.comparison import BaselineError
-from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison, Policy, decide
+from dynaudit.errors import BaselineError
+from dynaudit.gate import decide
+from dynaudit.schema import Change, Comparison, GroupComparison, LayerComparison, Policy
 from experiments.derived import bf16_round_trip, collapse, derive, noise
+from tests.cli import run_cli
 
 # Small enough for tests, large enough for the warm refits to follow real damage: with
 # q_dim 16 and 40 warm steps a rank-2 block moved 5 %, with these 20–48 % (docs/gate.md).
 SETTINGS: dict[str, Any] = {"q_dim": 32, "pieces": 4, "steps": 150}
 FLAGS = ["--q-dim", "32", "--pieces", "4", "--steps", "150"]
-
-
-def cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", *args], capture_output=True, text=True, timeout=600,
-        cwd=cwd, env={**os.environ, "CI": "true", **(env or {})},
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +124,7 @@ def test_policy_from_pyproject_file_and_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dynaudit.errors import UsageError
-    from dynaudit.policy import load_policy
+    from dynaudit.gate import load_policy
 
     monkeypatch.chdir(tmp_path)
     assert load_policy() == Policy()
@@ -217,9 +210,9 @@ def test_a_rank_collapsed_block_fails_naming_layers_and_groups(
     summary, output = tmp_path / "summary.md", tmp_path / "output"
     github = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary),
               "GITHUB_OUTPUT": str(output)}  # fmt: skip
-    proc = cli("check", str(damaged), "--baseline", str(stored), "--json", str(out),
-               "--markdown", str(tmp_path / "r.md"), "--junit", str(tmp_path / "r.xml"),
-               env=github)  # fmt: skip
+    reports = ["--markdown", str(tmp_path / "r.md"), "--junit", str(tmp_path / "r.xml")]
+    check = ["check", str(damaged), "--baseline", str(stored), "--json", str(out), *reports]
+    proc = run_cli(*check, env=github)
     assert proc.returncode == 1, proc.stderr
     assert output.read_text() == "verdict=fail\n"
     assert summary.read_text() == (tmp_path / "r.md").read_text() + "\n"
@@ -258,9 +251,9 @@ def test_weight_policy_flags_reach_the_gate(tiny_llama: Path, stored: Path, tmp_
     """A bf16 round trip moves every layer by ~0.2 %, like noise: it passes by default, and
     fails when the flags set the weight limits below that."""
     bf16 = derive(tiny_llama, tmp_path / "bf16", bf16_round_trip)
-    proc = cli("check", str(bf16), "--baseline", str(stored), "--max-weight-change", "0.01")
+    proc = run_cli("check", str(bf16), "--baseline", str(stored), "--max-weight-change", "0.01")
     assert proc.returncode == 1 and "replaced, not adapted" in proc.stdout, proc.stderr
-    proc = cli("check", str(bf16), "--baseline", str(stored), "--max-noise-change", "0.01")
+    proc = run_cli("check", str(bf16), "--baseline", str(stored), "--max-noise-change", "0.01")
     assert proc.returncode == 1 and "like random noise" in proc.stdout, proc.stderr
 
 
@@ -271,7 +264,7 @@ def test_nan_weights_exit_1(tiny_llama: Path, stored: Path, tmp_path: Path) -> N
             v[0, 0] = float("nan")
         return v
 
-    proc = cli(
+    proc = run_cli(
         "check", str(derive(tiny_llama, tmp_path / "nan", poison)), "--baseline", str(stored)
     )
     assert proc.returncode == 1
@@ -292,21 +285,23 @@ def test_real_fine_tunes_from_the_cli(tiny_llama: Path, stored: Path, tmp_path: 
         tiny_llama, wrecked, modules=FINETUNE_MODULES, steps=30, lr=3e-2, clip=None
     )
     out = tmp_path / "gentle.json"
-    proc = cli("check", str(gentle), "--baseline", str(stored), "--json", str(out))
+    proc = run_cli("check", str(gentle), "--baseline", str(stored), "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = dynaudit.CheckReport.model_validate_json(out.read_text())
     change = report.comparison.all.change
     assert change is not None and change.seeds == 1 and report.comparison.refits == 29
     assert 0 < abs(change.mean) < 0.02  # it moved, a little
     assert f"{change.mean * 100:+.2f}% (1 seed)" in proc.stdout
-    proc = cli("check", str(gentle), "--baseline", str(stored), "--json", str(out), "--all-seeds")
+    proc = run_cli(
+        "check", str(gentle), "--baseline", str(stored), "--json", str(out), "--all-seeds"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = dynaudit.CheckReport.model_validate_json(out.read_text())
     change = report.comparison.all.change
     assert change is not None and change.seeds == 3 and change.std > 0
     assert report.comparison.refits == report.comparison.refits_full == 87
     assert f"{change.mean * 100:+.2f}% ± {change.std * 100:.2f}%" in proc.stdout
-    proc = cli("check", str(wrecked), "--baseline", str(stored))
+    proc = run_cli("check", str(wrecked), "--baseline", str(stored))
     assert proc.returncode == 1
     assert "damage: model.layers." in proc.stdout and "all layers" in proc.stdout
 
@@ -360,14 +355,14 @@ def test_unusable_baselines_are_input_errors(
         with pytest.raises(BaselineError, match=needle):
             dynaudit.check(source, copy, q_dim=64)
         return
-    proc = cli("check", str(source), "--baseline", str(copy))
+    proc = run_cli("check", str(source), "--baseline", str(copy))
     assert proc.returncode == 3, proc.stderr
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_a_baseline_is_never_overwritten(tiny_llama: Path, stored: Path) -> None:
     before = (stored / "manifest.json").read_text()
-    proc = cli("baseline", str(tiny_llama), "--out", str(stored), *FLAGS)
+    proc = run_cli("baseline", str(tiny_llama), "--out", str(stored), *FLAGS)
     assert proc.returncode == 2 and "never overwritten" in proc.stderr
     assert (stored / "manifest.json").read_text() == before
     assert not list(stored.parent.glob(".*tmp-*"))
@@ -376,12 +371,12 @@ def test_a_baseline_is_never_overwritten(tiny_llama: Path, stored: Path) -> None
 def test_baselines_default_to_three_seeds_from_the_cli(tiny_llama: Path, tmp_path: Path) -> None:
     """The CLI passes ``seeds=None`` when --seeds is left out: that once gave K = 1."""
     out = tmp_path / "default-k"
-    proc = cli("baseline", str(tiny_llama), "--out", str(out), *FLAGS, "--steps", "20")
+    proc = run_cli("baseline", str(tiny_llama), "--out", str(out), *FLAGS, "--steps", "20")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "baseline.json").read_text())["seeds"] == 3
     report = tmp_path / "compare.json"
-    proc = cli("compare", str(tiny_llama), str(tiny_llama), *FLAGS, "--steps", "20", "--json",
-               str(report), "--quiet")  # fmt: skip
+    fit = [*FLAGS, "--steps", "20"]
+    proc = run_cli("compare", str(tiny_llama), str(tiny_llama), *fit, "--json", str(report), "-q")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(report.read_text())["baseline"]["seeds"] == 3
 
@@ -395,22 +390,22 @@ def test_the_public_compare_is_the_function() -> None:
     """Regression: a module named dynaudit.compare replaced the function once imported."""
     import dynaudit.gate  # imports every gate module
 
-    assert callable(dynaudit.compare) and dynaudit.compare.__module__ == "dynaudit.gate"
+    assert callable(dynaudit.compare) and dynaudit.compare.__module__ == "dynaudit.api"
 
 
 def test_a_checkpoint_baseline_is_measured_once_and_kept_in_the_cache(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dynaudit.gate
+    import dynaudit.api
 
     made: list[Path] = []  # every baseline directory measured, in order
-    real = dynaudit.gate._write_baseline
+    real = dynaudit.api._write_baseline
 
     def counting(checkpoint: Any, resolved: Any, target: Path, *args: Any, **kwargs: Any) -> Any:
         made.append(target)
         return real(checkpoint, resolved, target, *args, **kwargs)
 
-    monkeypatch.setattr(dynaudit.gate, "_write_baseline", counting)
+    monkeypatch.setattr(dynaudit.api, "_write_baseline", counting)
     bf16 = derive(tiny_llama, tmp_path / "bf16", bf16_round_trip)
     first = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
     second = dynaudit.compare(tiny_llama, bf16, seeds=2, **SETTINGS)
@@ -478,7 +473,7 @@ def test_an_adapter_without_baseline_finds_its_base(tmp_path: Path) -> None:
 
 
 def test_no_baseline_anywhere_is_a_usage_error(tiny_llama: Path, tmp_path: Path) -> None:
-    proc = cli("check", str(tiny_llama), cwd=tmp_path)
+    proc = run_cli("check", str(tiny_llama), cwd=tmp_path)
     assert proc.returncode == 2 and "--baseline" in proc.stderr
 
 

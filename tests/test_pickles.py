@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +14,10 @@ import dynaudit
 from dynaudit.errors import PickleRefused
 from dynaudit.sources import SourceOptions
 from tests import producers
+from tests.cli import run_cli
 from tests.hubserver import LocalHub
 
 FAST = {"q_dim": 16, "pieces": 4, "steps": 40}
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "true"},
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +72,7 @@ def test_a_malicious_pickle_runs_nothing_even_when_allowed(tmp_path: Path) -> No
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Evil()}))
     torch.save({"w": Evil()}, folder / "model.pt")
     for target in (folder, folder / "model.pt"):
-        proc = cli("measure", str(target), "--allow-pickle")
+        proc = run_cli("measure", str(target), "--allow-pickle")
         assert proc.returncode == 3, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "weights_only" in lines[0], proc.stderr

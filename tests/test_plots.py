@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import dynaudit
+from tests.cli import run_cli
 from tests.test_check_reports import sample_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FAST = {"q_dim": 16, "pieces": 4, "steps": 40}
-
-
-def plot(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", "plot", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "true"},
-    )  # fmt: skip
 
 
 def test_bars_trajectory_and_neuron_map(digits_mlp: Path, tmp_path: Path) -> None:
@@ -39,11 +30,11 @@ def test_bars_trajectory_and_neuron_map(digits_mlp: Path, tmp_path: Path) -> Non
         "tsne.png": [str(baseline), "--method", "tsne"],
     }
     for name, args in cases.items():
-        proc = plot(*args, "--out", str(tmp_path / name))
+        proc = run_cli("plot", *args, "--out", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, name
-    bad = plot(str(tmp_path / "step0.json"), "--out", str(tmp_path / "x.png"))
+    bad = run_cli("plot", str(tmp_path / "step0.json"), "--out", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "at least two" in bad.stderr
 
 
@@ -56,12 +47,12 @@ def test_plot_reads_a_newer_minor_and_refuses_a_newer_major(tmp_path: Path) -> N
     data["comparison"]["layers"][0]["also_new"] = 1
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps(data))
-    proc = plot(str(newer), "--out", str(tmp_path / "bars.png"))
+    proc = run_cli("plot", str(newer), "--out", str(tmp_path / "bars.png"))
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "from_the_future" in warnings[0], proc.stderr
     data["schema_version"] = 2
     newer.write_text(json.dumps(data))
-    proc = plot(str(newer), "--out", str(tmp_path / "bars.png"))
+    proc = run_cli("plot", str(newer), "--out", str(tmp_path / "bars.png"))
     assert proc.returncode == 3, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "newer" in proc.stderr

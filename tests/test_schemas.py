@@ -20,10 +20,12 @@ import pytest
 import torch
 
 import dynaudit
+from dynaudit.baseline_store import load_baseline
 from dynaudit.cli import main
-from dynaudit.comparison import BASELINE_FORMAT, Baseline, BaselineError, load_baseline
-from dynaudit.errors import InputError
-from dynaudit.report import (
+from dynaudit.errors import BaselineError, InputError
+from dynaudit.schema import (
+    BASELINE_FORMAT,
+    Baseline,
     FamilyInfo,
     LayerResult,
     Report,

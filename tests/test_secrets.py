@@ -23,6 +23,7 @@ import pytest
 from safetensors.torch import save_file
 
 from dynaudit.secrets import REDACTED, scrub
+from tests.cli import CliResult, run_cli
 
 TOKEN = "mlflow-SECRET~canary/TOKEN+7d3f9a1c"
 USER = "canary-user"
@@ -66,7 +67,8 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 def echo(request: pytest.FixtureRequest) -> Iterator[str]:
     handler = type("Echo", (_Echo,), {"status": request.param})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits for one, and every test here stops a server.
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -86,15 +88,13 @@ def model(tmp_path: Path) -> Path:
     return folder
 
 
-def dynaudit(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    child = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HF_"))}
-    child.pop("DYNAUDIT_DEBUG", None)
-    child.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "OMP_NUM_THREADS": "1", **env})
-    return subprocess.run([sys.executable, "-m", "dynaudit", *args], env=child,
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+def dynaudit(*args: str, env: dict[str, str]) -> CliResult:
+    """No MLflow setting of the developer's, and no retries against the echoing server."""
+    stray: dict[str, str | None] = {k: None for k in os.environ if k.startswith("MLFLOW_")}
+    return run_cli(*args, env={**stray, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **env})
 
 
-def assert_not_leaked(run: subprocess.CompletedProcess[str], *secrets: str) -> None:
+def assert_not_leaked(run: CliResult, *secrets: str) -> None:
     output = run.stdout + run.stderr
     for secret in secrets:
         for form in forms(secret):

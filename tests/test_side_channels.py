@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from dynaudit.sources.mlflow import major_version
+from tests.cli import CliResult, run_cli
 from tests.mlflowserver import MlflowServer
 
 FAST = ["--q-dim", "16", "--pieces", "4", "--steps", "30"]
@@ -31,20 +30,16 @@ def _dead_server() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _run(
-    *args: str | Path, tmp_path: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
+def _run(*args: str | Path, tmp_path: Path, env: dict[str, str] | None = None) -> CliResult:
     """``dynaudit ARGS``; by default against a dead server, with retries set off by the user."""
     default = {
-        "MLFLOW_TRACKING_URI": _dead_server(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_TRACKING_URI": _dead_server(),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-    }  # fmt: skip
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    base |= {"DYNAUDIT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", *map(str, args)],
-        capture_output=True, text=True, env=base | (default if env is None else env), timeout=300,
-    )  # fmt: skip
+    }
+    base: dict[str, str | None] = {k: None for k in os.environ if k.startswith("MLFLOW_")}
+    base["DYNAUDIT_CACHE_DIR"] = str(tmp_path / "cache")
+    return run_cli(*args, env=base | (default if env is None else env))
 
 
 def _model(tmp_path: Path, name: str = "model") -> Path:
@@ -77,9 +72,7 @@ def test_an_unreachable_mlflow_is_a_warning_and_the_verdict_stands(
     assert "Traceback" not in proc.stderr
 
 
-def _check_with_every_report(
-    tmp_path: Path, env: dict[str, str]
-) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
+def _check_with_every_report(tmp_path: Path, env: dict[str, str]) -> tuple[CliResult, list[Path]]:
     model = _model(tmp_path)
     reports = [tmp_path / "check.json", tmp_path / "check.md", tmp_path / "check.xml"]
     proc = _run(
@@ -90,8 +83,8 @@ def _check_with_every_report(
 
 
 def test_check_against_a_dead_server_with_mlflows_default_retries(tmp_path: Path) -> None:
-    """No MLFLOW_HTTP_* variable set: MLflow alone would retry for minutes (the subprocess
-    timeout would fire); dynaudit bounds it, writes every report, warns once, exits 0."""
+    """No MLFLOW_HTTP_* variable set: MLflow alone would retry for minutes (the test would
+    hang); dynaudit bounds it, writes every report, warns once, exits 0."""
     proc, reports = _check_with_every_report(tmp_path, {"MLFLOW_TRACKING_URI": _dead_server()})
     assert proc.returncode == 0, proc.stderr
     assert all(path.stat().st_size > 0 for path in reports)

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 import dynaudit
-from dynaudit.report import Report
+from dynaudit.schema import Report
 from dynaudit.sources import SourceOptions
+from tests.cli import run_cli
 from tests.hubserver import LocalHub
 from tests.mlflowserver import MlflowServer, free_port
 
@@ -27,12 +28,15 @@ TOKEN = "hf_test_secret_0123456789abcdef"
 ERROR_SECONDS = 15
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
+def process_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A real ``python -m dynaudit``: for variables read when huggingface_hub is imported."""
     return subprocess.run(
         [sys.executable, "-m", "dynaudit", *args],
-        capture_output=True, text=True, timeout=300, cwd=cwd,
-        env={**os.environ, "CI": "true", **(env or {})},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
 
 
 def figures(report: Report) -> dict[str, Any]:
@@ -84,13 +88,13 @@ def published(hub: LocalHub, sharded_llama: Path, tmp_path_factory: pytest.TempP
 def test_revision_flag_pins_the_hub_revision(hub: LocalHub, published: str) -> None:
     """``--revision REV`` is ``hf://org/name@REV``: the report names the pinned URI and commit;
     a different revision in the URI is one line, exit 2, before anything is downloaded."""
-    proc = cli("inspect", "hf://org/tiny-llama", "--revision", "v1", "--hf-endpoint", hub.url,
+    proc = run_cli("inspect", "hf://org/tiny-llama", "--revision", "v1", "--hf-endpoint", hub.url,
                "--json", "-")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)
     assert found["uri"] == "hf://org/tiny-llama@v1"
     start = len(hub.requests)
-    clash = cli("measure", "hf://org/tiny-llama@main", "--revision", "v1", "--hf-endpoint",
+    clash = run_cli("measure", "hf://org/tiny-llama@main", "--revision", "v1", "--hf-endpoint",
                 hub.url)  # fmt: skip
     assert clash.returncode == 2, clash.stderr
     assert len(clash.stderr.strip().splitlines()) == 1 and "differs" in clash.stderr
@@ -102,7 +106,7 @@ def test_hub_measure_equals_local(
 ) -> None:
     out = tmp_path / "hub.json"
     start = len(hub.requests)
-    proc = cli(
+    proc = run_cli(
         "measure", "hf://org/tiny-llama@v1", "--hf-endpoint", hub.url, *FAST_FLAGS,
         "--json", str(out), "--quiet",
     )  # fmt: skip
@@ -140,7 +144,7 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(hub: LocalHub, tmp_path: P
     (tmp_path / "out").mkdir()
     start = len(hub.requests)
     for typo in ("out/model.safetensors", "out/modle", "ckpt/model.safetensors"):
-        proc = cli("measure", typo, "--hf-endpoint", hub.url, cwd=tmp_path)
+        proc = run_cli("measure", typo, "--hf-endpoint", hub.url, cwd=tmp_path)
         assert proc.returncode == 3 and "no such file or directory" in proc.stderr, proc.stderr
     assert len(hub.requests) == start
 
@@ -150,7 +154,7 @@ def test_a_local_path_wins_over_a_repo_id(
 ) -> None:
     shutil.copytree(sharded_llama, tmp_path / "org" / "tiny-llama")
     start = len(hub.requests)
-    proc = cli(
+    proc = run_cli(
         "measure", "org/tiny-llama", "--hf-endpoint", hub.url, *FAST_FLAGS, "--json", "r.json",
         "--quiet", cwd=tmp_path,
     )  # fmt: skip
@@ -189,7 +193,7 @@ def test_hub_failures_are_one_line_exit_3(
     extra = [e.format(dead=free_port()) for e in extra]
     endpoint = [] if "--hf-endpoint" in extra else ["--hf-endpoint", hub.url]
     started = time.monotonic()
-    proc = cli("measure", source, *endpoint, *extra, *FAST_FLAGS)
+    proc = run_cli("measure", source, *endpoint, *extra, *FAST_FLAGS)
     elapsed = time.monotonic() - started
     expected = 2 if source in USAGE_ERRORS else 3
     assert proc.returncode == expected, proc.stderr
@@ -230,13 +234,13 @@ def test_an_adapter_on_the_hub_merges_over_its_base_on_the_hub(
 
 def test_the_token_is_used_and_never_shown(hub: LocalHub, published: str, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    proc = cli(
+    proc = run_cli(
         "measure", "hf://org/gated-llama", "--hf-endpoint", hub.url, *FAST_FLAGS,
         "--json", str(out), "--markdown", str(tmp_path / "r.md"),
         env={"HF_TOKEN": TOKEN, "DYNAUDIT_DEBUG": "0"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    flag = cli(
+    flag = run_cli(
         "measure", "hf://org/gated-llama", "--hf-endpoint", hub.url, "--hf-token", TOKEN,
         *FAST_FLAGS, "--no-cache", "--quiet",
     )  # fmt: skip
@@ -258,7 +262,7 @@ def test_hub_download_is_checked_against_the_hubs_sha256(
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF  # same size, one flipped byte: the client's cache still trusts it
     blob.write_bytes(bytes(data))
-    proc = cli("measure", "hf://org/tiny-llama", "--hf-endpoint", hub.url, *FAST_FLAGS)
+    proc = run_cli("measure", "hf://org/tiny-llama", "--hf-endpoint", hub.url, *FAST_FLAGS)
     assert proc.returncode == 3, proc.stderr
     assert "does not match the sha256" in proc.stderr and "model-00001" in proc.stderr
 
@@ -302,19 +306,19 @@ def test_offline_mode_uses_the_populated_cache(
 ) -> None:
     """HF_HUB_OFFLINE is read when huggingface_hub is imported: each run is a subprocess."""
     warm = {"HF_HOME": str(tmp_path / "warm")}
-    online = cli("measure", "hf://org/tiny-llama@v1", "--hf-endpoint", hub.url, *FAST_FLAGS,
-                 "--quiet", env=warm)  # fmt: skip
+    uri = "hf://org/tiny-llama@v1"
+    online = process_cli("measure", uri, "--hf-endpoint", hub.url, *FAST_FLAGS, "--quiet", env=warm)
     assert online.returncode == 0, online.stderr
     dead = f"http://127.0.0.1:{free_port()}"  # proves nothing is asked of the network
     out = tmp_path / "offline.json"
-    offline = cli(
+    offline = process_cli(
         "measure", "hf://org/tiny-llama@v1", "--hf-endpoint", dead, *FAST_FLAGS, "--no-cache",
         "--json", str(out), "--quiet", env={**warm, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert offline.returncode == 0, offline.stderr
     report = Report.model_validate_json(out.read_text())
     assert figures(report) == local_numbers and report.source.revision == published
-    empty = cli(
+    empty = process_cli(
         "measure", "hf://org/tiny-llama@v1", *FAST_FLAGS,
         env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
@@ -469,7 +473,7 @@ def test_the_model_card_is_read_by_huggingface_hub(
 ) -> None:
     """Regression: the hand-written reader kept a trailing comment and a flow list's
     brackets as part of the name. Through find_baseline, as check uses it."""
-    from dynaudit.gate import find_baseline
+    from dynaudit.baseline_store import find_baseline
 
     (tmp_path / "README.md").write_bytes(card.encode())
     if base is None:
@@ -559,7 +563,7 @@ def test_mlflow_measure_equals_local(
     uri: str,
 ) -> None:
     out = tmp_path / "r.json"
-    proc = cli("measure", uri, *FAST_FLAGS, "--json", str(out), "--quiet",
+    proc = run_cli("measure", uri, *FAST_FLAGS, "--json", str(out), "--quiet",
                env={"MLFLOW_TRACKING_URI": mlflow_server.url})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Downloading artifacts" not in proc.stderr  # no progress bars in CI logs
@@ -594,7 +598,7 @@ def test_mlflow_failures_are_one_line_exit_3(
     mlflow_server: MlflowServer, registered: dict[str, str], uri: str, needle: str
 ) -> None:
     started = time.monotonic()
-    proc = cli("measure", uri, "--mlflow-uri", mlflow_server.url, *FAST_FLAGS)
+    proc = run_cli("measure", uri, "--mlflow-uri", mlflow_server.url, *FAST_FLAGS)
     assert time.monotonic() - started < ERROR_SECONDS
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -603,13 +607,10 @@ def test_mlflow_failures_are_one_line_exit_3(
 
 def test_a_dead_mlflow_server_fails_within_seconds() -> None:
     """With MLflow's own retry settings unset: dynaudit bounds them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("MLFLOW_HTTP_")}
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynaudit", "measure", "models:/tiny-llama/1",
-         "--mlflow-uri", f"http://127.0.0.1:{free_port()}"],
-        capture_output=True, text=True, timeout=120, env={**env, "CI": "true"},
-    )  # fmt: skip
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = run_cli("measure", "models:/tiny-llama/1", "--mlflow-uri", dead, env=unset)
     elapsed = time.monotonic() - started
     assert proc.returncode == 3, proc.stderr
     assert "cannot reach the MLflow server" in proc.stderr
@@ -619,7 +620,7 @@ def test_a_dead_mlflow_server_fails_within_seconds() -> None:
 
 def test_credentials_in_a_server_url_are_not_printed() -> None:
     dead = free_port()
-    proc = cli("measure", "models:/tiny-llama/1", "--mlflow-uri",
+    proc = run_cli("measure", "models:/tiny-llama/1", "--mlflow-uri",
                f"http://user:s3cretpw@127.0.0.1:{dead}")  # fmt: skip
     assert proc.returncode == 3 and "s3cretpw" not in proc.stderr
     assert f"http://***@127.0.0.1:{dead}" in proc.stderr
@@ -638,7 +639,7 @@ def test_mlflow_uris_parse_like_mlflow() -> None:
 
 
 def test_an_mlflow_uri_needs_a_tracking_server() -> None:
-    proc = cli("measure", "models:/tiny-llama/1")
+    proc = run_cli("measure", "models:/tiny-llama/1")
     assert proc.returncode == 2
     assert "MLFLOW_TRACKING_URI" in proc.stderr
 
@@ -664,8 +665,8 @@ def test_a_second_measure_hits_the_cache(sharded_llama: Path) -> None:
 
 
 def test_the_cli_says_when_it_used_the_cache(digits_mlp: Path, tmp_path: Path) -> None:
-    first = cli("measure", str(digits_mlp), *FAST_FLAGS)
-    second = cli("measure", str(digits_mlp), *FAST_FLAGS, "--markdown", str(tmp_path / "r.md"))
+    first = run_cli("measure", str(digits_mlp), *FAST_FLAGS)
+    second = run_cli("measure", str(digits_mlp), *FAST_FLAGS, "--markdown", str(tmp_path / "r.md"))
     assert first.returncode == second.returncode == 0
     assert "result cache hit" not in first.stdout
     assert "result cache hit" in second.stdout and "--no-cache" in second.stdout

@@ -6,9 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from torch import nn
 import dynaudit
 from dynaudit.structure import classify, rank_tolerance
 from tests import producers
+from tests.cli import run_cli
 from tests.conftest import WriteCheckpoint
 
 BOTTLENECK = (64, 128, 16, 128, 10)
@@ -87,16 +85,6 @@ def saved_matrices(folder: Path) -> dict[str, torch.Tensor]:
 
     tensors = load_file(str(folder / "model.safetensors"))
     return {name: t for name, t in tensors.items() if t.ndim == 2}
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynaudit", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CI": "true"},
-        timeout=300,
-    )
 
 
 # --- acceptance: a trained MLP with a bottleneck and a deliberately rank-deficient layer ---

@@ -17,10 +17,11 @@ import torch
 
 import dynaudit
 from dynaudit.errors import DynauditError, InputError, SourceUnreachable, UsageError
-from dynaudit.report import CheckReport
+from dynaudit.schema import CheckReport
 from dynaudit.sources import SourceOptions
 from dynaudit.sources.mlflow import major_version
 from dynaudit.tracking import log_report, metric_name
+from tests.cli import run_cli
 from tests.mlflowserver import MlflowServer, free_port
 
 FAST: dict[str, Any] = {"q_dim": 16, "pieces": 4, "steps": 60}
@@ -264,17 +265,10 @@ def test_credentials_in_the_tracking_uri_are_not_printed(
 
 def test_compare_logs_to_mlflow_from_the_cli(mlflow_server: MlflowServer, digits_mlp: Path) -> None:
     """Regression: `compare` had no --mlflow (only `check` logged)."""
-    import os
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynaudit", "compare", str(digits_mlp), str(digits_mlp),
-         "--q-dim", "16", "--pieces", "4", "--steps", "60", "--mlflow",
-         "--mlflow-uri", mlflow_server.url, "--quiet"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CI": "true", "MLFLOW_EXPERIMENT_NAME": "dynaudit-compare"},
-    )  # fmt: skip
+    fit = ["--q-dim", "16", "--pieces", "4", "--steps", "60"]
+    mlflow = ["--mlflow", "--mlflow-uri", mlflow_server.url]
+    env = {"MLFLOW_EXPERIMENT_NAME": "dynaudit-compare"}
+    proc = run_cli("compare", digits_mlp, digits_mlp, *fit, *mlflow, "--quiet", env=env)
     assert proc.returncode == 0, proc.stderr
     client = client_for(mlflow_server)
     experiment = client.get_experiment_by_name("dynaudit-compare")
@@ -288,17 +282,10 @@ def test_a_baseline_into_mlflow_alone_from_the_cli(
     mlflow_server: MlflowServer, digits_mlp: Path
 ) -> None:
     """Regression: the CLI required --out, though `baseline SOURCE --mlflow` needs none."""
-    import os
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynaudit", "baseline", str(digits_mlp), "--mlflow",
-         "--mlflow-uri", mlflow_server.url, "--q-dim", "16", "--pieces", "4", "--steps", "30",
-         "--seeds", "1"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CI": "true", "MLFLOW_EXPERIMENT_NAME": "dynaudit-baseline-cli"},
-    )  # fmt: skip
+    fit = ["--q-dim", "16", "--pieces", "4", "--steps", "30", "--seeds", "1"]
+    mlflow = ["--mlflow", "--mlflow-uri", mlflow_server.url]
+    env = {"MLFLOW_EXPERIMENT_NAME": "dynaudit-baseline-cli"}
+    proc = run_cli("baseline", digits_mlp, *mlflow, *fit, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "runs:/" in proc.stdout
     client = client_for(mlflow_server)

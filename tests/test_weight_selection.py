@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 import dynaudit
+from dynaudit.api import require_audited
 from dynaudit.cli import main
 from dynaudit.errors import InputError, UnauditedWeights
-from dynaudit.gate import require_audited
-from dynaudit.report import CheckReport, Report
+from dynaudit.schema import CheckReport, Report
 from dynaudit.sources import SourceOptions
 from dynaudit.tensors import Checkpoint, select_weights, sha256_file
 from tests.hubserver import LocalHub

@@ -16,21 +16,20 @@ import pickle
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from bench.reliability.core import FIT, Case, Outcome, Run, Workspace, dynaudit, timed
-from tests.producers import raw_safetensors, sharded_index
+from tests.cases import BAD_CHECKPOINTS, BROKEN_BASELINES, BadCheckpoint, BrokenBaseline
 
 __all__ = ["CASES"]
 
@@ -138,81 +137,24 @@ def judge(
     return Outcome(TABLE, name, family, f"exit {code}", f"exit {run.code}", ok, detail, seconds)
 
 
-def _measure_bad(
-    ws: Workspace,
-    *,
-    name: str,
-    make: Callable[[Path], Path],
-    needles: Sequence[str],
-    code: int = 3,
-    extra: Sequence[str] = (),
-) -> Outcome:
-    """``measure`` a checkpoint ``make(folder)`` writes, asked to replace two earlier reports."""
+def _measure_bad(ws: Workspace, *, case: BadCheckpoint) -> Outcome:
+    """``measure`` the case's checkpoint, asked to replace two earlier reports."""
     with timed() as elapsed:
-        folder = _fresh(ws, re.sub(r"\W+", "-", name).strip("-"))
+        folder = _fresh(ws, re.sub(r"\W+", "-", case.name).strip("-"))
         (folder / "ckpt").mkdir()
         (folder / "out").mkdir()
-        source = make(folder / "ckpt")
+        source = case.make(folder / "ckpt")
         flags, *_ = _reports(folder / "out")
         guard = Guard.of(folder)
-        run = dynaudit("measure", source, *flags, *FAST, *extra)
-        wanted = [str(source) if "{source}" in n else n for n in needles]
-    return judge(name, "generic", run, code, wanted, guard=guard, seconds=elapsed())
+        run = dynaudit("measure", source, *flags, *FAST)
+    wanted = case.expected(source)
+    return judge(case.name, "generic", run, case.code, wanted, guard=guard, seconds=elapsed())
 
 
 def _matrix(folder: Path, name: str = "model.safetensors") -> Path:
     path = folder / name
     save_file({"fc1.weight": torch.randn(64, 32), "fc2.weight": torch.randn(16, 64)}, str(path))
     return path
-
-
-# -- broken safetensors files -----------------------------------------------------------
-
-
-def _truncated(folder: Path) -> Path:
-    path = _matrix(folder)
-    path.write_bytes(path.read_bytes()[:-1000])
-    return path
-
-
-def _huge_header(folder: Path) -> Path:
-    path = folder / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", 2**62) + b'{"w": {}}' + b"\0" * 64)
-    return path
-
-
-def _header(entries: dict[str, object], data: bytes) -> Callable[[Path], Path]:
-    return lambda folder: raw_safetensors(folder / "model.safetensors", entries, data)
-
-
-def _f32(shape: list[int], begin: int, end: int, dtype: str = "F32") -> dict[str, object]:
-    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
-
-
-def _index(weight_map: dict[str, str], outside: bool = False) -> Callable[[Path], Path]:
-    """tests/test_tensors.py's sharded directory (one shard, tensor "a") with ``weight_map``;
-    ``outside``: a real safetensors file beside the directory, where ``../`` would lead."""
-
-    def make(folder: Path) -> Path:
-        if outside:
-            save_file({"b": torch.randn(8, 8)}, str(folder / "outside.safetensors"))
-        return sharded_index(folder, weight_map)
-
-    return make
-
-
-def _only_vectors(folder: Path) -> Path:
-    save_file(
-        {"scale": torch.tensor(2.0), "fc.bias": torch.randn(8), "norm.weight": torch.ones(8),
-         "step": torch.tensor(7)},
-        str(folder / "model.safetensors"),
-    )  # fmt: skip
-    return folder
-
-
-def _pickle_alone(folder: Path) -> Path:
-    torch.save({"fc.weight": torch.randn(8, 8)}, folder / "pytorch_model.bin")
-    return folder
 
 
 class _Evil:
@@ -320,63 +262,17 @@ def _other_architecture(ws: Workspace) -> Outcome:
                  guard=guard, problems=problems, seconds=elapsed())  # fmt: skip
 
 
-def _manifest_rehash(copy: Path) -> None:
-    from dynaudit.tensors import sha256_file
-
-    manifest = copy / "manifest.json"
-    entries = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({k: sha256_file(copy / k) for k in entries}, indent=1))
-
-
-def _break_report(copy: Path) -> str:
-    path = copy / "baseline.json"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    return "baseline.json"
-
-
-def _break_report_rehashed(copy: Path) -> str:
-    path = copy / "baseline.json"
-    path.write_text(path.read_text().replace('"layers"', '"layerz"', 1))
-    _manifest_rehash(copy)
-    return "baseline.json"
-
-
-def _break_manifest(copy: Path) -> str:
-    (copy / "manifest.json").write_text('{"baseline.json": ')
-    return "manifest.json"
-
-
-def _coords_file(copy: Path) -> Path:
-    return sorted((copy / "coords").glob("*.safetensors"))[0]
-
-
-def _flip_coords_byte(copy: Path) -> str:
-    path = _coords_file(copy)
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x01  # a coordinate's low bits: still a valid file, silently other numbers
-    path.write_bytes(bytes(data))
-    return path.name
-
-
-def _scale_coords(copy: Path) -> str:
-    path = _coords_file(copy)
-    tensors = load_file(str(path))
-    save_file({k: v * 1.01 for k, v in tensors.items()}, str(path))
-    return path.name
-
-
-def _bad_baseline(
-    ws: Workspace, *, name: str, family: str, damage: Callable[[Path], str], needles: list[str]
-) -> Outcome:
-    """A copy of the family's baseline, damaged by ``damage``; the base checked against it."""
+def _bad_baseline(ws: Workspace, *, case: BrokenBaseline, family: str) -> Outcome:
+    """A copy of the family's baseline, damaged by the case; the base checked against it."""
     with timed() as elapsed:
-        folder = _fresh(ws, re.sub(r"\W+", "-", name).strip("-"))
+        folder = _fresh(ws, re.sub(r"\W+", "-", case.name).strip("-"))
         copy = shutil.copytree(ws.baseline(family), folder / "baseline")
-        file = damage(copy)
+        file = case.damage(copy)
         flags, *_ = _reports(folder)
         guard = Guard.of(folder)
         run = dynaudit("check", ws.base(family), "--baseline", copy, "--no-cache", *flags, *FIT)
-    return judge(name, family, run, 3, [file, *needles], guard=guard, seconds=elapsed())
+    wanted = [file, *case.needles]
+    return judge(case.name, family, run, 3, wanted, guard=guard, seconds=elapsed())
 
 
 def _existing_out(ws: Workspace, *, kind: str) -> Outcome:
@@ -410,7 +306,7 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def _concurrent_cache(ws: Workspace) -> Outcome:
     """Two `measure` of the same checkpoint at once, sharing a fresh cache: both succeed with
     the same numbers, and the cache holds one whole, loadable entry and no temporary files."""
-    from dynaudit.report import Report
+    from dynaudit.schema import Report
     from tests.test_sources import figures
 
     with timed() as elapsed:
@@ -684,40 +580,11 @@ def _odd_names(ws: Workspace) -> Outcome:
 
 # -- the table --------------------------------------------------------------------------
 
-_BAD_FILES: list[tuple[str, Callable[[Path], Path], list[str]]] = [
-    ("truncated .safetensors", _truncated, ["{source}", "truncated", "re-download"]),
-    ("8-byte header length 2**62", _huge_header, ["{source}", "header claims", "re-download"]),
-    ("overlapping data offsets",
-     _header({"a": _f32([4, 4], 0, 64), "b": _f32([4, 4], 32, 96)}, b"\0" * 96),
-     ["{source}", "overlap", "re-download"]),
-    ("data offsets past the end",
-     _header({"w": _f32([4, 4], 0, 64)}, b"\0" * 16),
-     ["{source}", "outside", "re-download"]),
-    ("index names a missing shard",
-     _index({"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}),
-     ["model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing"]),
-    ("index shard ../outside.safetensors",
-     _index({"a": "../outside.safetensors"}, outside=True),
-     ["model.safetensors.index.json", "../outside.safetensors", "outside the checkpoint"]),
-    ("index shard /etc/passwd", _index({"a": "/etc/passwd"}),
-     ["model.safetensors.index.json", "/etc/passwd", "outside the checkpoint"]),
-    ("empty directory", lambda folder: folder, ["{source}", "no .safetensors", "point at"]),
-    ("only 0-d and 1-d tensors", _only_vectors, ["{source}", "no weight matrix to audit"]),
-    ("dtype C64", _header({"w": _f32([2, 2], 0, 32, "C64")}, b"\0" * 32),
-     ["{source}", "'w'", "dtype 'C64'"]),
-    ("dtype 'float32!'", _header({"w": _f32([2, 2], 0, 16, "float32!")}, b"\0" * 16),
-     ["{source}", "'w'", "dtype 'float32!'"]),
-    ("shape [2**40, 2**40] over 64 bytes",
-     _header({"w": _f32([2**40, 2**40], 0, 64)}, b"\0" * 64),
-     ["{source}", "'w'", "needs", "re-download"]),
-    ("pytorch_model.bin alone", _pickle_alone, ["pytorch_model.bin", "pickle", "--allow-pickle"]),
-]  # fmt: skip
-
 
 def _cases() -> list[Case]:
     cases = [
-        Case(TABLE, name, "generic", partial(_measure_bad, name=name, make=make, needles=needles))
-        for name, make, needles in _BAD_FILES
+        Case(TABLE, case.name, "generic", partial(_measure_bad, case=case))
+        for case in BAD_CHECKPOINTS
     ]
     cases += [
         Case(TABLE, "malicious pickle raw", "generic", partial(_malicious, raw=True)),
@@ -727,19 +594,10 @@ def _cases() -> list[Case]:
         Case(TABLE, "unreachable MLflow", "generic", partial(_unreachable, kind="mlflow")),
         Case(TABLE, "other architecture", "vit", _other_architecture),
     ]
-    broken: list[tuple[str, Callable[[Path], str], list[str]]] = [
-        ("baseline.json truncated", _break_report, ["sha256", "re-create"]),
-        ("baseline.json invalid, manifest re-hashed", _break_report_rehashed,
-         ["not a valid baseline"]),
-        ("manifest.json truncated", _break_manifest, ["manifest"]),
-        ("coordinates: one byte flipped", _flip_coords_byte, ["sha256", "re-create"]),
-        ("coordinates: values scaled 1 %", _scale_coords, ["sha256", "re-create"]),
-    ]  # fmt: skip
     cases += [
-        Case(TABLE, name, "cnn",
-             partial(_bad_baseline, name=name, family="cnn", damage=damage, needles=needles))
-        for name, damage, needles in broken
-    ]  # fmt: skip
+        Case(TABLE, case.name, "cnn", partial(_bad_baseline, case=case, family="cnn"))
+        for case in BROKEN_BASELINES
+    ]
     cases += [
         Case(TABLE, "existing --out baseline", "cnn", partial(_existing_out, kind="baseline")),
         Case(TABLE, "existing --out file", "cnn", partial(_existing_out, kind="file")),

@@ -16,7 +16,7 @@ from dynaudit.cli._errors import EXIT_CODES
 
 if TYPE_CHECKING:
     from dynaudit.outputs import Inputs
-    from dynaudit.report import CheckReport, Report
+    from dynaudit.schema import CheckReport, Report
     from dynaudit.sources import SourceOptions
 
 _EPILOG = "Exit codes: " + "; ".join(
@@ -450,8 +450,8 @@ def baseline_command(
     ] = None,
 ) -> int:
     """Store a baseline: K cold fits of every layer, their null refits, scales and settings."""
+    from dynaudit.api import baseline as run
     from dynaudit.distributed import is_main
-    from dynaudit.gate import baseline as run
     from dynaudit.outputs import Inputs, guard_outputs
 
     source = _pinned(source, revision)
@@ -521,10 +521,10 @@ def check(
     quiet: Quiet = False,
 ) -> int:
     """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
+    from dynaudit.api import check as run
     from dynaudit.distributed import is_main
-    from dynaudit.gate import check as run
+    from dynaudit.gate import load_policy
     from dynaudit.outputs import Inputs, guard_outputs
-    from dynaudit.policy import load_policy
 
     source = _pinned(source, revision)
     inputs = Inputs()
@@ -588,9 +588,9 @@ def compare(
     quiet: Quiet = False,
 ) -> int:
     """Compare two checkpoints: A is measured as the baseline of B (and kept in the cache)."""
-    from dynaudit.gate import compare as run
+    from dynaudit.api import compare as run
+    from dynaudit.gate import load_policy
     from dynaudit.outputs import Inputs, guard_outputs
-    from dynaudit.policy import load_policy
 
     inputs = Inputs()
     inputs.add_source(a)
@@ -760,11 +760,11 @@ def plot(
     """PNG plots: base vs checked per layer, a trajectory over reports, a neuron map."""
     import json
 
-    from dynaudit.comparison import is_baseline
+    from dynaudit.baseline_store import is_baseline
     from dynaudit.errors import InputError, UsageError
     from dynaudit.outputs import Inputs, guard_outputs, is_stdout
     from dynaudit.plots import check_method, plot_bars, plot_neurons, plot_trajectory
-    from dynaudit.report import CheckReport, Report, read_report
+    from dynaudit.schema import CheckReport, Report, read_report
 
     check_method(method)
     read = Inputs()

@@ -22,7 +22,7 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from dynaudit.errors import InputError, PluginError, UnknownFamily
+from dynaudit.errors import PluginError, StructureError, UnknownFamily
 
 if TYPE_CHECKING:
     import torch
@@ -55,11 +55,6 @@ _log = logging.getLogger("dynaudit")
 
 ENTRY_POINT_GROUP = "dynaudit.plugins"
 FALLBACK = "generic"
-
-
-class StructureError(InputError):
-    """The checkpoint contradicts its own config.json or its family's architecture (a layer
-    whose tensor cannot be read as the matrices its kind needs, among others): exit 3."""
 
 
 @dataclass(frozen=True)

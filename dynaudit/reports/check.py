@@ -8,10 +8,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dynaudit.policy import Change, Comparison, GroupComparison, LayerComparison
-from dynaudit.report import CheckReport
 from dynaudit.reports.escape import escape_markdown, markdown_code, plain, print_plain
 from dynaudit.reports.markdown import fmt
+from dynaudit.schema import Change, CheckReport, Comparison, GroupComparison, LayerComparison
 
 __all__ = ["refit_summary", "render_check_markdown", "render_check_terminal"]
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dynaudit.errors import printable
-from dynaudit.report import CheckReport
 from dynaudit.reports.check import render_check_markdown
 from dynaudit.reports.escape import escape_command_data, escape_command_property, escape_xml
+from dynaudit.schema import CheckReport
 
 __all__ = [
     "COMMENT_MARKER",

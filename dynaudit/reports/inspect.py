@@ -16,7 +16,7 @@ from rich.text import Text
 from dynaudit.reports.escape import plain, print_plain
 
 if TYPE_CHECKING:
-    from dynaudit.api import Inspection
+    from dynaudit.schema import Inspection
 
 __all__ = ["render_inspection"]
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from dynaudit.report import Aggregate, Report
 from dynaudit.reports.escape import escape_markdown, markdown_code
+from dynaudit.schema import Aggregate, Report
 
 __all__ = ["escape_markdown", "render_markdown"]
 

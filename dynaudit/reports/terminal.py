@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from dynaudit.report import Report
 from dynaudit.reports.escape import plain, print_plain
 from dynaudit.reports.markdown import cache_note, fmt, type_by_depth
+from dynaudit.schema import Report
 
 __all__ = ["plain", "render_terminal"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dynaudit.errors import NoReader, OutputError, OutputRefused
 from dynaudit.outputs import is_stdout, is_stream, output_file
-from dynaudit.report import Report
+from dynaudit.schema import Report
 
 __all__ = ["current_umask", "write_bytes_atomic", "write_json", "write_text_atomic"]
 

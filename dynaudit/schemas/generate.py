@@ -29,9 +29,7 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 def models() -> dict[str, type[BaseModel]]:
     """The model that writes each format, by format name (imported here: some need torch)."""
-    from dynaudit.api import Inspection
-    from dynaudit.comparison import Baseline
-    from dynaudit.report import CheckReport, Report
+    from dynaudit.schema import Baseline, CheckReport, Inspection, Report
 
     return {"measure": Report, "check": CheckReport, "inspect": Inspection, "baseline": Baseline}
 

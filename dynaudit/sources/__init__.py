@@ -8,12 +8,21 @@ of the pipeline only ever reads local files.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from dynaudit.errors import CheckpointNotFound, UsageError
 from dynaudit.sources import hub
+from dynaudit.sources.adapters import (
+    ADAPTER_WEIGHTS,
+    AdapterCheckpoint,
+    is_adapter,
+    merge_adapter,
+    opening,
+    read_adapter,
+)
 from dynaudit.sources.base import ResolvedSource, SourceOptions
-from dynaudit.sources.local import open_checkpoint, verify_download
+from dynaudit.sources.local import open_local, verify_download
 from dynaudit.tensors import Checkpoint
 
 # Names that are files, not Hub repositories: a missing one is a typo, not a repo id.
@@ -22,6 +31,7 @@ LOCAL_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".pkl
 __all__ = [
     "ResolvedSource",
     "SourceOptions",
+    "open_adapter",
     "open_checkpoint",
     "open_headers",
     "resolve",
@@ -46,6 +56,50 @@ def resolve(source: str | os.PathLike[str], options: SourceOptions | None = None
     if local is not None:
         return ResolvedSource(uri=text, path=local)
     return hub.fetch(_hub_repo(text), options)
+
+
+def open_checkpoint(
+    resolved: ResolvedSource,
+    base: str | os.PathLike[str] | None = None,
+    options: SourceOptions | None = None,
+    digest: Callable[[Path], str] | None = None,
+) -> Checkpoint:
+    """The checkpoint at a resolved source, after checking downloaded files against the hashes
+    their source published. A PEFT adapter directory opens merged over its base (``base``, or
+    the adapter's ``base_model_name_or_path``, itself any SOURCE form); a pickle-only checkpoint
+    opens (converted) only with ``options.allow_pickle``. ``digest`` hashes a file (the result
+    cache passes its memoised one)."""
+    options = options or SourceOptions()
+    verify_download(resolved, digest)
+    if is_adapter(resolved.path):
+        return open_adapter(resolved.path, base, options, digest)
+    if resolved.path.name == ADAPTER_WEIGHTS and is_adapter(resolved.path.parent):
+        return open_adapter(resolved.path.parent, base, options, digest)  # its weights file
+    if base is not None:
+        raise UsageError(f"{resolved.uri}: --base applies to LoRA adapter directories only")
+    return open_local(resolved, options, digest)
+
+
+def open_adapter(
+    path: Path,
+    base: str | os.PathLike[str] | None = None,
+    options: SourceOptions | None = None,
+    digest: Callable[[Path], str] | None = None,
+) -> AdapterCheckpoint:
+    """The adapter directory ``path`` merged over its base, which is opened like any SOURCE
+    (checked against its source's hashes, pickles only with ``allow_pickle``). The base may be
+    an adapter itself: the recursion lives here, guarded against cycles by
+    :func:`~dynaudit.sources.adapters.opening`."""
+    settings = read_adapter(path, base)
+    assert settings.base is not None  # read_adapter refuses an adapter without one
+    with opening(path):
+        adapter = Checkpoint.open(path / ADAPTER_WEIGHTS)
+        try:
+            opened = open_checkpoint(resolve(settings.base, options), None, options, digest)
+            return merge_adapter(path, settings, adapter, opened)
+        except BaseException:
+            adapter.close()
+            raise
 
 
 def open_headers(

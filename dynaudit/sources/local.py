@@ -1,49 +1,32 @@
-"""Opening a resolved checkpoint: a ``.safetensors`` file, an HF-style or sharded directory,
-or a PEFT adapter directory merged over its base."""
+"""Opening a resolved local checkpoint: a ``.safetensors`` file or an HF-style or sharded
+directory (a pickle-only one converted when allowed), checked against the hashes its source
+published. Adapters are opened over their base by :func:`dynaudit.sources.open_checkpoint`."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-from dynaudit.errors import CorruptCheckpoint, UsageError
+from dynaudit.cache import cache_root
+from dynaudit.errors import CorruptCheckpoint
 from dynaudit.sources.base import ResolvedSource, SourceOptions
+from dynaudit.sources.pickles import convert_pickles, is_pickle_only
 from dynaudit.tensors import Checkpoint, require_regular, sha256_file
 
-__all__ = ["open_checkpoint", "verify_download"]
+__all__ = ["open_local", "verify_download"]
 
 
-def open_checkpoint(
+def open_local(
     resolved: ResolvedSource,
-    base: str | os.PathLike[str] | None = None,
     options: SourceOptions | None = None,
     digest: Callable[[Path], str] | None = None,
 ) -> Checkpoint:
-    """The checkpoint at a resolved source, after checking downloaded files against the hashes
-    their source published. A PEFT adapter directory opens merged over its base (``base``, or
-    the adapter's ``base_model_name_or_path``, itself any SOURCE form); a pickle-only checkpoint
-    opens (converted) only with ``options.allow_pickle``. ``digest`` hashes a file (the result
-    cache passes its memoised one)."""
-    from dynaudit.adapters import ADAPTER_WEIGHTS, is_adapter, open_adapter
-
+    """The checkpoint at a resolved source that is not an adapter: a ``.safetensors`` file or
+    a directory of them; a pickle-only one converted only with ``options.allow_pickle``."""
     options = options or SourceOptions()
-    verify_download(resolved, digest)
-    if is_adapter(resolved.path):
-        return open_adapter(resolved.path, base, options, digest)
-    if resolved.path.name == ADAPTER_WEIGHTS and is_adapter(resolved.path.parent):
-        return open_adapter(resolved.path.parent, base, options, digest)  # its weights file
-    if base is not None:
-        raise UsageError(f"{resolved.uri}: --base applies to LoRA adapter directories only")
-    if options.allow_pickle:
-        from dynaudit.cache import cache_root
-        from dynaudit.pickles import convert_pickles, is_pickle_only
-
-        if is_pickle_only(resolved.path):
-            cache = cache_root(options.cache_dir)
-            return _as_resolved(
-                Checkpoint.open(convert_pickles(resolved.path, cache, digest)), resolved
-            )
+    if options.allow_pickle and is_pickle_only(resolved.path):
+        converted = convert_pickles(resolved.path, cache_root(options.cache_dir), digest)
+        return _as_resolved(Checkpoint.open(converted), resolved)
     return _as_resolved(Checkpoint.open(resolved.path), resolved)
 
 

@@ -44,7 +44,16 @@ from dynaudit.sources.base import (
 )
 from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, read_json
 
-__all__ = ["SCHEMES", "MlflowRef", "client_environment", "fetch", "mlflow_errors", "parse"]
+__all__ = [
+    "BASELINE_TAG",
+    "SCHEMES",
+    "MlflowRef",
+    "client_environment",
+    "declared_baseline",
+    "fetch",
+    "mlflow_errors",
+    "parse",
+]
 
 SCHEMES = ("models:/", "runs:/")
 # Bounded unless set by the user: MLflow's defaults retry for minutes against a dead server.
@@ -74,6 +83,11 @@ class MlflowRef:
     model_id: str | None = None
     run_id: str | None = None
     path: str = ""
+
+
+# The tag naming a model version's (or a baseline run's) baseline: written by
+# `dynaudit baseline --mlflow`, read when `check` is given none.
+BASELINE_TAG = "dynaudit.baseline"
 
 
 def parse(uri: str) -> MlflowRef:
@@ -393,3 +407,16 @@ def _is_mlflow_exception(exc: Exception) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(exc, MlflowException)
+
+
+def declared_baseline(source_uri: str, server: str | None = None) -> str | None:
+    """The ``dynaudit.baseline`` tag of the MLflow model version ``source_uri`` names."""
+    model = parse(source_uri)
+    if model.name is None:
+        return None
+    uri = tracking_uri(SourceOptions(mlflow_uri=server))
+    with mlflow_errors(model.uri, uri), client_environment(uri):
+        registry = client(uri)
+        tags = registry.get_model_version(model.name, model_version(registry, model)).tags or {}
+    value = tags.get(BASELINE_TAG)
+    return str(value) if value else None

@@ -11,27 +11,39 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import torch
 
+from dynaudit import __version__
+from dynaudit.baseline_store import CoordsSink
 from dynaudit.config import FitSettings
 from dynaudit.distributed import Ranks, assign
 from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
 from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
-from dynaudit.families import Family, Layer, LayerPlan
+from dynaudit.engine.plan import family_info
+from dynaudit.families import Detection, Family, Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
-from dynaudit.report import LayerResult, Spread, depth_groups
 from dynaudit.runtime import to_device
+from dynaudit.schema import (
+    LayerResult,
+    Report,
+    SkippedLayer,
+    SourceInfo,
+    Spread,
+    depth_groups,
+    summarize,
+)
 from dynaudit.tensors import Checkpoint
 
 __all__ = [
-    "CoordsSink",
     "Loaded",
     "Progress",
     "layer_digest",
@@ -41,9 +53,6 @@ __all__ = [
 ]
 
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, current layer)
-# Called after each cold fit of a batch: (layers, owner of each matrix, seed offset, coords
-# (b, H, m + n, k), target W/s (b, m, n)). Baselines keep the coordinates through it.
-CoordsSink = Callable[[list[Layer], list[int], int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -304,3 +313,44 @@ def _segment_sums(values: torch.Tensor, bounds: list[int]) -> list[float]:
     return [
         flat[a] if b - a == 1 else float(values[a:b].sum()) for a, b in itertools.pairwise(bounds)
     ]
+
+
+def fit_report(
+    checkpoint: Checkpoint,
+    source_info: SourceInfo,
+    detection: Detection,
+    plan: LayerPlan,
+    fit: FitSettings,
+    device: torch.device,
+    *,
+    scales: dict[str, float] | None = None,
+    progress: Progress | None = None,
+    sink: CoordsSink | None = None,
+    started: float,
+    ranks: Ranks | None = None,
+) -> Report:
+    """Fit the planned layers of an opened checkpoint: the report of ``measure`` (with
+    ``ranks``, sharded over a torchrun job)."""
+    import torch
+
+    from dynaudit.runtime import torch_scope
+
+    with torch_scope(device, fit.threads):
+        threads = torch.get_num_threads()
+        measured, non_finite = measure_plan(
+            checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress,
+            sink=sink, ranks=ranks,
+        )  # fmt: skip
+    return Report(
+        tool={"name": "dynaudit", "version": __version__},
+        source=source_info,
+        family=family_info(detection, plan),
+        settings={**fit.numeric(), "device": device.type, "threads": threads},
+        layers=[*measured, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
+        summary=summarize(measured),
+        non_finite=non_finite,
+        cache=None,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(),
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -1,4 +1,4 @@
-"""Baselines and comparisons (SPEC §4.9, §5).
+"""The baseline store: writing, verifying and loading a baseline directory (docs/gate.md).
 
 A **baseline** of a reference checkpoint holds, per layer, K cold fits (K seeds) and, for each,
 its *null refit*: the warm-start procedure of a comparison applied to the reference itself. A
@@ -32,110 +32,55 @@ import os
 import re
 import shutil
 import stat
-import statistics
-import time
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Literal, TypeGuard
+from typing import Any, TypeGuard
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
-from dynaudit.distributed import Ranks, assign
 from dynaudit.dynamics import discrepancy, fit_coordinates
-from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
+from dynaudit.dynamics.blocks import block_shape
 from dynaudit.dynamics.kernel import warm_steps
-from dynaudit.dynamics.metrics import fidelity as fidelity_of
-from dynaudit.dynamics.sketch import SIDE, sketch, weight_figures
-from dynaudit.engine import CoordsSink, Progress, layer_groups, load_layer
-from dynaudit.errors import CorruptCheckpoint, InputError, UsageError
-from dynaudit.families import Family, Layer, LayerPlan
+from dynaudit.dynamics.sketch import SIDE, sketch
+from dynaudit.errors import BaselineError, CorruptCheckpoint, UsageError
+from dynaudit.families import Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
-from dynaudit.policy import (
-    Change,
-    Comparison,
-    GroupComparison,
-    LayerComparison,
-    Policy,
-    layer_undecided,
-    scope_undecided,
-)
-from dynaudit.report import DEPTH_GROUPS, FamilyInfo, Report, SourceInfo
-from dynaudit.runtime import to_device
-from dynaudit.schemas import FORMATS, minor_field, strip_unknown, warn_ignored
-from dynaudit.tensors import Checkpoint, parse_header
+from dynaudit.schema import BASELINE_FORMAT, Baseline, BaselineLayer
+from dynaudit.schemas import FORMATS, strip_unknown, warn_ignored
+from dynaudit.sources.base import SourceOptions
+from dynaudit.tensors import Checkpoint, parse_header, present, read_json, read_text
 
 __all__ = [
-    "Baseline",
-    "BaselineError",
-    "BaselineLayer",
     "BaselineWriter",
-    "compare_plan",
+    "CoordsSink",
+    "check_architecture",
+    "check_settings",
+    "discard",
+    "find_baseline",
+    "is_baseline",
     "load_baseline",
+    "matrix_shapes",
     "read_coords",
+    "refuse_existing",
+    "staging_for",
 ]
 
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
 COORDS_DIR = "coords"
-# The layout of the directory and of baseline.json: bump when an older dynaudit could not read
-# a new baseline. A baseline without the field is format 1 (all baselines so far). A change an
-# older dynaudit can read by ignoring fields bumps the minor instead (dynaudit.schemas).
-BASELINE_FORMAT: Final = 1
 # Written in each coordinate file's safetensors metadata: which layer it belongs to.
 LAYER_KEY = "dynaudit.layer"
 
 
+# Called after each cold fit of a batch: (layers, owner of each matrix, seed offset, coords
+# (b, H, m + n, k), target W/s (b, m, n)). A baseline writer keeps the
+# coordinates through it (:attr:`BaselineWriter.sink`).
+CoordsSink = Callable[[list[Layer], list[int], int, torch.Tensor, torch.Tensor], None]
 # A writer's files, cold and null mean distances, by layer (exchanged between ranks).
 Records = tuple[dict[str, str], dict[str, list[float]], dict[str, list[float]]]
-
-
-class BaselineError(InputError):
-    """A baseline that cannot be used: missing, tampered, or made with other settings."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class BaselineLayer(_Model):
-    name: str
-    type: str
-    depth: int
-    group: Literal["bottom", "middle", "top"]
-    shape: list[int] = Field(description="matrix shape (g, m, n) as fitted")
-    scale: float | None
-    coords: str | None = Field(description="file under coords/, null when not fitted")
-    cold_mean_distance: list[float] = Field(default_factory=list, description="per seed")
-    null_mean_distance: list[float] = Field(default_factory=list, description="per seed")
-    reason: str | None = None
-    digest: str | None = Field(
-        None,
-        description="sha256 of the layer's float32 (g, m, n) matrices before scaling "
-        "(engine.layer_digest); a checked layer with the same digest is not refitted. Absent "
-        "from baselines made before digests: their layers are always refitted",
-    )
-
-
-class Baseline(_Model):
-    format_version: Literal[1] = Field(BASELINE_FORMAT, description="the format's major version")
-    format_minor: int = minor_field("baseline")
-    protocol_version: int
-    tool: dict[str, str]
-    created_at: str
-    source: SourceInfo
-    family: FamilyInfo
-    settings: dict[str, Any] = Field(description="the fit settings every comparison must use")
-    seeds: int
-    layers: list[BaselineLayer]
-    report: Report = Field(description="the reference's own measurement (cold fits)")
-    stored_at: str | None = Field(None, description="where it was stored (dir or runs:/ URI)")
-
-    def fit_settings(self) -> FitSettings:
-        return FitSettings(**self.settings)
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -652,403 +597,56 @@ def check_architecture(
         )
 
 
-# -- comparing --------------------------------------------------------------------------
-
-# Sequential seeds (docs/gate.md): a layer's seed-0 figures stand for all K seeds unless a
-# verdict lies within a margin of its threshold. The margin of a change c is
-# SEQUENTIAL_FACTOR × (the baseline's noise for the layer + CHANGE_SHARE × |c|): the seeds'
-# changes differ by about the baseline's own spread, and by a share of the change that grows
-# with it (at most 3 % of it in the calibration's damage; docs/gate.md). A displacement's
-# margin is DISPLACEMENT_SHARE of the policy's bound (seeds' displacements differed by at most
-# 0.033 units where the bound is 0.6).
-SEQUENTIAL_FACTOR: Final = 4.0
-CHANGE_SHARE: Final = 0.02
-DISPLACEMENT_SHARE: Final = 0.25
-
-
-@dataclass
-class _Refits:
-    """A layer's warm refits so far, one entry per seed run (seeds 0, 1, … in order), and
-    the figures read off seed 0 alone."""
-
-    means: list[float] = field(default_factory=list)
-    changes: list[float] = field(default_factory=list)
-    absolute: list[float] = field(default_factory=list)
-    moved: list[float] = field(default_factory=list)
-    fidelity: float | None = None
-    weight_change: float | None = None
-    noise_likeness: float | None = None
-
-
-@dataclass
-class _Outcome:
-    """What comparing one layer gave: a reason for null figures (with the finding it raises),
-    bit-equal weights, or refits."""
-
-    reason: str | None = None
-    finding: Literal["non_finite", "zeroed"] | None = None
-    unchanged: bool = False
-    refits: _Refits | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class _Run:
-    """What every stage of a comparison shares."""
-
-    checkpoint: Checkpoint
-    family: Family
-    baseline: Baseline
-    root: Path
-    device: torch.device
-    settings: FitSettings
-    by_name: dict[str, BaselineLayer]
-    scales: dict[str, float]
-
-
-def compare_plan(
-    checkpoint: Checkpoint,
-    plan: LayerPlan,
-    family: Family,
-    baseline: Baseline,
-    root: Path,
-    device: torch.device,
-    progress: Progress | None = None,
-    ranks: Ranks | None = None,
+def find_baseline(
+    checkpoint: Path,
+    base: str | os.PathLike[str] | None,
+    source: str = "",
+    options: SourceOptions | None = None,
     *,
-    policy: Policy | None = None,
-    all_seeds: bool = False,
-) -> Comparison:
-    """Warm-start every changed layer from the baseline's cold fits on this checkpoint's
-    weights; a layer whose digest equals the baseline's has change 0 and is not refitted.
-    Sequential seeds (unless ``all_seeds``): every changed layer's seed 0 first, then seeds
-    1 … K − 1 only for the layers whose verdict under ``policy`` (or whose depth third's or
-    the whole model's) lies within its margin of a threshold (:func:`_undecided`). With
-    ``ranks`` (a torchrun job), each rank refits its share of each stage and every rank gets
-    the whole comparison."""
-    chosen = policy or Policy()
-    run = _Run(
-        checkpoint, family, baseline, root, device, baseline.fit_settings(),
-        {layer.name: layer for layer in baseline.layers},
-        {layer.name: layer.scale for layer in baseline.layers if layer.scale is not None},
-    )  # fmt: skip
-    seeds = baseline.seeds
-    first = seeds if all_seeds else min(1, seeds)
-    mine = _share(plan.layers, run, first, ranks)
-    total = len(mine)
-    outcomes: dict[str, _Outcome] = {}
-    for done, layer in enumerate(mine, start=1):
-        outcomes[layer.name] = _first_stage(run, layer, first)
-        if progress is not None:
-            progress(done, total, layer.name)
-    outcomes = _merged(outcomes, ranks)
-    groups = layer_groups(plan.layers)
-    margins = {
-        name: _margin(run.by_name[name], outcome.refits.changes[0], chosen)
-        for name, outcome in outcomes.items()
-        if outcome.refits is not None and outcome.refits.changes
-    }
-    more = [] if first == seeds else _undecided(plan.layers, outcomes, margins, run, groups, chosen)
-    if more:
-        again = _share(more, run, seeds - 1, ranks)
-        extended: dict[str, _Outcome] = {}
-        for done, layer in enumerate(again, start=total + 1):
-            extended[layer.name] = _later_seeds(run, layer, outcomes[layer.name], seeds)
-            if progress is not None:
-                progress(done, total + len(again), layer.name)
-        outcomes.update(_merged(extended, ranks))
-    fidelity = {x.name: x.fidelity for x in baseline.report.measured}
-    results = [
-        _layer_result(layer, run.by_name[layer.name], outcomes[layer.name], groups[layer.name],
-                      fidelity.get(layer.name), None if first == seeds else margins.get(layer.name))
-        for layer in plan.layers
-    ]  # fmt: skip
-    return _comparison(plan.layers, results, outcomes, seeds, all_seeds)
+    read_pyproject: bool = True,
+) -> tuple[str, str]:
+    """The baseline of a checkpoint when none is given (SPEC §2): ``[tool.dynaudit] baseline``
+    in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
+    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``, the MLflow
+    model version's ``dynaudit.baseline`` tag."""
+    import sys
 
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
 
-def _share(layers: list[Layer], run: _Run, seeds: int, ranks: Ranks | None) -> list[Layer]:
-    """This rank's share of ``layers`` (all of them outside a torchrun job), balanced by the
-    cost of ``seeds`` warm refits each."""
-    if ranks is None:
-        return layers
-    costs = [_refit_cost(run.by_name[layer.name], run.settings, seeds) for layer in layers]
-    owners = assign(costs, ranks.size)
-    return [x for x, owner in zip(layers, owners, strict=True) if owner == ranks.rank]
+    project = Path("pyproject.toml")
+    if read_pyproject and project.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            table = tomllib.loads(project.read_text(encoding="utf-8")).get("tool", {})
+            configured = table.get("dynaudit", {}).get("baseline")
+            if isinstance(configured, str) and configured:
+                return configured, "[tool.dynaudit] baseline in pyproject.toml"
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    adapter = folder / "adapter_config.json"
+    if base is not None:
+        return os.fspath(base), "--base (the adapter's base model)"
+    if present(adapter, "adapter_config.json"):
+        config = read_json(adapter)
+        named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if isinstance(named, str) and named:
+            return named, "the adapter's base_model_name_or_path"
+    card = folder / "README.md"
+    if present(card, "the model card (README.md)"):
+        from dynaudit.sources.hub import card_base_model  # huggingface_hub's ModelCard
 
+        named = card_base_model(read_text(card, "the model card (README.md)"), str(card))
+        if named:
+            return named, "the model card's base_model"
+    if source.startswith("models:/"):
+        from dynaudit.sources.mlflow import declared_baseline
 
-def _merged(outcomes: dict[str, _Outcome], ranks: Ranks | None) -> dict[str, _Outcome]:
-    """Every rank's outcomes (this one's alone outside a torchrun job)."""
-    if ranks is None:
-        return outcomes
-    return {name: x for part in ranks.gather(outcomes) for name, x in part.items()}
-
-
-def _first_stage(run: _Run, layer: Layer, seeds: int) -> _Outcome:
-    """Load a layer and settle it: null figures (NaN/Inf, not fitted, all zeros), unchanged
-    (its digest is the baseline's), or warm refits from the first ``seeds`` stored cold fits."""
-    started = time.perf_counter()
-    outcome = _settle(run, layer, seeds)
-    outcome.seconds = time.perf_counter() - started
-    return outcome
-
-
-def _settle(run: _Run, layer: Layer, seeds: int) -> _Outcome:
-    ref = run.by_name[layer.name]
-    loaded = load_layer(run.checkpoint, run.family, layer, run.scales)
-    if loaded.non_finite:
-        return _Outcome(reason=loaded.reason, finding="non_finite")
-    if ref.coords is None:
-        return _Outcome(reason=f"not fitted in the baseline ({ref.reason})")
-    if loaded.reason is not None:
-        return _Outcome(reason=f"damage: {loaded.reason}", finding="zeroed")
-    if ref.digest is not None and loaded.digest == ref.digest:
-        return _Outcome(unchanged=True)
-    refits = _Refits()
-    target = loaded.matrices.div_(loaded.scale or 1.0)
-    _warm_refits(target, read_coords(run.root, run.baseline, ref), ref, run, range(seeds), refits)
-    return _Outcome(refits=refits)
-
-
-def _later_seeds(run: _Run, layer: Layer, outcome: _Outcome, seeds: int) -> _Outcome:
-    """``outcome`` with the warm refits of seeds 1 … ``seeds`` − 1 added (the layer is read
-    again: keeping every changed layer in memory between the stages would hold the model)."""
-    started = time.perf_counter()
-    ref = run.by_name[layer.name]
-    assert outcome.refits is not None  # only refitted layers are undecided
-    refits = replace(outcome.refits, means=[*outcome.refits.means],
-                     changes=[*outcome.refits.changes], absolute=[*outcome.refits.absolute],
-                     moved=[*outcome.refits.moved])  # fmt: skip
-    loaded = load_layer(run.checkpoint, run.family, layer, run.scales)
-    target = loaded.matrices.div_(loaded.scale or 1.0)
-    stored = read_coords(run.root, run.baseline, ref)
-    _warm_refits(target, stored, ref, run, range(len(refits.changes), seeds), refits)
-    return replace(outcome, refits=refits, seconds=outcome.seconds + time.perf_counter() - started)
-
-
-def _refit_cost(ref: BaselineLayer, settings: FitSettings, seeds: int) -> float:
-    """FLOP of ``seeds`` warm refits of a layer."""
-    if ref.coords is None:
-        return 0.0
-    g, m, n = ref.shape
-    return g * fit_flop(settings, m, n, warm=True) * seeds
-
-
-def _warm_refits(
-    target: torch.Tensor,
-    stored: dict[str, torch.Tensor],
-    ref: BaselineLayer,
-    run: _Run,
-    seeds: range,
-    refits: _Refits,
-) -> None:
-    """Warm-start from the stored cold fits of ``seeds`` on ``target`` (W / s) and add each
-    one's figures to ``refits``; seed 0 also gives the fidelity and the weight figures."""
-    settings = run.settings
-    g, m, n = target.shape
-    shape = block_shape(m, n, settings.max_entries)
-    steps = warm_steps(settings, *shape)
-    for k in seeds:
-        cold = stored[f"cold.{k}"].to(run.device)
-        null = stored[f"null.{k}"].to(run.device)
-        # The rows and columns this seed's cold fit saw (all of them below max_entries).
-        blocks = [block_seed(settings.seed + k, ref.name, group) for group in range(g)]
-        fitted = to_device(take_blocks(target, shape, blocks), run.device)
-        warm = fit_coordinates(fitted, settings, cold, steps=steps, lr=settings.warm_lr)
-        _, md = discrepancy(warm)
-        new = float(md.mean())
-        base = ref.null_mean_distance[k]
-        refits.means.append(new)
-        refits.absolute.append(new - base)
-        refits.changes.append((new - base) / base if base else 0.0)
-        refits.moved.append(displacement(warm, null) / base if base else 0.0)
-        if k == 0:
-            refits.fidelity = float(fidelity_of(warm, fitted).mean())
-            if SKETCH in stored:  # an older baseline has none: no weight-change figures
-                refits.weight_change, refits.noise_likeness = weight_figures(
-                    fitted, stored[SKETCH], ref.name
-                )
-
-
-def _margin(ref: BaselineLayer, change: float, policy: Policy) -> float:
-    """How far a layer's mean change over all K seeds may lie from its seed-0 change (module
-    constants above): the baseline's own noise for the layer — the relative spread of its K
-    cold and of its K null mean distances, its null drift, at least the policy's noise floor
-    — plus :data:`CHANGE_SHARE` of the change, times :data:`SEQUENTIAL_FACTOR`."""
-    spread = max(_relative_spread(ref.cold_mean_distance), _relative_spread(ref.null_mean_distance))
-    noise = max(spread, _null_drift(ref) or 0.0, policy.noise_floor / 100)
-    return SEQUENTIAL_FACTOR * (noise + CHANGE_SHARE * abs(change))
-
-
-def _relative_spread(values: list[float]) -> float:
-    if len(values) < 2 or not statistics.fmean(values):
-        return 0.0
-    return statistics.stdev(values) / abs(statistics.fmean(values))
-
-
-def _undecided(
-    layers: list[Layer],
-    outcomes: dict[str, _Outcome],
-    margins: dict[str, float],
-    run: _Run,
-    groups: dict[str, str],
-    policy: Policy,
-) -> list[Layer]:
-    """The refitted layers that need their other seeds, in plan order (every rank of a job
-    computes the same list): those whose own verdict is near a threshold, and every refitted
-    layer of a scope (all layers, a depth third) whose verdict is. Unchanged layers take part
-    in their scopes with change 0 and margin 0."""
-    seed0: dict[str, float] = {}
-    near: set[str] = set()
-    scopes: dict[str, list[str]] = {}
-    for layer in layers:
-        name, refits = layer.name, outcomes[layer.name].refits
-        if refits is not None:
-            seed0[name] = refits.changes[0]
-            if layer_undecided(refits.changes[0], margins[name], refits.moved[0],
-                               DISPLACEMENT_SHARE, policy):  # fmt: skip
-                near.add(name)
-        if outcomes[name].unchanged or refits is not None:
-            scopes.setdefault("all", []).append(name)
-            scopes.setdefault(groups[name], []).append(name)
-    for scope, names in scopes.items():
-        limit = policy.max_drop_all if scope == "all" else policy.max_drop_group
-        change = statistics.fmean(seed0.get(name, 0.0) for name in names)
-        margin = statistics.fmean(margins.get(name, 0.0) for name in names)
-        drift = statistics.fmean(_null_drift(run.by_name[name]) or 0.0 for name in names)
-        if scope_undecided(change, drift, margin, limit, policy):
-            near.update(name for name in names if name in seed0)
-    return [layer for layer in layers if layer.name in near]
-
-
-def _layer_result(
-    layer: Layer,
-    ref: BaselineLayer,
-    outcome: _Outcome,
-    group: str,
-    fidelity: float | None,
-    margin: float | None,
-) -> LayerComparison:
-    """A layer's row of the comparison. An unchanged layer has what a refit of the same
-    weights gives — change 0, the null refits' mean distance, no displacement, no weight
-    change — and the baseline's fidelity."""
-    drift = _null_drift(ref)
-    figures: dict[str, Any] = {"reason": outcome.reason}
-    if outcome.unchanged:
-        figures = {
-            "mean_distance": _mean(ref.null_mean_distance),
-            "change": Change(mean=0.0, std=0.0, absolute=0.0, seeds=len(ref.null_mean_distance)),
-            "displacement": 0.0, "noise": drift or 0.0, "fidelity": fidelity,
-            "weight_change": 0.0,
-        }  # fmt: skip
-    elif outcome.refits is not None:
-        figures = _figures(outcome.refits, drift)
-    return LayerComparison(
-        name=layer.name, type=layer.type, depth=layer.depth,
-        group=group, shape=ref.shape,
-        baseline_mean_distance=_mean(ref.null_mean_distance),
-        mean_distance=figures.get("mean_distance"), change=figures.get("change"),
-        displacement=figures.get("displacement"), null_drift=drift,
-        weight_change=figures.get("weight_change"),
-        noise_likeness=figures.get("noise_likeness"),
-        noise=figures.get("noise"), fidelity=figures.get("fidelity"),
-        reason=figures.get("reason"),
-        unchanged=outcome.unchanged if outcome.reason is None else None,
-        margin=margin if outcome.refits is not None else None,
-        seconds=round(outcome.seconds, 3),
-    )  # fmt: skip
-
-
-def _figures(refits: _Refits, drift: float | None) -> dict[str, Any]:
-    """A refitted layer's figures: means over the seeds run, and seed 0's fidelity and
-    weight figures."""
-    changes = refits.changes
-    std = statistics.stdev(changes) if len(changes) > 1 else 0.0
-    change = Change(
-        mean=statistics.fmean(changes), std=std, absolute=statistics.fmean(refits.absolute),
-        seeds=len(changes),
-    )  # fmt: skip
-    return {
-        "mean_distance": statistics.fmean(refits.means),
-        "change": change,
-        "displacement": statistics.fmean(refits.moved),
-        "noise": max(std, drift or 0.0),
-        "fidelity": refits.fidelity,
-        "weight_change": refits.weight_change,
-        "noise_likeness": refits.noise_likeness,
-    }
-
-
-def _comparison(
-    layers: list[Layer],
-    results: list[LayerComparison],
-    outcomes: dict[str, _Outcome],
-    seeds: int,
-    all_seeds: bool,
-) -> Comparison:
-    """The per-layer rows with their groups, findings and refit counts."""
-    per_seed = {
-        name: x.refits.changes if x.refits is not None else [0.0] * seeds
-        for name, x in outcomes.items()
-        if x.unchanged or x.refits is not None
-    }
-    by_group: dict[str, list[LayerComparison]] = {}  # one pass: a scan per type was quadratic
-    by_type: dict[str, list[LayerComparison]] = {}  # (a generic checkpoint has a type per layer)
-    for r in results:
-        by_group.setdefault(r.group, []).append(r)
-        by_type.setdefault(r.type, []).append(r)
-    return Comparison(
-        layers=results,
-        all=_group(results, per_seed),
-        groups={g: _group(by_group[g], per_seed) for g in DEPTH_GROUPS if g in by_group},
-        types={t: _group(by_type[t], per_seed) for t in sorted(by_type)},
-        non_finite=[x.name for x in layers if outcomes[x.name].finding == "non_finite"],
-        zeroed=[x.name for x in layers if outcomes[x.name].finding == "zeroed"],
-        unchanged=[x.name for x in layers if outcomes[x.name].unchanged],
-        refits=sum(len(x.refits.changes) for x in outcomes.values() if x.refits is not None),
-        refits_full=seeds * len(per_seed),
-        seed_rule="all" if all_seeds else "sequential",
+        tagged = declared_baseline(source, (options or SourceOptions()).mlflow_uri)
+        if tagged:
+            return tagged, "the MLflow model version's dynaudit.baseline tag"
+    raise UsageError(
+        f"{checkpoint}: no baseline given and none declared; pass --baseline REF (a baseline "
+        "directory or the base checkpoint), or set `baseline` under [tool.dynaudit] in "
+        "pyproject.toml"
     )
-
-
-def displacement(coords: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean distance a neuron moved from ``reference``, after aligning each piece by
-    translation and rotation (distances are invariant to both), averaged over matrices."""
-    a = coords.double() - coords.double().mean(dim=2, keepdim=True)
-    b = reference.double() - reference.double().mean(dim=2, keepdim=True)
-    u, _, vh = torch.linalg.svd(a.mT @ b)  # (g, H, k, k): orthogonal Procrustes per piece
-    aligned = a @ (u @ vh)
-    per_neuron = (aligned - b).pow(2).sum(dim=(1, 3)).sqrt()  # (g, N), over pieces and dims
-    return float(per_neuron.mean())
-
-
-def _null_drift(ref: BaselineLayer) -> float | None:
-    pairs = list(zip(ref.cold_mean_distance, ref.null_mean_distance, strict=False))
-    if not pairs:
-        return None
-    return statistics.fmean(abs(null - cold) / cold for cold, null in pairs if cold)
-
-
-def _group(layers: list[LayerComparison], per_seed: dict[str, list[float]]) -> GroupComparison:
-    """A group's change is the mean of its layers' relative changes, per seed, over the seeds
-    every member has (sequential seeds refit some layers once: then seed 0 alone); mean ± std
-    over those seeds. Its noise is the larger of that std and the mean null drift of its
-    layers."""
-    measured = [layer for layer in layers if layer.name in per_seed]
-    if not measured:
-        return GroupComparison(layers=0, change=None, noise=None, displacement=None)
-    seeds = min(len(per_seed[x.name]) for x in measured)
-    by_seed = [statistics.fmean(per_seed[x.name][k] for x in measured) for k in range(seeds)]
-    std = statistics.stdev(by_seed) if seeds > 1 else 0.0
-    absolute = statistics.fmean(x.change.absolute for x in measured if x.change is not None)
-    drift = statistics.fmean(x.null_drift or 0.0 for x in measured)
-    moved = [x.displacement for x in measured if x.displacement is not None]
-    return GroupComparison(
-        layers=len(measured),
-        change=Change(mean=statistics.fmean(by_seed), std=std, absolute=absolute, seeds=seeds),
-        noise=max(std, drift),
-        displacement=max(moved) if moved else None,
-    )
-
-
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None

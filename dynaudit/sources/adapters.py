@@ -22,25 +22,26 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dynaudit.errors import InputError
+from dynaudit.errors import AdapterRefused
 from dynaudit.tensors import Checkpoint, read_json
 
 if TYPE_CHECKING:
     import torch
-
-    from dynaudit.sources import SourceOptions
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "AdapterCheckpoint",
     "AdapterRefused",
+    "AdapterSettings",
     "is_adapter",
-    "open_adapter",
+    "merge_adapter",
+    "opening",
+    "read_adapter",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -68,13 +69,8 @@ _OPENING: ContextVar[tuple[Path, ...]] = ContextVar("dynaudit_adapters_opening",
 _MAX_CHAIN = 16  # adapters stacked over adapters deeper than this are refused
 
 
-class AdapterRefused(InputError):
-    """An adapter dynaudit cannot merge exactly (DoRA, unknown PEFT type, a malformed
-    adapter_config.json, a base that is the adapter itself, ...)."""
-
-
 @dataclass(frozen=True)
-class _Settings:
+class AdapterSettings:
     """The merge-relevant keys of adapter_config.json, validated."""
 
     rank: int
@@ -141,51 +137,45 @@ class AdapterCheckpoint(Checkpoint):
         return {**super().fingerprint(digest), **own}
 
 
-def open_adapter(
-    path: Path,
-    base: str | os.PathLike[str] | None = None,
-    options: SourceOptions | None = None,
-    digest: Callable[[Path], str] | None = None,
-) -> AdapterCheckpoint:
-    """Open ``path`` (an adapter directory) over its base: ``base`` when given, else the
-    config's ``base_model_name_or_path`` (any SOURCE form, opened like a SOURCE: checked
-    against its source's hashes, pickles only with ``allow_pickle``)."""
-    from dynaudit.sources import open_checkpoint, resolve
-
+def read_adapter(path: Path, base: str | os.PathLike[str] | None = None) -> AdapterSettings:
+    """adapter_config.json of the adapter directory ``path``, validated, with the base to merge
+    over: ``base`` when given, else the config's ``base_model_name_or_path`` (any SOURCE form;
+    :func:`dynaudit.sources.open_checkpoint` opens it)."""
     config = read_json(path / ADAPTER_CONFIG)
     if not isinstance(config, dict):
         raise AdapterRefused(f"{path / ADAPTER_CONFIG}: not a JSON object", path=str(path))
     _check_supported(config, path)
     settings = _settings(config, path)
-    base_ref = base if base is not None else settings.base
+    base_ref = os.fspath(base) if base is not None else settings.base
     if not base_ref:
         raise AdapterRefused(
             f"{path}: adapter_config.json names no base model; pass --base", path=str(path)
         )
-    with _opening(path):
-        adapter = Checkpoint.open(path / ADAPTER_WEIGHTS)
-        try:
-            base_ckpt = open_checkpoint(resolve(base_ref, options), None, options, digest)
-            merged = AdapterCheckpoint(
-                root=base_ckpt.root,
-                files=base_ckpt.files,
-                tensors=base_ckpt.tensors,
-                config=base_ckpt.config,
-                metadata=base_ckpt.metadata,
-                selection=base_ckpt.selection,
-                vouched=base_ckpt.vouched,
-                adapter=adapter,
-                fan_in_fan_out=settings.fan_in_fan_out,
-            )
-            _plan_merge(merged, adapter, settings, path)
-        except BaseException:
-            adapter.close()
-            raise
+    return replace(settings, base=base_ref)
+
+
+def merge_adapter(
+    path: Path, settings: AdapterSettings, adapter: Checkpoint, base: Checkpoint
+) -> AdapterCheckpoint:
+    """The opened ``base`` with the opened ``adapter`` (the weights of the adapter directory
+    ``path``) merged in as its layers are read; every factor is checked against the base first."""
+    merged = AdapterCheckpoint(
+        root=base.root,
+        files=base.files,
+        tensors=base.tensors,
+        config=base.config,
+        metadata=base.metadata,
+        selection=base.selection,
+        vouched=base.vouched,
+        adapter=adapter,
+        fan_in_fan_out=settings.fan_in_fan_out,
+    )
+    _plan_merge(merged, adapter, settings, path)
     return merged
 
 
 @contextmanager
-def _opening(path: Path) -> Iterator[None]:
+def opening(path: Path) -> Iterator[None]:
     """Mark ``path`` as being opened while its base is: an adapter met again on the way down
     is a cycle (its base is itself, or A → B → A), refused naming every step."""
     here = Path(os.path.realpath(path))
@@ -227,7 +217,7 @@ def _check_supported(config: dict[str, Any], path: Path) -> None:
             )
 
 
-def _settings(config: dict[str, Any], path: Path) -> _Settings:
+def _settings(config: dict[str, Any], path: Path) -> AdapterSettings:
     """The keys the merge uses, each checked for the type PEFT gives it."""
     where = f"{path / ADAPTER_CONFIG}"
 
@@ -274,7 +264,7 @@ def _settings(config: dict[str, Any], path: Path) -> _Settings:
     if base is not None and not isinstance(base, str):
         raise refuse("base_model_name_or_path", base, "it must be one model (a string); "
                      "pass --base to choose")  # fmt: skip
-    return _Settings(
+    return AdapterSettings(
         rank=rank_of("r", config.get("r", 8)),
         alpha=alpha_of("lora_alpha", config.get("lora_alpha", 8)),
         rank_pattern=patterns("rank_pattern", rank_of),
@@ -304,7 +294,7 @@ def _pattern_value(patterns: list[tuple[re.Pattern[str], Any]], module: str, def
 
 
 def _plan_merge(
-    merged: AdapterCheckpoint, adapter: Checkpoint, settings: _Settings, path: Path
+    merged: AdapterCheckpoint, adapter: Checkpoint, settings: AdapterSettings, path: Path
 ) -> None:
     pairs: dict[str, dict[str, str]] = {}
     for name in adapter.tensors:
