@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from dynaudit._version import __version__
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Baseline",
     "CheckReport",
     "DynauditError",
     "FitSettings",
+    "Inspection",
     "Policy",
     "Report",
     "SourceOptions",
@@ -35,17 +37,21 @@ if TYPE_CHECKING:
     from dynaudit.api import baseline, check, compare, inspect, measure
     from dynaudit.config import PROTOCOL_VERSION, FitSettings
     from dynaudit.errors import DynauditError
-    from dynaudit.schema import CheckReport, Policy, Report
+    from dynaudit.schema import Baseline, CheckReport, Inspection, Policy, Report
     from dynaudit.sources.base import SourceOptions
 
+# name -> the module that defines it; __all__ and the TYPE_CHECKING imports above say the same
+# (tests/test_architecture.py checks that they agree).
 _LAZY = {
     "measure": "dynaudit.api",
     "inspect": "dynaudit.api",
     "baseline": "dynaudit.api",
     "check": "dynaudit.api",
     "compare": "dynaudit.api",
-    "Policy": "dynaudit.schema",
+    "Baseline": "dynaudit.schema",
     "CheckReport": "dynaudit.schema",
+    "Inspection": "dynaudit.schema",
+    "Policy": "dynaudit.schema",
     "FitSettings": "dynaudit.config",
     "PROTOCOL_VERSION": "dynaudit.config",
     "DynauditError": "dynaudit.errors",
@@ -55,6 +61,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    """A public name, imported from its module on first use (torch only with the entry
+    points)."""
     if name in _LAZY:
         import importlib
 

@@ -8,55 +8,102 @@ import contextlib
 import functools
 import logging
 import os
-import platform
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from dynaudit import __version__
+from dynaudit._version import __version__
 from dynaudit.baseline_store import (
-    BaselineWriter,
-    check_architecture,
-    check_settings,
-    discard,
     find_baseline,
     is_baseline,
     load_baseline,
-    matrix_shapes,
     refuse_existing,
-    staging_for,
 )
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks, current, require_single_process
-from dynaudit.engine import Progress, compare_plan, fit_report
-from dynaudit.engine.plan import family_info, plan_checkpoint, require_layers, settings_from
-from dynaudit.errors import BaselineError, DynauditError, UnauditedWeights, UsageError
-from dynaudit.families import Detection, detect_family
+from dynaudit.engine import Progress, fit_report
+from dynaudit.engine.baseline import write_baseline
+from dynaudit.engine.compare import Compared, compare_checkpoint
+from dynaudit.engine.plan import plan_checkpoint, settings_from, source_info_of
+from dynaudit.errors import BaselineError, UnauditedWeights, UsageError, listed
+from dynaudit.families import detect_family
+from dynaudit.files import discard_dir
 from dynaudit.gate import decide
 from dynaudit.schema import (
     Baseline,
     BaselineInfo,
-    BaselineLayer,
     CacheInfo,
     CheckReport,
     Inspection,
-    LayerResult,
     Policy,
     Report,
     SourceInfo,
+    envelope,
 )
 from dynaudit.sources import SourceOptions, open_checkpoint, open_headers, resolve
-from dynaudit.sources.base import ResolvedSource
 from dynaudit.tensors import Checkpoint, sha256_file
 
-__all__ = ["DEFAULT_BASELINE_SEEDS", "baseline", "check", "compare", "inspect", "measure"]
+if TYPE_CHECKING:
+    from dynaudit.cache import ResultCache
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # the backport of PEP 692's **kwargs typing
+    from typing_extensions import Unpack
+
+__all__ = [
+    "DEFAULT_BASELINE_SEEDS",
+    "CheckOptions",
+    "FitOptions",
+    "baseline",
+    "check",
+    "compare",
+    "inspect",
+    "measure",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASELINE_SEEDS = 3  # K cold fits per layer (docs/gate.md: "default ≥ 3")
+
+
+class FitOptions(TypedDict, total=False):
+    """The fit settings every entry point takes as keywords: the fields of
+    :class:`~dynaudit.config.FitSettings`, which validates them (a bad value is a usage
+    error, exit 2). None keeps the default, as a missing key does: the CLI passes None for an
+    option left out. ``device`` is text because the CLI passes its flag through; FitSettings
+    accepts ``auto``, ``cpu`` or ``cuda``."""
+
+    q_dim: int | None
+    pieces: int | None
+    mu: float | None
+    steps: int | None
+    lr: float | None
+    warm_steps: int | None
+    warm_lr: float | None
+    seed: int | None
+    seeds: int | None
+    max_entries: int | None
+    device: str | None
+    threads: int | None
+    tile_bytes: int | None
+
+
+class CheckOptions(FitOptions, total=False):
+    """The keywords of :func:`check`, which :func:`compare` passes on."""
+
+    policy: Policy | None
+    family: str | None
+    base: str | os.PathLike[str] | None
+    sources: SourceOptions | None
+    progress: Progress | None
+    cache: bool
+    all_seeds: bool
+    baseline_from: str
+    read_pyproject: bool
 
 
 def measure(
@@ -69,22 +116,21 @@ def measure(
     sources: SourceOptions | None = None,
     cache: bool = True,
     layers: str | None = None,
-    **settings: Any,
+    **settings: Unpack[FitOptions],
 ) -> Report:
     """Fit every layer of a checkpoint and report its dynamical discrepancy.
 
-    ``source`` is any SPEC §3 form: a local path, ``hf://org/name[@rev]`` or ``org/name``,
-    ``models:/…`` or ``runs:/…``; ``sources`` says how to reach remote ones. ``settings``
-    are :class:`~dynaudit.config.FitSettings` fields (``q_dim``, ``pieces``, ``steps``,
+    ``source`` is any SOURCE form (docs/sources.md): a local path, ``hf://org/name[@rev]`` or
+    ``org/name``, ``models:/…`` or ``runs:/…``; ``sources`` says how to reach remote ones.
+    ``settings`` are :class:`~dynaudit.config.FitSettings` fields (``q_dim``, ``pieces``, ``steps``,
     ``seed``, ``seeds``, ``device``, ...). A LoRA adapter directory is measured as its merged
-    weights over ``base`` (default: the adapter's ``base_model_name_or_path``). ``scales``
-    fixes the per-layer reference scale s (by layer name); by default each matrix is scaled by
-    its own RMS. With ``cache`` (the default), a checkpoint already measured with the same
-    settings is not fitted again: the stored report is returned, marked as a cache hit.
-    ``layers``, a regular expression, measures only the layers whose names it matches (the
-    others are listed as skipped).
+    weights over ``base`` (default: the adapter's ``base_model_name_or_path``). ``scales`` fixes the
+    per-layer reference scale s (by layer name); by default each matrix is scaled by its own RMS.
+    With ``cache`` (the default), a checkpoint already measured with the same settings is not fitted
+    again: the stored report is returned, marked as a cache hit. ``layers``, a regular expression,
+    measures only the layers whose names it matches (the others are listed as skipped).
     """
-    from dynaudit.cache import ResultCache, cache_root, result_key
+    from dynaudit.cache import ResultCache, cache_root
     from dynaudit.runtime import pick_device
 
     fit = settings_from(settings)
@@ -99,36 +145,80 @@ def measure(
     digest = store.digest if store else functools.cache(sha256_file)
     with open_checkpoint(resolved, base, options, digest) as checkpoint:
         fingerprint = checkpoint.fingerprint(digest)
-        source_info = SourceInfo(
-            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=fingerprint, selection=checkpoint.selection_note,
-        )  # fmt: skip
-        key = result_key(
-            fingerprint, fit.numeric(), family=family, scales=scales, version=__version__,
-            protocol=PROTOCOL_VERSION, context={**cache_context(checkpoint), "layers": layers},
-        )  # fmt: skip
-        cached = store.load(key) if store else None
-        if ranks is not None:  # rank 0's cache decides for the whole job
-            cached = ranks.from_main(cached)
+        source_info = source_info_of(resolved, checkpoint, fingerprint)
+        key = _result_key(checkpoint, fingerprint, fit, family, scales, {"layers": layers})
+        cached = _cached_report(store, key, ranks)
         if cached is not None:
-            return cached.model_copy(
-                update={
-                    "source": source_info,
-                    "cache": CacheInfo(hit=True, key=key, measured_at=cached.created_at),
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-            )
+            return _as_hit(cached, source_info, key, started)
         detection, plan = plan_checkpoint(checkpoint, family, layers)
         report = fit_report(
-            checkpoint, source_info, detection, plan, fit, device, scales=scales,
-            progress=progress, started=started, ranks=ranks,
-        )  # fmt: skip
-    if store is not None and (ranks is None or ranks.is_main):
-        report = report.model_copy(
-            update={"cache": CacheInfo(hit=False, key=key, measured_at=report.created_at)}
+            checkpoint,
+            source_info,
+            detection,
+            plan,
+            fit,
+            device,
+            scales=scales,
+            progress=progress,
+            started=started,
+            ranks=ranks,
         )
-        store.store(key, report)
+    return _kept(report, store, key, ranks)
+
+
+def _result_key(
+    checkpoint: Checkpoint,
+    fingerprint: dict[str, str],
+    fit: FitSettings,
+    family: str | None,
+    scales: dict[str, float] | None,
+    context: dict[str, Any],
+) -> str:
+    """The result cache's key of a report (or, with ``context["kind"]``, a baseline) of this
+    checkpoint: its files, the settings, and what else it depends on (:func:`_cache_context`
+    and ``context``)."""
+    from dynaudit.cache import result_key
+
+    return result_key(
+        fingerprint,
+        fit.numeric(),
+        family=family,
+        scales=scales,
+        version=__version__,
+        protocol=PROTOCOL_VERSION,
+        context={**_cache_context(checkpoint), **context},
+    )
+
+
+def _cached_report(store: ResultCache | None, key: str, ranks: Ranks | None) -> Report | None:
+    """The stored report under ``key``; in a torchrun job, rank 0's answer for every rank."""
+    cached = store.load(key) if store else None
+    if ranks is not None:  # rank 0's cache decides for the whole job
+        cached = ranks.from_main(cached)
+    return cached
+
+
+def _kept(report: Report, store: ResultCache | None, key: str, ranks: Ranks | None) -> Report:
+    """A new report, stored in the cache under ``key`` (by rank 0 alone in a torchrun job)
+    and marked as a cache miss; without a cache, the report as it is."""
+    if store is None or (ranks is not None and not ranks.is_main):
+        return report
+    report = report.model_copy(
+        update={"cache": CacheInfo(hit=False, key=key, measured_at=report.created_at)}
+    )
+    store.store(key, report)
     return report
+
+
+def _as_hit(cached: Report, source_info: SourceInfo, key: str, started: float) -> Report:
+    """A cached report as this call's answer: its source as given now, marked as a hit."""
+    return cached.model_copy(
+        update={
+            "source": source_info,
+            "cache": CacheInfo(hit=True, key=key, measured_at=cached.created_at),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    )
 
 
 def inspect(
@@ -139,7 +229,7 @@ def inspect(
     weights: bool = False,
     sources: SourceOptions | None = None,
     rank_work: int | None = None,
-    **settings: Any,
+    **settings: Unpack[FitOptions],
 ) -> Inspection:
     """Headers only: family, layer graph, shapes, dtypes, size, structural class and the fit's
     cost. With ``weights=True`` also reads every layer for its rank and spectral norm, the
@@ -165,7 +255,7 @@ def inspect(
         )
 
 
-def _baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def _baseline_settings(settings: Mapping[str, object]) -> Mapping[str, object]:
     """``settings`` with K = DEFAULT_BASELINE_SEEDS unless given (the CLI passes None for an
     option left out: that is not given either)."""
     if settings.get("seeds") is None:
@@ -183,7 +273,7 @@ def baseline(
     progress: Progress | None = None,
     mlflow: bool = False,
     experiment: str | None = None,
-    **settings: Any,
+    **settings: Unpack[FitOptions],
 ) -> Baseline:
     """Measure ``source`` with K cold fits and their null refits and store it as a baseline
     directory at ``out`` (written atomically; an existing ``out`` is never overwritten), and/or
@@ -194,9 +284,16 @@ def baseline(
         require_single_process("baseline --mlflow without --out")  # one temporary dir per rank
         with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
             return baseline(
-                source, Path(tmp) / "baseline", family=family, base=base, sources=sources,
-                progress=progress, mlflow=True, experiment=experiment, **settings,
-            )  # fmt: skip
+                source,
+                Path(tmp) / "baseline",
+                family=family,
+                base=base,
+                sources=sources,
+                progress=progress,
+                mlflow=True,
+                experiment=experiment,
+                **settings,
+            )
     fit = settings_from(_baseline_settings(settings))
     options = sources or SourceOptions()
     started = time.perf_counter()
@@ -206,88 +303,39 @@ def baseline(
     resolved = resolve(source, options)
     digest = _file_digest(options)
     with open_checkpoint(resolved, base, options, digest) as checkpoint:
-        made = _write_baseline(
-            checkpoint, resolved, target, fit, family=family, digest=digest, progress=progress,
-            started=started, ranks=ranks,
-        )  # fmt: skip
+        made = write_baseline(
+            checkpoint,
+            resolved,
+            target,
+            fit,
+            family=family,
+            digest=digest,
+            progress=progress,
+            started=started,
+            ranks=ranks,
+        )
     if ranks is not None and not ranks.is_main:
         return made  # rank 0 stores and reports
-    if mlflow:
-        from dynaudit.tracking import store_baseline
-
-        ref = store_baseline(
-            target, made.source.uri, tracking_uri=options.mlflow_uri, experiment=experiment,
-            revision=made.source.revision,
-        )  # fmt: skip
-        made = made.model_copy(update={"stored_at": ref})
-    else:
-        made = made.model_copy(update={"stored_at": str(target)})
-    return made
+    return _store(made, target, options, mlflow, experiment)
 
 
-def _write_baseline(
-    checkpoint: Checkpoint,
-    resolved: ResolvedSource,
-    target: Path,
-    fit: FitSettings,
-    *,
-    family: str | None,
-    digest: Callable[[Path], str],
-    progress: Progress | None = None,
-    started: float | None = None,
-    ranks: Ranks | None = None,
+def _store(
+    made: Baseline, target: Path, options: SourceOptions, mlflow: bool, experiment: str | None
 ) -> Baseline:
-    """Measure an opened checkpoint into a new baseline directory ``target``, staged beside it
-    and renamed into place: an interruption or an error leaves nothing behind. With ``ranks``
-    (a torchrun job) each rank fits its share into rank 0's staging directory, which must be
-    on a filesystem every rank sees, and rank 0 completes and renames it."""
-    from dynaudit.runtime import pick_device
+    """The baseline written at ``target``, also stored in a new MLflow run with ``mlflow``;
+    ``stored_at`` says where it is kept."""
+    if not mlflow:
+        return made.model_copy(update={"stored_at": str(target)})
+    from dynaudit.sources.mlflow import store_baseline
 
-    started = time.perf_counter() if started is None else started
-    main = ranks is None or ranks.is_main
-    if ranks is None:
-        staging = staging_for(target)
-    else:
-        staging = Path(ranks.from_main(str(staging_for(target)) if main else ""))
-        if not staging.is_dir():
-            raise UsageError(
-                f"{target}: rank {ranks.rank} cannot see rank 0's staging directory "
-                f"{staging}; under torchrun --out must be on a filesystem every rank shares"
-            )
-    try:
-        source_info = SourceInfo(
-            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=checkpoint.fingerprint(digest), selection=checkpoint.selection_note,
-        )  # fmt: skip
-        detection, plan = plan_checkpoint(checkpoint, family)
-        writer = BaselineWriter(staging, fit, [layer.name for layer in plan.layers])
-        report = fit_report(
-            checkpoint, source_info, detection, plan, fit, pick_device(fit.device),
-            progress=progress, sink=writer.sink, started=started, ranks=ranks,
-        )  # fmt: skip
-        if ranks is not None:
-            writer.absorb(ranks.gather(writer.records))
-        shapes = matrix_shapes(checkpoint, plan)
-        made = Baseline(
-            protocol_version=PROTOCOL_VERSION,
-            tool={"name": "dynaudit", "version": __version__},
-            created_at=report.created_at,
-            source=source_info,
-            family=report.family,
-            settings=fit.numeric(),
-            seeds=fit.seeds,
-            layers=[
-                _baseline_layer(layer, shapes[layer.name], writer) for layer in report.measured
-            ],
-            report=report,
-        )
-        if main:
-            writer.finish(made, target)
-    except BaseException:
-        if main:
-            discard(staging)
-        raise
-    return made
+    ref = store_baseline(
+        target,
+        made.source.uri,
+        tracking_uri=options.mlflow_uri,
+        experiment=experiment,
+        revision=made.source.revision,
+    )
+    return made.model_copy(update={"stored_at": ref})
 
 
 def _file_digest(options: SourceOptions) -> Callable[[Path], str]:
@@ -296,16 +344,6 @@ def _file_digest(options: SourceOptions) -> Callable[[Path], str]:
     from dynaudit.cache import ResultCache, cache_root
 
     return ResultCache(cache_root(options.cache_dir)).digest
-
-
-def _baseline_layer(layer: LayerResult, shape: list[int], writer: BaselineWriter) -> BaselineLayer:
-    return BaselineLayer(
-        name=layer.name, type=layer.type, depth=layer.depth, group=layer.group, shape=shape,
-        scale=layer.scale, coords=writer.files.get(layer.name),
-        cold_mean_distance=writer.cold.get(layer.name, []),
-        null_mean_distance=writer.null.get(layer.name, []), reason=layer.reason,
-        digest=layer.digest,
-    )  # fmt: skip
 
 
 def check(
@@ -321,11 +359,11 @@ def check(
     all_seeds: bool = False,
     baseline_from: str = "--baseline",
     read_pyproject: bool = True,
-    **settings: Any,
+    **settings: Unpack[FitOptions],
 ) -> CheckReport:
     """Compare ``source`` with a baseline (a baseline directory, or any checkpoint SOURCE,
     measured on the fly) and decide the gate. Without ``baseline_ref`` the baseline is found
-    as SPEC §2 says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
+    as docs/gate.md says (:func:`find_baseline`). ``settings`` may only repeat the baseline's
     (``device`` and ``threads`` are free); ``baseline_from`` says where ``baseline_ref`` came
     from, for the report; ``read_pyproject=False`` (a ``--config`` file in use) keeps
     ./pyproject.toml out of the search. A baseline measured on the fly is kept in the cache
@@ -334,10 +372,6 @@ def check(
     Layers whose bytes equal the baseline's are not refitted; of the others, seed 0 is
     refitted first and the other K − 1 seeds only where a verdict under ``policy`` is near a
     threshold (docs/gate.md); ``all_seeds`` refits every seed of every changed layer."""
-    import torch
-
-    from dynaudit.runtime import pick_device, torch_scope
-
     options = sources or SourceOptions()
     chosen = policy or Policy()  # before the comparison: sequential seeds depend on it
     started = time.perf_counter()
@@ -346,8 +380,8 @@ def check(
     # The candidate is opened (every file identified, the weights chosen) before a baseline
     # is found or measured: a bad candidate fails at once.
     with open_checkpoint(resolved, base, options, digest) as checkpoint:
-        require_audited(checkpoint, resolved.uri)
-        fingerprint = checkpoint.fingerprint(digest)
+        _require_audited(checkpoint, resolved.uri)
+        source_info = source_info_of(resolved, checkpoint, checkpoint.fingerprint(digest))
         if baseline_ref is None:
             ref, found_from = find_baseline(
                 resolved.path, base, os.fspath(source), options, read_pyproject=read_pyproject
@@ -356,78 +390,74 @@ def check(
             ref, found_from = os.fspath(baseline_ref), baseline_from
         log.info("baseline %s (%s)", ref, found_from)
         with _baseline_at(ref, options, settings, cache) as (stored, root, kept):
-            # Device and threads are where the refits run, not what they compute.
-            runtime = {
-                "device": settings.get("device", "auto"), "threads": settings.get("threads")
-            }  # fmt: skip
-            numeric = {k: v for k, v in settings.items() if k not in runtime}
-            check_settings(stored, numeric, str(ref))
-            fit = stored.fit_settings().model_copy(update=runtime)
-            device = pick_device(fit.device)
-            detection = detect_family(checkpoint, family or stored.family.name)
-            if family is None:  # not the user's choice: the baseline's family, named so
-                detection = Detection(detection.family, 1.0, "the baseline's family")
-            try:
-                plan = detection.family.plan(checkpoint)
-            except DynauditError as exc:
-                if family is not None:  # the user's own --family: their error stands
-                    raise
-                raise BaselineError(
-                    f"{resolved.uri}: architecture differs from the baseline ({stored.source.uri},"
-                    f" family {stored.family.name}): {exc.message}; check it against a baseline "
-                    "of its own base model"
-                ) from exc
-            require_layers(plan, detection, resolved.uri)
-            check_architecture(stored, checkpoint, plan, resolved.uri)
-            ranks = current()  # a torchrun job: each rank refits its share of the layers
-            with torch_scope(device, fit.threads):
-                threads = torch.get_num_threads()
-                comparison = compare_plan(
-                    checkpoint, plan, detection.family, stored, root, device, progress, ranks,
-                    policy=chosen, all_seeds=all_seeds,
-                )  # fmt: skip
-    return CheckReport(
-        tool={"name": "dynaudit", "version": __version__},
-        source=SourceInfo(
-            uri=resolved.uri, path=str(resolved.path), revision=resolved.revision,
-            files=fingerprint, selection=checkpoint.selection_note,
-        ),
-        baseline=BaselineInfo(
-            ref=str(ref), resolved_from=found_from, source=stored.source,
-            created_at=stored.created_at, seeds=stored.seeds, stored=kept,
-        ),
-        family=family_info(detection, plan),
-        settings={**fit.numeric(), "device": device.type, "threads": threads},
-        policy=chosen,
-        comparison=comparison,
-        verdict=decide(comparison, chosen),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        host=platform.node(),
-        seconds=round(time.perf_counter() - started, 3),
-    )  # fmt: skip
+            info = _baseline_info(ref, found_from, stored, kept)
+            compared = compare_checkpoint(
+                checkpoint,
+                resolved.uri,
+                stored,
+                root,
+                ref=ref,
+                family=family,
+                settings=settings,
+                policy=chosen,
+                all_seeds=all_seeds,
+                progress=progress,
+            )
+    return _check_report(source_info, info, compared, chosen, started)
 
 
-def require_audited(checkpoint: Checkpoint, uri: str) -> None:
+def _require_audited(checkpoint: Checkpoint, uri: str) -> None:
     """Refuse a candidate holding weight files that transformers' ``from_pretrained`` would
     load and the audit would not read: a gate must not pass weights it never saw."""
     unread = checkpoint.unread_weights()
     if unread:
-        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
         raise UnauditedWeights(
-            f"{uri}: transformers would load weight files the audit did not read ({shown}); "
+            f"{uri}: transformers would load weight files the audit did not read "
+            f"({listed(unread)}); "
             "audit the directory itself, or remove the files that are not the model",
             path=str(checkpoint.root),
+            uri=uri,
         )
 
 
-def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], **kwargs: Any) -> CheckReport:
+def _baseline_info(ref: str, found_from: str, stored: Baseline, kept: bool) -> BaselineInfo:
+    """The check report's ``baseline``: which one, found how, and whether it is kept."""
+    return BaselineInfo(
+        ref=str(ref),
+        resolved_from=found_from,
+        source=stored.source,
+        created_at=stored.created_at,
+        seeds=stored.seeds,
+        stored=kept,
+    )
+
+
+def _check_report(
+    source: SourceInfo, info: BaselineInfo, compared: Compared, policy: Policy, started: float
+) -> CheckReport:
+    """The check report: the comparison and the gate's verdict under ``policy``."""
+    return CheckReport(
+        **envelope(source),
+        baseline=info,
+        family=compared.family,
+        settings=compared.settings,
+        policy=policy,
+        comparison=compared.comparison,
+        verdict=decide(compared.comparison, policy),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def compare(
+    a: str | os.PathLike[str], b: str | os.PathLike[str], **kwargs: Unpack[CheckOptions]
+) -> CheckReport:
     """``check(b, baseline=a)``: two checkpoints, A measured on the fly as the baseline."""
     return check(b, a, **kwargs)
 
 
 @contextlib.contextmanager
 def _baseline_at(
-    ref: str, options: SourceOptions, settings: dict[str, Any], cache: bool
+    ref: str, options: SourceOptions, settings: FitOptions, cache: bool
 ) -> Iterator[tuple[Baseline, Path, bool]]:
     """A stored baseline directory, or one made from a checkpoint on the fly (kept in the
     cache unless ``cache`` is False)."""
@@ -436,7 +466,7 @@ def _baseline_at(
         yield load_baseline(path), path, True
         return
     if ref.startswith("runs:/"):
-        from dynaudit.tracking import fetch_baseline
+        from dynaudit.sources.mlflow import fetch_baseline
 
         with tempfile.TemporaryDirectory(prefix="dynaudit-baseline-") as tmp:
             fetched = fetch_baseline(ref, Path(tmp), options.mlflow_uri)
@@ -445,7 +475,6 @@ def _baseline_at(
                 return
         # not a stored baseline: a checkpoint logged in a run, measured on the fly below
     require_single_process("check against a checkpoint (its baseline is measured first)")
-    settings = {k: v for k, v in settings.items() if v is not None}
     cached = _cached_baseline(ref, options, settings) if cache else None
     if cached is not None:
         yield *cached, False
@@ -458,24 +487,20 @@ def _baseline_at(
 
 
 def _cached_baseline(
-    ref: str, options: SourceOptions, settings: dict[str, Any]
+    ref: str, options: SourceOptions, settings: FitOptions
 ) -> tuple[Baseline, Path] | None:
     """The baseline of checkpoint ``ref`` in the cache (``<cache>/baselines/<key>``), made
     there first if needed: a CI job checking against the same base measures it once. The key
     is the result cache's (file sha256s, settings, config, plugins, versions). None when the
     cache cannot be written (the caller measures into a temporary directory)."""
-    from dynaudit.api import cache_context
-    from dynaudit.cache import cache_root, discard_dir, result_key
+    from dynaudit.cache import cache_root
 
     fit = settings_from(_baseline_settings(settings))
     resolved = resolve(ref, options)
     digest = _file_digest(options)
     with open_checkpoint(resolved, None, options, digest) as checkpoint:
-        key = result_key(
-            checkpoint.fingerprint(digest), fit.numeric(), family=None, scales=None,
-            version=__version__, protocol=PROTOCOL_VERSION,
-            context={**cache_context(checkpoint), "kind": "baseline"},
-        )  # fmt: skip
+        fingerprint = checkpoint.fingerprint(digest)
+        key = _result_key(checkpoint, fingerprint, fit, None, None, {"kind": "baseline"})
         entry = cache_root(options.cache_dir) / "baselines" / key[:2] / key
         if is_baseline(entry):
             try:
@@ -484,17 +509,11 @@ def _cached_baseline(
             except BaselineError as exc:
                 log.warning("remaking a damaged cached baseline: %s", exc)
                 discard_dir(entry)
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            log.warning("could not write the baseline cache at %s: %s", entry.parent, exc)
-            return None
-        if not os.access(entry.parent, os.W_OK):
-            log.warning("the baseline cache at %s is not writable", entry.parent)
+        if not _writable(entry.parent):
             return None
         log.info("measuring the baseline of %s into the cache at %s", ref, entry)
         try:
-            made = _write_baseline(checkpoint, resolved, entry, fit, family=None, digest=digest)
+            made = write_baseline(checkpoint, resolved, entry, fit, family=None, digest=digest)
         except UsageError:
             if not is_baseline(entry):  # not a lost race with another process: a real error
                 raise
@@ -502,7 +521,20 @@ def _cached_baseline(
     return made, entry
 
 
-def cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
+def _writable(folder: Path) -> bool:
+    """``folder`` exists (made if needed) and can be written; a warning says why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("could not write the baseline cache at %s: %s", folder, exc)
+        return False
+    if not os.access(folder, os.W_OK):
+        log.warning("the baseline cache at %s is not writable", folder)
+        return False
+    return True
+
+
+def _cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
     """Besides the weight files, what a report depends on: the config the family plugins read,
     how an adapter is merged, and which plugins are installed (they decide the family)."""
     from dynaudit.families import available_families

@@ -30,9 +30,7 @@ import json
 import math
 import os
 import re
-import shutil
 import stat
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
@@ -40,7 +38,7 @@ from typing import Any, TypeGuard
 import torch
 from pydantic import ValidationError
 
-from dynaudit.config import PROTOCOL_VERSION, FitSettings
+from dynaudit.config import PROTOCOL_VERSION, FitSettings, project_setting
 from dynaudit.dynamics import discrepancy, fit_coordinates
 from dynaudit.dynamics.blocks import block_shape
 from dynaudit.dynamics.kernel import warm_steps
@@ -48,6 +46,7 @@ from dynaudit.dynamics.sketch import SIDE, sketch
 from dynaudit.errors import BaselineError, CorruptCheckpoint, UsageError
 from dynaudit.families import Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
+from dynaudit.files import publish_dir, stage_dir, write_new
 from dynaudit.schema import BASELINE_FORMAT, Baseline, BaselineLayer
 from dynaudit.schemas import FORMATS, strip_unknown, warn_ignored
 from dynaudit.sources.base import SourceOptions
@@ -58,7 +57,6 @@ __all__ = [
     "CoordsSink",
     "check_architecture",
     "check_settings",
-    "discard",
     "find_baseline",
     "is_baseline",
     "load_baseline",
@@ -116,9 +114,12 @@ class BaselineWriter:
     ) -> None:
         _, m, n = target.shape
         null = fit_coordinates(
-            target, self.settings, coords, steps=warm_steps(self.settings, m, n),
+            target,
+            self.settings,
+            coords,
+            steps=warm_steps(self.settings, m, n),
             lr=self.settings.warm_lr,
-        )  # fmt: skip
+        )
         _, cold_md = discrepancy(coords)
         _, null_md = discrepancy(null)
         members: dict[int, list[int]] = {}  # one pass: a scan per layer was quadratic
@@ -159,15 +160,13 @@ class BaselineWriter:
 
     def finish(self, baseline: Baseline, out: Path) -> Path:
         """Write baseline.json and the manifest, then rename the staging directory to ``out``."""
-        from dynaudit.cache import publish_dir
-
-        (self.staging / BASELINE_FILE).write_text(baseline.model_dump_json(indent=1))
+        write_new(self.staging / BASELINE_FILE, baseline.model_dump_json(indent=1).encode())
         manifest = {
             path.relative_to(self.staging).as_posix(): _sha256(path, path)
             for path in sorted(self.staging.rglob("*"))
             if path.is_file()
         }
-        (self.staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        write_new(self.staging / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
         if not publish_dir(self.staging, out):
             raise UsageError(f"{out}: written by another process meanwhile; not overwritten")
         return out
@@ -182,20 +181,12 @@ def refuse_existing(out: Path) -> None:
 
 
 def staging_for(out: Path) -> Path:
-    """A fresh staging directory beside ``out`` (same filesystem, so the rename is atomic),
-    created with its ``coords/``; ``out`` must not exist."""
-    from dynaudit.cache import sweep_stale
-
+    """A fresh staging directory beside ``out`` (:func:`dynaudit.files.stage_dir`), created
+    with its ``coords/``; ``out`` must not exist."""
     refuse_existing(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out.parent)  # what a killed `baseline` left here more than a day ago
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    (staging / COORDS_DIR).mkdir(parents=True)
+    staging = stage_dir(out)
+    (staging / COORDS_DIR).mkdir()
     return staging
-
-
-def discard(staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -588,8 +579,10 @@ def check_architecture(
         problems.append(f"{len(extra)} layer(s) not in the baseline (e.g. {extra[0]})")
     if reshaped:
         name = reshaped[0]
-        problems.append(f"{name} is {'×'.join(map(str, ours[name]))}, the baseline's "
-                        f"{'×'.join(map(str, theirs[name]))}")  # fmt: skip
+        problems.append(
+            f"{name} is {'×'.join(map(str, ours[name]))}, the baseline's "
+            f"{'×'.join(map(str, theirs[name]))}"
+        )
     if problems:
         raise BaselineError(
             f"{uri}: architecture differs from the baseline ({baseline.source.uri}): "
@@ -605,24 +598,13 @@ def find_baseline(
     *,
     read_pyproject: bool = True,
 ) -> tuple[str, str]:
-    """The baseline of a checkpoint when none is given (SPEC §2): ``[tool.dynaudit] baseline``
-    in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
-    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``, the MLflow
-    model version's ``dynaudit.baseline`` tag."""
-    import sys
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-
-    project = Path("pyproject.toml")
-    if read_pyproject and project.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            table = tomllib.loads(project.read_text(encoding="utf-8")).get("tool", {})
-            configured = table.get("dynaudit", {}).get("baseline")
-            if isinstance(configured, str) and configured:
-                return configured, "[tool.dynaudit] baseline in pyproject.toml"
+    """The baseline of a checkpoint when none is given (README, "In CI"): ``[tool.dynaudit]
+    baseline`` in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
+    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``, the MLflow model
+    version's ``dynaudit.baseline`` tag."""
+    configured = project_setting("baseline") if read_pyproject else None
+    if isinstance(configured, str) and configured:
+        return configured, "[tool.dynaudit] baseline in pyproject.toml"
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     adapter = folder / "adapter_config.json"
     if base is not None:

@@ -8,11 +8,12 @@ huggingface_hub's assets folder when ``HF_HOME`` or ``HF_ASSETS_CACHE`` is set, 
     hashes/<id>                           sha256 of a file, keyed by its path, size and mtime
     mlflow/<key>/                         files downloaded from MLflow (see sources.mlflow)
 
-Every entry is written under a temporary name and renamed into place when complete, so a
-reader never sees half an entry, and two processes storing the same key at once both succeed
-(the second rename loses harmlessly). An entry that fails to parse is ignored and replaced.
-What a killed process left under a temporary name is swept by the next write beside it, once
-more than a day old (:func:`sweep_stale`).
+Every entry is written under a temporary name and renamed into place when complete
+(:mod:`dynaudit.files`), so a reader never sees half an entry, and two processes storing the
+same key at once both succeed (the second one's entry is dropped harmlessly). An entry that
+fails to parse is ignored and replaced. What a killed process left under a temporary name is
+swept by the next write beside it, once more than a day old
+(:func:`dynaudit.files.sweep_stale`).
 """
 
 from __future__ import annotations
@@ -23,29 +24,29 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
-import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from dynaudit.files import (
+    discard_dir,
+    publish_dir,
+    replace_file,
+    staged_dir,
+    sweep_stale,
+    write_new,
+)
 from dynaudit.schema import Report
 from dynaudit.tensors import sha256_file
 
-__all__ = ["ResultCache", "cache_root", "publish_dir", "result_key", "sweep_stale"]
+__all__ = ["ResultCache", "cache_root", "result_key"]
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# dynaudit's own temporary names, and only those: ``.tmp-<uuid>`` (cache entries, hash memos,
-# downloads, converted pickles), ``.<name>.tmp-<uuid>`` (a baseline staged beside --out) and
-# ``.trash-<uuid>`` (an entry being deleted).
-_TEMPORARY = re.compile(r"\.(?:.+\.)?tmp-[0-9a-f]{32}|\.trash-[0-9a-f]{32}", re.DOTALL)
-STALE_SECONDS = 24 * 3600
 
 
 def cache_root(configured: str | os.PathLike[str] | None = None) -> Path:
@@ -111,59 +112,6 @@ def result_key(
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def publish_dir(staging: Path, final: Path) -> bool:
-    """Rename a complete ``staging`` folder to ``final``; False when another process published
-    ``final`` first (``staging`` is then removed). Either way ``final`` is whole afterwards."""
-    try:
-        staging.rename(final)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if final.is_dir():
-            return False
-        raise
-    sweep_stale(final.parent)
-    return True
-
-
-def sweep_stale(parent: Path, now: float | None = None) -> None:
-    """Remove what killed dynaudit processes left in ``parent``: entries with dynaudit's own
-    temporary names (never anything else; no symlink, FIFO or other special file either) not
-    changed for more than a day. A live staging directory is younger: its newest change is
-    taken over it and its direct children (a baseline's coords/ gains a file per layer).
-    Best effort: whatever cannot be listed or removed stays."""
-    limit = (time.time() if now is None else now) - STALE_SECONDS
-    try:
-        entries = [entry for entry in os.scandir(parent) if _TEMPORARY.fullmatch(entry.name)]
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                if _newest_change(entry.path, info.st_mtime) < limit:
-                    shutil.rmtree(entry.path, ignore_errors=True)
-            elif stat.S_ISREG(info.st_mode) and info.st_mtime < limit:
-                os.unlink(entry.path)
-        except OSError:
-            continue
-
-
-def _newest_change(folder: str, mtime: float) -> float:
-    with os.scandir(folder) as children:
-        return max([mtime, *(c.stat(follow_symlinks=False).st_mtime for c in children)])
-
-
-def discard_dir(entry: Path) -> None:
-    """Remove a damaged cache entry: renamed aside first (one atomic step, so no reader sees
-    it half deleted), then deleted."""
-    trash = entry.with_name(f".trash-{uuid.uuid4().hex}")
-    try:
-        entry.rename(trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 class ResultCache:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -188,17 +136,14 @@ class ResultCache:
     def store(self, key: str, report: Report) -> None:
         """Best effort: a cache that cannot be written costs a warning, never the report."""
         entry = self._entry(key)
-        staging = entry.parent / f".tmp-{uuid.uuid4().hex}"
         try:
-            staging.mkdir(parents=True)
-            _write_synced(staging / REPORT_FILE, report.model_dump_json(indent=1))
-            if entry.is_dir() and not (entry / REPORT_FILE).is_file():
-                discard_dir(entry)  # a broken leftover: replace it
-            publish_dir(staging, entry)
+            with staged_dir(entry) as staging:
+                write_new(staging / REPORT_FILE, report.model_dump_json(indent=1).encode())
+                if entry.is_dir() and not (entry / REPORT_FILE).is_file():
+                    discard_dir(entry)  # a broken leftover: replace it
+                publish_dir(staging, entry)
         except OSError as exc:
             log.warning("could not write the result cache at %s: %s", self.root, exc)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def digest(self, path: Path) -> str:
         """sha256 of ``path``, remembered by (real path, size, mtime, inode) so an unchanged
@@ -212,21 +157,10 @@ class ResultCache:
             if _SHA256.fullmatch(known):
                 return known
         value = sha256_file(path)
-        temporary = memo.with_name(f".tmp-{uuid.uuid4().hex}")
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
-            _write_synced(temporary, value)
-            os.replace(temporary, memo)
             sweep_stale(memo.parent)
+            replace_file(memo, value.encode("ascii"))
         except OSError as exc:
             log.warning("could not write the hash memo at %s: %s", memo.parent, exc)
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
         return value
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())

@@ -1,12 +1,30 @@
-"""Settings of the method protocol (SPEC §4), validated once at the API boundary."""
+"""Settings: those of the method protocol (docs/method.md), validated once at the API boundary, and
+the one reader of settings files (``[tool.dynaudit]`` of ./pyproject.toml, ``--config FILE``,
+``--policy FILE``)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["PROTOCOL_VERSION", "FitSettings"]
+from dynaudit.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "PYPROJECT",
+    "FitSettings",
+    "project_setting",
+    "read_table",
+    "read_toml",
+]
 
 # Bump whenever a change moves the numbers: reports and baselines of different protocol
 # versions are never compared.
@@ -60,3 +78,38 @@ class FitSettings(BaseModel):
     def numeric(self) -> dict[str, object]:
         """The settings that change the numbers (device and threads only within tolerance)."""
         return self.model_dump(exclude={"device", "threads", "tile_bytes"})
+
+
+# -- settings files ---------------------------------------------------------------------
+
+# The project file whose [tool.dynaudit] table holds settings, the policy and the baseline.
+PYPROJECT = Path("pyproject.toml")
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """The TOML file ``path`` as a table, read once; one that cannot be read or parsed is a
+    usage error naming the file and ``what`` it was read for."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read {what} ({exc})") from exc
+
+
+def read_table(path: Path, *, explicit: bool) -> dict[str, Any]:
+    """The dynaudit table of ``path``: ``[tool.dynaudit]`` when the file has one, else (for a
+    file named with ``--config``, ``explicit``) its top level. An implicit ./pyproject.toml
+    without the table gives nothing; a file that cannot be read or parsed, or whose
+    ``tool.dynaudit`` is not a table, is a usage error."""
+    data = read_toml(path, "the settings")
+    tool = data.get("tool")
+    table = tool.get("dynaudit") if isinstance(tool, dict) else None
+    if isinstance(table, dict):
+        return dict(table)
+    if table is not None:
+        raise UsageError(f"{path}: tool.dynaudit must be a table ([tool.dynaudit])")
+    return dict(data) if explicit else {}
+
+
+def project_setting(key: str) -> Any:
+    """``key`` of ``[tool.dynaudit]`` in ./pyproject.toml; None when the file or key is absent."""
+    return read_table(PYPROJECT, explicit=False).get(key) if PYPROJECT.is_file() else None

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save
 
 from dynaudit.errors import OutputRefused
+from dynaudit.files import write_bytes_atomic, write_text_atomic
 from dynaudit.outputs import output_file
-from dynaudit.reports.writers import write_bytes_atomic, write_text_atomic
 
 __all__ = ["DEMO_FILES", "build_demo_checkpoint", "refuse_foreign"]
 
@@ -50,11 +50,8 @@ def build_demo_checkpoint(out_dir: Path, *, seed: int = 0, steps: int = 600) -> 
     x_train, x_test = torch.randn(4096, 32, generator=gen), torch.randn(1024, 32, generator=gen)
     y_train, y_test = labels(x_train), labels(x_test)
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(32, 128), torch.nn.ReLU(),
-        torch.nn.Linear(128, 128), torch.nn.ReLU(),
-        torch.nn.Linear(128, 10),
-    )  # fmt: skip
+    hidden = [torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*hidden, torch.nn.Linear(128, 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with torch.enable_grad():
         for _ in range(steps):

@@ -5,7 +5,7 @@
 share of the layer batches, the results are exchanged as Python objects, and every rank ends
 with the whole report; only rank 0 prints and writes it. Batching never changes a layer's
 numbers (every matrix has its own seed), so a sharded run equals a single-process one within
-the thread-count tolerance of SPEC §4.6.
+the thread-count tolerance of docs/method.md §7.
 
 Only small Python objects cross ranks, so the process group always uses gloo (it runs over
 TCP on every machine); on GPUs each rank fits on ``cuda:LOCAL_RANK``.

@@ -1,4 +1,5 @@
-"""The gate (SPEC §6): a comparison's figures, the policy, and the pure decision between them.
+"""The gate (docs/gate.md, "Policy"): a comparison's figures, the policy, and the pure decision
+between them.
 
 A comparison gives, per layer and per group, the relative change of the mean distance against
 the baseline's null refits (mean ± std over the K baseline seeds), the noise it must beat and
@@ -22,23 +23,27 @@ the neurons' displacement. The policy is two-sided:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from dynaudit.errors import UsageError
-from dynaudit.schema import Change, Comparison, Finding, Policy, Verdict
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from dynaudit.config import PYPROJECT, read_toml
+from dynaudit.errors import UsageError, listed
+from dynaudit.schema import (
+    Change,
+    Comparison,
+    Finding,
+    LayerComparison,
+    Policy,
+    Verdict,
+    scope_label,
+)
 
 __all__ = [
     "Policy",
     "decide",
+    "layer_damage",
     "layer_undecided",
     "load_policy",
     "scope_undecided",
@@ -68,32 +73,57 @@ def weight_damage(
 
 def decide(comparison: Comparison, policy: Policy) -> Verdict:
     """The gate's verdict: a pure function of the figures and the thresholds."""
-    by_name = {layer.name: layer for layer in comparison.layers}
-
-    def about(names: list[str]) -> list[str]:
-        scopes = dict.fromkeys(["all"])  # ordered set: `in list` was quadratic in the names
-        for name in names:
-            layer = by_name.get(name)
-            if layer is not None:
-                scopes.update(dict.fromkeys((layer.group, layer.type)))
-        return list(scopes)
-
-    findings: list[Finding] = []
-    if comparison.non_finite:
-        names = comparison.non_finite
-        message = f"non-finite weights (NaN/Inf) in {_names(names)}"
-        findings.append(
-            Finding(kind="non_finite", groups=about(names), layers=names, message=message)
+    findings = [
+        *_weight_findings(comparison),
+        *_capacity_findings(comparison, policy),
+        *_damage_findings(comparison, policy),
+    ]
+    if findings:
+        groups = list(dict.fromkeys(g for f in findings for g in f.groups))
+        layers = list(dict.fromkeys(n for f in findings for n in f.layers))
+        return Verdict(
+            verdict="fail",
+            reasons=[f.message for f in findings],
+            findings=findings,
+            failing_groups=groups,
+            failing_layers=layers,
         )
-    if comparison.zeroed:
-        names = comparison.zeroed
-        message = f"damage: all-zero weights in {_names(names)}"
-        findings.append(Finding(kind="damage", groups=about(names), layers=names, message=message))
-    scopes = [("all layers", "all", comparison.all, policy.max_drop_all)]
-    scopes += [(f"{g} third", g, c, policy.max_drop_group) for g, c in comparison.groups.items()]
-    for label, key, group, limit in scopes:
-        if group.change is None or group.noise is None:
-            continue
+    return Verdict(verdict="pass", reasons=[_checked(policy)])
+
+
+def _scopes_of(comparison: Comparison, names: list[str]) -> list[str]:
+    """The scopes layers ``names`` belong to: "all", then their thirds and types."""
+    by_name = {layer.name: layer for layer in comparison.layers}
+    scopes = dict.fromkeys(["all"])  # ordered set: `in list` was quadratic in the names
+    for name in names:
+        layer = by_name.get(name)
+        if layer is not None:
+            scopes.update(dict.fromkeys((layer.group, layer.type)))
+    return list(scopes)
+
+
+def _weight_findings(comparison: Comparison) -> list[Finding]:
+    """NaN/Inf weights, and layers that became all zeros."""
+    findings = []
+    if names := comparison.non_finite:
+        message = f"non-finite weights (NaN/Inf) in {listed(names)}"
+        groups = _scopes_of(comparison, names)
+        findings.append(Finding(kind="non_finite", groups=groups, layers=names, message=message))
+    if names := comparison.zeroed:
+        message = f"damage: all-zero weights in {listed(names)}"
+        groups = _scopes_of(comparison, names)
+        findings.append(Finding(kind="damage", groups=groups, layers=names, message=message))
+    return findings
+
+
+def _capacity_findings(comparison: Comparison, policy: Policy) -> list[Finding]:
+    """A drop of the mean distance over all layers or a depth third beyond its limit and
+    beyond ``noise_multiple`` × its noise."""
+    findings = []
+    for kind, key, group in comparison.scopes():
+        if kind == "type" or group.change is None or group.noise is None:
+            continue  # capacity loss is judged over all layers and per depth third
+        label, limit = scope_label(kind, key), policy.drop_limit(key)
         change, noise = group.change, max(group.noise, policy.noise_floor / 100)
         drop = -change.mean
         if drop > limit / 100 and drop > policy.noise_multiple * noise:
@@ -104,47 +134,58 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
             findings.append(
                 Finding(kind="capacity_loss", groups=sorted({"all", key}), message=message)
             )
+    return findings
+
+
+def _damage_findings(comparison: Comparison, policy: Policy) -> list[Finding]:
+    """One finding per damaged layer (:func:`layer_damage`)."""
+    findings = []
     for layer in comparison.layers:
-        moved = layer.change
-        weights = weight_damage(layer.weight_change, layer.noise_likeness, policy)
-        problem: str | None = None
-        if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
-            problem = (
-                f"damage: {layer.name} mean distance {_pct(moved.mean)}"
-                f"{_spread(moved)} (limit ±{policy.max_layer_change:g}%)"
-            )
-        elif weights == "replaced":
-            problem = (
-                f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
-                f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
-            )
-        elif weights == "noise":
-            problem = (
-                f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
-                f"their norm like random noise (noise likeness {layer.noise_likeness:.2f}; "
-                f"limit {policy.max_noise_change:g}%)"
-            )
-        elif (
-            policy.max_displacement is not None
-            and layer.displacement is not None
-            and layer.displacement > policy.max_displacement
-        ):
-            problem = (
-                f"damage: {layer.name} neurons displaced by {layer.displacement:.3g} "
-                f"(limit {policy.max_displacement:g})"
-            )
+        problem = layer_damage(layer, policy)
         if problem is not None:
+            groups = list(dict.fromkeys(["all", layer.group, layer.type]))
             findings.append(
-                Finding(kind="damage", groups=about([layer.name]), layers=[layer.name],
-                        message=problem)
-            )  # fmt: skip
-    if findings:
-        groups = list(dict.fromkeys(g for f in findings for g in f.groups))
-        layers = list(dict.fromkeys(n for f in findings for n in f.layers))
-        return Verdict(
-            verdict="fail", reasons=[f.message for f in findings], findings=findings,
-            failing_groups=groups, failing_layers=layers,
-        )  # fmt: skip
+                Finding(kind="damage", groups=groups, layers=[layer.name], message=problem)
+            )
+    return findings
+
+
+def layer_damage(layer: LayerComparison, policy: Policy) -> str | None:
+    """Why ``layer`` counts as damaged under ``policy``, or None: its mean distance moved
+    beyond ``max_layer_change`` either way, its weights were replaced or noised
+    (:func:`weight_damage`), or its neurons were displaced beyond ``max_displacement``."""
+    moved = layer.change
+    weights = weight_damage(layer.weight_change, layer.noise_likeness, policy)
+    if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
+        return (
+            f"damage: {layer.name} mean distance {_pct(moved.mean)}"
+            f"{_spread(moved)} (limit ±{policy.max_layer_change:g}%)"
+        )
+    if weights == "replaced":
+        return (
+            f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
+            f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
+        )
+    if weights == "noise":
+        return (
+            f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
+            f"their norm like random noise (noise likeness {layer.noise_likeness:.2f}; "
+            f"limit {policy.max_noise_change:g}%)"
+        )
+    if (
+        policy.max_displacement is not None
+        and layer.displacement is not None
+        and layer.displacement > policy.max_displacement
+    ):
+        return (
+            f"damage: {layer.name} neurons displaced by {layer.displacement:.3g} "
+            f"(limit {policy.max_displacement:g})"
+        )
+    return None
+
+
+def _checked(policy: Policy) -> str:
+    """What a passing verdict checked, in one line."""
     checked = (
         f"no drop beyond −{policy.max_drop_all:g}% (all) / −{policy.max_drop_group:g}% (thirds) "
         f"above {policy.noise_multiple:g}× noise; no layer beyond ±{policy.max_layer_change:g}%"
@@ -153,7 +194,7 @@ def decide(comparison: Comparison, policy: Policy) -> Verdict:
         checked += f" or with weights moved beyond {policy.max_weight_change:g}%"
     if policy.max_noise_change is not None:
         checked += f" ({policy.max_noise_change:g}% if noise-like)"
-    return Verdict(verdict="pass", reasons=[checked])
+    return checked
 
 
 def layer_undecided(
@@ -199,12 +240,9 @@ def load_policy(
     file."""
     table: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    source = path or settings or Path("pyproject.toml")
+    source = path or settings or PYPROJECT
     if path is not None or settings is not None or source.is_file():
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"{source}: cannot read the policy ({exc})") from exc
+        data = read_toml(source, "the policy")
         nested, where = _policy_table(data, source)
         if nested is not None:
             table = nested
@@ -255,8 +293,3 @@ def _spread(change: Change) -> str:
 
 def _pct(value: float, sign: bool = True) -> str:
     return f"{value * 100:+.2f}%" if sign else f"{value * 100:.2f}%"
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")

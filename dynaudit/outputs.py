@@ -1,5 +1,5 @@
-"""No output path may be an input (SPEC §8): every report, plot, baseline or demo path is checked
-against the files a run reads before anything is written.
+"""No output path may be an input (docs/reliability.md, "Bad inputs"): every report, plot, baseline
+or demo path is checked against the files a run reads before anything is written.
 
 The inputs of a run are its checkpoints (each weight file and side file, the directory itself,
 and any name in it that a loader would read: a new ``model.safetensors`` beside healthy shards
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynaudit.errors import OutputError, OutputRefused
-from dynaudit.tensors import file_kind
+from dynaudit.tensors import file_kind, loader_reads
 
 __all__ = [
     "STDOUT",
@@ -27,15 +27,12 @@ __all__ = [
     "guard_outputs",
     "is_stdout",
     "is_stream",
-    "loader_reads",
     "output_file",
 ]
 
 STDOUT = "-"  # a report flag given `-` writes to standard output
 
 _REMOTE = ("hf://", "models:/", "runs:/")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_READ_NAMES = frozenset({"config.json", "adapter_config.json", "README.md"})
 _WALK_LIMIT = 20_000  # files looked at per baseline directory when comparing identities
 
 
@@ -77,11 +74,6 @@ def is_stream(path: str | os.PathLike[str]) -> bool:
     if stat.S_ISFIFO(st.st_mode):
         return True
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
-
-
-def loader_reads(name: str) -> bool:
-    """A file name that a loader (transformers, dynaudit) reads in a checkpoint directory."""
-    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") or name in _READ_NAMES
 
 
 def _real(path: Path) -> Path:

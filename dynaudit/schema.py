@@ -7,13 +7,16 @@ newer major versions refused). Each format's version and JSON Schema: docs/forma
 
 from __future__ import annotations
 
+import platform
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
-from typing import Any, Final, Literal
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, Final, Literal, Protocol, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dynaudit._version import __version__
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.schemas import FORMATS, minor_field, read_versioned
 
@@ -30,6 +33,7 @@ __all__ = [
     "CheckReport",
     "Comparison",
     "DepthGroup",
+    "Envelope",
     "FamilyInfo",
     "Finding",
     "GroupComparison",
@@ -39,6 +43,7 @@ __all__ = [
     "LayerResult",
     "Policy",
     "Report",
+    "ScopeKind",
     "SkippedLayer",
     "SourceInfo",
     "Spread",
@@ -47,8 +52,12 @@ __all__ = [
     "Summary",
     "Verdict",
     "depth_groups",
+    "envelope",
     "read_report",
+    "scope_label",
+    "scoped",
     "summarize",
+    "tool_info",
 ]
 
 DepthGroup = Literal["bottom", "middle", "top"]  # thirds of a model's depth
@@ -58,6 +67,53 @@ StructuralClass = Literal["non-augmented", "augmented", "bottleneck"]
 # not read a new baseline. A baseline without the field is format 1 (all baselines so far). A
 # change an older dynaudit can read by ignoring fields bumps the minor instead.
 BASELINE_FORMAT: Final = 1
+
+
+# -- scopes -------------------------------------------------------------------------------
+
+ScopeKind = Literal["all", "group", "type"]
+_Figures = TypeVar("_Figures")
+_Row = TypeVar("_Row", bound="_Placed")
+
+
+class _Placed(Protocol):
+    """A per-layer row: its depth third and its type place it in its scopes."""
+
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+
+def scoped(
+    rows: list[_Row], figures: Callable[[list[_Row]], _Figures]
+) -> tuple[_Figures, dict[str, _Figures], dict[str, _Figures]]:
+    """``figures`` of every scope of ``rows``: all of them, each depth third present (bottom
+    to top) and each layer type (sorted); rows keep their order within a scope. What
+    :meth:`Summary.scopes` and :meth:`Comparison.scopes` list, built in one pass (a scan per
+    type was quadratic: a generic checkpoint has a type per layer)."""
+    by_group: dict[str, list[_Row]] = defaultdict(list)
+    by_type: dict[str, list[_Row]] = defaultdict(list)
+    for row in rows:
+        by_group[row.group].append(row)
+        by_type[row.type].append(row)
+    groups: dict[str, _Figures] = {g: figures(by_group[g]) for g in DEPTH_GROUPS if g in by_group}
+    return figures(rows), groups, {t: figures(by_type[t]) for t in sorted(by_type)}
+
+
+def _scopes(
+    all_: _Figures, groups: dict[str, _Figures], types: dict[str, _Figures]
+) -> list[tuple[ScopeKind, str, _Figures]]:
+    every: list[tuple[ScopeKind, str, _Figures]] = [("all", "all", all_)]
+    every += [("group", name, figures) for name, figures in groups.items()]
+    every += [("type", name, figures) for name, figures in types.items()]
+    return every
+
+
+def scope_label(kind: ScopeKind, name: str) -> str:
+    """How a check report names a scope: ``all layers``, ``bottom third``, ``type attn``."""
+    return {"all": "all layers", "group": f"{name} third", "type": f"type {name}"}[kind]
 
 
 class _Model(BaseModel):
@@ -78,6 +134,28 @@ class SourceInfo(_Model):
         "(absent when every weight file present was audited)",
         exclude_if=lambda value: value is None,
     )
+
+
+class Envelope(TypedDict):
+    """The fields every report shares: who made it, from what, when and where."""
+
+    tool: dict[str, str]
+    source: SourceInfo
+    created_at: str
+    host: str
+
+
+def tool_info() -> dict[str, str]:
+    """The ``tool`` of every output: this dynaudit's name and version."""
+    return {"name": "dynaudit", "version": __version__}
+
+
+def envelope(source: SourceInfo) -> Envelope:
+    """The envelope of a report made now from ``source``, for ``Report(**envelope(source),
+    ...)`` and ``CheckReport(...)``: the tool, the source, the time (UTC, to the second) and
+    this host's name. A baseline takes its report's tool, source and time."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return Envelope(tool=tool_info(), source=source, created_at=now, host=platform.node())
 
 
 class CacheInfo(_Model):
@@ -160,6 +238,11 @@ class Summary(_Model):
         description="type → depth group → aggregate (the shape of the paper's Tables 2–3)",
     )
 
+    def scopes(self) -> list[tuple[ScopeKind, str, Aggregate]]:
+        """(kind, name, figures) of every scope in report order: all layers (named "all"),
+        each depth third present, bottom to top, each layer type, sorted."""
+        return _scopes(self.all, self.groups, self.types)
+
 
 class Report(_Model):
     schema_version: Literal[1] = Field(1, description="the format's major version")
@@ -221,23 +304,14 @@ def _aggregate(layers: list[LayerResult]) -> Aggregate:
 
 
 def summarize(layers: list[LayerResult]) -> Summary:
-    """Means over layers: all, per depth third, per type (null metrics left out)."""
-    by_group: dict[str, list[LayerResult]] = defaultdict(list)
+    """Means over layers: all, per depth third, per type (null metrics left out), and per
+    type and third."""
+    every, groups, types = scoped(layers, _aggregate)
     by_type: dict[str, list[LayerResult]] = defaultdict(list)
-    by_cell: dict[tuple[str, str], list[LayerResult]] = defaultdict(list)
     for layer in layers:
-        by_group[layer.group].append(layer)
         by_type[layer.type].append(layer)
-        by_cell[(layer.type, layer.group)].append(layer)
-    return Summary(
-        all=_aggregate(layers),
-        groups={g: _aggregate(by_group[g]) for g in DEPTH_GROUPS if g in by_group},
-        types={t: _aggregate(by_type[t]) for t in sorted(by_type)},
-        table={
-            t: {g: _aggregate(by_cell[(t, g)]) for g in DEPTH_GROUPS if (t, g) in by_cell}
-            for t in sorted(by_type)
-        },
-    )
+    table = {t: scoped(by_type[t], _aggregate)[1] for t in sorted(by_type)}
+    return Summary(all=every, groups=groups, types=types, table=table)
 
 
 # -- check --------------------------------------------------------------------------------
@@ -330,6 +404,10 @@ class Comparison(_Model):
         exclude_if=lambda value: value is None,
     )
 
+    def scopes(self) -> list[tuple[ScopeKind, str, GroupComparison]]:
+        """(kind, name, figures) of every scope, as :meth:`Summary.scopes` lists them."""
+        return _scopes(self.all, self.groups, self.types)
+
 
 class Policy(_Model):
     """Gate thresholds (percent unless stated). Defaults: docs/gate.md, from the calibration in
@@ -354,6 +432,10 @@ class Policy(_Model):
         0.8, gt=0, description="the noise likeness from which a change counts as noise-like"
     )
     noise_floor: float = Field(0.05, ge=0, description="the smallest noise assumed, %")
+
+    def drop_limit(self, scope: str) -> float:
+        """The largest drop, %, the scope ``all`` or a depth third may show."""
+        return self.max_drop_all if scope == "all" else self.max_drop_group
 
 
 class Finding(_Model):

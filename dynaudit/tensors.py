@@ -27,6 +27,7 @@ from dynaudit.errors import (
     InputError,
     NotARegularFile,
     PickleRefused,
+    listed,
 )
 
 if TYPE_CHECKING:
@@ -34,11 +35,17 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "INDEX_NAME",
+    "PICKLE_INDEX",
+    "PICKLE_SUFFIXES",
+    "SAFETENSORS_SUFFIXES",
     "SIDE_FILES",
+    "WEIGHT_SUFFIXES",
     "Checkpoint",
     "TensorInfo",
     "WeightSelection",
     "is_weight_name",
+    "loader_reads",
     "local_selection",
     "natural_key",
     "open_regular",
@@ -57,15 +64,30 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAME = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Names that hold or index safetensors weights; any weight file's suffix (safetensors or pickle).
+SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # safetensors' own reader refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
 ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
@@ -104,10 +126,12 @@ class TensorInfo:
 
 
 _KINDS = (
-    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
-)  # fmt: skip
+)
 
 
 def file_kind(mode: int) -> str:
@@ -364,9 +388,11 @@ class Checkpoint:
             config = read_json(config_path) if present(config_path, "config.json") else None
             files, weight_map, selection = [root], None, None
         checkpoint = cls.assemble(
-            root, [(file, *read_header(file)) for file in files], config=config,
+            root,
+            [(file, *read_header(file)) for file in files],
+            config=config,
             weight_map=weight_map,
-        )  # fmt: skip
+        )
         checkpoint.selection = selection
         return checkpoint
 
@@ -432,8 +458,11 @@ class Checkpoint:
                 path=str(info.file),
             )
         torch_dtype = {
-            "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
-        }[info.dtype]  # fmt: skip
+            "F64": torch.float64,
+            "F32": torch.float32,
+            "F16": torch.float16,
+            "BF16": torch.bfloat16,
+        }[info.dtype]
         if info.numel == 0:
             return torch.zeros(info.shape, dtype=torch.float32)
         raw = torch.frombuffer(
@@ -548,13 +577,8 @@ class WeightSelection:
         """One line for the report, when the directory held weights that were not read."""
         if not self.unaudited:
             return None
-        audited, unaudited = _listed(self.files), _listed(self.unaudited)
+        audited, unaudited = listed(self.files, 4), listed(self.unaudited, 4)
         return f"audited {audited} ({self.reason}); not audited: {unaudited}"
-
-
-def _listed(names: Collection[str], most: int = 4) -> str:
-    shown = ", ".join(list(names)[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def is_weight_name(name: str) -> bool:
@@ -564,7 +588,7 @@ def is_weight_name(name: str) -> bool:
     weights only when nothing else is: see :func:`select_weights`."""
     if "/" in name:
         return False
-    if name.endswith((".safetensors", ".safetensors.index.json")):
+    if name.endswith(SAFETENSORS_SUFFIXES):
         return True
     return name.startswith("pytorch_model") and name.endswith((".bin", ".bin.index.json"))
 
@@ -607,8 +631,7 @@ def select_weights(
 
     if explicit is not None:
         named = "config.json's transformers_weights"
-        suffixes = (".safetensors", ".safetensors.index.json")
-        if explicit not in top or not explicit.endswith(suffixes):
+        if explicit not in top or not explicit.endswith(SAFETENSORS_SUFFIXES):
             raise InputError(
                 f"{where or 'checkpoint'}: {named} names {explicit!r}, which is not a "
                 ".safetensors file or index at the top of the checkpoint; transformers would "
@@ -626,9 +649,11 @@ def select_weights(
         return chosen([PICKLE_NAME], f"transformers loads {PICKLE_NAME}", pickle=True)
     if PICKLE_INDEX in top:
         return chosen(
-            shards(PICKLE_INDEX), f"the shards {PICKLE_INDEX} names", index=PICKLE_INDEX,
+            shards(PICKLE_INDEX),
+            f"the shards {PICKLE_INDEX} names",
+            index=PICKLE_INDEX,
             pickle=True,
-        )  # fmt: skip
+        )
     safetensors = sorted((n for n in top if n.endswith(".safetensors")), key=natural_key)
     if safetensors:
         return chosen(safetensors, f"no {SINGLE_NAME} or index: every .safetensors file")
@@ -640,6 +665,13 @@ def select_weights(
 
 # Small files read beside the weights (the model card carries `base_model`).
 SIDE_FILES = ("config.json", INDEX_NAME, "adapter_config.json", "README.md")
+
+
+def loader_reads(name: str) -> bool:
+    """A file name that a loader (transformers, dynaudit) may read in a checkpoint directory:
+    any weight file or index, whether or not :func:`select_weights` picks it today (a new
+    ``model.safetensors`` beside healthy shards changes what is loaded), and the side files."""
+    return name.endswith((*WEIGHT_SUFFIXES, ".index.json")) or name in SIDE_FILES
 
 
 @dataclass(frozen=True)

@@ -38,20 +38,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dynaudit.errors import UsageError
-from dynaudit.schema import Aggregate, CheckReport, Report
+from dynaudit.errors import DynauditError
+from dynaudit.schema import (
+    Aggregate,
+    CheckReport,
+    LayerComparison,
+    LayerResult,
+    Report,
+    ScopeKind,
+)
 
 __all__ = [
     "DynauditCallback",
+    "log_or_warn",
     "log_report",
     "measure_and_log",
     "metric_name",
@@ -60,8 +68,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # built on first use: see __getattr__
-    from dynaudit.sources.mlflow import MlflowRef
-
     DynauditCallback: type[Any]
 
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -90,41 +96,39 @@ def report_metrics(report: Report | CheckReport, prefix: str = "dynaudit") -> di
     figure: those are the table of :func:`layer_table`)."""
     if isinstance(report, CheckReport):
         return _check_metrics(report, prefix)
-    summary = report.summary
-    scopes = [("all", summary.all)]
-    scopes += [(f"group/{g}", agg) for g, agg in summary.groups.items()]
-    scopes += [(f"type/{t}", agg) for t, agg in summary.types.items()]
     metrics: dict[str, float] = {}
-    for scope, agg in scopes:
-        metrics.update(_aggregate_metrics(prefix, scope, agg))
+    for kind, name, agg in report.summary.scopes():
+        metrics.update(_aggregate_metrics(prefix, _scope_path(kind, name), agg))
     metrics[metric_name(prefix, "skipped")] = float(len(report.skipped))
     metrics[metric_name(prefix, "non_finite")] = float(len(report.non_finite))
     return metrics
 
 
-def _aggregate_metrics(prefix: str, scope: str, agg: Aggregate) -> dict[str, float]:
+def _scope_path(kind: ScopeKind, name: str) -> tuple[str, ...]:
+    """A scope's part of a metric name: ``all``, ``group/<third>`` or ``type/<layer type>``."""
+    return ("all",) if kind == "all" else (kind, name)
+
+
+def _aggregate_metrics(prefix: str, scope: tuple[str, ...], agg: Aggregate) -> dict[str, float]:
     out = {}
     for figure in ("mean_distance", "discrepancy", "fidelity", "fidelity_median", "layers"):
         value = getattr(agg, figure)
         if value is not None:
-            out[metric_name(prefix, figure, *scope.split("/"))] = float(value)
+            out[metric_name(prefix, figure, *scope)] = float(value)
     return out
 
 
 def _check_metrics(report: CheckReport, prefix: str) -> dict[str, float]:
     comparison, verdict = report.comparison, report.verdict
-    scopes = [("all", comparison.all)]
-    scopes += [(f"group/{g}", c) for g, c in comparison.groups.items()]
-    scopes += [(f"type/{t}", c) for t, c in comparison.types.items()]
     metrics: dict[str, float] = {}
-    for scope, compared in scopes:
+    for kind, name, compared in comparison.scopes():
         figures = {"layers": compared.layers, "noise": compared.noise}
         figures["displacement"] = compared.displacement
         if compared.change is not None:
             figures |= {"change": compared.change.mean, "change_std": compared.change.std}
         for figure, value in figures.items():
             if value is not None:
-                metrics[metric_name(prefix, figure, *scope.split("/"))] = float(value)
+                metrics[metric_name(prefix, figure, *_scope_path(kind, name))] = float(value)
     counts = {
         "verdict_pass": 1 if verdict.passed else 0,
         "findings": len(verdict.findings),
@@ -141,36 +145,66 @@ def _check_metrics(report: CheckReport, prefix: str) -> dict[str, float]:
     return metrics
 
 
+_CHECK_COLUMNS = [
+    "name",
+    "type",
+    "depth",
+    "group",
+    "shape",
+    "baseline_mean_distance",
+    "mean_distance",
+    "change",
+    "change_std",
+    "noise",
+    "displacement",
+    "weight_change",
+    "noise_likeness",
+    "fidelity",
+    "unchanged",
+    "reason",
+]
+_MEASURE_COLUMNS = [
+    "name",
+    "type",
+    "depth",
+    "group",
+    "shape",
+    "mean_distance",
+    "discrepancy",
+    "fidelity",
+    "scale",
+    "seconds",
+    "reason",
+]
+
+
 def layer_table(report: Report | CheckReport) -> tuple[list[str], list[list[Any]]]:
     """The per-layer figures as columns and rows (one row per layer, skipped layers too)."""
     if isinstance(report, CheckReport):
-        columns = [
-            "name", "type", "depth", "group", "shape", "baseline_mean_distance",
-            "mean_distance", "change", "change_std", "noise", "displacement", "weight_change",
-            "noise_likeness", "fidelity", "unchanged", "reason",
-        ]  # fmt: skip
-        rows = []
-        for moved in report.comparison.layers:
-            change = moved.change
-            rows.append([
-                moved.name, moved.type, moved.depth, moved.group, _shape(moved.shape),
-                moved.baseline_mean_distance, moved.mean_distance,
-                change.mean if change else None, change.std if change else None, moved.noise,
-                moved.displacement, moved.weight_change, moved.noise_likeness, moved.fidelity,
-                bool(moved.unchanged), moved.reason,
-            ])  # fmt: skip
-        return columns, rows
-    columns = ["name", "type", "depth", "group", "shape", "mean_distance", "discrepancy",
-               "fidelity", "scale", "seconds", "reason"]  # fmt: skip
-    rows = [
-        [layer.name, layer.type, layer.depth, layer.group, _shape(layer.shape),
-         layer.mean_distance, layer.discrepancy, layer.fidelity, layer.scale, layer.seconds,
-         layer.reason]
-        for layer in report.measured
-    ]  # fmt: skip
-    rows += [[s.name, None, None, None, None, None, None, None, None, None, s.skipped]
-             for s in report.skipped]  # fmt: skip
-    return columns, rows
+        return list(_CHECK_COLUMNS), [_check_row(layer) for layer in report.comparison.layers]
+    rows = [_measure_row(layer) for layer in report.measured]
+    blank = [None] * (len(_MEASURE_COLUMNS) - 2)
+    rows += [[skipped.name, *blank, skipped.skipped] for skipped in report.skipped]
+    return list(_MEASURE_COLUMNS), rows
+
+
+def _check_row(moved: LayerComparison) -> list[Any]:
+    change = moved.change
+    return [
+        *(moved.name, moved.type, moved.depth, moved.group, _shape(moved.shape)),
+        *(moved.baseline_mean_distance, moved.mean_distance),
+        *(change.mean if change else None, change.std if change else None),
+        *(moved.noise, moved.displacement, moved.weight_change, moved.noise_likeness),
+        *(moved.fidelity, bool(moved.unchanged), moved.reason),
+    ]
+
+
+def _measure_row(layer: LayerResult) -> list[Any]:
+    return [
+        *(layer.name, layer.type, layer.depth, layer.group, _shape(layer.shape)),
+        *(layer.mean_distance, layer.discrepancy, layer.fidelity, layer.scale),
+        *(layer.seconds, layer.reason),
+    ]
 
 
 def _shape(shape: list[int]) -> str:
@@ -188,16 +222,27 @@ def report_params(report: Report | CheckReport) -> dict[str, str]:
 
 def run_name(report: Report | CheckReport) -> str:
     """What the run did, e.g. ``dynaudit check ./ft vs meta-llama/Llama-2-7b``."""
+    from dynaudit.sources.mlflow import run_label
+
     if isinstance(report, CheckReport):
-        name = f"dynaudit check {_label(report.source.uri)} vs {_label(report.baseline.source.uri)}"
+        checked, baseline = report.source.uri, report.baseline.source.uri
+        name = f"dynaudit check {run_label(checked)} vs {run_label(baseline)}"
     else:
-        name = f"dynaudit measure {_label(report.source.uri)}"
+        name = f"dynaudit measure {run_label(report.source.uri)}"
     return name[:_MAX_RUN_NAME]
 
 
-def _label(uri: str) -> str:
-    """``uri``, its end kept when it is long (the end names the checkpoint)."""
-    return uri if len(uri) <= 100 else "…" + uri[-99:]
+def log_or_warn(report: Report | CheckReport, tracking_uri: str | None) -> None:
+    """:func:`log_report` as a side channel: called after every report file is written, and a
+    failure (server down, access refused) is one warning line while the verdict's exit code
+    stands (docs/reliability.md)."""
+    try:
+        log_report(report, tracking_uri=tracking_uri)
+    except Exception as exc:  # whatever broke, the reports are written and the verdict stands
+        reason = exc.message if isinstance(exc, DynauditError) else f"{type(exc).__name__}: {exc}"
+        logging.getLogger("dynaudit").warning(
+            "could not log to MLflow (%s); the verdict stands", reason
+        )
 
 
 def log_report(
@@ -213,7 +258,7 @@ def log_report(
     active run, else a new run in ``experiment`` (default ``MLFLOW_EXPERIMENT_NAME`` or
     "dynaudit"), which is then ended. A check of a registered model version also tags that
     version (:func:`tag_model_version`). Raises only :class:`~dynaudit.errors.DynauditError`."""
-    from dynaudit.sources.mlflow import client_environment, mlflow_errors
+    from dynaudit.sources.mlflow import client_environment, mlflow_errors, start_run
 
     uri = _server(tracking_uri)
     with mlflow_errors("logging the report to MLflow", uri), client_environment(uri):
@@ -253,10 +298,11 @@ def _log_to_run(
     for chunk in range(0, len(entities), _BATCH):
         batch = entities[chunk : chunk + _BATCH]
         tracking.log_batch(
-            run_id, metrics=[e for e in batch if isinstance(e, Metric)],
+            run_id,
+            metrics=[e for e in batch if isinstance(e, Metric)],
             params=[e for e in batch if isinstance(e, Param)],
             tags=[e for e in batch if isinstance(e, RunTag)],
-        )  # fmt: skip
+        )
     suffix = f"-step{step}" if step is not None else ""
     _log_table(tracking, run_id, report, f"dynaudit/layers{suffix}.json")
     if artifacts:
@@ -286,47 +332,6 @@ def _server(tracking_uri: str | None) -> str:
         import mlflow
 
         return str(mlflow.get_tracking_uri())
-
-
-def start_run(client: Any, experiment: str | None = None, name: str = "dynaudit") -> str:
-    """A new run ``name`` in ``experiment`` (default ``MLFLOW_EXPERIMENT_NAME`` or
-    "dynaudit"), with MLflow's context tags (see the module docstring)."""
-    experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dynaudit"
-    found = client.get_experiment_by_name(experiment_name)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
-    run = client.create_run(experiment_id, run_name=name, tags=context_tags())
-    return str(run.info.run_id)
-
-
-def context_tags() -> dict[str, str]:
-    """MLflow's context tags, as its own providers set them (user, source name and type, and
-    those of Databricks or ``MLFLOW_RUN_CONTEXT``), with the git commit of the working
-    directory in place of that of ``sys.argv[0]``'s directory."""
-    from mlflow.tracking.context.git_context import GitRunContext
-    from mlflow.tracking.context.registry import resolve_tags
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
-
-    # MLflow annotates ``ignore`` as instances, but matches classes (isinstance).
-    resolved = resolve_tags(ignore=[GitRunContext])  # type: ignore[list-item]
-    tags = {k: str(v) for k, v in resolved.items()}
-    commit = git_commit(Path.cwd())
-    if commit is not None:
-        tags[MLFLOW_GIT_COMMIT] = commit
-    return tags
-
-
-def git_commit(folder: Path) -> str | None:
-    """The commit checked out in the git work tree that holds ``folder``, if any (no git, not
-    a checkout, or a repository git refuses to read: none)."""
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "--verify", "-q", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
 def _tags(report: Report | CheckReport) -> dict[str, str]:
@@ -377,7 +382,7 @@ def tag_model_version(
     ``dynaudit.report_run`` (the run holding the report) and ``dynaudit.failing_groups``
     ("none" when it passed), in the registry MLflow uses (``MLFLOW_REGISTRY_URI``, else the
     tracking server). Returns ``NAME/VERSION``, or None for any other source."""
-    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
+    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors, model_version
     from dynaudit.sources.mlflow import parse as parse_uri
 
     if not report.source.uri.startswith("models:/"):
@@ -388,7 +393,7 @@ def tag_model_version(
     uri = _server(tracking_uri)
     with mlflow_errors(f"tagging {model.uri} with the verdict", uri), client_environment(uri):
         registry = client(uri)
-        version = _measured_version(registry, model, report.source.revision)
+        version = model_version(registry, model, report.source.revision)
         tags = {VERDICT_TAG: report.verdict.verdict, REPORT_RUN_TAG: run_id}
         tags[FAILING_GROUPS_TAG] = ",".join(report.verdict.failing_groups) or "none"
         for key, value in tags.items():
@@ -496,16 +501,25 @@ class _CallbackLogic:
         import mlflow
 
         if self.run_id is None and mlflow.active_run() is None:
-            from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
+            from dynaudit.sources.mlflow import (
+                client,
+                client_environment,
+                mlflow_errors,
+                start_run,
+            )
 
             uri = _server(self.tracking_uri)
             with mlflow_errors("starting an MLflow run", uri), client_environment(uri):
                 self.run_id = start_run(client(uri), name="dynaudit during training")
             self._owned = True
         report = measure_and_log(
-            model, step, layers=self.layers, run_id=self.run_id,
-            tracking_uri=self.tracking_uri, **self.settings,
-        )  # fmt: skip
+            model,
+            step,
+            layers=self.layers,
+            run_id=self.run_id,
+            tracking_uri=self.tracking_uri,
+            **self.settings,
+        )
         self.reports.append((step, report))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -535,81 +549,3 @@ class _CallbackLogic:
             with mlflow_errors("ending the MLflow run", uri), client_environment(uri):
                 client(uri).set_terminated(self.run_id)
         return control
-
-
-# -- baselines in MLflow ----------------------------------------------------------------
-
-BASELINE_ARTIFACTS = "dynaudit-baseline"
-
-
-def store_baseline(
-    folder: Path,
-    source_uri: str,
-    *,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    revision: str | None = None,
-) -> str:
-    """Upload a baseline directory as the artifacts of a new run and return its ``runs:/`` URI.
-    The run is marked finished and tagged ``dynaudit.baseline`` only after every artifact is
-    uploaded; when the baseline's source is an MLflow model version, that version is tagged
-    with the URI too, so `check models:/NAME/…` finds it: the version measured (``revision``,
-    ``NAME/VERSION`` as the source resolved it), not where an alias points by now."""
-    from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import (
-        BASELINE_TAG,
-        client,
-        client_environment,
-        mlflow_errors,
-        parse,
-    )
-    from dynaudit.sources.mlflow import tracking_uri as server_of
-
-    uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with mlflow_errors("storing the baseline in MLflow", uri), client_environment(uri):
-        tracking = client(uri)
-        run_id = start_run(tracking, experiment, f"dynaudit baseline {_label(source_uri)}")
-        ref = f"runs:/{run_id}/{BASELINE_ARTIFACTS}"
-        try:
-            tracking.log_artifacts(run_id, str(folder), BASELINE_ARTIFACTS)
-            tracking.set_tag(run_id, "dynaudit.source", source_uri)
-            tracking.set_tag(run_id, BASELINE_TAG, ref)
-        except BaseException:
-            with contextlib.suppress(Exception):  # the first error is the one to report
-                tracking.set_terminated(run_id, status="FAILED")
-            raise
-        tracking.set_terminated(run_id)
-        if source_uri.startswith("models:/"):
-            model = parse(source_uri)
-            if model.name is not None:
-                version = _measured_version(tracking, model, revision)
-                tracking.set_model_version_tag(model.name, version, BASELINE_TAG, ref)
-    return ref
-
-
-def _measured_version(registry: Any, model: MlflowRef, revision: str | None) -> str:
-    """The version a report or baseline was made from: its source's ``NAME/VERSION`` as
-    resolved at download, not where an alias or ``latest`` points by now; resolved afresh
-    only when the revision does not name one of this model's versions."""
-    from dynaudit.sources.mlflow import model_version
-
-    name, _, version = (revision or "").rpartition("/")
-    if name == model.name and version.isdigit():
-        return version
-    return model_version(registry, model)
-
-
-def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None) -> Path:
-    """Download a baseline stored as run artifacts (``runs:/<id>/dynaudit-baseline``)."""
-    from dynaudit.sources.base import SourceOptions
-    from dynaudit.sources.mlflow import client, client_environment, mlflow_errors, parse
-    from dynaudit.sources.mlflow import tracking_uri as server_of
-
-    stored = parse(ref)
-    uri = server_of(SourceOptions(mlflow_uri=tracking_uri))
-    with mlflow_errors(stored.uri, uri), client_environment(uri):
-        if stored.run_id is None:
-            raise UsageError(f"{ref}: a baseline in MLflow is runs:/RUN_ID/{BASELINE_ARTIFACTS}")
-        destination.mkdir(parents=True, exist_ok=True)  # MLflow 2 does not create it
-        path = client(uri).download_artifacts(stored.run_id, stored.path, str(destination))
-    return Path(path)

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from experiments import zoo
 from experiments._cli import experiment_main
 from experiments.derived import collapse, derive, noise, reinit, zero
+from tests import zoo
 
 FINETUNE_MODULES = ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "string.py")
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from experiments import zoo
 from experiments._cli import experiment_main, pyplot, save_figure
+from tests import zoo
 
 Q_DIMS_FULL = (8, 16, 32, 64, 128)
 Q_DIMS_QUICK = (8, 32)

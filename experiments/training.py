@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments import zoo
 from experiments._cli import experiment_main, pyplot, save_figure
 from experiments.width import spearman
+from tests import zoo
 
 EPOCHS_FULL = (0, 1, 2, 4, 8, 16, 32, 64)
 EPOCHS_QUICK = (0, 2, 8)

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from experiments import zoo
 from experiments._cli import experiment_main, pyplot, save_figure
 from experiments.calibrate_gate import FINETUNE_MODULES, damaged_copies
 from experiments.finetuning import task_text
 from experiments.width import spearman
+from tests import zoo
 
 STATS = ("relative_delta", "spectral", "stable_rank", "nuclear_frobenius")
 MILD = {"noise 10%": "mild"}

@@ -10,7 +10,7 @@ default settings with several fit seeds. Each width is also measured at initiali
 shapes, untrained), which separates what training does from what size does.
 
 The theorem is about 𝒟, the sum over neuron pairs, which grows with the neuron count by
-construction (SPEC §4.7): 𝒟 is reported, but the test is the **mean distance**, which does
+construction (docs/method.md §5): 𝒟 is reported, but the test is the **mean distance**, which does
 not. Spearman's rank correlation of mean distance with width is given per layer, for trained
 and untrained nets; nothing is tuned until it agrees.
 """
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from experiments import zoo
 from experiments._cli import experiment_main, pyplot, save_figure
+from tests import zoo
 
 WIDTHS_FULL = (16, 32, 64, 128, 256, 512)
 WIDTHS_QUICK = (16, 64, 256)

@@ -20,7 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from tests.producers import raw_safetensors, sharded_index
 
-__all__ = ["BAD_CHECKPOINTS", "BROKEN_BASELINES", "BadCheckpoint", "BrokenBaseline"]
+__all__ = [
+    "BAD_CHECKPOINTS",
+    "BROKEN_BASELINES",
+    "BadCheckpoint",
+    "BrokenBaseline",
+    "rehash_manifest",
+]
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,8 @@ BAD_CHECKPOINTS = [
 # -- broken baselines -------------------------------------------------------------------
 
 
-def _manifest_rehash(copy: Path) -> None:
+def rehash_manifest(copy: Path) -> None:
+    """Rewrite a baseline's manifest to match its files (a damage that hides itself)."""
     from dynaudit.tensors import sha256_file
 
     manifest = copy / "manifest.json"
@@ -186,7 +193,7 @@ def _break_report(copy: Path) -> str:
 def _break_report_rehashed(copy: Path) -> str:
     path = copy / "baseline.json"
     path.write_text(path.read_text().replace('"layers"', '"layerz"', 1))
-    _manifest_rehash(copy)
+    rehash_manifest(copy)
     return "baseline.json"
 
 

@@ -31,6 +31,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from dynaudit.cli import main
 
@@ -126,28 +127,41 @@ def _streams(stdin: _Pipe, stdout: _Pipe, stderr: _Pipe) -> Iterator[None]:
 def _library_loggers(stdout: io.TextIOWrapper, stderr: io.TextIOWrapper) -> Iterator[None]:
     """Plain ``StreamHandler``s (pytest's own capture handlers are subclasses, left alone)
     write to the new stdout if they wrote to stdout, else to the new stderr; transformers'
-    ``warning_once`` forgets what it already said."""
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    handlers = {
-        handler
-        for logger in loggers
-        if isinstance(logger, logging.Logger)
-        for handler in logger.handlers
-        if type(handler) is logging.StreamHandler
-    }
-    saved = {
-        handler: handler.setStream(_same_kind(handler.stream, stdout, stderr))
-        for handler in handlers
-    }
+    ``warning_once`` forgets what it already said. Afterwards each handler gets its stream
+    back, and one a library created during the call is bound to the streams of before."""
+    real = {stdout: sys.stdout, stderr: sys.stderr}
+    saved = {handler: handler.stream for handler in _stream_handlers()}
+    for handler, stream in saved.items():
+        _point(handler, _same_kind(stream, stdout, stderr))
     once = getattr(logging.Logger, "warning_once", None)
     if once is not None and hasattr(once, "cache_clear"):
         once.cache_clear()
     try:
         yield
     finally:
-        for handler, previous in saved.items():
-            if previous is not None:
-                handler.setStream(previous)
+        for handler in _stream_handlers():
+            if handler in saved:
+                _point(handler, saved[handler])
+            elif handler.stream in real:
+                _point(handler, real[handler.stream])
+
+
+def _stream_handlers() -> list[logging.StreamHandler[Any]]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
+        handler
+        for logger in loggers
+        if isinstance(logger, logging.Logger)
+        for handler in logger.handlers
+        if type(handler) is logging.StreamHandler
+    ]
+
+
+def _point(handler: logging.StreamHandler[Any], stream: Any) -> None:
+    """``handler`` writes to ``stream`` from now on. Not ``setStream``: it flushes the old
+    stream, which may be closed (a pytest ``capsys`` stream a library bound at import)."""
+    with handler.lock or contextlib.nullcontext():
+        handler.stream = stream
 
 
 def _same_kind(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from experiments import zoo
+from dynaudit.schema import Report
+from tests import zoo
 from tests.hubserver import LocalHub
 from tests.mlflowserver import MlflowServer
 
@@ -58,6 +60,26 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = zoo.train_tiny_llama(out, steps=150)
     assert result["train_loss_last"] < result["train_loss_first"]
     return out
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny LLaMA re-saved by transformers in 1 MB shards, plus the files a real
+    Hub repo has that an audit must not download (a pickle, a tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("sharded-llama")
+    LlamaForCausalLM.from_pretrained(tiny_llama).save_pretrained(out, max_shard_size="1MB")
+    (out / "pytorch_model.bin").write_bytes(b"a pickle must never be downloaded")
+    (out / "tokenizer.json").write_text("{}")
+    (out / "README.md").write_text("---\nbase_model: org/base\n---\n# tiny llama\n")
+    return out
+
+
+def figures(report: Report) -> dict[str, Any]:
+    """The measured numbers of a report, without where they came from."""
+    data = report.numbers()
+    return {"layers": data["layers"], "summary": data["summary"], "family": data["family"]}
 
 
 WriteCheckpoint = Callable[..., Path]

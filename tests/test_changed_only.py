@@ -360,7 +360,6 @@ def test_two_ranks_refit_each_stage_once_and_agree(
     """compare_plan over two ranks (threads exchanging pickles, as all_gather_object does),
     with one layer at its threshold: both stages are shared, every rank gets the single
     process's comparison."""
-    import dynaudit.api
     from dynaudit.engine import compare as comparison
 
     source = _one_noisy_layer(base, tmp_path / "noisy-layer")
@@ -372,8 +371,7 @@ def test_two_ranks_refit_each_stage_once_and_agree(
     single = dynaudit.check(source, gate_baseline, policy=policy)
     _ThreadRanks.board = _Board(2)
     by_thread = {f"rank{r}": _ThreadRanks(r, 2) for r in (0, 1)}
-    monkeypatch.setattr(dynaudit.api, "current",
-                        lambda: by_thread[threading.current_thread().name])  # fmt: skip
+    monkeypatch.setattr(comparison, "current", lambda: by_thread[threading.current_thread().name])
     refitted: list[tuple[str, str, int]] = []  # (rank, layer, seed)
     original = comparison._warm_refits
 

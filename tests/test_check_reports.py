@@ -185,3 +185,19 @@ def test_one_annotation_per_root_cause() -> None:
     assert titles == ["error title=dynaudit%3A capacity loss"] * 2 + [
         "error title=dynaudit%3A damage"
     ]
+
+
+def test_a_layer_type_named_like_a_third_keeps_its_own_figures() -> None:
+    """Regression: JUnit looked each case's figures up by name, thirds first, so a layer type
+    named "top" showed the top third's change."""
+    comparison = Comparison(
+        layers=[_layer("model.layers.0.top.weight", "top", "bottom", 0.001)],
+        all=_group(0.001, 1),
+        groups={"bottom": _group(0.001, 1), "top": _group(-0.5, 1)},
+        types={"top": _group(0.007, 1)},
+    )
+    report = sample_report().model_copy(update={"comparison": comparison})
+    root = ET.fromstring(render_junit(report))
+    shown = {case.get("name"): case.findtext("system-out") for case in root.iter("testcase")}
+    assert shown["type top"].startswith("change +0.700% ± 0.200%")
+    assert shown["top third"].startswith("change -50.000%")

@@ -86,3 +86,37 @@ def test_variables_read_at_import_are_refused() -> None:
     for name in sorted(IMPORT_TIME_VARIABLES):
         with pytest.raises(ValueError, match=name):
             run_cli("--help", env={name: "1"})
+
+
+def test_handlers_on_closed_streams_and_handlers_made_during_a_call() -> None:
+    """Regression: a handler a library bound to a pytest ``capsys`` stream, closed since,
+    made the runner fail ("I/O operation on closed file"); and a handler created during a call
+    kept writing to that call's pipe afterwards."""
+    import io
+    import logging
+
+    closed = io.StringIO()
+    closed.close()
+    stale_logger = logging.getLogger("tests.cli-runner-stale")
+    stale = logging.StreamHandler(closed)
+    made_logger = logging.getLogger("tests.cli-runner-made")
+    made_logger.propagate = False
+    stale_logger.addHandler(stale)
+
+    def library(argv: list[str]) -> int:
+        made_logger.addHandler(logging.StreamHandler(sys.stderr))
+        made_logger.warning("said during the call")
+        return 0
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("tests.cli.main", library)
+            result = run_cli("anything")
+        assert result.returncode == 0 and "said during the call" in result.stderr
+        assert stale.stream is closed
+        (made,) = made_logger.handlers
+        assert isinstance(made, logging.StreamHandler) and made.stream is sys.stderr
+    finally:
+        stale_logger.removeHandler(stale)
+        for handler in list(made_logger.handlers):
+            made_logger.removeHandler(handler)

@@ -273,3 +273,12 @@ def test_verbose_names_settings_a_command_does_not_use(
     assert main(["-v", "check", str(model), "--baseline", str(stored), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "[tool.dynaudit] of pyproject.toml: steps not used by `dynaudit check`" in err
+
+
+def test_a_tool_dynaudit_that_is_not_a_table_is_one_line_exit_2(
+    project: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: ``[tool] dynaudit = 3`` in ./pyproject.toml was exit 4 (an AttributeError
+    while looking for the baseline it declares)."""
+    (project / "pyproject.toml").write_text("[tool]\ndynaudit = 3\n")
+    one_line(capsys, main(["check", str(model)]), 2, "tool.dynaudit must be a table")

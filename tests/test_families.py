@@ -21,8 +21,7 @@ from dynaudit.families.base import Layer, LayerPlan, weight_matrices
 from dynaudit.families.build import StructureError
 from dynaudit.families.testing import ConformanceError, check_family
 from dynaudit.tensors import Checkpoint
-from experiments import zoo
-from tests import producers
+from tests import producers, zoo
 
 # Every installed family, with the checkpoints (by real producers) that are its own.
 OWN_FIXTURES = {

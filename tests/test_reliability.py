@@ -1,15 +1,32 @@
 """The reliability suite's cases (bench/reliability, docs/reliability.md) as tests: false
 alarms, damage detection, bad inputs, secrets and round two (issue 18), each through the real
-command line."""
+command line (in this process, through tests/cli.py, unless a case needs a real one)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench.reliability import CASES
-from bench.reliability.core import Case, Workspace
+from bench.reliability.core import Case, Run, Workspace, launched_by
+from tests.cli import IMPORT_TIME_VARIABLES, run_cli
+
+
+def _in_process(argv: list[str], env: dict[str, str | None], cwd: Path | None) -> Run | None:
+    """``python -m dynaudit ARGS`` as tests/cli.py runs it; None (a child process) when the
+    case sets a variable that is read at import time."""
+    if IMPORT_TIME_VARIABLES.intersection(env):
+        return None
+    result = run_cli(*argv[3:], env=env, cwd=cwd)
+    return Run(argv, int(result.returncode), result.stdout, result.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _launch_in_process() -> Iterator[None]:
+    with launched_by(_in_process):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import dynaudit
-from dynaudit.api import require_audited
+from dynaudit.api import _require_audited
 from dynaudit.cli import main
 from dynaudit.errors import InputError, UnauditedWeights
 from dynaudit.schema import CheckReport, Report
@@ -200,12 +200,12 @@ def test_check_refuses_weights_the_loader_would_read_and_the_audit_did_not(
     for file in dirs["healthy"].iterdir():
         (folder / file.name).write_bytes(file.read_bytes())
     with Checkpoint.open(folder) as checkpoint:
-        require_audited(checkpoint, str(folder))  # the rule and the loader agree
+        _require_audited(checkpoint, str(folder))  # the rule and the loader agree
         (folder / "model.safetensors").write_bytes(
             (dirs["ambiguous"] / "model.safetensors").read_bytes()
         )
         with pytest.raises(UnauditedWeights, match=r"model\.safetensors") as caught:
-            require_audited(checkpoint, str(folder))
+            _require_audited(checkpoint, str(folder))
     assert caught.value.exit_code == 3
 
 

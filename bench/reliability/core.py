@@ -24,7 +24,9 @@ __all__ = [
     "Outcome",
     "Run",
     "Workspace",
+    "delegated",
     "dynaudit",
+    "launched_by",
     "timed",
 ]
 
@@ -55,19 +57,54 @@ class Run:
         return "Traceback (most recent call last)" in self.stderr + self.stdout
 
 
+Launcher = Callable[[list[str], dict[str, str | None], Path | None], "Run | None"]
+"""Runs ``dynaudit ARGS`` (the arguments, the environment changes, the working directory)
+some other way than a child process, or returns None to leave it to one."""
+
+_launcher: Launcher | None = None
+
+
+@contextmanager
+def launched_by(launcher: Launcher) -> Iterator[None]:
+    """For the duration, :func:`dynaudit` asks ``launcher`` first: the tests run the cases'
+    commands in their own process (tests/cli.py), which saves a torch import per command;
+    ``python -m bench.reliability`` keeps real child processes."""
+    global _launcher
+    previous, _launcher = _launcher, launcher
+    try:
+        yield
+    finally:
+        _launcher = previous
+
+
+def delegated(argv: list[str], changes: dict[str, str | None], cwd: Path | None) -> Run | None:
+    """What :func:`launched_by`'s launcher made of the command; None without a launcher or
+    when it leaves the command to a child process."""
+    return _launcher(argv, changes, cwd) if _launcher is not None else None
+
+
 def dynaudit(
     *args: str | Path,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 900,
 ) -> Run:
-    """``python -m dynaudit ARGS`` as a child process, quiet (CI=true), one torch thread."""
+    """``python -m dynaudit ARGS`` as a child process, quiet (CI=true), one torch thread, no
+    debug tracebacks and no GitHub Actions output (or through :func:`launched_by`'s launcher)."""
     argv = [sys.executable, "-m", "dynaudit", *map(str, args)]
-    child = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1", **(env or {})}
-    child.pop("DYNAUDIT_DEBUG", None)
-    child.pop("GITHUB_ACTIONS", None)
+    changes: dict[str, str | None] = {"CI": "true", "OMP_NUM_THREADS": "1", **(env or {})}
+    changes |= {"DYNAUDIT_DEBUG": None, "GITHUB_ACTIONS": None}
+    if (run := delegated(argv, changes, cwd)) is not None:
+        return run
+    child = {**os.environ, **changes}
     proc = subprocess.run(
-        argv, env=child, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        argv,
+        env={k: v for k, v in child.items() if v is not None},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     return Run(argv, proc.returncode, proc.stdout, proc.stderr)
 
@@ -162,7 +199,7 @@ class Workspace:
 
         def make(out: Path) -> Path:
             fit = [*FIT, *(QUICK_FIT if self.quick else [])]
-            run = dynaudit("baseline", self.base(family), "--out", out, "--seed", seed, *fit)
+            run = dynaudit("baseline", self.base(family), "--out", out, "--seed", str(seed), *fit)
             if run.code != 0:
                 raise RuntimeError(f"baseline of the {family} base failed: {run.stderr[-2000:]}")
             return out

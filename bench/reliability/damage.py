@@ -32,7 +32,7 @@ __all__ = ["CASES"]
 
 def _catastrophic(base: Path, out: Path) -> Path:
     """A real fine-tune gone wrong: lr 3e-2, no gradient clipping, 40 steps on other text."""
-    from experiments import zoo
+    from tests import zoo
 
     zoo.finetune_tiny_llama(
         base, out, modules=("json/decoder.py", "csv.py"), steps=40, lr=3e-2, clip=None

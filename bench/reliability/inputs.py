@@ -1,10 +1,10 @@
 """Bad inputs: every broken checkpoint, source, baseline or interruption a user can meet.
 
-Each case runs the real command line and holds it to SPEC §2: the documented exit code, one
-line on stderr ("dynaudit: error: ..." naming what is wrong, which file or URI, and what to do),
-no traceback, and nothing the user had lost or overwritten — the inputs, an existing report
-the run was asked to replace, a baseline it read, the directory a baseline was being written
-to. Checkpoints are written by hand (raw safetensors headers) or by real producers.
+Each case runs the real command line and holds it to the README's exit codes: the documented exit
+code, one line on stderr ("dynaudit: error: ..." naming what is wrong, which file or URI, and what
+to do), no traceback, and nothing the user had lost or overwritten — the inputs, an existing report
+the run was asked to replace, a baseline it read, the directory a baseline was being written to.
+Checkpoints are written by hand (raw safetensors headers) or by real producers.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def _concurrent_cache(ws: Workspace) -> Outcome:
     """Two `measure` of the same checkpoint at once, sharing a fresh cache: both succeed with
     the same numbers, and the cache holds one whole, loadable entry and no temporary files."""
     from dynaudit.schema import Report
-    from tests.test_sources import figures
+    from tests.conftest import figures
 
     with timed() as elapsed:
         folder = _fresh(ws, "concurrent-cache")

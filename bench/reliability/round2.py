@@ -46,15 +46,14 @@ from urllib.parse import quote
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.reliability.core import FIT, Case, Outcome, Run, Workspace, timed
+from bench.reliability.core import FIT, Case, Outcome, Run, Workspace, delegated, timed
 from bench.reliability.inputs import (
     FAST,
     Guard,
-    _child_env,
     _fresh,
-    _manifest_rehash,
     judge,
 )
+from tests.cases import rehash_manifest
 from tests.producers import raw_safetensors
 
 __all__ = ["CASES", "TABLE"]
@@ -82,26 +81,50 @@ def _cli(
     *args: str | Path | int,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
-    timeout: float = 600,
+    timeout: float | None = None,
     max_file_bytes: int | None = None,
 ) -> Run:
     """``python -m dynaudit ARGS`` (CI=true, one thread, no GitHub variables unless ``env``
-    sets them); killed after ``timeout`` s, which reads as exit 124 and a "hung" line.
-    ``max_file_bytes``: RLIMIT_FSIZE of the child, a full disk for every file it writes (a
-    write past it fails with EFBIG; Python ignores SIGXFSZ)."""
+    sets them); with a ``timeout`` (a case about a hang) killed after that long, which reads
+    as exit 124 and a "hung" line. ``max_file_bytes``: RLIMIT_FSIZE of the child, a full disk
+    for every file it writes (a write past it fails with EFBIG; Python ignores SIGXFSZ).
+    Without either, a launcher (:func:`~bench.reliability.core.launched_by`) may run it."""
+    argv = [sys.executable, "-m", "dynaudit", *map(str, args)]
+    changes: dict[str, str | None] = {"CI": "true", "OMP_NUM_THREADS": "1"}
+    changes |= {"DYNAUDIT_DEBUG": None, "GITHUB_ACTIONS": None, **(env or {})}
+    if env is None or "GITHUB_STEP_SUMMARY" not in env:
+        changes |= {"GITHUB_STEP_SUMMARY": None, "GITHUB_OUTPUT": None}
+    can_delegate = timeout is None and max_file_bytes is None
+    if can_delegate and (run := delegated(argv, changes, cwd)) is not None:
+        return run
+    return _child(argv, changes, cwd, timeout or 600, max_file_bytes)
+
+
+def _child(
+    argv: list[str],
+    changes: dict[str, str | None],
+    cwd: Path | None,
+    timeout: float,
+    max_file_bytes: int | None,
+) -> Run:
+    """The command as a child process (what :func:`_cli` does without a launcher)."""
 
     def limit() -> None:
         if max_file_bytes is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
-    argv = [sys.executable, "-m", "dynaudit", *map(str, args)]
-    child = _child_env(env)
-    if env is None or "GITHUB_STEP_SUMMARY" not in env:
-        child.pop("GITHUB_STEP_SUMMARY", None)
-        child.pop("GITHUB_OUTPUT", None)
+    child = {k: v for k, v in {**os.environ, **changes}.items() if v is not None}
     try:
-        proc = subprocess.run(argv, env=child, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, check=False, preexec_fn=limit)  # fmt: skip
+        proc = subprocess.run(
+            argv,
+            env=child,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            preexec_fn=limit,
+        )
     except subprocess.TimeoutExpired:
         return Run(argv, 124, "", f"(hung: killed after {timeout:.0f} s)")
     return Run(argv, proc.returncode, proc.stdout, proc.stderr)
@@ -412,7 +435,7 @@ def _layers(copy: Path, change: Callable[[list[dict[str, object]]], None]) -> No
     data = json.loads(path.read_text())
     change(data["layers"])
     path.write_text(json.dumps(data, indent=1))
-    _manifest_rehash(copy)
+    rehash_manifest(copy)
 
 
 def _outside(copy: Path) -> None:
@@ -438,7 +461,7 @@ def _retensor(copy: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> 
     tensors = load_file(str(path))
     change(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    _manifest_rehash(copy)
+    rehash_manifest(copy)
 
 
 def _wrong_shape(copy: Path) -> None:
@@ -468,7 +491,7 @@ def _newer(copy: Path) -> None:
     data = json.loads(path.read_text())
     data["format_version"] = 42
     path.write_text(json.dumps(data, indent=1))
-    _manifest_rehash(copy)
+    rehash_manifest(copy)
 
 
 _TAMPERED: dict[str, tuple[str, Callable[[Path], None]]] = {

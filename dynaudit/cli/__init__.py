@@ -8,6 +8,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from dynaudit.errors import ExitCode
+
 __all__ = ["main"]
 
 
@@ -63,17 +65,20 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         from dynaudit.cli.app import app
 
-        result = app(args=list(argv) if argv is not None else None, prog_name="dynaudit",
-                     standalone_mode=False)  # fmt: skip
+        result = app(
+            args=list(argv) if argv is not None else None,
+            prog_name="dynaudit",
+            standalone_mode=False,
+        )
     except SystemExit as exc:  # --help and friends
-        return exc.code if isinstance(exc.code, int) else 0
+        return exc.code if isinstance(exc.code, int) else ExitCode.OK
     except BaseException as exc:
         if isinstance(exc, EXITS):
-            return int(getattr(exc, "exit_code", 0))
+            return int(getattr(exc, "exit_code", ExitCode.OK))
         return report_error(exc)
-    if result == 130:  # Typer turns Ctrl-C into a silent 130; no command returns it
+    if result == ExitCode.INTERRUPTED:  # Typer's silent Ctrl-C: no command returns 130
         return report_error(KeyboardInterrupt())
-    return result if isinstance(result, int) else 0
+    return result if isinstance(result, int) else ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The one place where exceptions become a one-line message and an exit code."""
+"""The one place where exceptions become a one-line message and an exit code: dynaudit's own
+errors from their class's ``exit_code`` and ``hint`` (dynaudit/errors.py), the rest here."""
 
 from __future__ import annotations
 
@@ -10,25 +11,9 @@ import traceback
 import click
 import typer
 
-from dynaudit.errors import (
-    CheckpointNotFound,
-    CorruptCheckpoint,
-    DynauditError,
-    EmptyCheckpoint,
-    NonFiniteWeights,
-    NoReader,
-    NothingToAudit,
-    OutputError,
-    OutputRefused,
-    PickleRefused,
-    PluginError,
-    RemoteNotFound,
-    UnknownFamily,
-    UsageError,
-    printable,
-)
+from dynaudit.errors import DynauditError, ExitCode, printable
 
-__all__ = ["ABORTS", "EXITS", "EXIT_CODES", "report_error"]
+__all__ = ["ABORTS", "EXITS", "report_error"]
 
 # Typer ≥ 0.22 parses the command line with its own copy of click, whose exceptions are not
 # click's: both kinds must map to the same exit codes.
@@ -38,41 +23,24 @@ _PARSE_ERRORS: tuple[type[Exception], ...] = (click.ClickException,) + (
 ABORTS: tuple[type[BaseException], ...] = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
 EXITS: tuple[type[BaseException], ...] = (click.exceptions.Exit, typer.Exit)
 
-EXIT_CODES = {
-    0: "ok: measured, or the gate passed",
-    1: "gate failed: capacity loss, damage, or non-finite (NaN/Inf) weights",
-    2: "usage error: invalid flags or settings",
-    3: "input error: checkpoint missing, unreadable or corrupt; unreachable server",
-    4: "internal error: a bug in dynaudit (re-run with DYNAUDIT_DEBUG=1 and report it)",
-    130: "interrupted: nothing half-written is left behind",
-}
-
-# Ordered: the first matching type gives the next thing for the user to try.
-_NEXT_STEP: list[tuple[type[BaseException], str]] = [
-    (UnknownFamily, "`dynaudit plugins` lists the installed families"),
-    (OutputRefused, ""),  # says what to give instead
-    (NoReader, ""),  # says what to do
-    (OutputError, "check the directory's permissions and free space"),
-    (UsageError, "see `dynaudit COMMAND --help`"),
-    (RemoteNotFound, ""),  # remote sources say what to do in their own message
-    (CheckpointNotFound, "check the path"),
-    (EmptyCheckpoint, "point at a .safetensors file or a directory that holds one"),
-    (NothingToAudit, "`dynaudit inspect` lists its tensors; `--family` picks another family"),
-    (PickleRefused, ""),
-    (CorruptCheckpoint, "re-download or re-save the checkpoint"),
-    (PluginError, "reinstall or uninstall that plugin; `dynaudit plugins` lists them"),
-    (NonFiniteWeights, "the checkpoint is damaged; the report lists every layer"),
-]
-
-
 # OSErrors that say what the environment lacks (space, permissions, a writable filesystem), not
 # that dynaudit has a bug: an input error (exit 3) wherever they surface.
 _ENVIRONMENT_ERRNOS = frozenset(
     getattr(errno, name)
-    for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EFBIG", "EMFILE",
-                 "ENFILE", "ENAMETOOLONG")
+    for name in (
+        "ENOSPC",
+        "EDQUOT",
+        "EROFS",
+        "EACCES",
+        "EPERM",
+        "EIO",
+        "EFBIG",
+        "EMFILE",
+        "ENFILE",
+        "ENAMETOOLONG",
+    )
     if hasattr(errno, name)
-)  # fmt: skip
+)
 
 
 _tracebacks = False  # -vv: this run shows the traceback of an internal error
@@ -87,7 +55,7 @@ def _debug() -> bool:
     return _tracebacks or os.environ.get("DYNAUDIT_DEBUG", "") not in ("", "0", "false")
 
 
-def report_error(exc: BaseException) -> int:
+def report_error(exc: BaseException) -> ExitCode:
     """Print one line for ``exc`` on stderr and return its exit code; the secrets the user
     set are scrubbed from it, and from a DYNAUDIT_DEBUG traceback (dynaudit.secrets)."""
     from dynaudit.secrets import scrubbed_output
@@ -96,39 +64,39 @@ def report_error(exc: BaseException) -> int:
         return _report_error(exc)
 
 
-def _report_error(exc: BaseException) -> int:
+def _report_error(exc: BaseException) -> ExitCode:
     if isinstance(exc, ABORTS):
         click.echo("dynaudit: interrupted", err=True)
-        return 130
+        return ExitCode.INTERRUPTED
     if type(exc).__name__ == "NoArgsIsHelpError":  # bare `dynaudit` or a bare group
         click.echo(exc.ctx.get_help())  # type: ignore[attr-defined]
-        return 2
+        return ExitCode.USAGE
     if isinstance(exc, _PARSE_ERRORS):
         click.echo(f"dynaudit: error: {_parse_message(exc)}", err=True)
-        return 2
+        return ExitCode.USAGE
     if _debug():
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, DynauditError):
-        hint = next((h for t, h in _NEXT_STEP if isinstance(exc, t)), "")
-        click.echo(f"dynaudit: error: {exc.message}" + (f" ({hint})" if hint else ""), err=True)
+        hint = f" ({exc.hint})" if exc.hint else ""  # the class's next step, if any
+        click.echo(f"dynaudit: error: {exc.message}{hint}", err=True)
         return exc.exit_code
     if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
         where = f"{exc.filename}: " if exc.filename else ""
         reason = exc.strerror or str(exc)
         click.echo(f"dynaudit: error: {printable(f'{where}{reason}')}", err=True)
-        return 3
+        return ExitCode.INPUT
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA
         click.echo(
             "dynaudit: error: out of memory (lower --q-dim or the tile size, or use a GPU)",
             err=True,
         )
-        return 3
+        return ExitCode.INPUT
     click.echo(
         f"dynaudit: internal error: {type(exc).__name__}: {printable(str(exc))} "
         "(re-run with DYNAUDIT_DEBUG=1 for the traceback, and report it)",
         err=True,
     )
-    return 4
+    return ExitCode.INTERNAL
 
 
 def _parse_message(exc: Exception) -> str:

@@ -1,27 +1,25 @@
 """Settings from a file: ``[tool.dynaudit]`` of ./pyproject.toml, or ``--config FILE``.
 
 A setting is looked up as flag > ``DYNAUDIT_*`` environment variable > the file > the default
-(SPEC §8). Click gives exactly that order when the file's values are its ``default_map``, so
-this module only reads the file, checks every key and value type, and builds that map."""
+(README, "Settings"). Click gives exactly that order when the file's values are its ``default_map``,
+so this module checks every key and value type, and builds that map."""
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import typer
+
+from dynaudit.config import read_table
 from dynaudit.errors import UsageError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-__all__ = ["SETTINGS", "default_map", "ignored_keys", "read_table"]
+__all__ = ["SETTINGS", "apply_settings", "default_map", "ignored_keys"]
 
 # The keys a file may set, as written in TOML, with the command parameter each one fills.
-# `policy` is a table of its own, read by dynaudit.policy.load_policy.
+# `policy` is a table of its own, read by dynaudit.gate.load_policy.
 SETTINGS: dict[str, tuple[str, type]] = {
     "family": ("family", str),
     "device": ("device", str),
@@ -38,20 +36,6 @@ SETTINGS: dict[str, tuple[str, type]] = {
     "baseline": ("baseline_ref", str),
 }
 _TABLES = {"policy"}
-
-
-def read_table(path: Path, *, explicit: bool) -> dict[str, Any]:
-    """The dynaudit table of ``path``: ``[tool.dynaudit]`` when the file has one, else (for a
-    file named with ``--config``) its top level. An implicit ./pyproject.toml without the
-    table gives nothing; a file that cannot be read or parsed is a usage error."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the settings ({exc})") from exc
-    tool = data.get("tool")
-    if isinstance(tool, dict) and isinstance(tool.get("dynaudit"), dict):
-        return dict(tool["dynaudit"])
-    return dict(data) if explicit else {}
 
 
 def default_map(
@@ -102,6 +86,28 @@ def ignored_keys(table: dict[str, Any], params: Iterable[str]) -> list[str]:
     uses the baseline's), for a ``-v`` line; nothing is silently dropped."""
     taken = set(params)
     return [
-        raw for raw in table
+        raw
+        for raw in table
         if (key := raw.replace("_", "-")) in SETTINGS and SETTINGS[key][0] not in taken
-    ]  # fmt: skip
+    ]
+
+
+def apply_settings(ctx: typer.Context, config: Path | None) -> None:
+    """Read the settings file (``config``, else ./pyproject.toml when there is one) into
+    click's default map, so that a flag or a ``DYNAUDIT_*`` variable wins over it; name the
+    keys the invoked command does not use at ``-v``."""
+    ctx.meta["dynaudit.config"] = config  # replaces ./pyproject.toml, policy and baseline too
+    path = config if config is not None else Path("pyproject.toml")
+    if config is None and not path.is_file():
+        return
+    table = read_table(path, explicit=config is not None)
+    where = f"[tool.dynaudit] of {path}" if config is None else f"--config {path}"
+    found: dict[str, Any] = getattr(ctx.command, "commands", {})  # click's or Typer's own copy
+    commands = [(name, [p.name for p in cmd.params if p.name]) for name, cmd in found.items()]
+    ctx.default_map = default_map(table, where, commands, relative_to=path.parent)
+    ctx.meta["dynaudit.settings"] = where
+    unused = ignored_keys(table, dict(commands).get(ctx.invoked_subcommand or "", []))
+    if unused:
+        logging.getLogger("dynaudit").info(
+            "%s: %s not used by `dynaudit %s`", where, ", ".join(unused), ctx.invoked_subcommand
+        )

@@ -1,4 +1,4 @@
-"""Fit dynamical-neuron coordinates to weight matrices (SPEC §4, items 2, 3, 5, 6).
+"""Fit dynamical-neuron coordinates to weight matrices (docs/method.md §2–4, §7).
 
 Coordinates of a batch of ``b`` same-shape matrices ``T`` (m × n, already divided by the
 reference scale) live in one tensor ``P`` of shape ``(b, H, m + n, k)``: H pieces of k dims
@@ -42,6 +42,7 @@ __all__ = [
     "matrix_seed",
     "reconstruct",
     "rms",
+    "rows_per_tile",
     "sum_squares",
     "warm_steps",
     "work_bytes",
@@ -66,7 +67,7 @@ def fit_steps(settings: FitSettings, m: int, n: int) -> int:
 
 
 def warm_steps(settings: FitSettings, m: int, n: int) -> int:
-    """Adam steps of a warm refit (SPEC §4.9), scaled like :func:`fit_steps`."""
+    """Adam steps of a warm refit (docs/gate.md, "Protocol"), scaled like :func:`fit_steps`."""
     return settings.warm_steps * _budget_factor(settings, m, n)
 
 
@@ -122,8 +123,9 @@ def work_bytes(settings: FitSettings, b: int, m: int, n: int) -> int:
     return min(settings.tile_bytes, max(_MIN_WORK_BYTES, 4 * b * m * n))
 
 
-def _rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
-    # The (b, H, rows, n) distance buffer is the only large allocation per tile.
+def rows_per_tile(b: int, h: int, m: int, n: int, tile_bytes: int) -> int:
+    """Rows of A per tile of a work buffer within ``tile_bytes``: the (b, H, rows, n) distance
+    buffer is the only large allocation per tile."""
     return max(1, min(m, tile_bytes // max(1, 4 * b * h * n)))
 
 
@@ -165,7 +167,7 @@ class _Work:
         n = total - m
         half = h // 2
         self.coords = coords
-        self.rows = _rows_per_tile(bsz, h, m, n, tile_bytes)
+        self.rows = rows_per_tile(bsz, h, m, n, tile_bytes)
 
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(*shape, dtype=coords.dtype, device=coords.device)
@@ -178,30 +180,16 @@ class _Work:
         self.grad = empty(bsz, h, k, total)
         self.grad_b = empty(bsz, h, k + 2, n)
         self.norms = empty(bsz, h, total)
-        dist = empty(bsz * h * self.rows * n)
-        resid = empty(bsz * 2 * self.rows * n)
-        gb = empty(bsz * h * (k + 1) * self.rows)
+        # One distance, residual and G·B buffer, shared by the row tiles in turn.
+        shared = (
+            empty(bsz * h * self.rows * n),
+            empty(bsz * 2 * self.rows * n),
+            empty(bsz * h * (k + 1) * self.rows),
+        )
         flat = self.aug.view(bsz * h, k + 2, total)
         self.right = flat[..., m:]  # (bH, k + 2, n): B's rows (b, 1, |b|²)
         self.right_one = self.right[:, : k + 1]
-        self.tiles: list[_Tile] = []
-        for r0 in range(0, m, self.rows):
-            t = min(m, r0 + self.rows) - r0
-            g = dist[: bsz * h * t * n].view(bsz * h, t, n)
-            pieces = g.view(bsz, h, t, n)
-            two = resid[: bsz * 2 * t * n].view(bsz, 2, t * n)
-            tile_gb = gb[: bsz * h * (k + 1) * t].view(bsz * h, k + 1, t)
-            by_piece = tile_gb.view(bsz, h, k + 1, t)
-            left = flat[..., r0 : r0 + t]
-            self.tiles.append(_Tile(
-                left=left, left_t=left.mT, dist=g, pieces=pieces,
-                negative=pieces[:, :half], positive=pieces[:, half:],
-                flat=pieces.view(bsz, h, t * n), signed=two[:, 1:],
-                resid=two[:, 1:].view(bsz, 1, t, n), minus=two[:, :1].view(bsz, 1, t, n),
-                target=target[:, r0 : r0 + t], g_t=g.mT, gb=tile_gb,
-                gb_sum=by_piece[:, :, k:], gb_dot=by_piece[:, :, :k],
-                grad=self.grad[..., r0 : r0 + t], coords=coords[..., r0 : r0 + t],
-            ))  # fmt: skip
+        self.tiles = [self._tile(r0, flat, target, shared) for r0 in range(0, m, self.rows)]
         self.a_rows, self.b_rows = self.aug[:, :, :k, :m], self.aug[:, :, :k, m:]
         self.a_norms, self.b_norms = self.aug[:, :, k, :m], self.aug[:, :, k + 1, m:]
         self.a, self.b = coords[..., :m], coords[..., m:]
@@ -210,6 +198,45 @@ class _Work:
         self.colsum, self.gta = self.grad_b[:, :, k + 1 :], self.grad_b[:, :, :k]
         self.grad_tail = self.grad[..., m:]
         self.scale = 2.0 / (m * n)
+
+    def _tile(
+        self,
+        r0: int,
+        flat: torch.Tensor,
+        target: torch.Tensor,
+        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> _Tile:
+        """The views of the row tile that starts at row ``r0`` of A into the fit's buffers."""
+        bsz, h, k, total = self.coords.shape
+        m = target.shape[1]
+        n = total - m
+        t = min(m, r0 + self.rows) - r0
+        dist, resid, gb = shared
+        g = dist[: bsz * h * t * n].view(bsz * h, t, n)
+        pieces = g.view(bsz, h, t, n)
+        two = resid[: bsz * 2 * t * n].view(bsz, 2, t * n)
+        tile_gb = gb[: bsz * h * (k + 1) * t].view(bsz * h, k + 1, t)
+        by_piece = tile_gb.view(bsz, h, k + 1, t)
+        left = flat[..., r0 : r0 + t]
+        return _Tile(
+            left=left,
+            left_t=left.mT,
+            dist=g,
+            pieces=pieces,
+            negative=pieces[:, : h // 2],
+            positive=pieces[:, h // 2 :],
+            flat=pieces.view(bsz, h, t * n),
+            signed=two[:, 1:],
+            resid=two[:, 1:].view(bsz, 1, t, n),
+            minus=two[:, :1].view(bsz, 1, t, n),
+            target=target[:, r0 : r0 + t],
+            g_t=g.mT,
+            gb=tile_gb,
+            gb_sum=by_piece[:, :, k:],
+            gb_dot=by_piece[:, :, :k],
+            grad=self.grad[..., r0 : r0 + t],
+            coords=self.coords[..., r0 : r0 + t],
+        )
 
 
 def _augment(x: torch.Tensor, *, left: bool) -> torch.Tensor:
@@ -248,7 +275,7 @@ def reconstruct(
         a = a[:, :, rows]
     eps2 = torch.zeros(bsz, 1, 1, 1, device=coords.device, dtype=coords.dtype)
     b_aug = _augment(b, left=False)
-    step = _rows_per_tile(bsz, h, a.shape[2], b.shape[2], tile_bytes)
+    step = rows_per_tile(bsz, h, a.shape[2], b.shape[2], tile_bytes)
     parts = [
         _signed_sum(_distances(_augment(a[:, :, r0 : r0 + step], left=True), b_aug, eps2))
         for r0 in range(0, a.shape[2], step)
@@ -300,7 +327,7 @@ def fit_coordinates(
     steps: int | None = None,
     lr: float | None = None,
 ) -> torch.Tensor:
-    """Minimise the SPEC §4.5 objective from ``init`` with Adam and a cosine schedule.
+    """Minimise the objective of docs/method.md §4 from ``init`` with Adam and a cosine schedule.
 
     ``target``: ``(b, m, n)`` float32, W/s. ``init``: ``(b, H, m + n, k)``. ``steps``
     defaults to :func:`fit_steps`. Returns the fitted coordinates (a new tensor).

@@ -1,10 +1,11 @@
-"""What is read off fitted coordinates: discrepancy, mean distance, fidelity (SPEC §4.7–4.8)."""
+"""What is read off fitted coordinates: discrepancy, mean distance, fidelity (docs/method.md
+§5–6)."""
 
 from __future__ import annotations
 
 import torch
 
-from dynaudit.dynamics.kernel import _rows_per_tile, reconstruct, sum_squares
+from dynaudit.dynamics.kernel import reconstruct, rows_per_tile, sum_squares
 
 __all__ = ["discrepancy", "fidelity", "squared_error"]
 
@@ -38,7 +39,7 @@ def squared_error(
 ) -> torch.Tensor:
     """Σ (Ŵ − T)² per matrix, ``(b,)`` float64, computed in row tiles."""
     bsz, m, n = target.shape
-    rows = _rows_per_tile(bsz, coords.shape[1], m, n, tile_bytes)
+    rows = rows_per_tile(bsz, coords.shape[1], m, n, tile_bytes)
     acc = torch.zeros(bsz, dtype=torch.float64, device=coords.device)
     for r0 in range(0, m, rows):
         part = reconstruct(coords, m, slice(r0, r0 + rows), tile_bytes)

@@ -79,10 +79,12 @@ def noise_likeness(change: torch.Tensor, name: str, shape: tuple[int, int]) -> f
     structured change (a fine-tune's update, a low-rank edit)."""
     gen = torch.Generator().manual_seed(matrix_seed(0, f"{name}\x00noise", 0))
     # One matrix of noise at a time: a layer of many matrices never holds them all.
-    reference = torch.cat([
-        sketch(torch.randn(1, *shape, generator=gen), name, groups=[group])
-        for group in range(change.shape[0])
-    ])  # fmt: skip
+    reference = torch.cat(
+        [
+            sketch(torch.randn(1, *shape, generator=gen), name, groups=[group])
+            for group in range(change.shape[0])
+        ]
+    )
     return float((_effective_rank(change) / _effective_rank(reference)).mean())
 
 

@@ -12,37 +12,41 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import torch
 
-from dynaudit.baseline_store import SKETCH, read_coords
+from dynaudit.baseline_store import SKETCH, check_architecture, check_settings, read_coords
 from dynaudit.config import FitSettings
-from dynaudit.distributed import Ranks, assign
+from dynaudit.distributed import Ranks, assign, current
 from dynaudit.dynamics import discrepancy, fit_coordinates
 from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
 from dynaudit.dynamics.sketch import weight_figures
 from dynaudit.engine.measure import Progress, layer_groups, load_layer
-from dynaudit.families import Family, Layer, LayerPlan
+from dynaudit.engine.plan import family_info, require_layers
+from dynaudit.errors import BaselineError, DynauditError
+from dynaudit.families import Detection, Family, Layer, LayerPlan, detect_family
 from dynaudit.gate import layer_undecided, scope_undecided
 from dynaudit.runtime import to_device
 from dynaudit.schema import (
-    DEPTH_GROUPS,
     Baseline,
     BaselineLayer,
     Change,
     Comparison,
+    FamilyInfo,
     GroupComparison,
     LayerComparison,
     Policy,
+    scoped,
 )
 from dynaudit.tensors import Checkpoint
 
-__all__ = ["compare_plan", "displacement"]
+__all__ = ["Compared", "compare_checkpoint", "compare_plan", "displacement"]
 
 # -- comparing --------------------------------------------------------------------------
 
@@ -97,6 +101,22 @@ class _Run:
     by_name: dict[str, BaselineLayer]
     scales: dict[str, float]
 
+    @classmethod
+    def of(
+        cls,
+        checkpoint: Checkpoint,
+        family: Family,
+        baseline: Baseline,
+        root: Path,
+        device: torch.device,
+    ) -> _Run:
+        """The comparison with ``baseline`` (stored at ``root``): its settings, its layers by
+        name, and the reference scale of each layer it fitted."""
+        scales = {x.name: x.scale for x in baseline.layers if x.scale is not None}
+        by_name = {layer.name: layer for layer in baseline.layers}
+        settings = baseline.fit_settings()
+        return cls(checkpoint, family, baseline, root, device, settings, by_name, scales)
+
 
 def compare_plan(
     checkpoint: Checkpoint,
@@ -119,20 +139,15 @@ def compare_plan(
     ``ranks`` (a torchrun job), each rank refits its share of each stage and every rank gets
     the whole comparison."""
     chosen = policy or Policy()
-    run = _Run(
-        checkpoint, family, baseline, root, device, baseline.fit_settings(),
-        {layer.name: layer for layer in baseline.layers},
-        {layer.name: layer.scale for layer in baseline.layers if layer.scale is not None},
-    )  # fmt: skip
+    run = _Run.of(checkpoint, family, baseline, root, device)
     seeds = baseline.seeds
     first = seeds if all_seeds else min(1, seeds)
     mine = _share(plan.layers, run, first, ranks)
-    total = len(mine)
     outcomes: dict[str, _Outcome] = {}
     for done, layer in enumerate(mine, start=1):
         outcomes[layer.name] = _first_stage(run, layer, first)
         if progress is not None:
-            progress(done, total, layer.name)
+            progress(done, len(mine), layer.name)
     outcomes = _merged(outcomes, ranks)
     groups = layer_groups(plan.layers)
     margins = {
@@ -140,22 +155,45 @@ def compare_plan(
         for name, outcome in outcomes.items()
         if outcome.refits is not None and outcome.refits.changes
     }
-    more = [] if first == seeds else _undecided(plan.layers, outcomes, margins, run, groups, chosen)
-    if more:
-        again = _share(more, run, seeds - 1, ranks)
-        extended: dict[str, _Outcome] = {}
-        for done, layer in enumerate(again, start=total + 1):
-            extended[layer.name] = _later_seeds(run, layer, outcomes[layer.name], seeds)
-            if progress is not None:
-                progress(done, total + len(again), layer.name)
-        outcomes.update(_merged(extended, ranks))
+    if first < seeds:
+        more = _undecided(plan.layers, outcomes, margins, run, groups, chosen)
+        outcomes.update(_second_stage(run, more, outcomes, len(mine), progress, ranks))
     fidelity = {x.name: x.fidelity for x in baseline.report.measured}
     results = [
-        _layer_result(layer, run.by_name[layer.name], outcomes[layer.name], groups[layer.name],
-                      fidelity.get(layer.name), None if first == seeds else margins.get(layer.name))
+        _layer_result(
+            layer,
+            run.by_name[layer.name],
+            outcomes[layer.name],
+            groups[layer.name],
+            fidelity.get(layer.name),
+            None if first == seeds else margins.get(layer.name),
+        )
         for layer in plan.layers
-    ]  # fmt: skip
+    ]
     return _comparison(plan.layers, results, outcomes, seeds, all_seeds)
+
+
+def _second_stage(
+    run: _Run,
+    layers: list[Layer],
+    outcomes: dict[str, _Outcome],
+    done: int,
+    progress: Progress | None,
+    ranks: Ranks | None,
+) -> dict[str, _Outcome]:
+    """The undecided ``layers``' outcomes with their other K − 1 seeds refitted (this rank's
+    share, then every rank's); progress counts on from the ``done`` layers of the first
+    stage."""
+    if not layers:
+        return {}
+    seeds = run.baseline.seeds
+    again = _share(layers, run, seeds - 1, ranks)
+    extended: dict[str, _Outcome] = {}
+    for count, layer in enumerate(again, start=done + 1):
+        extended[layer.name] = _later_seeds(run, layer, outcomes[layer.name], seeds)
+        if progress is not None:
+            progress(count, done + len(again), layer.name)
+    return _merged(extended, ranks)
 
 
 def _share(layers: list[Layer], run: _Run, seeds: int, ranks: Ranks | None) -> list[Layer]:
@@ -207,9 +245,14 @@ def _later_seeds(run: _Run, layer: Layer, outcome: _Outcome, seeds: int) -> _Out
     started = time.perf_counter()
     ref = run.by_name[layer.name]
     assert outcome.refits is not None  # only refitted layers are undecided
-    refits = replace(outcome.refits, means=[*outcome.refits.means],
-                     changes=[*outcome.refits.changes], absolute=[*outcome.refits.absolute],
-                     moved=[*outcome.refits.moved])  # fmt: skip
+    before = outcome.refits
+    refits = replace(
+        before,
+        means=[*before.means],
+        changes=[*before.changes],
+        absolute=[*before.absolute],
+        moved=[*before.moved],
+    )
     loaded = load_layer(run.checkpoint, run.family, layer, run.scales)
     target = loaded.matrices.div_(loaded.scale or 1.0)
     stored = read_coords(run.root, run.baseline, ref)
@@ -296,14 +339,14 @@ def _undecided(
         name, refits = layer.name, outcomes[layer.name].refits
         if refits is not None:
             seed0[name] = refits.changes[0]
-            if layer_undecided(refits.changes[0], margins[name], refits.moved[0],
-                               DISPLACEMENT_SHARE, policy):  # fmt: skip
+            change, moved = refits.changes[0], refits.moved[0]
+            if layer_undecided(change, margins[name], moved, DISPLACEMENT_SHARE, policy):
                 near.add(name)
         if outcomes[name].unchanged or refits is not None:
             scopes.setdefault("all", []).append(name)
             scopes.setdefault(groups[name], []).append(name)
     for scope, names in scopes.items():
-        limit = policy.max_drop_all if scope == "all" else policy.max_drop_group
+        limit = policy.drop_limit(scope)
         change = statistics.fmean(seed0.get(name, 0.0) for name in names)
         margin = statistics.fmean(margins.get(name, 0.0) for name in names)
         drift = statistics.fmean(_null_drift(run.by_name[name]) or 0.0 for name in names)
@@ -329,25 +372,33 @@ def _layer_result(
         figures = {
             "mean_distance": _mean(ref.null_mean_distance),
             "change": Change(mean=0.0, std=0.0, absolute=0.0, seeds=len(ref.null_mean_distance)),
-            "displacement": 0.0, "noise": drift or 0.0, "fidelity": fidelity,
+            "displacement": 0.0,
+            "noise": drift or 0.0,
+            "fidelity": fidelity,
             "weight_change": 0.0,
-        }  # fmt: skip
+        }
     elif outcome.refits is not None:
         figures = _figures(outcome.refits, drift)
     return LayerComparison(
-        name=layer.name, type=layer.type, depth=layer.depth,
-        group=group, shape=ref.shape,
+        name=layer.name,
+        type=layer.type,
+        depth=layer.depth,
+        group=group,
+        shape=ref.shape,
         baseline_mean_distance=_mean(ref.null_mean_distance),
-        mean_distance=figures.get("mean_distance"), change=figures.get("change"),
-        displacement=figures.get("displacement"), null_drift=drift,
+        mean_distance=figures.get("mean_distance"),
+        change=figures.get("change"),
+        displacement=figures.get("displacement"),
+        null_drift=drift,
         weight_change=figures.get("weight_change"),
         noise_likeness=figures.get("noise_likeness"),
-        noise=figures.get("noise"), fidelity=figures.get("fidelity"),
+        noise=figures.get("noise"),
+        fidelity=figures.get("fidelity"),
         reason=figures.get("reason"),
         unchanged=outcome.unchanged if outcome.reason is None else None,
         margin=margin if outcome.refits is not None else None,
         seconds=round(outcome.seconds, 3),
-    )  # fmt: skip
+    )
 
 
 def _figures(refits: _Refits, drift: float | None) -> dict[str, Any]:
@@ -356,9 +407,11 @@ def _figures(refits: _Refits, drift: float | None) -> dict[str, Any]:
     changes = refits.changes
     std = statistics.stdev(changes) if len(changes) > 1 else 0.0
     change = Change(
-        mean=statistics.fmean(changes), std=std, absolute=statistics.fmean(refits.absolute),
+        mean=statistics.fmean(changes),
+        std=std,
+        absolute=statistics.fmean(refits.absolute),
         seeds=len(changes),
-    )  # fmt: skip
+    )
     return {
         "mean_distance": statistics.fmean(refits.means),
         "change": change,
@@ -383,16 +436,12 @@ def _comparison(
         for name, x in outcomes.items()
         if x.unchanged or x.refits is not None
     }
-    by_group: dict[str, list[LayerComparison]] = {}  # one pass: a scan per type was quadratic
-    by_type: dict[str, list[LayerComparison]] = {}  # (a generic checkpoint has a type per layer)
-    for r in results:
-        by_group.setdefault(r.group, []).append(r)
-        by_type.setdefault(r.type, []).append(r)
+    every, groups, types = scoped(results, lambda rows: _group(rows, per_seed))
     return Comparison(
         layers=results,
-        all=_group(results, per_seed),
-        groups={g: _group(by_group[g], per_seed) for g in DEPTH_GROUPS if g in by_group},
-        types={t: _group(by_type[t], per_seed) for t in sorted(by_type)},
+        all=every,
+        groups=groups,
+        types=types,
         non_finite=[x.name for x in layers if outcomes[x.name].finding == "non_finite"],
         zeroed=[x.name for x in layers if outcomes[x.name].finding == "zeroed"],
         unchanged=[x.name for x in layers if outcomes[x.name].unchanged],
@@ -444,3 +493,83 @@ def _group(layers: list[LayerComparison], per_seed: dict[str, list[float]]) -> G
 
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
+
+
+@dataclass(frozen=True)
+class Compared:
+    """What comparing a checkpoint with its baseline gave, and how it ran (for the report)."""
+
+    family: FamilyInfo
+    settings: dict[str, object]
+    comparison: Comparison
+
+
+def compare_checkpoint(
+    checkpoint: Checkpoint,
+    uri: str,
+    stored: Baseline,
+    root: Path,
+    *,
+    ref: str,
+    family: str | None,
+    settings: Mapping[str, object],
+    policy: Policy,
+    all_seeds: bool,
+    progress: Progress | None,
+) -> Compared:
+    """Refit the opened candidate's changed layers from the baseline ``stored`` at ``root``,
+    with the baseline's settings (``device`` and ``threads`` as given) and its family unless
+    ``family`` names another."""
+    import torch
+
+    from dynaudit.runtime import pick_device, torch_scope
+
+    # Device and threads are where the refits run, not what they compute.
+    runtime = {"device": settings.get("device", "auto"), "threads": settings.get("threads")}
+    numeric = {k: v for k, v in settings.items() if k not in runtime}
+    check_settings(stored, numeric, str(ref))
+    fit = stored.fit_settings().model_copy(update=runtime)
+    device = pick_device(fit.device)
+    detection, plan = _plan_like(checkpoint, uri, stored, family)
+    ranks = current()  # a torchrun job: each rank refits its share of the layers
+    with torch_scope(device, fit.threads):
+        threads = torch.get_num_threads()
+        comparison = compare_plan(
+            checkpoint,
+            plan,
+            detection.family,
+            stored,
+            root,
+            device,
+            progress,
+            ranks,
+            policy=policy,
+            all_seeds=all_seeds,
+        )
+    settings_used = {**fit.numeric(), "device": device.type, "threads": threads}
+    return Compared(family_info(detection, plan), settings_used, comparison)
+
+
+def _plan_like(
+    checkpoint: Checkpoint, uri: str, stored: Baseline, family: str | None
+) -> tuple[Detection, LayerPlan]:
+    """The candidate planned as its baseline was: by the baseline's family (named so), unless
+    the user chose ``family``. A candidate that family cannot plan has another architecture
+    than the baseline's: a baseline error, unless the family was the user's choice."""
+    detection = detect_family(checkpoint, family or stored.family.name)
+    if family is None:  # not the user's choice: the baseline's family, named so
+        detection = Detection(detection.family, 1.0, "the baseline's family")
+    try:
+        plan = detection.family.plan(checkpoint)
+    except DynauditError as exc:
+        if family is not None:  # the user's own --family: their error stands
+            raise
+        raise BaselineError(
+            f"{uri}: architecture differs from the baseline ({stored.source.uri},"
+            f" family {stored.family.name}): {exc.message}; check it against a baseline "
+            "of its own base model",
+            uri=uri,
+        ) from exc
+    require_layers(plan, detection, uri)
+    check_architecture(stored, checkpoint, plan, uri)
+    return detection, plan

@@ -11,16 +11,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import torch
 
-from dynaudit import __version__
 from dynaudit.baseline_store import CoordsSink
 from dynaudit.config import FitSettings
 from dynaudit.distributed import Ranks, assign
@@ -39,6 +36,7 @@ from dynaudit.schema import (
     SourceInfo,
     Spread,
     depth_groups,
+    envelope,
     summarize,
 )
 from dynaudit.tensors import Checkpoint
@@ -184,14 +182,7 @@ def measure_plan(
     groups = layer_groups(plan.layers)
     results: dict[str, LayerResult] = {}
     non_finite: set[str] = set()
-    shapes = {
-        layer.name: matrix_shape(layer, checkpoint.tensors[layer.source].shape)
-        for layer in plan.layers
-    }
-    batches = list(_batches(plan.layers, shapes, settings))
-    if ranks is not None:
-        owners = assign([_batch_cost(b, shapes, settings) for b in batches], ranks.size)
-        batches = [b for b, owner in zip(batches, owners, strict=True) if owner == ranks.rank]
+    batches = _my_batches(checkpoint, plan, settings, ranks)
     total = sum(len(batch) for batch in batches)
     done = 0
     for batch in batches:
@@ -201,36 +192,16 @@ def measure_plan(
         metrics = _fit_batch(fit, settings, device, sink) if fit else {}
         seconds = (time.perf_counter() - started) / len(batch)
         for item in loaded:
-            layer = item.layer
-            g, m, n = item.matrices.shape
-            r, c = block_shape(m, n, settings.max_entries)
-            values = metrics.get(layer.name)
+            name = item.layer.name
             if item.non_finite:
-                non_finite.add(layer.name)
-            results[layer.name] = LayerResult(
-                name=layer.name,
-                type=layer.type,
-                depth=layer.depth,
-                group=groups[layer.name],
-                shape=[m, n] if layer.rows else list(checkpoint.tensors[layer.source].shape),
-                matrices=g,
-                neurons=r + c,
-                block=[r, c] if (r, c) != (m, n) else None,
-                q_dim=settings.q_dim,
-                steps=fit_steps(settings, r, c),
-                discrepancy=values[0] if values else None,
-                mean_distance=values[1] if values else None,
-                fidelity=values[2] if values else None,
-                scale=item.scale,
-                scale_source="reference" if scales and layer.name in scales else "self",
-                spread=values[3] if values else None,
-                digest=item.digest,
-                reason=item.reason,
-                seconds=seconds,
+                non_finite.add(name)
+            shape = checkpoint.tensors[item.layer.source].shape
+            results[name] = _layer_result(
+                item, shape, groups[name], metrics.get(name), settings, scales, seconds
             )
             done += 1
             if progress is not None:
-                progress(done, total, layer.name)
+                progress(done, total, name)
         del loaded, fit
     if ranks is not None:
         for part, flagged in ranks.gather((results, sorted(non_finite))):
@@ -240,9 +211,64 @@ def measure_plan(
     return [results[name] for name in order], [name for name in order if name in non_finite]
 
 
+def _my_batches(
+    checkpoint: Checkpoint, plan: LayerPlan, settings: FitSettings, ranks: Ranks | None
+) -> list[list[Layer]]:
+    """The planned layers in batches (:func:`_batches`); in a torchrun job, this rank's share
+    of them, balanced by their fit FLOP."""
+    shapes = {
+        layer.name: matrix_shape(layer, checkpoint.tensors[layer.source].shape)
+        for layer in plan.layers
+    }
+    batches = list(_batches(plan.layers, shapes, settings))
+    if ranks is None:
+        return batches
+    owners = assign([_batch_cost(b, shapes, settings) for b in batches], ranks.size)
+    return [b for b, owner in zip(batches, owners, strict=True) if owner == ranks.rank]
+
+
+Metrics = tuple[float, float, float, Spread | None]  # 𝒟, mean distance, fidelity, spread
+
+
+def _layer_result(
+    item: Loaded,
+    stored_shape: Sequence[int],
+    group: str,
+    values: Metrics | None,
+    settings: FitSettings,
+    scales: dict[str, float] | None,
+    seconds: float,
+) -> LayerResult:
+    """A measured layer's row of the report (null figures when it was not fitted)."""
+    layer = item.layer
+    g, m, n = item.matrices.shape
+    r, c = block_shape(m, n, settings.max_entries)
+    return LayerResult(
+        name=layer.name,
+        type=layer.type,
+        depth=layer.depth,
+        group=group,
+        shape=[m, n] if layer.rows else list(stored_shape),
+        matrices=g,
+        neurons=r + c,
+        block=[r, c] if (r, c) != (m, n) else None,
+        q_dim=settings.q_dim,
+        steps=fit_steps(settings, r, c),
+        discrepancy=values[0] if values else None,
+        mean_distance=values[1] if values else None,
+        fidelity=values[2] if values else None,
+        scale=item.scale,
+        scale_source="reference" if scales and layer.name in scales else "self",
+        spread=values[3] if values else None,
+        digest=item.digest,
+        reason=item.reason,
+        seconds=seconds,
+    )
+
+
 def _fit_batch(
     items: list[Loaded], settings: FitSettings, device: torch.device, sink: CoordsSink | None
-) -> dict[str, tuple[float, float, float, Spread | None]]:
+) -> dict[str, Metrics]:
     """Cold-fit a batch of same-shape layers once per seed; per layer: 𝒟, mean distance,
     fidelity (of the first seed's fit) and the spread over seeds."""
     # The loaded matrices are private float32 copies: scale them in place, and concatenate
@@ -338,19 +364,23 @@ def fit_report(
     with torch_scope(device, fit.threads):
         threads = torch.get_num_threads()
         measured, non_finite = measure_plan(
-            checkpoint, plan, detection.family, fit, device, scales=scales, progress=progress,
-            sink=sink, ranks=ranks,
-        )  # fmt: skip
+            checkpoint,
+            plan,
+            detection.family,
+            fit,
+            device,
+            scales=scales,
+            progress=progress,
+            sink=sink,
+            ranks=ranks,
+        )
     return Report(
-        tool={"name": "dynaudit", "version": __version__},
-        source=source_info,
+        **envelope(source_info),
         family=family_info(detection, plan),
         settings={**fit.numeric(), "device": device.type, "threads": threads},
         layers=[*measured, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
         summary=summarize(measured),
         non_finite=non_finite,
         cache=None,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        host=platform.node(),
         seconds=round(time.perf_counter() - started, 3),
     )

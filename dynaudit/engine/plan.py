@@ -5,23 +5,32 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 
 from dynaudit.config import FitSettings
 from dynaudit.errors import NothingToAudit, UsageError
 from dynaudit.families import Detection, LayerPlan, Skip, detect_family
-from dynaudit.schema import FamilyInfo
+from dynaudit.schema import FamilyInfo, SourceInfo
+from dynaudit.sources.base import ResolvedSource
 from dynaudit.tensors import Checkpoint
 
-__all__ = ["family_info", "plan_checkpoint", "require_layers", "select_layers", "settings_from"]
+__all__ = [
+    "family_info",
+    "plan_checkpoint",
+    "require_layers",
+    "select_layers",
+    "settings_from",
+    "source_info_of",
+]
 
 
-def settings_from(overrides: dict[str, Any]) -> FitSettings:
-    """Validated fit settings; invalid values are a usage error (exit 2)."""
+def settings_from(overrides: Mapping[str, object]) -> FitSettings:
+    """Validated fit settings (None keeps a default); invalid values are a usage error
+    (exit 2)."""
     try:
-        return FitSettings(**{k: v for k, v in overrides.items() if v is not None})
+        return FitSettings.model_validate({k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}".replace("Value error, ", "")
@@ -77,4 +86,17 @@ def family_info(detection: Detection, plan: LayerPlan) -> FamilyInfo:
         detected_by=detection.how,
         depth_note=plan.depth_note,
         notes=plan.notes,
+    )
+
+
+def source_info_of(
+    resolved: ResolvedSource, checkpoint: Checkpoint, fingerprint: dict[str, str]
+) -> SourceInfo:
+    """The report's ``source``: where the checkpoint came from and which files were read."""
+    return SourceInfo(
+        uri=resolved.uri,
+        path=str(resolved.path),
+        revision=resolved.revision,
+        files=fingerprint,
+        selection=checkpoint.selection_note,
     )

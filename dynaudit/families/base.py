@@ -87,8 +87,8 @@ class Skip:
 
 @dataclass(frozen=True)
 class IndexMap:
-    """π of the coupling term (SPEC §4.5): which predecessor output neuron each input neuron of
-    a layer reads.
+    """π of the coupling term (docs/method.md §4): which predecessor output neuron each input neuron
+    of a layer reads.
 
     Input neuron ``i`` of matrix group ``g`` reads channel ``c = g·C + i // repeat`` of the
     layer's input (``C`` channels per group; ``repeat`` = kh·kw for a conv, h·w after a
@@ -203,7 +203,7 @@ class Family(ABC):
         """The layers to audit, in depth order, and every other tensor with a skip reason."""
 
     def matrices(self, layer: Layer, weight: torch.Tensor) -> torch.Tensor:
-        """The layer's weight as ``(g, m, n)`` matrices (SPEC §4.1)."""
+        """The layer's weight as ``(g, m, n)`` matrices (docs/method.md §1)."""
         return weight_matrices(layer, weight)
 
 

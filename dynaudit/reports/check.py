@@ -1,4 +1,4 @@
-"""Renderings of a :class:`~dynaudit.report.CheckReport`: Markdown (what a reviewer reads
+"""Renderings of a :class:`~dynaudit.schema.CheckReport`: Markdown (what a reviewer reads
 before a release) and the rich terminal table. Strings from checkpoints and baselines are
 escaped in both (:mod:`dynaudit.reports.escape`)."""
 
@@ -10,7 +10,14 @@ from rich.text import Text
 
 from dynaudit.reports.escape import escape_markdown, markdown_code, plain, print_plain
 from dynaudit.reports.markdown import fmt
-from dynaudit.schema import Change, CheckReport, Comparison, GroupComparison, LayerComparison
+from dynaudit.schema import (
+    Change,
+    CheckReport,
+    Comparison,
+    GroupComparison,
+    LayerComparison,
+    scope_label,
+)
 
 __all__ = ["refit_summary", "render_check_markdown", "render_check_terminal"]
 
@@ -47,11 +54,7 @@ def _pct(value: float | None) -> str:
 
 
 def _groups(report: CheckReport) -> list[tuple[str, GroupComparison]]:
-    comparison = report.comparison
-    rows = [("all layers", comparison.all)]
-    rows += [(f"{g} third", c) for g, c in comparison.groups.items()]
-    rows += [(f"type {t}", c) for t, c in comparison.types.items()]
-    return rows
+    return [(scope_label(k, n), c) for k, n, c in report.comparison.scopes()]
 
 
 def _setting(report: CheckReport, key: str) -> str:
@@ -115,10 +118,8 @@ def render_check_markdown(report: CheckReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_check_terminal(report: CheckReport, console: Console) -> None:
-    print_plain(console, f"dynaudit check · {report.source.uri} vs {report.baseline.ref}")
-    if report.source.selection:
-        print_plain(console, f"weights: {report.source.selection}", style="yellow")
+def _layer_table(report: CheckReport) -> Table:
+    """Every compared layer; the flagged ones in red."""
     table = Table()
     columns = ("layer", "type", "third", "base md", "md", "change", "displacement", "weights")
     for column in columns:
@@ -127,23 +128,31 @@ def render_check_terminal(report: CheckReport, console: Console) -> None:
     failing = set(report.verdict.failing_layers)
     for layer in report.comparison.layers:
         style = "red" if layer.name in failing else ""
+        names = [plain(layer.name, style=style), plain(layer.type), plain(layer.group)]
         change = plain(layer.reason or _layer_change(layer), style=style)
-        table.add_row(
-            plain(layer.name, style=style), plain(layer.type), plain(layer.group),
-            fmt(layer.baseline_mean_distance), fmt(layer.mean_distance), change,
-            fmt(layer.displacement, 3), _pct(layer.weight_change),
-        )  # fmt: skip
-    console.print(table)
-    print_plain(console, f"baseline from {report.baseline.resolved_from}", style="dim")
+        distances = [fmt(layer.baseline_mean_distance), fmt(layer.mean_distance)]
+        moves = [fmt(layer.displacement, 3), _pct(layer.weight_change)]
+        table.add_row(*names, *distances, change, *moves)
+    return table
+
+
+def _group_table(report: CheckReport) -> Table:
     groups = Table(title="groups (mean of the layers' relative changes)")
     for column in ("group", "layers", "change", "noise", "max displacement"):
         groups.add_column(column, justify="left" if column == "group" else "right")
     for label, group in _groups(report):
-        groups.add_row(
-            plain(label), str(group.layers), _change(group.change), _pct(group.noise),
-            fmt(group.displacement, 3),
-        )  # fmt: skip
-    console.print(groups)
+        figures = [_change(group.change), _pct(group.noise), fmt(group.displacement, 3)]
+        groups.add_row(plain(label), str(group.layers), *figures)
+    return groups
+
+
+def render_check_terminal(report: CheckReport, console: Console) -> None:
+    print_plain(console, f"dynaudit check · {report.source.uri} vs {report.baseline.ref}")
+    if report.source.selection:
+        print_plain(console, f"weights: {report.source.selection}", style="yellow")
+    console.print(_layer_table(report))
+    print_plain(console, f"baseline from {report.baseline.resolved_from}", style="dim")
+    console.print(_group_table(report))
     refits = refit_summary(report.comparison)
     if refits is not None:
         print_plain(console, f"refits: {refits}", style="dim")

@@ -29,10 +29,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from dynaudit.errors import printable
+from dynaudit.errors import ExitCode, printable
 from dynaudit.reports.check import render_check_markdown
 from dynaudit.reports.escape import escape_command_data, escape_command_property, escape_xml
-from dynaudit.schema import CheckReport
+from dynaudit.schema import CheckReport, GroupComparison, scope_label
 
 __all__ = [
     "COMMENT_MARKER",
@@ -54,14 +54,16 @@ COMMENT_LIMIT = 65536  # GitHub refuses a longer comment body (characters)
 _KINDS = {"capacity_loss": "capacity loss", "damage": "damage", "non_finite": "non-finite weights"}
 
 
-def _group_cases(report: CheckReport) -> list[tuple[str, str, list[str]]]:
-    """(test case name, group key, messages of the findings that fail it): all layers, each
-    depth third, each layer type. Names and messages are raw: each format escapes them."""
-    comparison = report.comparison
-    keys = [("all layers", "all"), *[(f"{g} third", g) for g in comparison.groups]]
-    keys += [(f"type {t}", t) for t in comparison.types]
+def _group_cases(report: CheckReport) -> list[tuple[str, GroupComparison, list[str]]]:
+    """(test case name, its figures, messages of the findings that fail it): all layers, each
+    depth third, each layer type. Names and messages are raw: each format escapes them. The
+    figures travel with the case: looked up again by name, a layer type named ``top`` got the
+    top third's. (A finding names what it concerns by name alone, thirds and types alike.)"""
     findings = report.verdict.findings
-    return [(label, key, [f.message for f in findings if key in f.groups]) for label, key in keys]
+    return [
+        (scope_label(kind, name), figures, [f.message for f in findings if name in f.groups])
+        for kind, name, figures in report.comparison.scopes()
+    ]
 
 
 def render_junit(report: CheckReport) -> str:
@@ -74,12 +76,9 @@ def render_junit(report: CheckReport) -> str:
         failures=str(sum(1 for _, _, reasons in cases if reasons)),
         time=f"{report.seconds:.3f}",
     )
-    for label, key, reasons in cases:
+    for label, group, reasons in cases:
         case = ET.SubElement(suite, "testcase", classname="dynaudit.check", name=escape_xml(label))
-        group = report.comparison.groups.get(key) or report.comparison.types.get(key)
-        if key == "all":
-            group = report.comparison.all
-        if group is not None and group.change is not None:
+        if group.change is not None:
             ET.SubElement(case, "system-out").text = escape_xml(
                 f"change {group.change.mean * 100:+.3f}% ± {group.change.std * 100:.3f}% "
                 f"over {group.layers} layers, noise {(group.noise or 0) * 100:.3f}%"
@@ -149,13 +148,16 @@ def report_to_github(
 def verdict_of(exit_code: int) -> Literal["pass", "fail", "error"]:
     """The action's ``verdict`` output from ``check``'s exit code: 1 is the gate's failure,
     anything but 0 and 1 means there is no verdict (usage, input or internal error)."""
-    return "pass" if exit_code == 0 else "fail" if exit_code == 1 else "error"
+    if exit_code == ExitCode.OK:
+        return "pass"
+    return "fail" if exit_code == ExitCode.GATE_FAILED else "error"
 
 
 def _exit_meaning(exit_code: int) -> str:
-    from dynaudit.cli._errors import EXIT_CODES
-
-    return EXIT_CODES.get(exit_code, "unexpected exit code")
+    try:
+        return ExitCode(exit_code).meaning
+    except ValueError:  # not dynaudit's: a killed job (137), a missing command (127)
+        return "unexpected exit code"
 
 
 def _run_url(env: Mapping[str, str]) -> str | None:
@@ -281,8 +283,9 @@ def post_pr_comment(
     nothing. A side channel: a failure (no ``pull-requests: write`` permission, a fork's
     read-only token, the API down) is one warning, and the token appears in no message."""
     env = os.environ if env is None else env
-    number, repo, token = (env.get(name, "") for name in
-                           ("DYNAUDIT_PR_NUMBER", "GITHUB_REPOSITORY", "GITHUB_TOKEN"))  # fmt: skip
+    number, repo, token = (
+        env.get(name, "") for name in ("DYNAUDIT_PR_NUMBER", "GITHUB_REPOSITORY", "GITHUB_TOKEN")
+    )
     if not number:
         print("dynaudit: not a pull request: no comment", file=sys.stderr, flush=True)
         return None
@@ -316,9 +319,9 @@ def _split_args(text: str) -> int:
         words = shlex.split(text)
     except ValueError as exc:
         print(f"dynaudit: error: extra-args: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     sys.stdout.write("".join(word + "\0" for word in words))
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "finish":
         reports = {"json": args.json, "markdown": args.markdown, "junit": args.junit}
         finish_action(args.exit_code, reports, args.comment_body, args.cache_prefix)
-        return 0
+        return ExitCode.OK
     post_pr_comment(args.body.read_text(encoding="utf-8"))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

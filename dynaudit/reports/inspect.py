@@ -16,13 +16,13 @@ from rich.text import Text
 from dynaudit.reports.escape import plain, print_plain
 
 if TYPE_CHECKING:
-    from dynaudit.schema import Inspection
+    from dynaudit.schema import InspectedLayer, Inspection
 
 __all__ = ["render_inspection"]
 
 
 def render_inspection(found: Inspection, console: Console) -> None:
-    """Print an :class:`~dynaudit.api.Inspection`; the rank columns when weights were read."""
+    """Print an :class:`~dynaudit.Inspection`; the rank columns when weights were read."""
     weights = any(layer.rank is not None for layer in found.layers) or (
         found.structure.degenerate is not None
     )
@@ -35,19 +35,7 @@ def render_inspection(found: Inspection, console: Console) -> None:
         left = column in ("layer", "type", "inputs")
         table.add_column(column, justify="left" if left else "right", overflow="fold")
     for layer in found.layers:
-        feeds = ["input"] if layer.reads_input else []
-        feeds += [f"{len(layer.inputs)} layer{'s' * (len(layer.inputs) != 1)}"] * bool(layer.inputs)
-        row: list[Text] = [
-            plain(layer.name), plain(layer.type), Text(str(layer.depth)),
-            Text("×".join(map(str, layer.shape))), plain(layer.dtype), Text(str(layer.neurons)),
-            Text(f"{layer.gflop:.1f}"), Text(", ".join(feeds)),
-        ]  # fmt: skip
-        if weights:
-            deficient = layer.rank is not None and layer.rank < (layer.full_rank or 0)
-            rank = "—" if layer.rank is None else f"{layer.rank}/{layer.full_rank}"
-            norm = f"{layer.spectral_norm:.3g}" if layer.spectral_norm is not None else "—"
-            row += [Text(rank, style="red" if deficient else ""), Text(norm)]
-        table.add_row(*row)
+        table.add_row(*_row(layer), *(_rank(layer) if weights else []))
     console.print(table)
     console.print(
         f"{found.tensors} tensors in {len(found.files)} file(s), {found.parameters:,} parameters, "
@@ -85,3 +73,21 @@ def render_inspection(found: Inspection, console: Console) -> None:
     if reasons:
         counts = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
         print_plain(console, f"skipped: {counts} (--json lists them)", style="dim")
+
+
+def _row(layer: InspectedLayer) -> list[Text]:
+    """A layer's header columns: what it is, its shape and what feeds it."""
+    feeds = ["input"] if layer.reads_input else []
+    feeds += [f"{len(layer.inputs)} layer{'s' * (len(layer.inputs) != 1)}"] * bool(layer.inputs)
+    shape = Text("×".join(map(str, layer.shape)))
+    row = [plain(layer.name), plain(layer.type), Text(str(layer.depth)), shape]
+    row += [plain(layer.dtype), Text(str(layer.neurons)), Text(f"{layer.gflop:.1f}")]
+    return [*row, Text(", ".join(feeds))]
+
+
+def _rank(layer: InspectedLayer) -> list[Text]:
+    """A layer's rank (red when deficient) and spectral norm, once its weights were read."""
+    deficient = layer.rank is not None and layer.rank < (layer.full_rank or 0)
+    rank = "—" if layer.rank is None else f"{layer.rank}/{layer.full_rank}"
+    norm = f"{layer.spectral_norm:.3g}" if layer.spectral_norm is not None else "—"
+    return [Text(rank, style="red" if deficient else ""), Text(norm)]

@@ -24,6 +24,13 @@ def _aggregate_row(label: str, agg: Aggregate) -> str:
     )
 
 
+def summary_rows(report: Report) -> list[tuple[str, Aggregate]]:
+    """The summary's scopes as a measure report labels them: ``all``, each depth third by its
+    name, ``type T``."""
+    scopes = report.summary.scopes()
+    return [(f"type {name}" if kind == "type" else name, agg) for kind, name, agg in scopes]
+
+
 def cache_note(report: Report) -> str:
     assert report.cache is not None
     return (
@@ -66,12 +73,8 @@ def render_markdown(report: Report) -> str:
         "",
         "| group | layers | mean distance | 𝒟 | fidelity |",
         "|---|---:|---:|---:|---:|",
-        _aggregate_row("all", report.summary.all),
     ]
-    lines += [_aggregate_row(g, a) for g, a in report.summary.groups.items()]
-    lines += [
-        _aggregate_row(f"type {escape_markdown(t)}", a) for t, a in report.summary.types.items()
-    ]
+    lines += [_aggregate_row(escape_markdown(label), a) for label, a in summary_rows(report)]
     lines += _type_by_depth(report)
     lines += [
         "",

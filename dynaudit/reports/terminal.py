@@ -1,15 +1,22 @@
-"""The rich table printed by the CLI."""
+"""What the CLI prints on the terminal about a measure report (the rich tables) and a stored
+baseline (one line)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
+from dynaudit.errors import printable
 from dynaudit.reports.escape import plain, print_plain
-from dynaudit.reports.markdown import cache_note, fmt, type_by_depth
-from dynaudit.schema import Report
+from dynaudit.reports.markdown import cache_note, fmt, summary_rows, type_by_depth
+from dynaudit.schema import Baseline, Report
 
-__all__ = ["plain", "render_terminal"]
+__all__ = ["StoredBaseline", "plain", "render_terminal"]
+
+_LEFT = ("layer", "type", "shape")  # the other columns are numbers
+_LAYER_COLUMNS = ("layer", "type", "depth", "shape", "mean dist", "± seeds", "𝒟", "fidelity")
 
 
 def render_terminal(report: Report, console: Console) -> None:
@@ -20,36 +27,10 @@ def render_terminal(report: Report, console: Console) -> None:
     print_plain(console, f"dynaudit · {report.source.uri}{revision} · family {report.family.name}")
     if report.source.selection:
         print_plain(console, f"weights: {report.source.selection}", style="yellow")
-    table = Table(show_lines=False)
-    for column, justify in [
-        ("layer", "left"), ("type", "left"), ("depth", "right"), ("shape", "left"),
-        ("mean dist", "right"), ("± seeds", "right"), ("𝒟", "right"), ("fidelity", "right"),
-    ]:  # fmt: skip
-        # Layer names are the reader's key into the checkpoint: wrap them, never elide them.
-        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for layer in report.measured:
-        spread = f"{layer.spread.relative:.2%}" if layer.spread else "—"
-        name = plain(layer.name)
-        if layer.reason:
-            name.append_text(plain(f"  ({layer.reason})", style="yellow"))
-        table.add_row(
-            name, plain(layer.type), str(layer.depth), layer.shape_text,
-            fmt(layer.mean_distance), spread, fmt(layer.discrepancy, 2), fmt(layer.fidelity, 3),
-        )  # fmt: skip
-    console.print(table)
+    console.print(_layer_table(report))
     if report.family.depth_note:
         print_plain(console, report.family.depth_note, style="dim")
-    summary = Table(title="summary (means over layers)")
-    for column in ("group", "layers", "mean dist", "𝒟", "fidelity", "median fidelity"):
-        summary.add_column(column, justify="left" if column == "group" else "right")
-    rows = [("all", report.summary.all), *report.summary.groups.items()]
-    rows += [(f"type {t}", a) for t, a in report.summary.types.items()]
-    for label, agg in rows:
-        summary.add_row(
-            plain(label), str(agg.layers), fmt(agg.mean_distance), fmt(agg.discrepancy, 2),
-            fmt(agg.fidelity, 3), fmt(agg.fidelity_median, 3),
-        )  # fmt: skip
-    console.print(summary)
+    console.print(_summary_table(report))
     columns, by_type = type_by_depth(report)
     if by_type:
         by_depth = Table(title="mean distance by type and depth")
@@ -68,3 +49,47 @@ def render_terminal(report: Report, console: Console) -> None:
         print_plain(console, cache_note(report), style="dim")
     if report.non_finite:
         print_plain(console, f"non-finite weights: {', '.join(report.non_finite)}", style="red")
+
+
+def _layer_table(report: Report) -> Table:
+    table = Table(show_lines=False)
+    for column in _LAYER_COLUMNS:
+        # Layer names are the reader's key into the checkpoint: wrap them, never elide them.
+        table.add_column(column, justify="left" if column in _LEFT else "right", overflow="fold")
+    for layer in report.measured:
+        spread = f"{layer.spread.relative:.2%}" if layer.spread else "—"
+        name = plain(layer.name)
+        if layer.reason:
+            name.append_text(plain(f"  ({layer.reason})", style="yellow"))
+        figures = [fmt(layer.mean_distance), spread, fmt(layer.discrepancy, 2)]
+        figures.append(fmt(layer.fidelity, 3))
+        table.add_row(name, plain(layer.type), str(layer.depth), layer.shape_text, *figures)
+    return table
+
+
+def _summary_table(report: Report) -> Table:
+    summary = Table(title="summary (means over layers)")
+    for column in ("group", "layers", "mean dist", "𝒟", "fidelity", "median fidelity"):
+        summary.add_column(column, justify="left" if column == "group" else "right")
+    for label, agg in summary_rows(report):
+        figures = [fmt(agg.mean_distance), fmt(agg.discrepancy, 2), fmt(agg.fidelity, 3)]
+        summary.add_row(plain(label), str(agg.layers), *figures, fmt(agg.fidelity_median, 3))
+    return summary
+
+
+@dataclass(frozen=True)
+class StoredBaseline:
+    """The line ``dynaudit baseline`` prints: what was stored ``where``, escaped (the URI and
+    the family come from the user and the checkpoint)."""
+
+    where: str
+
+    def render(self, made: Baseline) -> str:
+        fitted = sum(1 for layer in made.layers if layer.coords)
+        return (
+            printable(
+                f"baseline of {made.source.uri} stored in {self.where}: {fitted} layers × "
+                f"{made.seeds} seeds, family {made.family.name}, protocol v{made.protocol_version}"
+            )
+            + "\n"
+        )

@@ -1,4 +1,4 @@
-"""The contract of dynaudit's JSON formats (SPEC §8 "Formats") and their shipped JSON Schemas.
+"""The contract of dynaudit's JSON formats (docs/formats.md) and their shipped JSON Schemas.
 
 Every JSON document dynaudit writes carries a two-part version: an integer **major**
 (``schema_version``; ``format_version`` in a baseline) and an integer **minor**
@@ -28,7 +28,7 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from dynaudit.errors import InputError
+from dynaudit.errors import InputError, listed
 
 __all__ = [
     "FORMATS",
@@ -140,13 +140,16 @@ def warn_ignored(dropped: list[str], fmt: Format, data: dict[str, Any], where: s
     if not dropped:
         return
     unique = list(dict.fromkeys(dropped))
-    named = ", ".join(unique[:_NAMED_FIELDS])
-    more = f" and {len(unique) - _NAMED_FIELDS} more" if len(unique) > _NAMED_FIELDS else ""
     major, minor = fmt.version_of(data)
     log.warning(
-        "%s: ignored fields this dynaudit does not know (%s %s.%s, reads %s): %s%s",
-        where, fmt.what, major, minor, fmt.version, named, more,
-    )  # fmt: skip
+        "%s: ignored fields this dynaudit does not know (%s %s.%s, reads %s): %s",
+        where,
+        fmt.what,
+        major,
+        minor,
+        fmt.version,
+        listed(unique, _NAMED_FIELDS),
+    )
 
 
 def _strip_model(
@@ -197,9 +200,10 @@ def _union_member(members: tuple[Any, ...], value: Any) -> Any:
         return None
     models = [m for m in present if isinstance(m, type) and issubclass(m, BaseModel)]
     fitting = [
-        m for m in models
+        m
+        for m in models
         if all(key in value for key, info in _fields(m).items() if info.is_required())
-    ]  # fmt: skip
+    ]
     if not fitting:
         return None
     return max(fitting, key=lambda m: sum(key in _fields(m) for key in value))

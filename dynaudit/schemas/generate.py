@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from dynaudit.errors import ExitCode
 from dynaudit.schemas import FORMATS
 
 __all__ = ["json_schema", "main", "models", "render", "write"]
@@ -86,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) > 1 or any(arg.startswith("-") for arg in args):
         print("usage: python -m dynaudit.schemas [DIR]", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     folder = Path(args[0]) if args else Path(__file__).parent
     for path in write(folder):
         print(f"wrote {path}")
-    return 0
+    return ExitCode.OK

@@ -1,4 +1,4 @@
-"""Where checkpoints come from: a local path, the Hugging Face Hub, or MLflow (SPEC §3).
+"""Where checkpoints come from: a local path, the Hugging Face Hub, or MLflow (docs/sources.md).
 
 Each source turns SOURCE into a local checkpoint directory (downloading only what is needed)
 plus what it knows about it — revision, and the sha256 it vouches for per file — so the rest
@@ -23,10 +23,10 @@ from dynaudit.sources.adapters import (
 )
 from dynaudit.sources.base import ResolvedSource, SourceOptions
 from dynaudit.sources.local import open_local, verify_download
-from dynaudit.tensors import Checkpoint
+from dynaudit.tensors import WEIGHT_SUFFIXES, Checkpoint
 
 # Names that are files, not Hub repositories: a missing one is a typo, not a repo id.
-LOCAL_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LOCAL_SUFFIXES = (*WEIGHT_SUFFIXES, ".json")
 
 __all__ = [
     "ResolvedSource",

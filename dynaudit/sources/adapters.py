@@ -262,8 +262,11 @@ def _settings(config: dict[str, Any], path: Path) -> AdapterSettings:
 
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
-        raise refuse("base_model_name_or_path", base, "it must be one model (a string); "
-                     "pass --base to choose")  # fmt: skip
+        raise refuse(
+            "base_model_name_or_path",
+            base,
+            "it must be one model (a string); pass --base to choose",
+        )
     return AdapterSettings(
         rank=rank_of("r", config.get("r", 8)),
         alpha=alpha_of("lora_alpha", config.get("lora_alpha", 8)),

@@ -84,7 +84,7 @@ def weight_selection(
     if selection.pickle and not allow_pickle:
         raise _pickle_refused(uri, selection.files[0])
     if not selection.files:
-        raise EmptyCheckpoint(f"{uri}: no .safetensors weights found")
+        raise EmptyCheckpoint(f"{uri}: no .safetensors weights found", uri=uri)
     return selection
 
 
@@ -109,7 +109,8 @@ def _pickle_refused(uri: str, name: str) -> PickleRefused:
     return PickleRefused(
         f"{uri}: the weights are pickles ({name}), which can execute code when loaded and "
         "are not downloaded by default; publish safetensors weights, or pass --allow-pickle "
-        "to read plain weights with torch.load(weights_only=True)"
+        "to read plain weights with torch.load(weights_only=True)",
+        uri=uri,
     )
 
 
@@ -119,11 +120,13 @@ def _shards(
     index = read_index(index_name)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(f"{uri}: {index_name} has no 'weight_map'")
+        raise InputError(f"{uri}: {index_name} has no 'weight_map'", uri=uri)
     shards = sorted({str(s) for s in weight_map.values()}, key=natural_key)
     missing = [s for s in shards if s not in names or "/" in s]
     if missing:
-        raise RemoteNotFound(f"{uri}: {index_name} names shard {missing[0]!r}, which is missing")
+        raise RemoteNotFound(
+            f"{uri}: {index_name} names shard {missing[0]!r}, which is missing", uri=uri
+        )
     return shards
 
 

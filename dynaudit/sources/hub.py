@@ -89,7 +89,7 @@ def parse(text: str, revision: str | None = None) -> HubRepo | None:
         repo_id, found, subfolder = _split(location, revision)
     except _Malformed as exc:
         if explicit or isinstance(exc, _Refused):
-            raise UsageError(f"{text}: {exc}") from None
+            raise UsageError(f"{text}: {exc}", uri=text) from None
         return None
     return HubRepo(text, repo_id, found, subfolder)
 
@@ -167,10 +167,12 @@ def _check_revision(revision: str | None) -> None:
         return
     parts = revision.split("/")
     bad = (
-        not revision or revision.startswith("/") or "\\" in revision
+        not revision
+        or revision.startswith("/")
+        or "\\" in revision
         or any(part in ("", ".", "..") for part in parts)
         or any(ord(c) < 32 or ord(c) == 127 for c in revision)
-    )  # fmt: skip
+    )
     if bad:
         raise _Refused(f"{revision!r} is not a revision (a branch, tag, commit or refs/pr/N)")
 
@@ -184,10 +186,12 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
         if constants.HF_HUB_OFFLINE:
             folder = Path(
                 snapshot_download(
-                    repo.repo_id, revision=repo.revision, local_files_only=True,
+                    repo.repo_id,
+                    revision=repo.revision,
+                    local_files_only=True,
                     allow_patterns=[glob.escape(repo.path(name)) for name in SIDE_FILES],
                 )
-            )  # fmt: skip
+            )
             if not (folder / repo.subfolder).is_dir():
                 raise _offline_miss(repo)
             return ResolvedSource(uri=repo.uri, path=folder / repo.subfolder, revision=folder.name)
@@ -200,24 +204,29 @@ def fetch(repo: HubRepo, options: SourceOptions) -> ResolvedSource:
         wanted = [name for name in SIDE_FILES if name in listing.files] + weights
         folder = Path(
             snapshot_download(
-                repo.repo_id, revision=repo.revision or constants.DEFAULT_REVISION,
-                endpoint=options.hf_endpoint, token=options.hf_token,
+                repo.repo_id,
+                revision=repo.revision or constants.DEFAULT_REVISION,
+                endpoint=options.hf_endpoint,
+                token=options.hf_token,
                 allow_patterns=[glob.escape(repo.path(name)) for name in wanted],
                 tqdm_class=_tqdm_class(),
             )
-        )  # fmt: skip
+        )
     if folder.name != listing.commit:
         raise SourceUnreachable(
             f"{repo.uri}: the revision moved to another commit during the download; retry, "
-            "or pin a commit with @<sha>"
+            "or pin a commit with @<sha>",
+            uri=repo.uri,
         )
     expected = {n: f.lfs.sha256 for n in weights if (f := listing.files[n]).lfs is not None}
     return ResolvedSource(
-        uri=repo.uri, path=folder / repo.subfolder, revision=listing.commit,
+        uri=repo.uri,
+        path=folder / repo.subfolder,
+        revision=listing.commit,
         expected_sha256=expected,
         unread_sha256={n: listing.vouched(n) for n in selection.others if n not in wanted},
         selection=selection,
-    )  # fmt: skip
+    )
 
 
 def card_base_model(text: str, where: str) -> str | None:
@@ -257,8 +266,12 @@ def _check_card_yaml(block: str) -> None:
 
     if len(block) > _CARD_YAML_LIMIT:
         raise ValueError(f"front matter over {_CARD_YAML_LIMIT // 1024} KiB")
-    opening = (yaml.BlockSequenceStartToken, yaml.BlockMappingStartToken,
-               yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken)  # fmt: skip
+    opening = (
+        yaml.BlockSequenceStartToken,
+        yaml.BlockMappingStartToken,
+        yaml.FlowSequenceStartToken,
+        yaml.FlowMappingStartToken,
+    )
     closing = (yaml.BlockEndToken, yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken)
     depth = 0
     for token in yaml.scan(block):
@@ -316,9 +329,11 @@ def open_remote_headers(repo: HubRepo, options: SourceOptions) -> tuple[str, Che
         config = listing.json("config.json") if "config.json" in names else None
         index = listing.json(selection.index) if selection.index else None
     checkpoint = RemoteCheckpoint.assemble(
-        Path(repo.label), headers, config=config,
+        Path(repo.label),
+        headers,
+        config=config,
         weight_map=index.get("weight_map") if isinstance(index, dict) else None,
-    )  # fmt: skip
+    )
     return repo.uri, checkpoint
 
 
@@ -348,11 +363,13 @@ class _Listing:
         if repo.subfolder in siblings:
             raise UsageError(
                 f"{repo.uri}: {repo.subfolder!r} is a file; name the folder that holds the "
-                f"checkpoint ({FORM})"
+                f"checkpoint ({FORM})",
+                uri=repo.uri,
             )
         if not inside:
             raise RemoteNotFound(
-                f"{repo.uri}: {repo.repo_id} has no folder {repo.subfolder!r} at this revision"
+                f"{repo.uri}: {repo.repo_id} has no folder {repo.subfolder!r} at this revision",
+                uri=repo.uri,
             )
         return cls(repo, options, info.sha, inside)
 
@@ -362,9 +379,12 @@ class _Listing:
         config = self.json("config.json") if "config.json" in self.files else None
         explicit = config.get("transformers_weights") if isinstance(config, dict) else None
         return weight_selection(
-            self.repo.uri, set(self.files), self.json, allow_pickle=allow_pickle,
+            self.repo.uri,
+            set(self.files),
+            self.json,
+            allow_pickle=allow_pickle,
             explicit=explicit if isinstance(explicit, str) else None,
-        )  # fmt: skip
+        )
 
     def vouched(self, name: str) -> str:
         """What the Hub vouches a file's content is: its LFS sha256, else its git blob id."""
@@ -379,15 +399,19 @@ class _Listing:
 
         if name not in self._json:
             path = hf_hub_download(
-                self.repo.repo_id, self.repo.path(name), revision=self.commit,
-                endpoint=self.options.hf_endpoint, token=self.options.hf_token,
-            )  # fmt: skip
+                self.repo.repo_id,
+                self.repo.path(name),
+                revision=self.commit,
+                endpoint=self.options.hf_endpoint,
+                token=self.options.hf_token,
+            )
             self._json[name] = read_json(Path(path))
         return self._json[name]
 
 
-def _read_range(repo: HubRepo, commit: str, name: str, options: SourceOptions, offset: int,
-                length: int) -> bytes:  # fmt: skip
+def _read_range(
+    repo: HubRepo, commit: str, name: str, options: SourceOptions, offset: int, length: int
+) -> bytes:
     """``length`` bytes of a Hub file from ``offset``, streamed and cut off: a server that
     ignores ``Range`` costs one connection, never the whole file. (huggingface_hub's
     ``parse_safetensors_file_metadata`` reads the whole response body, so it is not used.)"""
@@ -404,7 +428,8 @@ def _read_range(repo: HubRepo, commit: str, name: str, options: SourceOptions, o
         if status != 206 and offset:
             raise SourceUnreachable(
                 f"{repo.uri}: the endpoint ignores Range requests, so headers cannot be read "
-                "alone; use `inspect --weights` to download the checkpoint"
+                "alone; use `inspect --weights` to download the checkpoint",
+                uri=repo.uri,
             )
         for chunk in chunks:
             data += chunk
@@ -425,11 +450,11 @@ def _streamed_get(url: str, headers: dict[str, str]) -> Iterator[tuple[int, Iter
     timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
     httpx = callable(getattr(session, "stream", None))  # requests has a bool there
     if httpx:
-        opened = session.stream("GET", url, headers=headers, follow_redirects=True,
-                                timeout=timeout)  # fmt: skip
+        opened = session.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout)
     else:
-        opened = session.get(url, headers=headers, stream=True, allow_redirects=True,
-                             timeout=timeout)  # fmt: skip
+        opened = session.get(
+            url, headers=headers, stream=True, allow_redirects=True, timeout=timeout
+        )
     with opened as response:
         if response.status_code >= 400:
             if httpx:
@@ -459,7 +484,7 @@ def _tqdm_class() -> Any:
     """The client's progress bars on an interactive terminal; silence in CI logs and pipes."""
     from huggingface_hub.utils import tqdm  # type: ignore[attr-defined]
 
-    from dynaudit.terminal import interactive
+    from dynaudit.console import interactive
 
     if interactive():
         return None
@@ -475,8 +500,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP library's connection and timeout errors (httpx2 for huggingface_hub 2,
     httpx for 1, requests for 0.x; huggingface_hub's own HTTP errors are caught before)."""
     found: list[type[BaseException]] = []
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
-                         ("requests", "RequestException")):  # fmt: skip
+    for module, name in (
+        ("httpx2", "TransportError"),
+        ("httpx", "TransportError"),
+        ("requests", "RequestException"),
+    ):
         with contextlib.suppress(ImportError):
             found.append(getattr(importlib.import_module(module), name))
     return tuple(found)
@@ -494,59 +522,78 @@ def _hub_errors(repo: HubRepo, options: SourceOptions) -> Iterator[None]:
         yield
     except hf.HFValidationError as exc:
         raise UsageError(
-            f"{uri}: not a valid Hub repository id or revision; expected hf://org/name[@revision]"
+            f"{uri}: not a valid Hub repository id or revision; expected hf://org/name[@revision]",
+            uri=uri,
         ) from exc
     except hf.GatedRepoError as exc:
         raise AccessDenied(
             f"{uri}: {repo.repo_id} is gated; request access on the Hub, then set HF_TOKEN "
-            "(or --hf-token) to a token of an account that has it"
+            "(or --hf-token) to a token of an account that has it",
+            uri=uri,
         ) from exc
     except hf.RepositoryNotFoundError as exc:
         raise RemoteNotFound(
             f"{uri}: no repository {repo.repo_id!r} on {endpoint}, or it is private and no valid "
             "token was given (set HF_TOKEN or --hf-token)"
-            + ("" if uri.startswith(SCHEME) else "; nor is it a local path")
+            + ("" if uri.startswith(SCHEME) else "; nor is it a local path"),
+            uri=uri,
         ) from exc
     except hf.RevisionNotFoundError as exc:
         raise RemoteNotFound(
             f"{uri}: {repo.repo_id} has no revision {repo.revision!r}; name an existing branch, "
-            "tag or commit"
+            "tag or commit",
+            uri=uri,
         ) from exc
     except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled) as exc:  # before: in 0.x
-        if constants.HF_HUB_OFFLINE:  # both are EntryNotFound and HTTP errors too
-            raise _offline_miss(repo) from exc
-        raise SourceUnreachable(
-            f"{uri}: the download from {endpoint} failed and the files are not in the cache; "
-            "check the network and retry"
-        ) from exc
+        raise _not_cached(repo, endpoint, offline=constants.HF_HUB_OFFLINE) from exc
     except getattr(hf, "RemoteEntryNotFoundError", hf.EntryNotFoundError) as exc:  # 1.x; 0.x
         raise RemoteNotFound(
             f"{uri}: a file the checkpoint needs is missing on the Hub "
-            f"({_url_tail(exc)}); the upload looks incomplete"
+            f"({_url_tail(exc)}); the upload looks incomplete",
+            uri=uri,
         ) from exc
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise AccessDenied(
-                f"{uri}: {endpoint} refused the credentials (HTTP {status}); check HF_TOKEN "
-                "or --hf-token"
-            ) from exc
-        raise SourceUnreachable(
-            f"{uri}: {endpoint} answered HTTP {status}; retry later or check --hf-endpoint"
-        ) from exc
+        raise _http_error(uri, endpoint, status) from exc
     except _transport_errors() as exc:
         raise SourceUnreachable(
             f"{uri}: cannot reach the Hugging Face Hub at {endpoint} ({type(exc).__name__}); "
             "check --hf-endpoint / HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to use "
-            "the local cache"
+            "the local cache",
+            uri=uri,
         ) from exc
     except DynauditError:
         raise
     except ValueError as exc:  # an endpoint that is not a Hub: an answer that is not its JSON
         raise SourceUnreachable(
             f"{uri}: {endpoint} did not answer as a Hugging Face Hub ({type(exc).__name__}); "
-            "check --hf-endpoint / HF_ENDPOINT"
+            "check --hf-endpoint / HF_ENDPOINT",
+            uri=uri,
         ) from exc
+
+
+def _not_cached(repo: HubRepo, endpoint: str, *, offline: bool) -> SourceUnreachable:
+    """A download that failed with the files not in the cache: offline mode (both errors are
+    EntryNotFound and HTTP errors too), or the network."""
+    if offline:
+        return _offline_miss(repo)
+    return SourceUnreachable(
+        f"{repo.uri}: the download from {endpoint} failed and the files are not in the cache; "
+        "check the network and retry",
+        uri=repo.uri,
+    )
+
+
+def _http_error(uri: str, endpoint: str, status: int | None) -> AccessDenied | SourceUnreachable:
+    if status in (401, 403):
+        return AccessDenied(
+            f"{uri}: {endpoint} refused the credentials (HTTP {status}); check HF_TOKEN "
+            "or --hf-token",
+            uri=uri,
+        )
+    return SourceUnreachable(
+        f"{uri}: {endpoint} answered HTTP {status}; retry later or check --hf-endpoint", uri=uri
+    )
 
 
 def _offline_miss(repo: HubRepo) -> SourceUnreachable:
@@ -555,7 +602,8 @@ def _offline_miss(repo: HubRepo) -> SourceUnreachable:
     return SourceUnreachable(
         f"{repo.uri}: HF_HUB_OFFLINE is set and the checkpoint is not (completely) in the "
         f"Hugging Face cache at {constants.HF_HUB_CACHE}; run once online, or unset "
-        "HF_HUB_OFFLINE"
+        "HF_HUB_OFFLINE",
+        uri=repo.uri,
     )
 
 

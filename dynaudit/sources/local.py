@@ -57,4 +57,5 @@ def verify_download(resolved: ResolvedSource, digest: Callable[[Path], str] | No
                 f"({expected[:12]}…, got {actual[:12]}…); delete it from the cache "
                 f"({(resolved.path / name).resolve()}) and retry",
                 path=str(resolved.path / name),
+                uri=resolved.uri,
             )

@@ -18,10 +18,9 @@ import io
 import json
 import os
 import re
-import shutil
+import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from dynaudit.errors import (
     SourceUnreachable,
     UsageError,
 )
+from dynaudit.files import publish_dir, staged_dir
 from dynaudit.sources.base import (
     SIDE_FILES,
     ResolvedSource,
@@ -42,17 +42,26 @@ from dynaudit.sources.base import (
     redact_url,
     weight_files,
 )
-from dynaudit.tensors import INDEX_NAME, PICKLE_SUFFIXES, read_json
+from dynaudit.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_json
 
 __all__ = [
+    "BASELINE_ARTIFACTS",
     "BASELINE_TAG",
     "SCHEMES",
     "MlflowRef",
     "client_environment",
+    "context_tags",
     "declared_baseline",
     "fetch",
+    "fetch_baseline",
+    "git_commit",
     "mlflow_errors",
+    "model_version",
     "parse",
+    "run_label",
+    "server_uri",
+    "start_run",
+    "store_baseline",
 ]
 
 SCHEMES = ("models:/", "runs:/")
@@ -93,9 +102,13 @@ BASELINE_TAG = "dynaudit.baseline"
 def parse(uri: str) -> MlflowRef:
     if match := _MODEL.match(uri):
         return MlflowRef(
-            uri, name=match["name"], version=match["version"], alias=match["alias"],
-            model_id=match["model_id"], path=(match["path"] or "").strip("/"),
-        )  # fmt: skip
+            uri,
+            name=match["name"],
+            version=match["version"],
+            alias=match["alias"],
+            model_id=match["model_id"],
+            path=(match["path"] or "").strip("/"),
+        )
     if match := _RUN.match(uri):
         return MlflowRef(uri, run_id=match["run_id"], path=(match["path"] or "").strip("/"))
     raise UsageError(
@@ -128,8 +141,8 @@ def client_environment(uri: str | None = None) -> Iterator[None]:
     (``--json -``) and the URL may carry the password of ``http://user:password@host``."""
     import mlflow
 
+    from dynaudit.console import interactive
     from dynaudit.secrets import remember, scrub_logging
-    from dynaudit.terminal import interactive
 
     remember(uri=uri)  # a password in it is scrubbed from every message
     remember(uri=mlflow.get_registry_uri())  # and one in MLFLOW_REGISTRY_URI's
@@ -243,9 +256,15 @@ def _artifact_location(client: Any, ref: MlflowRef) -> tuple[str, str]:
     return _join(location, ref.path), f"{ref.name}/{version}"
 
 
-def model_version(client: Any, ref: MlflowRef) -> str:
-    """The version number ``models:/NAME/VERSION``, ``@ALIAS`` or ``/latest`` names now."""
+def model_version(client: Any, ref: MlflowRef, revision: str | None = None) -> str:
+    """The version number ``models:/NAME/VERSION``, ``@ALIAS`` or ``/latest`` names: the one
+    ``revision`` (``NAME/VERSION``, as a source resolved it at download) names when it is one
+    of this model's, so a report or baseline tags the version it was made from, not where an
+    alias or ``latest`` points by now; else the one the registry names now."""
     assert ref.name is not None
+    name, _, number = (revision or "").rpartition("/")
+    if name == ref.name and number.isdigit():
+        return number
     if ref.alias is not None:
         return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
     if ref.version == "latest":
@@ -282,8 +301,7 @@ def _checkpoint_root(ref: MlflowRef, listing: dict[str, int], allow_pickle: bool
     """The folder that holds the weights: the location itself, or its one sub-folder with
     safetensors weights (e.g. ``model/`` of a transformers-flavour model) — or, with
     ``allow_pickle`` and no safetensors anywhere, pickle weights."""
-    suffixes: tuple[str, ...] = (".safetensors", INDEX_NAME)
-    folders = sorted({p.rpartition("/")[0] for p in listing if p.endswith(suffixes)})
+    folders = sorted({p.rpartition("/")[0] for p in listing if p.endswith(SAFETENSORS_SUFFIXES)})
     if not folders and allow_pickle:
         folders = sorted({p.rpartition("/")[0] for p in listing if p.endswith(PICKLE_SUFFIXES)})
     folders.sort(key=lambda f: (f.count("/"), f))
@@ -311,21 +329,17 @@ def _download(
     """Download ``paths`` into a cache folder keyed by server, location and the files' sizes;
     return the folder (for a single JSON file, the file). A folder is published by renaming a
     complete staging folder, so one that exists is whole and is reused as is."""
-    from dynaudit.cache import cache_root, publish_dir
+    from dynaudit.cache import cache_root
 
     files = sorted((p, listing.get(p, -1)) for p in paths)
     key = hashlib.sha256(json.dumps([server, location, files]).encode()).hexdigest()[:32]
     downloads = cache_root(options.cache_dir) / "mlflow"
     final = downloads / key
     if not final.is_dir():
-        staging = downloads / f".tmp-{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        try:
+        with staged_dir(final) as staging:
             for path in paths:
                 repo.download_artifacts(path, dst_path=str(staging))
             publish_dir(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return final / paths[0] if len(paths) == 1 and paths[0].endswith(".json") else final
 
 
@@ -414,9 +428,118 @@ def declared_baseline(source_uri: str, server: str | None = None) -> str | None:
     model = parse(source_uri)
     if model.name is None:
         return None
-    uri = tracking_uri(SourceOptions(mlflow_uri=server))
+    uri = server_uri(server)
     with mlflow_errors(model.uri, uri), client_environment(uri):
         registry = client(uri)
         tags = registry.get_model_version(model.name, model_version(registry, model)).tags or {}
     value = tags.get(BASELINE_TAG)
     return str(value) if value else None
+
+
+# -- runs and baselines stored in MLflow ------------------------------------------------
+# Below the facade (dynaudit.api stores and fetches baselines here); dynaudit.tracking, above
+# it, logs reports into runs started by :func:`start_run`.
+
+
+def server_uri(given: str | None) -> str:
+    """The tracking server: ``given`` (``--mlflow-uri``), else ``MLFLOW_TRACKING_URI``."""
+    return tracking_uri(SourceOptions(mlflow_uri=given))
+
+
+def run_label(uri: str) -> str:
+    """``uri``, its end kept when it is long (the end names the checkpoint)."""
+    return uri if len(uri) <= 100 else "…" + uri[-99:]
+
+
+def start_run(client: Any, experiment: str | None = None, name: str = "dynaudit") -> str:
+    """A new run ``name`` in ``experiment`` (default ``MLFLOW_EXPERIMENT_NAME`` or
+    "dynaudit"), with MLflow's context tags (:func:`context_tags`)."""
+    experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dynaudit"
+    found = client.get_experiment_by_name(experiment_name)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
+    run = client.create_run(experiment_id, run_name=name, tags=context_tags())
+    return str(run.info.run_id)
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's context tags, as its own providers set them (user, source name and type, and
+    those of Databricks or ``MLFLOW_RUN_CONTEXT``), with the git commit of the working
+    directory in place of that of ``sys.argv[0]``'s directory."""
+    from mlflow.tracking.context.git_context import GitRunContext
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    # MLflow annotates ``ignore`` as instances, but matches classes (isinstance).
+    resolved = resolve_tags(ignore=[GitRunContext])  # type: ignore[list-item]
+    tags = {k: str(v) for k, v in resolved.items()}
+    commit = git_commit(Path.cwd())
+    if commit is not None:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit checked out in the git work tree that holds ``folder``, if any (no git, not
+    a checkout, or a repository git refuses to read: none)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "--verify", "-q", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+BASELINE_ARTIFACTS = "dynaudit-baseline"
+
+
+def store_baseline(
+    folder: Path,
+    source_uri: str,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Upload a baseline directory as the artifacts of a new run and return its ``runs:/`` URI.
+    The run is marked finished and tagged ``dynaudit.baseline`` only after every artifact is
+    uploaded; when the baseline's source is an MLflow model version, that version is tagged
+    with the URI too, so `check models:/NAME/…` finds it: the version measured (``revision``,
+    ``NAME/VERSION`` as the source resolved it), not where an alias points by now."""
+    uri = server_uri(tracking_uri)
+    with mlflow_errors("storing the baseline in MLflow", uri), client_environment(uri):
+        tracking = client(uri)
+        run_id = start_run(tracking, experiment, f"dynaudit baseline {run_label(source_uri)}")
+        ref = f"runs:/{run_id}/{BASELINE_ARTIFACTS}"
+        try:
+            tracking.log_artifacts(run_id, str(folder), BASELINE_ARTIFACTS)
+            tracking.set_tag(run_id, "dynaudit.source", source_uri)
+            tracking.set_tag(run_id, BASELINE_TAG, ref)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                tracking.set_terminated(run_id, status="FAILED")
+            raise
+        tracking.set_terminated(run_id)
+        if source_uri.startswith("models:/"):
+            model = parse(source_uri)
+            if model.name is not None:
+                version = model_version(tracking, model, revision)
+                tracking.set_model_version_tag(model.name, version, BASELINE_TAG, ref)
+    return ref
+
+
+def fetch_baseline(ref: str, destination: Path, tracking_uri: str | None = None) -> Path:
+    """Download a baseline stored as run artifacts (``runs:/<id>/dynaudit-baseline``)."""
+    stored = parse(ref)
+    uri = server_uri(tracking_uri)
+    with mlflow_errors(stored.uri, uri), client_environment(uri):
+        if stored.run_id is None:
+            raise UsageError(f"{ref}: a baseline in MLflow is runs:/RUN_ID/{BASELINE_ARTIFACTS}")
+        destination.mkdir(parents=True, exist_ok=True)  # MLflow 2 does not create it
+        path = client(uri).download_artifacts(stored.run_id, stored.path, str(destination))
+    return Path(path)

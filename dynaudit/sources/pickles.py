@@ -14,18 +14,18 @@ import hashlib
 import json
 import pickle
 import shutil
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dynaudit.cache import publish_dir
 from dynaudit.errors import EmptyCheckpoint, PickleRefused
+from dynaudit.files import publish_dir, staged_dir
 from dynaudit.tensors import (
     INDEX_NAME,
     PICKLE_INDEX,
     PICKLE_SUFFIXES,
+    SINGLE_NAME,
     local_selection,
     present,
     require_regular,
@@ -71,11 +71,9 @@ def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | Non
     final = cache / "pickles" / key
     if final.is_dir():
         return final
-    staging = final.with_name(f".tmp-{uuid.uuid4().hex}")
-    staging.mkdir(parents=True)
-    try:
+    with staged_dir(final) as staging:
         names = (
-            ["model.safetensors"]
+            [SINGLE_NAME]
             if len(files) == 1
             else [
                 f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
@@ -91,8 +89,6 @@ def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | Non
         for side in sides:
             shutil.copyfile(side, staging / side.name)
         publish_dir(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 

@@ -152,8 +152,8 @@ def _plan_resnet(checkpoint: Checkpoint, blocks: Blocks) -> LayerPlan:
             raise StructureError(f"cnn: block {key} has no convolution to audit")
         shortcut = list(stream.producers)
         if "short" in parts:
-            short = _conv_layer(build, parts["short"], "downsample", depth,
-                                build.outputs(stream.producers[0]))  # fmt: skip
+            feeding = build.outputs(stream.producers[0])
+            short = _conv_layer(build, parts["short"], "downsample", depth, feeding)
             if short is not None:
                 _feed(build, short, stream.producers)
                 shortcut = [short.name]
@@ -161,11 +161,7 @@ def _plan_resnet(checkpoint: Checkpoint, blocks: Blocks) -> LayerPlan:
         build.block(f"stage {stage} block {index}", {"residual": tuple(branch)}, BRANCH_NOTE)
         stream = Stream([branch[-1], *shortcut], reads_input=False)
         widths.append(build.outputs(branch[-1]))
-    classifier = next(
-        (n for n in checkpoint.names()
-         if n.endswith(_CLASSIFIERS) and len(checkpoint.tensors[n].shape) == 2),
-        None,
-    )  # fmt: skip
+    classifier = _classifier(checkpoint)
     if classifier is not None:
         fc = Layer(classifier, "fc", len(blocks) + 1, "linear", group="top")
         _feed(build, fc, stream.producers)
@@ -175,6 +171,14 @@ def _plan_resnet(checkpoint: Checkpoint, blocks: Blocks) -> LayerPlan:
         "classifier on top",
         widths=widths,
     )
+
+
+def _classifier(checkpoint: Checkpoint) -> str | None:
+    """The 2-D tensor named like a classifier head, if any (the first, in stored order)."""
+    for name in checkpoint.names():
+        if name.endswith(_CLASSIFIERS) and len(checkpoint.tensors[name].shape) == 2:
+            return name
+    return None
 
 
 def _plain_chain(checkpoint: Checkpoint) -> list[str] | None:

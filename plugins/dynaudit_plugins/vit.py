@@ -79,10 +79,7 @@ class ViTFamily(Family):
         scheme = _scheme(blocks)
         build = PlanBuilder(checkpoint, "vit")
         stream = Stream(reads_input=False)
-        patch = next((n for n in checkpoint.names() if n.endswith(_PATCH)), None)
-        if patch is None:
-            raise StructureError("vit: no patch embedding (patch_embeddings.projection or "
-                                 "patch_embed.proj) in the checkpoint")  # fmt: skip
+        patch = _patch(checkpoint)
         build.add(Layer(patch, "patch", 0, "conv", group="bottom"))  # checks its shape
         build.reads_input(patch)
         stream.add(patch)
@@ -97,9 +94,7 @@ class ViTFamily(Family):
             if scheme is _TIMM:
                 q, k, v = _split_qkv(checkpoint, parts["attn.qkv"], width, depth)
             else:
-                q, k, v = (
-                    Layer(parts[p], t, depth) for p, t in scheme.items() if t in _QKV
-                )  # fmt: skip
+                q, k, v = (Layer(parts[p], t, depth) for p, t in scheme.items() if t in _QKV)
             by_type = {t: Layer(parts[p], t, depth) for p, t in scheme.items() if t not in _QKV}
             out, fc1, fc2 = by_type["output"], by_type["fc1"], by_type["fc2"]
             for attn in (q, k, v):
@@ -133,6 +128,17 @@ class ViTFamily(Family):
 
 
 _QKV = ("query", "key", "value", "qkv")
+
+
+def _patch(checkpoint: Checkpoint) -> str:
+    """The patch embedding's tensor; a ViT without one is a structure error."""
+    patch = next((n for n in checkpoint.names() if n.endswith(_PATCH)), None)
+    if patch is None:
+        raise StructureError(
+            "vit: no patch embedding (patch_embeddings.projection or patch_embed.proj) in the "
+            "checkpoint"
+        )
+    return patch
 
 
 def _scheme(blocks: dict[int, dict[str, str]]) -> dict[str, str]:

@@ -1,10 +1,12 @@
-"""A zoo of small, really trained networks saved as safetensors checkpoints.
+"""A zoo of small, really trained networks saved as safetensors checkpoints: the tests'
+fixtures (tests/conftest.py, tests/test_families.py), which the experiments and the
+reliability suite reuse for their evidence.
 
 Tests and method evidence need weights that went through actual optimisation (random
 initialisations have very different spectra), yet nothing may be downloaded. Everything here
 trains on data that ships with scikit-learn or with Python itself, on CPU, in seconds.
 
-Usage: ``python -m experiments.zoo OUT_DIR [--quick]``
+Usage: ``python -m tests.zoo OUT_DIR [--quick]``
 """
 
 from __future__ import annotations
@@ -346,7 +348,7 @@ def _save_pretrained(model: Any, out_dir: Path, max_shard_size: int | str | None
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point: train the whole zoo into ``OUT_DIR/{mlp,lenet,llama}``."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.zoo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.zoo", description=__doc__)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--quick", action="store_true", help="fewer epochs/steps (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
