@@ -27,7 +27,7 @@ from dynaudit.distributed import Ranks, current, require_single_process
 from dynaudit.engine import Progress, fit_report
 from dynaudit.engine.baseline import write_baseline
 from dynaudit.engine.compare import Compared, compare_checkpoint
-from dynaudit.engine.plan import plan_checkpoint, settings_from, source_info_of
+from dynaudit.engine.plan import Job, plan_checkpoint, settings_from, source_info_of
 from dynaudit.errors import BaselineError, UnauditedWeights, UsageError, listed
 from dynaudit.families import detect_family
 from dynaudit.files import discard_dir
@@ -150,19 +150,9 @@ def measure(
         cached = _cached_report(store, key, ranks)
         if cached is not None:
             return _as_hit(cached, source_info, key, started)
-        detection, plan = plan_checkpoint(checkpoint, family, layers)
-        report = fit_report(
-            checkpoint,
-            source_info,
-            detection,
-            plan,
-            fit,
-            device,
-            scales=scales,
-            progress=progress,
-            started=started,
-            ranks=ranks,
-        )
+        planned = plan_checkpoint(checkpoint, family, layers)
+        job = Job(device, progress, ranks)
+        report = fit_report(planned, source_info, fit, job, scales=scales, started=started)
     return _kept(report, store, key, ranks)
 
 

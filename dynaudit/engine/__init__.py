@@ -3,6 +3,7 @@
 job; :mod:`.plan` says which layers are fitted and with which settings."""
 
 from dynaudit.engine.compare import compare_plan
-from dynaudit.engine.measure import Progress, fit_report, measure_plan
+from dynaudit.engine.measure import fit_report, measure_plan
+from dynaudit.engine.plan import Job, Planned, Progress
 
-__all__ = ["Progress", "compare_plan", "fit_report", "measure_plan"]
+__all__ = ["Job", "Planned", "Progress", "compare_plan", "fit_report", "measure_plan"]

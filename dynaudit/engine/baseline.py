@@ -10,8 +10,8 @@ from pathlib import Path
 from dynaudit.baseline_store import BaselineWriter, matrix_shapes, staging_for
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
 from dynaudit.distributed import Ranks
-from dynaudit.engine.measure import Progress, fit_report
-from dynaudit.engine.plan import plan_checkpoint, source_info_of
+from dynaudit.engine.measure import fit_report
+from dynaudit.engine.plan import Job, Progress, plan_checkpoint, source_info_of
 from dynaudit.errors import UsageError
 from dynaudit.files import discard_staging
 from dynaudit.schema import Baseline, BaselineLayer, LayerResult, Report
@@ -44,23 +44,13 @@ def write_baseline(
     staging = _staging(target, ranks)
     try:
         source_info = source_info_of(resolved, checkpoint, checkpoint.fingerprint(digest))
-        detection, plan = plan_checkpoint(checkpoint, family)
-        writer = BaselineWriter(staging, fit, [layer.name for layer in plan.layers])
-        report = fit_report(
-            checkpoint,
-            source_info,
-            detection,
-            plan,
-            fit,
-            pick_device(fit.device),
-            progress=progress,
-            sink=writer.sink,
-            started=started,
-            ranks=ranks,
-        )
+        planned = plan_checkpoint(checkpoint, family)
+        writer = BaselineWriter(staging, fit, [layer.name for layer in planned.plan.layers])
+        job = Job(pick_device(fit.device), progress, ranks)
+        report = fit_report(planned, source_info, fit, job, sink=writer.sink, started=started)
         if ranks is not None:
             writer.absorb(ranks.gather(writer.records))
-        made = _baseline_record(report, fit, matrix_shapes(checkpoint, plan), writer)
+        made = _baseline_record(report, fit, matrix_shapes(checkpoint, planned.plan), writer)
         if main:
             writer.finish(made, target)
     except BaseException:

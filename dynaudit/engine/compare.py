@@ -27,10 +27,10 @@ from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blo
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
 from dynaudit.dynamics.sketch import weight_figures
-from dynaudit.engine.measure import Progress, layer_groups, load_layer
-from dynaudit.engine.plan import family_info, require_layers
+from dynaudit.engine.measure import layer_groups, load_layer
+from dynaudit.engine.plan import Job, Planned, Progress, require_layers
 from dynaudit.errors import BaselineError, DynauditError
-from dynaudit.families import Detection, Family, Layer, LayerPlan, detect_family
+from dynaudit.families import Detection, Family, Layer, detect_family
 from dynaudit.gate import layer_undecided, scope_undecided
 from dynaudit.runtime import to_device
 from dynaudit.schema import (
@@ -119,14 +119,10 @@ class _Run:
 
 
 def compare_plan(
-    checkpoint: Checkpoint,
-    plan: LayerPlan,
-    family: Family,
+    planned: Planned,
     baseline: Baseline,
     root: Path,
-    device: torch.device,
-    progress: Progress | None = None,
-    ranks: Ranks | None = None,
+    job: Job,
     *,
     policy: Policy | None = None,
     all_seeds: bool = False,
@@ -139,7 +135,8 @@ def compare_plan(
     ``ranks`` (a torchrun job), each rank refits its share of each stage and every rank gets
     the whole comparison."""
     chosen = policy or Policy()
-    run = _Run.of(checkpoint, family, baseline, root, device)
+    plan, progress, ranks = planned.plan, job.progress, job.ranks
+    run = _Run.of(planned.checkpoint, planned.family, baseline, root, job.device)
     seeds = baseline.seeds
     first = seeds if all_seeds else min(1, seeds)
     mine = _share(plan.layers, run, first, ranks)
@@ -530,29 +527,16 @@ def compare_checkpoint(
     check_settings(stored, numeric, str(ref))
     fit = stored.fit_settings().model_copy(update=runtime)
     device = pick_device(fit.device)
-    detection, plan = _plan_like(checkpoint, uri, stored, family)
-    ranks = current()  # a torchrun job: each rank refits its share of the layers
+    planned = _plan_like(checkpoint, uri, stored, family)
+    job = Job(device, progress, current())  # a torchrun job: each rank refits its share
     with torch_scope(device, fit.threads):
         threads = torch.get_num_threads()
-        comparison = compare_plan(
-            checkpoint,
-            plan,
-            detection.family,
-            stored,
-            root,
-            device,
-            progress,
-            ranks,
-            policy=policy,
-            all_seeds=all_seeds,
-        )
+        comparison = compare_plan(planned, stored, root, job, policy=policy, all_seeds=all_seeds)
     settings_used = {**fit.numeric(), "device": device.type, "threads": threads}
-    return Compared(family_info(detection, plan), settings_used, comparison)
+    return Compared(planned.info(), settings_used, comparison)
 
 
-def _plan_like(
-    checkpoint: Checkpoint, uri: str, stored: Baseline, family: str | None
-) -> tuple[Detection, LayerPlan]:
+def _plan_like(checkpoint: Checkpoint, uri: str, stored: Baseline, family: str | None) -> Planned:
     """The candidate planned as its baseline was: by the baseline's family (named so), unless
     the user chose ``family``. A candidate that family cannot plan has another architecture
     than the baseline's: a baseline error, unless the family was the user's choice."""
@@ -572,4 +556,4 @@ def _plan_like(
         ) from exc
     require_layers(plan, detection, uri)
     check_architecture(stored, checkpoint, plan, uri)
-    return detection, plan
+    return Planned(checkpoint, detection, plan)

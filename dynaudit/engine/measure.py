@@ -13,7 +13,7 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,8 @@ from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
 from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
-from dynaudit.engine.plan import family_info
-from dynaudit.families import Detection, Family, Layer, LayerPlan
+from dynaudit.engine.plan import Job, Planned
+from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
 from dynaudit.runtime import to_device
 from dynaudit.schema import (
@@ -43,14 +43,11 @@ from dynaudit.tensors import Checkpoint
 
 __all__ = [
     "Loaded",
-    "Progress",
     "layer_digest",
     "layer_groups",
     "load_layer",
     "measure_plan",
 ]
-
-Progress = Callable[[int, int, str], None]  # (layers done, layers in all, current layer)
 
 
 @dataclass
@@ -164,21 +161,19 @@ def load_layer(
 
 
 def measure_plan(
-    checkpoint: Checkpoint,
-    plan: LayerPlan,
-    family: Family,
+    planned: Planned,
     settings: FitSettings,
-    device: torch.device,
+    job: Job,
     *,
     scales: dict[str, float] | None = None,
-    progress: Progress | None = None,
     sink: CoordsSink | None = None,
-    ranks: Ranks | None = None,
 ) -> tuple[list[LayerResult], list[str]]:
     """Fit every planned layer; returns results in plan order and the non-finite tensors.
     ``sink`` receives every cold fit's coordinates (baselines store them). With ``ranks``
     (a torchrun job), this rank fits its share of the batches and every rank gets all
     results."""
+    checkpoint, plan, family = planned.checkpoint, planned.plan, planned.family
+    device, progress, ranks = job.device, job.progress, job.ranks
     groups = layer_groups(plan.layers)
     results: dict[str, LayerResult] = {}
     non_finite: set[str] = set()
@@ -342,18 +337,14 @@ def _segment_sums(values: torch.Tensor, bounds: list[int]) -> list[float]:
 
 
 def fit_report(
-    checkpoint: Checkpoint,
+    planned: Planned,
     source_info: SourceInfo,
-    detection: Detection,
-    plan: LayerPlan,
     fit: FitSettings,
-    device: torch.device,
+    job: Job,
     *,
     scales: dict[str, float] | None = None,
-    progress: Progress | None = None,
     sink: CoordsSink | None = None,
     started: float,
-    ranks: Ranks | None = None,
 ) -> Report:
     """Fit the planned layers of an opened checkpoint: the report of ``measure`` (with
     ``ranks``, sharded over a torchrun job)."""
@@ -361,24 +352,15 @@ def fit_report(
 
     from dynaudit.runtime import torch_scope
 
-    with torch_scope(device, fit.threads):
+    with torch_scope(job.device, fit.threads):
         threads = torch.get_num_threads()
-        measured, non_finite = measure_plan(
-            checkpoint,
-            plan,
-            detection.family,
-            fit,
-            device,
-            scales=scales,
-            progress=progress,
-            sink=sink,
-            ranks=ranks,
-        )
+        measured, non_finite = measure_plan(planned, fit, job, scales=scales, sink=sink)
+    skipped = [SkippedLayer(name=s.name, skipped=s.reason) for s in planned.plan.skipped]
     return Report(
         **envelope(source_info),
-        family=family_info(detection, plan),
-        settings={**fit.numeric(), "device": device.type, "threads": threads},
-        layers=[*measured, *(SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped)],
+        family=planned.info(),
+        settings={**fit.numeric(), "device": job.device.type, "threads": threads},
+        layers=[*measured, *skipped],
         summary=summarize(measured),
         non_finite=non_finite,
         cache=None,

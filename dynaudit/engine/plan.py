@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from dynaudit.config import FitSettings
+from dynaudit.distributed import Ranks
 from dynaudit.errors import NothingToAudit, UsageError
-from dynaudit.families import Detection, LayerPlan, Skip, detect_family
+from dynaudit.families import Detection, Family, LayerPlan, Skip, detect_family
 from dynaudit.schema import FamilyInfo, SourceInfo
 from dynaudit.sources.base import ResolvedSource
 from dynaudit.tensors import Checkpoint
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
+    "Job",
+    "Planned",
+    "Progress",
     "family_info",
     "plan_checkpoint",
     "require_layers",
@@ -39,15 +47,45 @@ def settings_from(overrides: Mapping[str, object]) -> FitSettings:
         raise UsageError(f"invalid settings: {problems}") from exc
 
 
+Progress = Callable[[int, int, str], None]  # (layers done, layers in all, current layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """An opened checkpoint with its family and its plan: what every engine step works on."""
+
+    checkpoint: Checkpoint
+    detection: Detection
+    plan: LayerPlan
+
+    @property
+    def family(self) -> Family:
+        return self.detection.family
+
+    def info(self) -> FamilyInfo:
+        """The reports' ``family``: which one, how it was found, and its notes."""
+        return family_info(self.detection, self.plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Where and how the fits run: the device, a progress callback (layers done, layers in
+    all, current layer) and, in a torchrun job, this process's rank."""
+
+    device: torch.device
+    progress: Progress | None = None
+    ranks: Ranks | None = None
+
+
 def plan_checkpoint(
     checkpoint: Checkpoint, family: str | None, layers: str | None = None
-) -> tuple[Detection, LayerPlan]:
+) -> Planned:
     """Detect (or take) the family and plan an opened checkpoint; ``layers`` selects."""
     detection = detect_family(checkpoint, family)
     plan = select_layers(detection.family.plan(checkpoint), layers)
     if layers is None:  # a --layers selection that matches nothing says so itself
         require_layers(plan, detection, str(checkpoint.root))
-    return detection, plan
+    return Planned(checkpoint, detection, plan)
 
 
 def require_layers(plan: LayerPlan, detection: Detection, where: str) -> None:
