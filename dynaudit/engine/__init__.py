@@ -1,6 +1,7 @@
-"""The engine: a planned checkpoint measured (:mod:`.measure`) or compared with its baseline
-(:mod:`.compare`) layer by layer, streaming the tensors and sharding the layers over a torchrun
-job; :mod:`.plan` says which layers are fitted and with which settings."""
+"""The engine: an opened checkpoint planned (:mod:`.plan`: which layers, which settings),
+measured (:mod:`.measure`), made a baseline (:mod:`.baseline`) or compared with one
+(:mod:`.compare`), layer by layer, streaming the tensors and sharding the layers over a
+torchrun job."""
 
 from dynaudit.engine.compare import compare_plan
 from dynaudit.engine.measure import fit_report, measure_plan
