@@ -33,6 +33,7 @@ __all__ = [
     "PluginError",
     "RemoteNotFound",
     "SourceUnreachable",
+    "StateDictKeyNotFound",
     "StructureError",
     "UnauditedWeights",
     "UnknownFamily",
@@ -209,6 +210,12 @@ class PickleRefused(InputError):
     """Only pickle weights (``.bin``/``.pt``) were found; they can execute code when loaded."""
 
     hint = ""  # the message says how to convert them, or that --allow-pickle reads them
+
+
+class StateDictKeyNotFound(InputError, LookupError):
+    """``--state-dict-key`` names no state dict of the pickle training checkpoint."""
+
+    hint = ""  # the message lists the keys the checkpoint has
 
 
 class NotARegularFile(InputError):

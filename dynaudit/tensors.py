@@ -361,6 +361,9 @@ class Checkpoint:
     # sha256 of weight files the source has and vouched for but did not download (the Hub's
     # unread shards): the fingerprint covers them too.
     vouched: dict[str, str] = field(default_factory=dict)
+    # Where in its files the weights were found, when not at the top level (the key of a
+    # pickle training checkpoint): a line for the report.
+    weights_note: str | None = None
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -503,8 +506,10 @@ class Checkpoint:
 
     @property
     def selection_note(self) -> str | None:
-        """What the report says when the directory held weight files that were not read."""
-        return self.selection.note if self.selection is not None else None
+        """What the report says about which weights were read: the weight files of the
+        directory that were not, and where in the files the weights were found."""
+        notes = [self.selection.note if self.selection is not None else None, self.weights_note]
+        return "; ".join(note for note in notes if note) or None
 
     def unread_weights(self) -> list[str]:
         """Weight files that transformers' ``from_pretrained`` would read from this

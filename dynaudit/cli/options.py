@@ -367,6 +367,16 @@ class Reach:
             "builds tensors only and runs no code from the file; refused otherwise",
         ),
     ] = False
+    state_dict_key: Annotated[
+        str | None,
+        setting(
+            "--state-dict-key",
+            "KEY",
+            "with --allow-pickle, the key of a training checkpoint that holds the model's "
+            "weights (default: the first state dict among model_state_dict, state_dict, model, "
+            "module, ema, model_ema)",
+        ),
+    ] = None
 
     def options(self) -> SourceOptions:
         from dynaudit.sources import SourceOptions

@@ -39,6 +39,9 @@ class SourceOptions:
     mlflow_uri: str | None = None
     cache_dir: Path | None = None  # MLflow downloads, converted pickles (default: dynaudit's)
     allow_pickle: bool = False  # read pickle weights with torch.load(weights_only=True)
+    # The key of a pickle training checkpoint holding the model's weights (default: found by
+    # dynaudit.sources.pickles.STATE_DICT_KEYS).
+    state_dict_key: str | None = None
 
     def __post_init__(self) -> None:
         from dynaudit.secrets import remember

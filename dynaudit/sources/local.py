@@ -10,7 +10,7 @@ from pathlib import Path
 from dynaudit.cache import cache_root
 from dynaudit.errors import CorruptCheckpoint
 from dynaudit.sources.base import ResolvedSource, SourceOptions
-from dynaudit.sources.pickles import convert_pickles, is_pickle_only
+from dynaudit.sources.pickles import WEIGHTS_NOTE, convert_pickles, is_pickle_only
 from dynaudit.tensors import Checkpoint, require_regular, sha256_file
 
 __all__ = ["open_local", "verify_download"]
@@ -22,11 +22,16 @@ def open_local(
     digest: Callable[[Path], str] | None = None,
 ) -> Checkpoint:
     """The checkpoint at a resolved source that is not an adapter: a ``.safetensors`` file or
-    a directory of them; a pickle-only one converted only with ``options.allow_pickle``."""
+    a directory of them; a pickle-only one converted only with ``options.allow_pickle`` (from
+    the model weights of a training checkpoint: ``options.state_dict_key``, else found)."""
     options = options or SourceOptions()
     if options.allow_pickle and is_pickle_only(resolved.path):
-        converted = convert_pickles(resolved.path, cache_root(options.cache_dir), digest)
-        return _as_resolved(Checkpoint.open(converted), resolved)
+        converted = convert_pickles(
+            resolved.path, cache_root(options.cache_dir), digest, key=options.state_dict_key
+        )
+        checkpoint = _as_resolved(Checkpoint.open(converted), resolved)
+        checkpoint.weights_note = checkpoint.metadata.get(WEIGHTS_NOTE)
+        return checkpoint
     return _as_resolved(Checkpoint.open(resolved.path), resolved)
 
 

@@ -6,6 +6,13 @@ code from the file runs. Each pickle is converted once into a safetensors file i
 cache (``<cache>/pickles/<sha256 of the pickles>/``, renamed into place when complete) and the
 audit reads that like any other checkpoint. A converted shard is memory-mapped while it is
 written, so only one shard's tensors are ever touched at a time.
+
+A pickle whose top level is a training checkpoint (``{'model_state_dict': ...,
+'optimizer_state_dict': ..., 'epoch': ...}``, a PyTorch Lightning ``.ckpt``) is audited from its
+model weights: the value under ``--state-dict-key``, else the first of :data:`STATE_DICT_KEYS`
+that is itself a mapping of names to tensors. Optimizer state and metadata are not read
+further. Which key was used is kept in the converted file's metadata (:data:`WEIGHTS_NOTE`), for
+the report.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dynaudit.errors import EmptyCheckpoint, PickleRefused
+from dynaudit.errors import EmptyCheckpoint, PickleRefused, StateDictKeyNotFound, listed
 from dynaudit.files import publish_dir, staged_dir
 from dynaudit.tensors import (
     INDEX_NAME,
@@ -32,10 +39,23 @@ from dynaudit.tensors import (
     sha256_file,
 )
 
-__all__ = ["PICKLE_INDEX", "convert_pickles", "is_pickle_only", "pickle_files"]
+__all__ = [
+    "PICKLE_INDEX",
+    "STATE_DICT_KEYS",
+    "WEIGHTS_NOTE",
+    "convert_pickles",
+    "is_pickle_only",
+    "pickle_files",
+]
 
 _SIDE_FILES = ("config.json", "README.md")
-_WRAPPERS = ("state_dict", "model", "module")  # common training-script containers
+# Where training loops keep the model's weights, in the order they are tried: the raw model
+# before its exponential moving average (pick ``ema`` with --state-dict-key).
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "ema", "model_ema")
+_LIGHTNING_PREFIX = "model."  # a LightningModule's submodule, on every name of its state_dict
+# The converted file's metadata entry saying which part of a training checkpoint it holds.
+WEIGHTS_NOTE = "dynaudit.weights"
+_CONVERTER = 2  # in the cache key: conversions by an older rule are not reused
 
 
 def is_pickle_only(path: Path) -> bool:
@@ -58,17 +78,24 @@ def pickle_files(path: Path) -> list[Path]:
     return [path / name for name in selection.files]
 
 
-def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | None = None) -> Path:
-    """A directory of safetensors files holding the tensors of the pickle(s) at ``path``."""
+def convert_pickles(
+    path: Path,
+    cache: Path,
+    digest: Callable[[Path], str] | None = None,
+    key: str | None = None,
+) -> Path:
+    """A directory of safetensors files holding the tensors of the pickle(s) at ``path``: the
+    model weights under ``key`` of a training checkpoint (default: found by
+    :data:`STATE_DICT_KEYS`). Cached by the files' content and ``key``."""
     files = pickle_files(path)
     for file in files:
         require_regular(file, "a pickle weight file")
     digest = digest or sha256_file
     root = path if path.is_dir() else path.parent
     sides = [root / side for side in _SIDE_FILES if present(root / side, side)]
-    material = [[f.name, digest(f)] for f in [*files, *sides]]
-    key = hashlib.sha256(json.dumps(material).encode()).hexdigest()[:32]
-    final = cache / "pickles" / key
+    material: list[Any] = [[f.name, digest(f)] for f in [*files, *sides]]
+    material.append({"converter": _CONVERTER, "state_dict_key": key})
+    final = cache / "pickles" / hashlib.sha256(json.dumps(material).encode()).hexdigest()[:32]
     if final.is_dir():
         return final
     with staged_dir(final) as staging:
@@ -81,8 +108,8 @@ def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | Non
         )
         weight_map: dict[str, str] = {}
         for file, name in zip(files, names, strict=True):
-            tensors = _load(file)
-            _save(tensors, staging / name)
+            tensors, note = _model_weights(file, _load(file), key)
+            _save(tensors, staging / name, {WEIGHTS_NOTE: note} if note else {})
             weight_map.update(dict.fromkeys(tensors, name))
         if len(files) > 1:
             (staging / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
@@ -92,7 +119,9 @@ def convert_pickles(path: Path, cache: Path, digest: Callable[[Path], str] | Non
     return final
 
 
-def _load(file: Path) -> dict[str, Any]:
+def _load(file: Path) -> Any:
+    """What ``torch.load(weights_only=True)`` rebuilds from ``file``; refused with the
+    unpickler's reason when it holds anything else."""
     import torch
 
     try:
@@ -110,16 +139,63 @@ def _load(file: Path) -> dict[str, Any]:
             "than plain weights, or is damaged: convert it to safetensors where you trust it",
             path=str(file),
         ) from exc
-    for wrapper in _WRAPPERS:
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
+    return state
+
+
+def _is_state_dict(value: object) -> bool:
+    """A mapping of tensor names to tensors."""
+    import torch
+
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def _model_weights(file: Path, state: Any, key: str | None) -> tuple[dict[str, Any], str | None]:
+    """The state dict in what ``file`` unpickled to, and the report's note saying where it was
+    found: the top level itself, or the value under ``key`` (default: the first of
+    :data:`STATE_DICT_KEYS` that is a non-empty state dict) of a training checkpoint."""
+    if key is None and _is_state_dict(state):
+        return state, None
+    if not isinstance(state, dict):
         raise PickleRefused(
             f"{file}: not a state dict (a mapping of tensor names to tensors)", path=str(file)
         )
-    return state
+    keys = [str(k) for k in state]
+    if key is None:
+        key = next((k for k in STATE_DICT_KEYS if _is_state_dict(state.get(k)) and state[k]), None)
+        if key is None:
+            raise PickleRefused(
+                f"{file}: not a state dict (a mapping of tensor names to tensors), nor a training "
+                f"checkpoint holding one under {', '.join(STATE_DICT_KEYS)} (its keys: "
+                f"{listed(keys, 8)}); --state-dict-key KEY names the key that holds the weights",
+                path=str(file),
+            )
+    elif _is_state_dict(state):
+        raise StateDictKeyNotFound(
+            f"{file}: --state-dict-key {key}: this pickle is a plain state dict (tensor names "
+            "at its top level); leave the flag out",
+            path=str(file),
+        )
+    elif key not in state or not _is_state_dict(state[key]) or not state[key]:
+        found = "no such key" if key not in state else "not a mapping of names to tensors"
+        raise StateDictKeyNotFound(
+            f"{file}: --state-dict-key {key}: {found}; the checkpoint's keys: {listed(keys, 12)}",
+            path=str(file),
+        )
+    return _weights_under(state, key)
+
+
+def _weights_under(state: dict[Any, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The state dict under ``key``, without a Lightning ``model.`` prefix on every name, and
+    the note naming the key and what was not audited."""
+    weights: dict[str, Any] = state[key]
+    note = f"the model weights under {key!r} of a training checkpoint"
+    if key == "state_dict" and all(name.startswith(_LIGHTNING_PREFIX) for name in weights):
+        weights = {name.removeprefix(_LIGHTNING_PREFIX): t for name, t in weights.items()}
+        note += f" (PyTorch Lightning: prefix {_LIGHTNING_PREFIX!r} removed)"
+    others = sorted(str(k) for k in state if k != key)
+    return weights, note + (f"; not audited: {listed(others, 6)}" if others else "")
 
 
 # Lines of torch's message that are advice, not the reason (it advises weights_only=False:
@@ -141,9 +217,9 @@ def _reason(exc: BaseException) -> str:
     return "not a weights file" if str(exc).strip() else type(exc).__name__
 
 
-def _save(tensors: dict[str, Any], out: Path) -> None:
-    """Write ``tensors`` as safetensors; tensors sharing storage (tied weights) are copied,
-    since safetensors stores each tensor on its own."""
+def _save(tensors: dict[str, Any], out: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (and ``metadata``) as safetensors; tensors sharing storage (tied
+    weights) are copied, since safetensors stores each tensor on its own."""
     from safetensors.torch import save_file
 
     seen: set[int] = set()
@@ -153,4 +229,4 @@ def _save(tensors: dict[str, Any], out: Path) -> None:
         pointer = tensor.untyped_storage().data_ptr()
         plain[name] = tensor.clone() if pointer in seen and tensor.numel() else tensor
         seen.add(pointer)
-    save_file(plain, str(out))
+    save_file(plain, str(out), metadata=metadata or None)
