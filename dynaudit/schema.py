@@ -130,8 +130,9 @@ class SourceInfo(_Model):
     files: dict[str, str] = Field(description="weight file → sha256")
     selection: str | None = Field(
         None,
-        description="which weight files were audited and why, when others were present "
-        "(absent when every weight file present was audited)",
+        description="which weight files were audited and why, when others were present, and "
+        "where the weights were found in a training checkpoint (its key) (absent when every "
+        "weight file present was audited whole)",
         exclude_if=lambda value: value is None,
     )
 
