@@ -84,9 +84,13 @@ def layer_digest(matrices: torch.Tensor) -> str:
 
 def layer_groups(layers: list[Layer]) -> dict[str, str]:
     """Each layer's depth third: thirds of the distinct depths of the layers the family did
-    not pin to a group (a stem is bottom and a head top, without shifting the blocks')."""
-    thirds = depth_groups(layer.depth for layer in layers if layer.group is None)
-    return {layer.name: layer.group or thirds[layer.depth] for layer in layers}
+    not pin to a group (a stem is bottom and a head top, without shifting the blocks'),
+    counted within each stack (an encoder's thirds apart from its decoder's)."""
+    thirds = {
+        stack: depth_groups(x.depth for x in layers if x.group is None and x.stack == stack)
+        for stack in {layer.stack for layer in layers}
+    }
+    return {layer.name: layer.group or thirds[layer.stack][layer.depth] for layer in layers}
 
 
 Shapes = dict[str, tuple[int, int, int]]  # layer → (matrices, m, n), from the headers

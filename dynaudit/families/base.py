@@ -70,6 +70,8 @@ class Layer:
     tensor: str | None = None  # the stored tensor when it differs from ``name`` (fused qkv)
     rows: tuple[tuple[int, int], ...] | None = None  # row ranges [start, stop) of ``tensor``
     group: Literal["bottom", "middle", "top"] | None = None  # fixed third (stem, head)
+    stack: str = ""  # the tower it belongs to (encoder, decoder, vision, text): thirds per stack
+    expert: int | None = None  # a mixture-of-experts layer's expert index
 
     @property
     def source(self) -> str:
