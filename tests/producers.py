@@ -206,3 +206,24 @@ def sharded_index(parent: Path, weight_map: dict[str, str]) -> Path:
     save_file({"a": torch.ones(2, 2)}, str(folder / "model-00001-of-00002.safetensors"))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return folder
+
+
+# ── encoder ──────────────────────────────────────────────────────────────
+
+
+# ── gpt2 / neox / phi3 ──────────────────────────────────────────────────────────────
+
+
+# ── moe ──────────────────────────────────────────────────────────────
+
+
+# ── encoder-decoder / clip ──────────────────────────────────────────────────────────────
+
+
+# ── mobile cnn ──────────────────────────────────────────────────────────────
+
+
+# ── quantized ──────────────────────────────────────────────────────────────
+
+
+# ── training checkpoints ──────────────────────────────────────────────────────────────
