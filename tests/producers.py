@@ -214,6 +214,68 @@ def sharded_index(parent: Path, weight_map: dict[str, str]) -> Path:
 # ── gpt2 / neox / phi3 ──────────────────────────────────────────────────────────────
 
 
+def gpt2(out: Path, **kw: object) -> Path:
+    """``GPT2LMHeadModel``: 3 blocks, n_embd 32, 4 heads, Conv1D weights, lm_head tied to wte."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    settings: dict[str, object] = {
+        "n_embd": 32, "n_layer": 3, "n_head": 4, "vocab_size": 64, "n_positions": 32,
+        "bos_token_id": 1, "eos_token_id": 2,
+    }  # fmt: skip
+    settings.update(kw)
+    GPT2LMHeadModel(GPT2Config(**settings)).save_pretrained(out)
+    return out
+
+
+def gpt_neox(out: Path, **kw: object) -> Path:
+    """``GPTNeoXForCausalLM`` (Pythia's layout): 3 blocks, hidden 32, 4 heads, parallel
+    residual, an untied ``embed_out``."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    settings: dict[str, object] = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "vocab_size": 64, "max_position_embeddings": 32,
+    }  # fmt: skip
+    settings.update(kw)
+    GPTNeoXForCausalLM(GPTNeoXConfig(**settings)).save_pretrained(out)
+    return out
+
+
+def falcon(out: Path, **kw: object) -> Path:
+    """``FalconForCausalLM``: 2 blocks, hidden 32, 4 heads; FalconConfig's default layout is
+    multi-query with a parallel residual (``new_decoder_architecture=True, num_kv_heads=2`` gives
+    the grouped layout; ``multi_query=False, parallel_attn=False`` the per-head one)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    settings: dict[str, object] = {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64,
+        "bos_token_id": 1, "eos_token_id": 2,
+    }  # fmt: skip
+    settings.update(kw)
+    FalconForCausalLM(FalconConfig(**settings)).save_pretrained(out)
+    return out
+
+
+def phi3(out: Path, **kw: object) -> Path:
+    """``Phi3ForCausalLM``: fused ``qkv_proj`` and ``gate_up_proj``, 3 blocks, hidden 32, 4 query
+    heads and 2 key/value heads, an untied lm_head."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    settings: dict[str, object] = {
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
+        "max_position_embeddings": 32, "original_max_position_embeddings": 32,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    }  # fmt: skip
+    settings.update(kw)
+    Phi3ForCausalLM(Phi3Config(**settings)).save_pretrained(out)
+    return out
+
+
 # ── moe ──────────────────────────────────────────────────────────────
 
 

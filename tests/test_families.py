@@ -25,7 +25,9 @@ from tests import producers, zoo
 
 # Every installed family, with the checkpoints (by real producers) that are its own.
 OWN_FIXTURES = {
-    "llama": ["llama_gqa", "qwen2_tied"],
+    "llama": ["llama_gqa", "qwen2_tied", "phi3"],
+    "gpt2": ["gpt2"],
+    "neox": ["gpt_neox", "falcon_mqa", "falcon_new"],
     "vit": ["vit_hf", "timm_vit"],
     "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
     "generic": ["mlp"],
@@ -45,6 +47,13 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
         "torchvision_resnet18": producers.torchvision_resnet18(root / "resnet18"),
         "lenet": root / "lenet",
         "mlp": digits_mlp,
+        "gpt2": producers.gpt2(root / "gpt2"),
+        "gpt_neox": producers.gpt_neox(root / "gpt-neox"),
+        "falcon_mqa": producers.falcon(root / "falcon-mqa"),
+        "falcon_new": producers.falcon(
+            root / "falcon-new", new_decoder_architecture=True, num_kv_heads=2
+        ),
+        "phi3": producers.phi3(root / "phi3"),
     }
 
 

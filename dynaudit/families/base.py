@@ -68,7 +68,9 @@ class Layer:
     groups: int = 1  # conv groups: the layer is fitted as ``groups`` matrices
     transposed: bool = False  # stored (in, out), e.g. GPT-2 Conv1D
     tensor: str | None = None  # the stored tensor when it differs from ``name`` (fused qkv)
-    rows: tuple[tuple[int, int], ...] | None = None  # row ranges [start, stop) of ``tensor``
+    # ranges [start, stop) of the matrix's output rows that form the layer (a fused projection's
+    # part): rows of ``tensor`` as stored, its columns when ``transposed`` (GPT-2's fused c_attn)
+    rows: tuple[tuple[int, int], ...] | None = None
     group: Literal["bottom", "middle", "top"] | None = None  # fixed third (stem, head)
     stack: str = ""  # the tower it belongs to (encoder, decoder, vision, text): thirds per stack
     expert: int | None = None  # a mixture-of-experts layer's expert index
@@ -245,8 +247,9 @@ def check_layer(layer: Layer, shape: Sequence[int], family: str) -> None:
         axes = _AXES[layer.kind]
         empty = ", ".join(f"0 {axes[i]}" for i, size in enumerate(dims) if size == 0)
         raise StructureError(f"{where}: {empty}, nothing to audit")
+    outputs = dims[1] if layer.transposed and layer.kind == "linear" else dims[0]
     for start, stop in layer.rows or ():
-        if not 0 <= start < stop <= dims[0]:
+        if not 0 <= start < stop <= outputs:
             raise StructureError(f"{where}; rows [{start}, {stop}) of {layer.name} lie outside it")
     if layer.kind == "conv" and (layer.groups < 1 or dims[0] % layer.groups):
         raise StructureError(
@@ -266,7 +269,9 @@ def check_plan(plan: LayerPlan, checkpoint: Checkpoint, family: str) -> None:
 def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """``(g, m, n)`` of a layer's matrices from its tensor's shape, without reading data."""
     if layer.rows is not None:
-        shape = (sum(stop - start for start, stop in layer.rows), *shape[1:])
+        selected = sum(stop - start for start, stop in layer.rows)
+        transposed = layer.transposed and layer.kind == "linear"
+        shape = (shape[0], selected) if transposed else (selected, *shape[1:])
     if layer.kind == "linear":
         m, n = (shape[1], shape[0]) if layer.transposed else (shape[0], shape[1])
         return 1, m, n
@@ -275,11 +280,15 @@ def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 def weight_matrices(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
     """Linear (out × in) as stored; Conv2d (C_out, C_in/g, kh, kw) with g groups as g
-    matrices of (C_out/g) × (C_in/g · kh · kw); ``rows`` selected first (fused projections)."""
+    matrices of (C_out/g) × (C_in/g · kh · kw); ``rows`` selected first (fused projections):
+    output rows, so the columns of a weight stored transposed (in, out)."""
     import torch
 
     if layer.rows is not None:
-        weight = torch.cat([weight[start:stop] for start, stop in layer.rows])
+        if layer.transposed and layer.kind == "linear":
+            weight = torch.cat([weight[:, start:stop] for start, stop in layer.rows], dim=1)
+        else:
+            weight = torch.cat([weight[start:stop] for start, stop in layer.rows])
     if layer.kind == "linear":
         mat = weight.mT if layer.transposed else weight
         return mat.reshape(1, *mat.shape)
