@@ -210,6 +210,87 @@ def sharded_index(parent: Path, weight_map: dict[str, str]) -> Path:
 
 # ── encoder ──────────────────────────────────────────────────────────────
 
+# Tiny BERT-class sizes: width 32, 4 heads (head_dim 8), MLP 64, a 50-token vocabulary.
+ENCODER_SIZES: dict[str, object] = {
+    "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 50,
+    "max_position_embeddings": 40,
+}  # fmt: skip
+
+
+def hf_encoder(out: Path, model: str, layers: int = 2, **settings: object) -> Path:
+    """Any transformers encoder class by name (``"BertForPreTraining"``), saved by
+    ``save_pretrained`` from its own config class at the tiny encoder sizes (DistilBERT's
+    config takes ``dim``/``n_layers``/``n_heads``/``hidden_dim``)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model_class = getattr(transformers, model)
+    sizes: dict[str, object]
+    if model.startswith("DistilBert"):
+        sizes = {"dim": 32, "n_layers": layers, "n_heads": 4, "hidden_dim": 64, "vocab_size": 50,
+                 "max_position_embeddings": 40}  # fmt: skip
+    else:
+        sizes = {**ENCODER_SIZES, "num_hidden_layers": layers}
+    config = model_class.config_class(**{**sizes, **settings})
+    model_class(config).save_pretrained(out)
+    return out
+
+
+def bert(out: Path) -> Path:
+    """``BertModel``: 3 layers and the pooler, no ``bert.`` prefix."""
+    return hf_encoder(out, "BertModel", layers=3)
+
+
+def bert_classifier(out: Path) -> Path:
+    """``BertForSequenceClassification``: ``bert.`` prefix, pooler, 3-way classifier."""
+    return hf_encoder(out, "BertForSequenceClassification", layers=3, num_labels=3)
+
+
+def roberta(out: Path) -> Path:
+    """``RobertaForSequenceClassification``: no pooler, ``classifier.dense`` → ``out_proj``."""
+    return hf_encoder(out, "RobertaForSequenceClassification", layers=2, num_labels=3)
+
+
+def distilbert(out: Path) -> Path:
+    """``DistilBertForSequenceClassification``: ``q_lin`` … ``ffn.lin2``, ``pre_classifier``."""
+    return hf_encoder(out, "DistilBertForSequenceClassification", layers=3)
+
+
+def albert(out: Path, **settings: object) -> Path:
+    """``AlbertForSequenceClassification``: embeddings 16 wide projected to 32, one shared layer
+    group applied at 3 layers."""
+    return hf_encoder(
+        out, "AlbertForSequenceClassification", layers=3, embedding_size=16, **settings
+    )
+
+
+def electra(out: Path) -> Path:
+    """``ElectraForSequenceClassification``: embeddings 16 wide, ``embeddings_project`` to 32."""
+    return hf_encoder(out, "ElectraForSequenceClassification", layers=2, embedding_size=16)
+
+
+def sentence_transformer(out: Path) -> Path:
+    """A sentence-transformers model (a tiny BERT, mean pooling, normalisation) saved by
+    ``SentenceTransformer.save``: the transformer's files at the root beside ``modules.json``
+    and ``1_Pooling/``, as all-MiniLM-L6-v2 ships."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertTokenizerFast
+
+    try:  # sentence-transformers ≥ 6 moved the modules (the old path warns)
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:
+        from sentence_transformers import models as modules
+
+    bert(out / "bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(45))]
+    (out / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(str(out / "bert" / "vocab.txt")).save_pretrained(out / "bert")
+    transformer = modules.Transformer(str(out / "bert"), max_seq_length=32)
+    pooling = modules.Pooling(32, pooling_mode="mean")
+    model = SentenceTransformer(modules=[transformer, pooling, modules.Normalize()], device="cpu")
+    model.save(str(out / "st"))
+    return out / "st"
+
 
 # ── gpt2 / neox / phi3 ──────────────────────────────────────────────────────────────
 

@@ -30,6 +30,7 @@ OWN_FIXTURES = {
     "neox": ["gpt_neox", "falcon_mqa", "falcon_new"],
     "vit": ["vit_hf", "timm_vit"],
     "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
+    "encoder": ["bert", "bert_classifier", "roberta", "distilbert", "albert", "electra"],
     "generic": ["mlp"],
 }
 
@@ -45,6 +46,12 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
         "timm_vit": producers.timm_vit(root / "timm-vit"),
         "resnet_hf": producers.resnet_hf(root / "resnet"),
         "torchvision_resnet18": producers.torchvision_resnet18(root / "resnet18"),
+        "bert": producers.bert(root / "bert"),
+        "bert_classifier": producers.bert_classifier(root / "bert-cls"),
+        "roberta": producers.roberta(root / "roberta"),
+        "distilbert": producers.distilbert(root / "distilbert"),
+        "albert": producers.albert(root / "albert"),
+        "electra": producers.electra(root / "electra"),
         "lenet": root / "lenet",
         "mlp": digits_mlp,
         "gpt2": producers.gpt2(root / "gpt2"),
@@ -147,7 +154,7 @@ def test_role_names() -> None:
 def test_unknown_family_suggests_close_names() -> None:
     with pytest.raises(UnknownFamily, match="generic") as info:
         get_family("generc")
-    assert info.value.suggestions == ["generic"]
+    assert info.value.suggestions[0] == "generic"  # "encoder" is close to "generc" too
     assert info.value.exit_code == 2
 
 
