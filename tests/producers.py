@@ -363,6 +363,81 @@ def phi3(out: Path, **kw: object) -> Path:
 # ── encoder-decoder / clip ──────────────────────────────────────────────────────────────
 
 
+def t5(out: Path, *, gated: bool = False, layers: int = 3, decoder_layers: int = 3) -> Path:
+    """``T5ForConditionalGeneration``: d_model 32, 4 heads of d_kv 8, d_ff 64. ``gated`` is
+    flan-t5 / T5 v1.1: a gated-gelu MLP (wi_0, wi_1, wo) and an lm_head of its own, not tied
+    to the embedding (transformers ≥ 5 writes it only when it differs from the embedding)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=layers,
+        num_decoder_layers=decoder_layers, num_heads=4,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+    )  # fmt: skip
+    model = T5ForConditionalGeneration(config)
+    if gated:
+        model.lm_head.weight = nn.Parameter(torch.randn(64, 32) * 0.05)
+        model.config.tie_word_embeddings = False
+    model.save_pretrained(out)
+    return out
+
+
+def bart(out: Path, *, mbart: bool = False, layers: int = 3, decoder_layers: int = 3) -> Path:
+    """``BartForConditionalGeneration`` (post-LayerNorm) or, with ``mbart``,
+    ``MBartForConditionalGeneration`` (pre-LayerNorm, a final norm per stack): d_model 32,
+    4 heads, ffn 64, the lm_head tied to the shared embedding."""
+    import transformers
+
+    torch.manual_seed(0)
+    kind = "MBart" if mbart else "Bart"
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=64, d_model=32, encoder_layers=layers, decoder_layers=decoder_layers,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=64,
+    )  # fmt: skip
+    getattr(transformers, f"{kind}ForConditionalGeneration")(config).save_pretrained(out)
+    return out
+
+
+CLIP_TEXT = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "vocab_size": 64, "max_position_embeddings": 16,
+}  # fmt: skip
+CLIP_VISION = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "image_size": 16, "patch_size": 4,
+}  # fmt: skip
+
+
+def clip(out: Path) -> Path:
+    """``CLIPModel``: text and vision towers of width 32, 2 layers, 4 heads each; 16×16
+    images in 4×4 patches; projections to 16."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION, projection_dim=16)
+    CLIPModel(config).save_pretrained(out)
+    return out
+
+
+def clip_text(out: Path, *, hub_names: bool = False) -> Path:
+    """``CLIPTextModel`` (a diffusion pipeline's text encoder). transformers ≥ 5 writes the
+    tower bare (``encoder.layers.N…``); ``hub_names`` renames every tensor to the
+    ``text_model.…`` names that transformers 4 wrote and most Hub text encoders carry."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT))
+    model.save_pretrained(out)
+    if hub_names:
+        from safetensors.torch import load_file
+
+        state = load_file(str(out / "model.safetensors"))
+        save_file({f"text_model.{k}": v for k, v in state.items()}, str(out / "model.safetensors"))
+    return out
+
+
 # ── mobile cnn ──────────────────────────────────────────────────────────────
 
 

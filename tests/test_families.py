@@ -32,6 +32,8 @@ OWN_FIXTURES = {
     "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
     "encoder": ["bert", "bert_classifier", "roberta", "distilbert", "albert", "electra"],
     "generic": ["mlp"],
+    "encoder-decoder": ["t5", "flan_t5", "bart", "mbart"],
+    "clip": ["clip", "clip_text"],
 }
 
 
@@ -61,6 +63,12 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
             root / "falcon-new", new_decoder_architecture=True, num_kv_heads=2
         ),
         "phi3": producers.phi3(root / "phi3"),
+        "t5": producers.t5(root / "t5"),
+        "flan_t5": producers.t5(root / "flan-t5", gated=True, decoder_layers=2),
+        "bart": producers.bart(root / "bart"),
+        "mbart": producers.bart(root / "mbart", mbart=True, layers=2, decoder_layers=2),
+        "clip": producers.clip(root / "clip"),
+        "clip_text": producers.clip_text(root / "clip-text"),
     }
 
 
@@ -190,6 +198,17 @@ EXPECTED = {
     "torchvision_resnet18": ("cnn", 1, 21, {"stem": 1, "conv": 16, "downsample": 3, "fc": 1},
                              {"bottom": 8, "middle": 7, "top": 6}),
     "lenet": ("cnn", 1, 5, {"conv": 2, "fc": 3}, {"bottom": 2, "middle": 2, "top": 1}),
+    "t5": ("encoder-decoder", 1, 48,
+           {**{f"encoder.{r}": 3 for r in ("query", "key", "value", "output", "wi", "wo")},
+            **{f"decoder.{r}": 3 for r in ("query", "key", "value", "output", "cross-query",
+                                          "cross-key", "cross-value", "cross-output", "wi",
+                                          "wo")}},
+           {"bottom": 16, "middle": 16, "top": 16}),
+    "clip": ("clip", 1, 27,
+             {**{f"{t}.{r}": 2 for t in ("text", "vision")
+                 for r in ("query", "key", "value", "output", "fc1", "fc2")},
+              "vision.patch": 1, "text.projection": 1, "vision.projection": 1},
+             {"bottom": 13, "middle": 12, "top": 2}),
 }  # fmt: skip
 
 
