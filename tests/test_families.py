@@ -28,6 +28,7 @@ OWN_FIXTURES = {
     "llama": ["llama_gqa", "qwen2_tied"],
     "vit": ["vit_hf", "timm_vit"],
     "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
+    "moe": ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
     "generic": ["mlp"],
 }
 
@@ -45,6 +46,11 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
         "torchvision_resnet18": producers.torchvision_resnet18(root / "resnet18"),
         "lenet": root / "lenet",
         "mlp": digits_mlp,
+        "mixtral": producers.mixtral(root / "mixtral"),
+        "mixtral_fused": producers.mixtral(root / "mixtral-fused", fused=True),
+        "qwen2_moe": producers.qwen2_moe(root / "qwen2-moe"),
+        "qwen3_moe": producers.qwen3_moe(root / "qwen3-moe"),
+        "deepseek_v3": producers.deepseek(root / "deepseek-v3"),
     }
 
 
