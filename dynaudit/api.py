@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -27,7 +27,13 @@ from dynaudit.distributed import Ranks, current, require_single_process
 from dynaudit.engine import Progress, fit_report
 from dynaudit.engine.baseline import write_baseline
 from dynaudit.engine.compare import Compared, compare_checkpoint
-from dynaudit.engine.plan import Job, plan_checkpoint, settings_from, source_info_of
+from dynaudit.engine.plan import (
+    Job,
+    experts_of,
+    plan_checkpoint,
+    settings_from,
+    source_info_of,
+)
 from dynaudit.errors import BaselineError, UnauditedWeights, UsageError, listed
 from dynaudit.families import detect_family
 from dynaudit.files import discard_dir
@@ -116,6 +122,7 @@ def measure(
     sources: SourceOptions | None = None,
     cache: bool = True,
     layers: str | None = None,
+    experts: str | Collection[int] | None = None,
     **settings: Unpack[FitOptions],
 ) -> Report:
     """Fit every layer of a checkpoint and report its dynamical discrepancy.
@@ -129,11 +136,14 @@ def measure(
     With ``cache`` (the default), a checkpoint already measured with the same settings is not fitted
     again: the stored report is returned, marked as a cache hit. ``layers``, a regular expression,
     measures only the layers whose names it matches (the others are listed as skipped).
+    ``experts`` (indices, or text such as ``"0,3"`` or ``"0-7"``) measures only those experts of
+    a mixture of experts, in every block; with ``layers`` too, the layers both select.
     """
     from dynaudit.cache import ResultCache, cache_root
     from dynaudit.runtime import pick_device
 
     fit = settings_from(settings)
+    chosen = None if experts is None else experts_of(experts)  # a usage error before any work
     options = sources or SourceOptions()
     started = time.perf_counter()
     ranks = current()  # a torchrun job: joined before any device is chosen
@@ -146,11 +156,14 @@ def measure(
     with open_checkpoint(resolved, base, options, digest) as checkpoint:
         fingerprint = checkpoint.fingerprint(digest)
         source_info = source_info_of(resolved, checkpoint, fingerprint)
-        key = _result_key(checkpoint, fingerprint, fit, family, scales, {"layers": layers})
+        selection: dict[str, Any] = {"layers": layers}
+        if chosen is not None:  # keeps the keys of reports without it as they were
+            selection["experts"] = chosen
+        key = _result_key(checkpoint, fingerprint, fit, family, scales, selection)
         cached = _cached_report(store, key, ranks)
         if cached is not None:
             return _as_hit(cached, source_info, key, started)
-        planned = plan_checkpoint(checkpoint, family, layers)
+        planned = plan_checkpoint(checkpoint, family, layers, chosen)
         job = Job(device, progress, ranks)
         report = fit_report(planned, source_info, fit, job, scales=scales, started=started)
     return _kept(report, store, key, ranks)

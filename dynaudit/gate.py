@@ -153,22 +153,28 @@ def _damage_findings(comparison: Comparison, policy: Policy) -> list[Finding]:
 def layer_damage(layer: LayerComparison, policy: Policy) -> str | None:
     """Why ``layer`` counts as damaged under ``policy``, or None: its mean distance moved
     beyond ``max_layer_change`` either way, its weights were replaced or noised
-    (:func:`weight_damage`), or its neurons were displaced beyond ``max_displacement``."""
+    (:func:`weight_damage`), or its neurons were displaced beyond ``max_displacement``. A
+    mixture-of-experts layer is named with its expert."""
     moved = layer.change
     weights = weight_damage(layer.weight_change, layer.noise_likeness, policy)
+    name = (
+        layer.name
+        if layer.expert is None
+        else f"{layer.name} (expert {layer.expert}, depth {layer.depth})"
+    )
     if moved is not None and abs(moved.mean) > policy.max_layer_change / 100:
         return (
-            f"damage: {layer.name} mean distance {_pct(moved.mean)}"
+            f"damage: {name} mean distance {_pct(moved.mean)}"
             f"{_spread(moved)} (limit ±{policy.max_layer_change:g}%)"
         )
     if weights == "replaced":
         return (
-            f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
+            f"damage: {name} weights moved by {layer.weight_change or 0:.0%} of "
             f"their norm (limit {policy.max_weight_change:g}%): replaced, not adapted"
         )
     if weights == "noise":
         return (
-            f"damage: {layer.name} weights moved by {layer.weight_change or 0:.0%} of "
+            f"damage: {name} weights moved by {layer.weight_change or 0:.0%} of "
             f"their norm like random noise (noise likeness {layer.noise_likeness:.2f}; "
             f"limit {policy.max_noise_change:g}%)"
         )
@@ -178,7 +184,7 @@ def layer_damage(layer: LayerComparison, policy: Policy) -> str | None:
         and layer.displacement > policy.max_displacement
     ):
         return (
-            f"damage: {layer.name} neurons displaced by {layer.displacement:.3g} "
+            f"damage: {name} neurons displaced by {layer.displacement:.3g} "
             f"(limit {policy.max_displacement:g})"
         )
     return None

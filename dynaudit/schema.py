@@ -34,7 +34,10 @@ __all__ = [
     "Comparison",
     "DepthGroup",
     "Envelope",
+    "ExpertAggregate",
+    "ExpertSpread",
     "FamilyInfo",
+    "FigureRange",
     "Finding",
     "GroupComparison",
     "InspectedLayer",
@@ -187,6 +190,11 @@ class LayerResult(_Model):
     type: str
     depth: int
     group: DepthGroup
+    expert: int | None = Field(
+        None,
+        description="a mixture-of-experts layer's expert index (absent for other layers)",
+        exclude_if=lambda value: value is None,
+    )
     shape: list[int]
     matrices: int = Field(description="matrices fitted for the layer (conv groups)")
     neurons: int = Field(description="N = m + n per matrix (r + c when sampled)")
@@ -230,6 +238,37 @@ class Aggregate(_Model):
     fidelity_median: float | None
 
 
+class ExpertAggregate(_Model):
+    """Means over the layers of one expert: expert ``expert`` of the block at ``depth``."""
+
+    depth: int
+    expert: int
+    layers: int
+    discrepancy: float | None
+    mean_distance: float | None
+    fidelity: float | None
+
+
+class FigureRange(_Model):
+    """How one figure ranges over the experts, each taken as the mean over its layers."""
+
+    min: float
+    max: float
+    mean: float
+    std: float = Field(description="population standard deviation over the experts")
+    lowest: list[int] = Field(description="[depth, expert] of the expert with the minimum")
+    highest: list[int] = Field(description="[depth, expert] of the expert with the maximum")
+
+
+class ExpertSpread(_Model):
+    """The spread across the experts of a mixture of experts (:class:`ExpertAggregate`)."""
+
+    experts: int = Field(description="experts with figures (one per block and expert index)")
+    mean_distance: FigureRange | None
+    discrepancy: FigureRange | None
+    fidelity: FigureRange | None
+
+
 class Summary(_Model):
     all: Aggregate
     groups: dict[str, Aggregate]
@@ -237,6 +276,18 @@ class Summary(_Model):
     table: dict[str, dict[str, Aggregate]] = Field(
         default_factory=dict,
         description="type → depth group → aggregate (the shape of the paper's Tables 2–3)",
+    )
+    experts: list[ExpertAggregate] | None = Field(
+        None,
+        description="mixture of experts: means over each expert's layers, one entry per block "
+        "and expert index, in depth then expert order (absent without experts)",
+        exclude_if=lambda value: value is None,
+    )
+    expert_spread: ExpertSpread | None = Field(
+        None,
+        description="mixture of experts: min, max, mean and std of the per-expert means, and "
+        "which experts are lowest and highest (absent without experts)",
+        exclude_if=lambda value: value is None,
     )
 
     def scopes(self) -> list[tuple[ScopeKind, str, Aggregate]]:
@@ -306,13 +357,70 @@ def _aggregate(layers: list[LayerResult]) -> Aggregate:
 
 def summarize(layers: list[LayerResult]) -> Summary:
     """Means over layers: all, per depth third, per type (null metrics left out), and per
-    type and third."""
+    type and third; with experts, per expert and their spread."""
     every, groups, types = scoped(layers, _aggregate)
     by_type: dict[str, list[LayerResult]] = defaultdict(list)
     for layer in layers:
         by_type[layer.type].append(layer)
     table = {t: scoped(by_type[t], _aggregate)[1] for t in sorted(by_type)}
-    return Summary(all=every, groups=groups, types=types, table=table)
+    experts = _experts(layers)
+    return Summary(
+        all=every,
+        groups=groups,
+        types=types,
+        table=table,
+        experts=experts or None,
+        expert_spread=_expert_spread(experts) if experts else None,
+    )
+
+
+def _experts(layers: list[LayerResult]) -> list[ExpertAggregate]:
+    """Each expert's means over its layers (null metrics left out): an expert is one expert
+    index of one block, since expert 3 of one block shares nothing with expert 3 of another."""
+    by_expert: dict[tuple[int, int], list[LayerResult]] = defaultdict(list)
+    for layer in layers:
+        if layer.expert is not None:
+            by_expert[layer.depth, layer.expert].append(layer)
+    out = []
+    for (depth, expert), members in sorted(by_expert.items()):
+        figures = _aggregate(members)
+        out.append(
+            ExpertAggregate(
+                depth=depth,
+                expert=expert,
+                layers=figures.layers,
+                discrepancy=figures.discrepancy,
+                mean_distance=figures.mean_distance,
+                fidelity=figures.fidelity,
+            )
+        )
+    return out
+
+
+def _expert_spread(experts: list[ExpertAggregate]) -> ExpertSpread:
+    def spread(figure: Literal["mean_distance", "discrepancy", "fidelity"]) -> FigureRange | None:
+        values = [
+            (v, [x.depth, x.expert]) for x in experts if (v := getattr(x, figure)) is not None
+        ]
+        if not values:
+            return None
+        low, high = min(values, key=lambda p: p[0]), max(values, key=lambda p: p[0])
+        numbers = [v for v, _ in values]
+        return FigureRange(
+            min=low[0],
+            max=high[0],
+            mean=statistics.fmean(numbers),
+            std=statistics.pstdev(numbers),
+            lowest=low[1],
+            highest=high[1],
+        )
+
+    return ExpertSpread(
+        experts=sum(1 for x in experts if x.layers),
+        mean_distance=spread("mean_distance"),
+        discrepancy=spread("discrepancy"),
+        fidelity=spread("fidelity"),
+    )
 
 
 # -- check --------------------------------------------------------------------------------
@@ -332,6 +440,11 @@ class LayerComparison(_Model):
     type: str
     depth: int
     group: DepthGroup
+    expert: int | None = Field(
+        None,
+        description="a mixture-of-experts layer's expert index (absent for other layers)",
+        exclude_if=lambda value: value is None,
+    )
     shape: list[int]
     baseline_mean_distance: float | None = Field(description="mean of the K null refits")
     mean_distance: float | None = Field(description="mean of the K warm refits")
@@ -498,6 +611,11 @@ class InspectedLayer(_Model):
     name: str
     type: str
     depth: int
+    expert: int | None = Field(
+        None,
+        description="a mixture-of-experts layer's expert index (absent for other layers)",
+        exclude_if=lambda value: value is None,
+    )
     shape: list[int]
     dtype: str
     matrices: int

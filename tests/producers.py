@@ -359,6 +359,79 @@ def phi3(out: Path, **kw: object) -> Path:
 
 # ── moe ──────────────────────────────────────────────────────────────
 
+# Every MoE producer: hidden 32, 4 experts, 2 chosen per token, GQA attention (4 heads, 2 kv).
+_MOE: dict[str, object] = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_experts_per_tok": 2, "vocab_size": 64,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def mixtral(out: Path, *, fused: bool = False) -> Path:
+    """``MixtralForCausalLM``, 2 blocks of 4 experts (``block_sparse_moe.experts.E.w1/w2/w3``).
+    ``fused``: its state dict saved as it is in memory, experts stacked in 3-D
+    ``mlp.experts.gate_up_proj`` / ``down_proj`` (a training script's ``save_file``)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**_MOE, intermediate_size=24, num_local_experts=4))
+    if not fused:
+        model.save_pretrained(out)
+        return out
+    save_module(model, out)
+    model.config.to_json_file(out / "config.json")
+    return out
+
+
+def qwen2_moe(out: Path) -> Path:
+    """``Qwen2MoeForCausalLM``: 4 experts per block plus a shared expert and its scalar gate."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        **_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=48
+    )
+    Qwen2MoeForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def qwen3_moe(out: Path) -> Path:
+    """``Qwen3MoeForCausalLM``: 4 experts per block, q/k norms, no shared expert."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(**_MOE, num_experts=4, moe_intermediate_size=16)
+    ).save_pretrained(out)
+    return out
+
+
+def deepseek(out: Path, *, version: int = 3) -> Path:
+    """``DeepseekV3ForCausalLM`` (``version=2``: V2): 3 blocks, the first dense, then 4 routed
+    experts and a shared one; multi-head latent attention (V3 with a query low-rank pair)."""
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV2ForCausalLM,
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    settings = {**_MOE, "num_hidden_layers": 3, "num_key_value_heads": 4}
+    config_type, model_type = (
+        (DeepseekV3Config, DeepseekV3ForCausalLM)
+        if version == 3
+        else (DeepseekV2Config, DeepseekV2ForCausalLM)
+    )
+    config = config_type(
+        **settings, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        q_lora_rank=16 if version == 3 else None, kv_lora_rank=8, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=6,
+    )  # fmt: skip
+    model_type(config).save_pretrained(out)
+    return out
+
 
 # ── encoder-decoder / clip ──────────────────────────────────────────────────────────────
 

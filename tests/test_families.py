@@ -31,6 +31,7 @@ OWN_FIXTURES = {
     "vit": ["vit_hf", "timm_vit"],
     "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
     "encoder": ["bert", "bert_classifier", "roberta", "distilbert", "albert", "electra"],
+    "moe": ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
     "generic": ["mlp"],
     "encoder-decoder": ["t5", "flan_t5", "bart", "mbart"],
     "clip": ["clip", "clip_text"],
@@ -69,6 +70,11 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
         "mbart": producers.bart(root / "mbart", mbart=True, layers=2, decoder_layers=2),
         "clip": producers.clip(root / "clip"),
         "clip_text": producers.clip_text(root / "clip-text"),
+        "mixtral": producers.mixtral(root / "mixtral"),
+        "mixtral_fused": producers.mixtral(root / "mixtral-fused", fused=True),
+        "qwen2_moe": producers.qwen2_moe(root / "qwen2-moe"),
+        "qwen3_moe": producers.qwen3_moe(root / "qwen3-moe"),
+        "deepseek_v3": producers.deepseek(root / "deepseek-v3"),
     }
 
 

@@ -54,6 +54,8 @@ def measure(
     revision: flags.Revision = None,
     family: flags.Family = None,
     base: flags.Base = None,
+    layers: flags.Layers = None,
+    experts: flags.Experts = None,
     *,
     fitting: flags.Fitting,
     reach: flags.Reach,
@@ -83,6 +85,8 @@ def measure(
             progress=progress,
             sources=reach.options(),
             cache=not no_cache,
+            layers=layers,
+            experts=experts,
             **fitting.settings(),
         )
     if not main_rank:

@@ -120,6 +120,23 @@ LogMlflow = Annotated[
 MarkdownOut = Annotated[
     Path | None, typer.Option("--markdown", help="write the Markdown report here (-: stdout)")
 ]
+Layers = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        metavar="REGEX",
+        help="measure only the layers whose names match this regular expression (searched)",
+    ),
+]
+Experts = Annotated[
+    str | None,
+    typer.Option(
+        "--experts",
+        metavar="LIST",
+        help="mixture of experts: measure only these experts, in every block (indices and "
+        "ranges: 0,3 or 0-7); the router, shared experts and attention are left out",
+    ),
+]
 
 
 # The settings callback's own flags.

@@ -381,6 +381,7 @@ def _layer_result(
         type=layer.type,
         depth=layer.depth,
         group=group,
+        expert=layer.expert,
         shape=ref.shape,
         baseline_mean_distance=_mean(ref.null_mean_distance),
         mean_distance=figures.get("mean_distance"),

@@ -1,11 +1,11 @@
 """Which layers of an opened checkpoint are fitted, and with which settings: the family's
-plan, a ``--layers`` selection, and the validated fit settings."""
+plan, a ``--experts`` and a ``--layers`` selection, and the validated fit settings."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -25,9 +25,11 @@ __all__ = [
     "Job",
     "Planned",
     "Progress",
+    "experts_of",
     "family_info",
     "plan_checkpoint",
     "require_layers",
+    "select_experts",
     "select_layers",
     "settings_from",
     "source_info_of",
@@ -78,14 +80,77 @@ class Job:
 
 
 def plan_checkpoint(
-    checkpoint: Checkpoint, family: str | None, layers: str | None = None
+    checkpoint: Checkpoint,
+    family: str | None,
+    layers: str | None = None,
+    experts: str | Collection[int] | None = None,
 ) -> Planned:
-    """Detect (or take) the family and plan an opened checkpoint; ``layers`` selects."""
+    """Detect (or take) the family and plan an opened checkpoint; ``experts`` (of a mixture
+    of experts), then ``layers`` select."""
     detection = detect_family(checkpoint, family)
-    plan = select_layers(detection.family.plan(checkpoint), layers)
-    if layers is None:  # a --layers selection that matches nothing says so itself
+    plan = select_experts(detection.family.plan(checkpoint), experts, detection.family.name)
+    plan = select_layers(plan, layers)
+    if layers is None and experts is None:  # a selection that matches nothing says so itself
         require_layers(plan, detection, str(checkpoint.root))
     return Planned(checkpoint, detection, plan)
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def experts_of(given: str | Collection[int]) -> list[int]:
+    """Expert indices, sorted, from ``--experts`` text (``0,3``, ``0-7``, ``0,4-5``) or a
+    collection of integers; anything else is a usage error (exit 2)."""
+    if not isinstance(given, str):
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in given):
+            raise UsageError(f"experts {sorted(given)!r}: not expert indices (integers ≥ 0)")
+        return sorted(set(given))
+    out: set[int] = set()
+    for item in given.split(","):
+        match = _RANGE.match(item.strip())
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise UsageError(
+                f"--experts {given!r}: not a list of expert indices and ranges, like 0,3 or 0-7"
+            )
+        out.update(range(int(match[1]), int(match[2] or match[1]) + 1))
+    return sorted(out)
+
+
+def select_experts(plan: LayerPlan, given: str | Collection[int] | None, family: str) -> LayerPlan:
+    """Only the layers of the experts ``given`` (by expert index, in every block); every other
+    layer (attention, router, shared experts, dense blocks) joins the skipped list. None keeps
+    every layer; an index that no layer has is a usage error (exit 2) listing the experts."""
+    if given is None:
+        return plan
+    wanted = experts_of(given)
+    present = sorted({x.expert for x in plan.layers if x.expert is not None})
+    if not present:
+        raise UsageError(
+            f"--experts: family {family} planned no experts (not a mixture of experts)"
+        )
+    if not wanted:
+        raise UsageError("--experts: no expert index given")
+    absent = [x for x in wanted if x not in present]
+    if absent:
+        raise UsageError(
+            f"--experts {_indices(wanted)}: no expert {_indices(absent)}; the checkpoint's "
+            f"experts are {_indices(present)}"
+        )
+    chosen = set(wanted)
+    kept = [layer for layer in plan.layers if layer.expert in chosen]
+    dropped = [Skip(x.name, "not selected") for x in plan.layers if x.expert not in chosen]
+    return dataclasses.replace(plan, layers=kept, skipped=[*plan.skipped, *dropped])
+
+
+def _indices(values: list[int]) -> str:
+    """Sorted indices as ranges: ``0-7``, ``0,3,5-6``."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
 
 
 def require_layers(plan: LayerPlan, detection: Detection, where: str) -> None:

@@ -74,6 +74,7 @@ class Layer:
     group: Literal["bottom", "middle", "top"] | None = None  # fixed third (stem, head)
     stack: str = ""  # the tower it belongs to (encoder, decoder, vision, text): thirds per stack
     expert: int | None = None  # a mixture-of-experts layer's expert index
+    index: int | None = None  # the matrix at this position of a stacked 3-D tensor (fused experts)
 
     @property
     def source(self) -> str:
@@ -236,6 +237,13 @@ def check_layer(layer: Layer, shape: Sequence[int], family: str) -> None:
     ranges outside the tensor, output channels that the groups do not divide."""
     dims = list(shape)
     where = f"{family}: {layer.source} has shape {dims}"
+    if layer.index is not None:  # one matrix of a stack: check the stack, then the matrix
+        if layer.kind != "linear" or len(dims) != 3 or not 0 <= layer.index < dims[0]:
+            raise StructureError(
+                f"{where}; {layer.name} reads matrix {layer.index} of a 3-D stack of linear "
+                "weights, which it is not"
+            )
+        dims = dims[1:]
     if layer.kind == "linear" and len(dims) != 2:
         raise StructureError(f"{where}; the weight of a linear layer ({layer.type}) is 2-D")
     if layer.kind == "conv" and len(dims) != 4:
@@ -268,6 +276,8 @@ def check_plan(plan: LayerPlan, checkpoint: Checkpoint, family: str) -> None:
 
 def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """``(g, m, n)`` of a layer's matrices from its tensor's shape, without reading data."""
+    if layer.index is not None:
+        shape = shape[1:]
     if layer.rows is not None:
         selected = sum(stop - start for start, stop in layer.rows)
         transposed = layer.transposed and layer.kind == "linear"
@@ -280,10 +290,13 @@ def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 def weight_matrices(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
     """Linear (out × in) as stored; Conv2d (C_out, C_in/g, kh, kw) with g groups as g
-    matrices of (C_out/g) × (C_in/g · kh · kw); ``rows`` selected first (fused projections):
-    output rows, so the columns of a weight stored transposed (in, out)."""
+    matrices of (C_out/g) × (C_in/g · kh · kw); the matrix ``index`` of a 3-D stack (fused
+    experts) first, then ``rows`` (fused projections): output rows, so the columns of a weight
+    stored transposed (in, out)."""
     import torch
 
+    if layer.index is not None:
+        weight = weight[layer.index]
     if layer.rows is not None:
         if layer.transposed and layer.kind == "linear":
             weight = torch.cat([weight[:, start:stop] for start, stop in layer.rows], dim=1)

@@ -42,6 +42,9 @@ def render_inspection(found: Inspection, console: Console) -> None:
         f"{found.bytes / 2**20:.1f} MiB; {len(found.layers)} layers to fit "
         f"({found.gflop:.1f} GFLOP), {len(found.skipped)} skipped"
     )
+    experts = _experts(found)
+    if experts:
+        print_plain(console, experts)
     structure = found.structure
     branches = ", ".join(f"{n} {kind}" for kind, n in structure.branches.items())
     print_plain(
@@ -73,6 +76,22 @@ def render_inspection(found: Inspection, console: Console) -> None:
     if reasons:
         counts = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
         print_plain(console, f"skipped: {counts} (--json lists them)", style="dim")
+
+
+def _experts(found: Inspection) -> str | None:
+    """A mixture of experts: experts per block, and their share of the layers and the cost
+    (every expert is fitted, whichever the router would choose)."""
+    layers = [layer for layer in found.layers if layer.expert is not None]
+    if not layers:
+        return None
+    per_block = Counter(layer.depth for layer in {(x.depth, x.expert): x for x in layers}.values())
+    counts = sorted(set(per_block.values()))
+    each = "/".join(map(str, counts))
+    gflop = sum(layer.gflop for layer in layers)
+    return (
+        f"experts: {each} per block in {len(per_block)} blocks, {sum(per_block.values())} in "
+        f"all; their {len(layers)} layers cost {gflop:.1f} of the {found.gflop:.1f} GFLOP"
+    )
 
 
 def _row(layer: InspectedLayer) -> list[Text]:

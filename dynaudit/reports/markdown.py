@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from dynaudit.reports.escape import escape_markdown, markdown_code
-from dynaudit.schema import Aggregate, Report
+from dynaudit.schema import Aggregate, ExpertAggregate, FigureRange, Report
 
-__all__ = ["escape_markdown", "render_markdown"]
+__all__ = ["EXPERT_ROWS", "escape_markdown", "expert_spread", "render_markdown"]
+
+EXPERT_ROWS = 32  # experts listed one by one in a table shown in full; beyond, folded or --json
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -29,6 +31,55 @@ def summary_rows(report: Report) -> list[tuple[str, Aggregate]]:
     name, ``type T``."""
     scopes = report.summary.scopes()
     return [(f"type {name}" if kind == "type" else name, agg) for kind, name, agg in scopes]
+
+
+def expert_spread(report: Report) -> str | None:
+    """One line on how the experts of a mixture of experts differ, or None without experts:
+    how many were measured and the range of their mean distances, naming the extremes."""
+    spread = report.summary.expert_spread
+    if spread is None:
+        return None
+    line = f"experts: {spread.experts} measured (means over each expert's layers)"
+    if spread.mean_distance is not None:
+        line += f"; mean distance {_range(spread.mean_distance)}"
+    if spread.fidelity is not None:
+        line += f"; fidelity {fmt(spread.fidelity.min, 3)} to {fmt(spread.fidelity.max, 3)}"
+    return line
+
+
+def _range(figure: FigureRange) -> str:
+    low, high = figure.lowest, figure.highest
+    return (
+        f"{fmt(figure.min)} (expert {low[1]}, depth {low[0]}) to {fmt(figure.max)} "
+        f"(expert {high[1]}, depth {high[0]}), mean {fmt(figure.mean)} ± {fmt(figure.std)}"
+    )
+
+
+def expert_cells(expert: ExpertAggregate) -> list[str]:
+    """An expert's row: depth, index, layers, mean distance, 𝒟, fidelity."""
+    return [
+        str(expert.depth),
+        str(expert.expert),
+        str(expert.layers),
+        fmt(expert.mean_distance),
+        fmt(expert.discrepancy, 2),
+        fmt(expert.fidelity, 3),
+    ]
+
+
+def _experts(report: Report) -> list[str]:
+    line = expert_spread(report)
+    if line is None or report.summary.experts is None:
+        return []
+    rows = [f"| {' | '.join(expert_cells(x))} |" for x in report.summary.experts]
+    table = [
+        "| depth | expert | layers | mean distance | 𝒟 | fidelity |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+    if len(rows) > EXPERT_ROWS:
+        table = ["<details><summary>Every expert</summary>", "", *table, "", "</details>"]
+    return ["", "## Experts", "", line, "", *table]
 
 
 def cache_note(report: Report) -> str:
@@ -76,6 +127,7 @@ def render_markdown(report: Report) -> str:
     ]
     lines += [_aggregate_row(escape_markdown(label), a) for label, a in summary_rows(report)]
     lines += _type_by_depth(report)
+    lines += _experts(report)
     lines += [
         "",
         "## Layers",

@@ -10,7 +10,15 @@ from rich.table import Table
 
 from dynaudit.errors import printable
 from dynaudit.reports.escape import plain, print_plain
-from dynaudit.reports.markdown import cache_note, fmt, summary_rows, type_by_depth
+from dynaudit.reports.markdown import (
+    EXPERT_ROWS,
+    cache_note,
+    expert_cells,
+    expert_spread,
+    fmt,
+    summary_rows,
+    type_by_depth,
+)
 from dynaudit.schema import Baseline, Report
 
 __all__ = ["StoredBaseline", "plain", "render_terminal"]
@@ -39,6 +47,7 @@ def render_terminal(report: Report, console: Console) -> None:
         for type_, values in by_type:
             by_depth.add_row(plain(type_), *values)
         console.print(by_depth)
+    _experts(report, console)
     for note in report.family.notes:
         print_plain(console, note, style="dim")
     console.print(
@@ -65,6 +74,24 @@ def _layer_table(report: Report) -> Table:
         figures.append(fmt(layer.fidelity, 3))
         table.add_row(name, plain(layer.type), str(layer.depth), layer.shape_text, *figures)
     return table
+
+
+def _experts(report: Report, console: Console) -> None:
+    """A mixture of experts: the spread across experts, and each expert when they are few."""
+    line = expert_spread(report)
+    experts = report.summary.experts
+    if line is None or experts is None:
+        return
+    if len(experts) <= EXPERT_ROWS:
+        table = Table(title="per expert (means over its layers)")
+        for column in ("depth", "expert", "layers", "mean dist", "𝒟", "fidelity"):
+            table.add_column(column, justify="right")
+        for expert in experts:
+            table.add_row(*expert_cells(expert))
+        console.print(table)
+    else:
+        line += " (--json or --markdown lists every expert)"
+    print_plain(console, line)
 
 
 def _summary_table(report: Report) -> Table:
