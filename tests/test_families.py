@@ -321,3 +321,16 @@ def test_resnet_without_a_stem_is_a_structure_error(write_checkpoint) -> None:  
         pytest.raises(StructureError, match="without a stem"),
     ):
         get_family("cnn").plan(checkpoint)
+
+
+def test_a_selection_keeps_each_layer_in_its_own_third(family_zoo: dict[str, Path]) -> None:
+    """--layers / --experts measure a subset; each selected layer stays in the third it has in
+    the whole model (selecting the last block alone once made it the 'bottom' third)."""
+    from dynaudit.engine.plan import layer_groups, plan_checkpoint
+
+    with Checkpoint.open(family_zoo["llama_gqa"]) as checkpoint:
+        whole = layer_groups(plan_checkpoint(checkpoint, None).plan.layers)
+        chosen = plan_checkpoint(checkpoint, None, layers=r"layers\.3\.").plan
+    got = layer_groups(chosen.layers)
+    assert got == {name: whole[name] for name in got}
+    assert set(got.values()) == {"top"}

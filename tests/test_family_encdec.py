@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dynaudit import measure
-from dynaudit.engine.measure import layer_groups
+from dynaudit.engine.plan import layer_groups
 from dynaudit.errors import PluginError, StructureError
 from dynaudit.families import available_families, detect_family, get_family
 from dynaudit.families.base import LayerPlan

@@ -82,7 +82,7 @@ def plan_of(path: Path) -> LayerPlan:
 
 
 def thirds(plan: LayerPlan) -> Counter[str]:
-    from dynaudit.engine.measure import layer_groups
+    from dynaudit.engine.plan import layer_groups
 
     return Counter(layer_groups(plan.layers).values())
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dynaudit import measure
-from dynaudit.engine.measure import layer_groups
+from dynaudit.engine.plan import layer_groups
 from dynaudit.families import Layer, LayerPlan, detect_family, get_family
 from dynaudit.families.base import matrix_shape, weight_matrices
 from dynaudit.families.build import StructureError

@@ -76,7 +76,7 @@ EXPECTED = {
 def test_each_producer_is_planned_with_every_expert(fixture: str, moe_zoo: dict[str, Path]) -> None:
     """Detected as moe (conformance included), with every expert's three layers, typed and
     indexed, and the thirds of the blocks."""
-    from dynaudit.engine.measure import layer_groups
+    from dynaudit.engine.plan import layer_groups
 
     types, thirds = EXPECTED[fixture]
     plan = check_family("moe", moe_zoo[fixture])

@@ -27,8 +27,8 @@ from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blo
 from dynaudit.dynamics.kernel import warm_steps
 from dynaudit.dynamics.metrics import fidelity as fidelity_of
 from dynaudit.dynamics.sketch import weight_figures
-from dynaudit.engine.measure import layer_groups, load_layer
-from dynaudit.engine.plan import Job, Planned, Progress, require_layers
+from dynaudit.engine.measure import load_layer
+from dynaudit.engine.plan import Job, Planned, Progress, layer_groups, require_layers
 from dynaudit.errors import BaselineError, DynauditError
 from dynaudit.families import Detection, Family, Layer, detect_family
 from dynaudit.gate import layer_undecided, scope_undecided

@@ -25,7 +25,7 @@ from dynaudit.dynamics import discrepancy, fit_coordinates, init_coordinates
 from dynaudit.dynamics.blocks import block_seed, block_shape, fit_flop, take_blocks
 from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, work_bytes
 from dynaudit.dynamics.metrics import squared_error
-from dynaudit.engine.plan import Job, Planned
+from dynaudit.engine.plan import Job, Planned, layer_groups
 from dynaudit.families import Family, Layer, LayerPlan
 from dynaudit.families.base import matrix_shape
 from dynaudit.runtime import to_device
@@ -35,7 +35,6 @@ from dynaudit.schema import (
     SkippedLayer,
     SourceInfo,
     Spread,
-    depth_groups,
     envelope,
     summarize,
 )
@@ -44,7 +43,6 @@ from dynaudit.tensors import Checkpoint
 __all__ = [
     "Loaded",
     "layer_digest",
-    "layer_groups",
     "load_layer",
     "measure_plan",
 ]
@@ -80,17 +78,6 @@ def layer_digest(matrices: torch.Tensor) -> str:
             chunk = matrix[start : start + rows].contiguous().numpy()
             digest.update(chunk.astype("<f4", copy=False))
     return digest.hexdigest()
-
-
-def layer_groups(layers: list[Layer]) -> dict[str, str]:
-    """Each layer's depth third: thirds of the distinct depths of the layers the family did
-    not pin to a group (a stem is bottom and a head top, without shifting the blocks'),
-    counted within each stack (an encoder's thirds apart from its decoder's)."""
-    thirds = {
-        stack: depth_groups(x.depth for x in layers if x.group is None and x.stack == stack)
-        for stack in {layer.stack for layer in layers}
-    }
-    return {layer.name: layer.group or thirds[layer.stack][layer.depth] for layer in layers}
 
 
 Shapes = dict[str, tuple[int, int, int]]  # layer → (matrices, m, n), from the headers

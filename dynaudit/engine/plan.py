@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from dynaudit.config import FitSettings
 from dynaudit.distributed import Ranks
 from dynaudit.errors import NothingToAudit, UsageError
-from dynaudit.families import Detection, Family, LayerPlan, Skip, detect_family
-from dynaudit.schema import FamilyInfo, SourceInfo
+from dynaudit.families import Detection, Family, Layer, LayerPlan, Skip, detect_family
+from dynaudit.schema import FamilyInfo, SourceInfo, depth_groups
 from dynaudit.sources.base import ResolvedSource
 from dynaudit.tensors import Checkpoint
 
@@ -27,6 +27,8 @@ __all__ = [
     "Progress",
     "experts_of",
     "family_info",
+    "layer_groups",
+    "pinned_thirds",
     "plan_checkpoint",
     "require_layers",
     "select_experts",
@@ -88,11 +90,34 @@ def plan_checkpoint(
     """Detect (or take) the family and plan an opened checkpoint; ``experts`` (of a mixture
     of experts), then ``layers`` select."""
     detection = detect_family(checkpoint, family)
-    plan = select_experts(detection.family.plan(checkpoint), experts, detection.family.name)
+    plan = detection.family.plan(checkpoint)
+    if layers is not None or experts is not None:
+        plan = pinned_thirds(plan)
+    plan = select_experts(plan, experts, detection.family.name)
     plan = select_layers(plan, layers)
     if layers is None and experts is None:  # a selection that matches nothing says so itself
         require_layers(plan, detection, str(checkpoint.root))
     return Planned(checkpoint, detection, plan)
+
+
+def layer_groups(layers: list[Layer]) -> dict[str, str]:
+    """Each layer's depth third: thirds of the distinct depths of the layers the family did
+    not pin to a group (a stem is bottom and a head top, without shifting the blocks'),
+    counted within each stack (an encoder's thirds apart from its decoder's)."""
+    thirds = {
+        stack: depth_groups(x.depth for x in layers if x.group is None and x.stack == stack)
+        for stack in {layer.stack for layer in layers}
+    }
+    return {layer.name: layer.group or thirds[layer.stack][layer.depth] for layer in layers}
+
+
+def pinned_thirds(plan: LayerPlan) -> LayerPlan:
+    """Every layer pinned to the third it has in the whole plan, so that a selection
+    (``--layers``, ``--experts``) reports each layer in its own third, not in a third of the
+    selected depths."""
+    groups = layer_groups(plan.layers)
+    pinned = [dataclasses.replace(x, group=groups[x.name]) for x in plan.layers]  # type: ignore[arg-type]
+    return dataclasses.replace(plan, layers=pinned)
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
