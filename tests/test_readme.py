@@ -32,3 +32,18 @@ def test_quickstart_commands_exist() -> None:
     assert "bash scripts/dev.sh demo" in quickstart and "bash scripts/dev.sh test" in quickstart
     ci = (README.parent / ".ci" / "run").read_text()
     assert "scripts/dev.sh test" in ci
+
+
+def test_the_family_table_lists_every_installed_first_party_family() -> None:
+    """README's family table and `dynaudit plugins` name the same first-party families."""
+    from dynaudit.families import available_families
+
+    table = re.search(
+        r"\| family \| checkpoints \| layer types \|\n(.*?)\n\n", README.read_text(), re.S
+    )
+    assert table is not None
+    listed = re.findall(r"^\| `([\w-]+)` \|", table[1], flags=re.M)
+    ours = [
+        n for n, origin in available_families().items() if origin.startswith("dynaudit_plugins")
+    ]
+    assert sorted(listed) == sorted(ours)
