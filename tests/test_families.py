@@ -28,7 +28,7 @@ OWN_FIXTURES = {
     "llama": ["llama_gqa", "qwen2_tied"],
     "vit": ["vit_hf", "timm_vit"],
     "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
-    "generic": ["mlp"],
+    "generic": ["mlp", "crnn"],
 }
 
 
@@ -45,6 +45,7 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
         "torchvision_resnet18": producers.torchvision_resnet18(root / "resnet18"),
         "lenet": root / "lenet",
         "mlp": digits_mlp,
+        "crnn": producers.save_module(producers.CRNN(), root / "crnn"),
     }
 
 
