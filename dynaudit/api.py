@@ -539,9 +539,17 @@ def _writable(folder: Path) -> bool:
 
 def _cache_context(checkpoint: Checkpoint) -> dict[str, Any]:
     """Besides the weight files, what a report depends on: the config the family plugins read,
-    how an adapter is merged, and which plugins are installed (they decide the family)."""
+    how an adapter is merged, which plugins are installed (they decide the family), and which
+    key of a training checkpoint holds the weights (one safetensors file, several keys)."""
     from dynaudit.families import available_families
     from dynaudit.sources.adapters import AdapterCheckpoint
 
     merge = checkpoint.merge_plan() if isinstance(checkpoint, AdapterCheckpoint) else None
-    return {"config": checkpoint.config, "merge": merge, "plugins": available_families()}
+    context: dict[str, Any] = {
+        "config": checkpoint.config,
+        "merge": merge,
+        "plugins": available_families(),
+    }
+    if checkpoint.weights_note is not None:  # absent otherwise: other keys stay as they were
+        context["weights"] = checkpoint.weights_note
+    return context

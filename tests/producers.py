@@ -518,3 +518,137 @@ def clip_text(out: Path, *, hub_names: bool = False) -> Path:
 
 
 # ── training checkpoints ──────────────────────────────────────────────────────────────
+
+
+class TrainNet(nn.Module):
+    """A small model as a training script defines it (two Linear layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(24, 32)
+        self.fc2 = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def trained_net(seed: int = 0) -> tuple[TrainNet, torch.optim.Optimizer]:
+    """:class:`TrainNet` and its Adam optimizer after one step, so the optimizer has state
+    (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter)."""
+    torch.manual_seed(seed)
+    model = TrainNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 24)).square().mean().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def flatten(tree: object, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a nested checkpoint (dicts, lists) under dotted names, as a safetensors
+    file must hold them: ``{'state': {0: {'exp_avg': t}}}`` → ``PREFIX.state.0.exp_avg``.
+    Values that are not tensors (``param_groups``' floats, ``char2idx``) have no place there."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree.detach().contiguous()}
+    items: list[tuple[object, object]]
+    if isinstance(tree, dict):
+        items = list(tree.items())
+    elif isinstance(tree, list):
+        items = list(enumerate(tree))
+    else:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def training_safetensors(out: Path, checkpoint: dict[str, object]) -> Path:
+    """``out`` (a ``.safetensors`` file) holding the training checkpoint ``checkpoint`` (what
+    a loop would ``torch.save``) flattened into dotted names."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(flatten(checkpoint, ""), str(out))
+    return out
+
+
+def loop_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+    """The PyTorch tutorial's training checkpoint, with an OCR loop's metadata."""
+    return {
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "epoch": torch.tensor(5),
+        "cer": torch.tensor(0.031),
+    }
+
+
+def lightning_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+    """What PyTorch Lightning's ``.ckpt`` holds for a LightningModule whose network is its
+    ``model`` attribute (the tensors of it: the rest are Python values)."""
+    return {
+        "epoch": torch.tensor(3),
+        "global_step": torch.tensor(120),
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "optimizer_states": [optimizer.state_dict()],
+    }
+
+
+class CRNN(nn.Module):
+    """A CRNN as OCR packages write it: ``cnn`` (conv, batch norm, pooling), a 2-layer
+    bidirectional LSTM ``rnn`` over the columns of the feature map, and a classifier ``fc``
+    over both directions — names sort ``fc`` before ``rnn``."""
+
+    def __init__(self, classes: int = 11, hidden: int = 12) -> None:
+        super().__init__()
+        self.cnn = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d((4, 1)),
+        )  # fmt: skip
+        self.rnn = nn.LSTM(16, hidden, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = self.cnn(x).mean(dim=2).permute(2, 0, 1)  # (width, batch, channels)
+        return self.fc(self.rnn(columns)[0])
+
+
+class BidirectionalLSTM(nn.Module):
+    """The classic CRNN's recurrent block: an LSTM and a Linear named ``embedding``."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(inputs, hidden, bidirectional=True)
+        self.embedding = nn.Linear(2 * hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.rnn(x)[0])
+
+
+class ClassicCRNN(nn.Module):
+    """The classic CRNN's layout (``cnn.convN``, ``rnn.0.rnn``, ``rnn.0.embedding``, …): its
+    names sort each block's output Linear before the block's LSTM."""
+
+    def __init__(self, classes: int = 11, hidden: int = 12) -> None:
+        super().__init__()
+        self.cnn = nn.Sequential()
+        self.cnn.add_module("conv0", nn.Conv2d(1, 8, 3, padding=1))
+        self.cnn.add_module("relu0", nn.ReLU())
+        self.cnn.add_module("conv1", nn.Conv2d(8, 16, 3, padding=1))
+        self.cnn.add_module("batchnorm1", nn.BatchNorm2d(16))
+        self.rnn = nn.Sequential(
+            BidirectionalLSTM(16, hidden, hidden), BidirectionalLSTM(hidden, hidden, classes)
+        )
+
+
+def crnn_pickle(out: Path, model: nn.Module) -> Path:
+    """``out`` written as an OCR package ships its model: a training checkpoint with the
+    vocabulary and the validation figures beside the weights."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model_state_dict": model.state_dict(),
+            "char2idx": {c: i + 1 for i, c in enumerate("0123456789")},
+            "epoch": 40,
+            "cer": 0.021,
+        },
+        out,
+    )
+    return out

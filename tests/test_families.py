@@ -32,7 +32,7 @@ OWN_FIXTURES = {
     "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
     "encoder": ["bert", "bert_classifier", "roberta", "distilbert", "albert", "electra"],
     "moe": ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
-    "generic": ["mlp"],
+    "generic": ["mlp", "crnn"],
     "encoder-decoder": ["t5", "flan_t5", "bart", "mbart"],
     "clip": ["clip", "clip_text"],
 }
@@ -75,6 +75,7 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
         "qwen2_moe": producers.qwen2_moe(root / "qwen2-moe"),
         "qwen3_moe": producers.qwen3_moe(root / "qwen3-moe"),
         "deepseek_v3": producers.deepseek(root / "deepseek-v3"),
+        "crnn": producers.save_module(producers.CRNN(), root / "crnn"),
     }
 
 

@@ -389,9 +389,9 @@ class Reach:
         setting(
             "--state-dict-key",
             "KEY",
-            "with --allow-pickle, the key of a training checkpoint that holds the model's "
-            "weights (default: the first state dict among model_state_dict, state_dict, model, "
-            "module, ema, model_ema)",
+            "the key of a training checkpoint (a pickle with --allow-pickle, or safetensors "
+            "with flattened names) that holds the model's weights (default: the first state dict "
+            "among model_state_dict, state_dict, model, module, ema, model_ema)",
         ),
     ] = None
 

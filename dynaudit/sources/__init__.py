@@ -23,6 +23,7 @@ from dynaudit.sources.adapters import (
 )
 from dynaudit.sources.base import ResolvedSource, SourceOptions
 from dynaudit.sources.local import open_local, verify_download
+from dynaudit.sources.training import model_weights
 from dynaudit.tensors import WEIGHT_SUFFIXES, Checkpoint
 
 # Names that are files, not Hub repositories: a missing one is a typo, not a repo id.
@@ -106,14 +107,20 @@ def open_headers(
     source: str | os.PathLike[str], options: SourceOptions | None = None
 ) -> tuple[str, Checkpoint] | None:
     """A Hub checkpoint's tensor headers read remotely (ranged requests, no weights
-    downloaded), as ``(uri, checkpoint)``; ``None`` when SOURCE is not a Hub model (or an
+    downloaded), as ``(uri, checkpoint)`` — of a training checkpoint, its model weights, as
+    :func:`open_checkpoint` would open it; ``None`` when SOURCE is not a Hub model (or an
     adapter, whose base must be opened too): the caller then resolves it as usual."""
     from dynaudit.sources import mlflow
 
+    options = options or SourceOptions()
     text = os.fspath(source)
     if text.startswith(mlflow.SCHEMES) or _local(text) is not None:
         return None
-    return hub.open_remote_headers(_hub_repo(text), options or SourceOptions())
+    remote = hub.open_remote_headers(_hub_repo(text), options)
+    if remote is None:
+        return None
+    uri, checkpoint = remote
+    return uri, model_weights(checkpoint, options.state_dict_key)
 
 
 def with_revision(source: str | os.PathLike[str], revision: str | None) -> str:

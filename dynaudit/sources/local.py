@@ -1,6 +1,7 @@
 """Opening a resolved local checkpoint: a ``.safetensors`` file or an HF-style or sharded
-directory (a pickle-only one converted when allowed), checked against the hashes its source
-published. Adapters are opened over their base by :func:`dynaudit.sources.open_checkpoint`."""
+directory (a pickle-only one converted when allowed; a training checkpoint as its model
+weights), checked against the hashes its source published. Adapters are opened over their
+base by :func:`dynaudit.sources.open_checkpoint`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dynaudit.cache import cache_root
 from dynaudit.errors import CorruptCheckpoint
 from dynaudit.sources.base import ResolvedSource, SourceOptions
 from dynaudit.sources.pickles import WEIGHTS_NOTE, convert_pickles, is_pickle_only
+from dynaudit.sources.training import model_weights
 from dynaudit.tensors import Checkpoint, require_regular, sha256_file
 
 __all__ = ["open_local", "verify_download"]
@@ -23,7 +25,9 @@ def open_local(
 ) -> Checkpoint:
     """The checkpoint at a resolved source that is not an adapter: a ``.safetensors`` file or
     a directory of them; a pickle-only one converted only with ``options.allow_pickle`` (from
-    the model weights of a training checkpoint: ``options.state_dict_key``, else found)."""
+    the model weights of a training checkpoint: ``options.state_dict_key``, else found). A
+    safetensors training checkpoint (names flattened, ``model_state_dict.…`` beside optimizer
+    state) opens as its model weights too (:func:`~dynaudit.sources.training.model_weights`)."""
     options = options or SourceOptions()
     if options.allow_pickle and is_pickle_only(resolved.path):
         converted = convert_pickles(
@@ -32,7 +36,12 @@ def open_local(
         checkpoint = _as_resolved(Checkpoint.open(converted), resolved)
         checkpoint.weights_note = checkpoint.metadata.get(WEIGHTS_NOTE)
         return checkpoint
-    return _as_resolved(Checkpoint.open(resolved.path), resolved)
+    opened = Checkpoint.open(resolved.path)
+    try:
+        return _as_resolved(model_weights(opened, options.state_dict_key), resolved)
+    except BaseException:
+        opened.close()
+        raise
 
 
 def _as_resolved(checkpoint: Checkpoint, resolved: ResolvedSource) -> Checkpoint:

@@ -10,9 +10,9 @@ written, so only one shard's tensors are ever touched at a time.
 A pickle whose top level is a training checkpoint (``{'model_state_dict': ...,
 'optimizer_state_dict': ..., 'epoch': ...}``, a PyTorch Lightning ``.ckpt``) is audited from its
 model weights: the value under ``--state-dict-key``, else the first of :data:`STATE_DICT_KEYS`
-that is itself a mapping of names to tensors. Optimizer state and metadata are not read
-further. Which key was used is kept in the converted file's metadata (:data:`WEIGHTS_NOTE`), for
-the report.
+that is itself a mapping of names to tensors (the rule :mod:`dynaudit.sources.training` gives
+safetensors training checkpoints too). Optimizer state and metadata are not read further. Which
+key was used is kept in the converted file's metadata (:data:`WEIGHTS_NOTE`), for the report.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 from dynaudit.errors import EmptyCheckpoint, PickleRefused, StateDictKeyNotFound, listed
 from dynaudit.files import publish_dir, staged_dir
+from dynaudit.sources.training import STATE_DICT_KEYS, lightning_prefix, weights_note
 from dynaudit.tensors import (
     INDEX_NAME,
     PICKLE_INDEX,
@@ -49,10 +50,6 @@ __all__ = [
 ]
 
 _SIDE_FILES = ("config.json", "README.md")
-# Where training loops keep the model's weights, in the order they are tried: the raw model
-# before its exponential moving average (pick ``ema`` with --state-dict-key).
-STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "ema", "model_ema")
-_LIGHTNING_PREFIX = "model."  # a LightningModule's submodule, on every name of its state_dict
 # The converted file's metadata entry saying which part of a training checkpoint it holds.
 WEIGHTS_NOTE = "dynaudit.weights"
 _CONVERTER = 2  # in the cache key: conversions by an older rule are not reused
@@ -190,12 +187,10 @@ def _weights_under(state: dict[Any, Any], key: str) -> tuple[dict[str, Any], str
     """The state dict under ``key``, without a Lightning ``model.`` prefix on every name, and
     the note naming the key and what was not audited."""
     weights: dict[str, Any] = state[key]
-    note = f"the model weights under {key!r} of a training checkpoint"
-    if key == "state_dict" and all(name.startswith(_LIGHTNING_PREFIX) for name in weights):
-        weights = {name.removeprefix(_LIGHTNING_PREFIX): t for name, t in weights.items()}
-        note += f" (PyTorch Lightning: prefix {_LIGHTNING_PREFIX!r} removed)"
-    others = sorted(str(k) for k in state if k != key)
-    return weights, note + (f"; not audited: {listed(others, 6)}" if others else "")
+    removed = lightning_prefix(key, weights)
+    if removed:
+        weights = {name.removeprefix(removed): t for name, t in weights.items()}
+    return weights, weights_note(key, removed, (str(k) for k in state if k != key))
 
 
 # Lines of torch's message that are advice, not the reason (it advises weights_only=False:
