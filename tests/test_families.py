@@ -27,7 +27,14 @@ from tests import producers, zoo
 OWN_FIXTURES = {
     "llama": ["llama_gqa", "qwen2_tied"],
     "vit": ["vit_hf", "timm_vit"],
-    "cnn": ["resnet_hf", "torchvision_resnet18", "lenet"],
+    "cnn": [
+        "resnet_hf",
+        "torchvision_resnet18",
+        "lenet",
+        "torchvision_mobilenet_v2",
+        "torchvision_efficientnet_b0",
+        "timm_mobilenetv3_large",
+    ],
     "generic": ["mlp"],
 }
 
@@ -44,6 +51,9 @@ def family_zoo(tmp_path_factory: pytest.TempPathFactory, digits_mlp: Path) -> di
         "resnet_hf": producers.resnet_hf(root / "resnet"),
         "torchvision_resnet18": producers.torchvision_resnet18(root / "resnet18"),
         "lenet": root / "lenet",
+        "torchvision_mobilenet_v2": producers.torchvision_mobilenet_v2(root / "mobilenet-v2"),
+        "torchvision_efficientnet_b0": producers.torchvision_efficientnet(root / "b0"),
+        "timm_mobilenetv3_large": producers.timm_mobile(root / "v3", "mobilenetv3_large_100"),
         "mlp": digits_mlp,
     }
 
