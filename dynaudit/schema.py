@@ -44,6 +44,7 @@ __all__ = [
     "Inspection",
     "LayerComparison",
     "LayerResult",
+    "PassThroughNode",
     "Policy",
     "Report",
     "ScopeKind",
@@ -621,13 +622,32 @@ class InspectedLayer(_Model):
     matrices: int
     neurons: int
     gflop: float  # fit cost at the given settings, all seeds
-    inputs: list[str] = Field(description="layers whose outputs feed this layer's inputs")
+    inputs: list[str] = Field(
+        description="layers (and pass-through nodes) whose outputs feed this layer's inputs"
+    )
     reads_input: bool = Field(description="reads the model's input (directly or via a stream)")
     rank: int | None = Field(
         None, description="numerical rank (--weights; null above the exact-rank size limit)"
     )
     full_rank: int | None = Field(None, description="min(m, n)")
     spectral_norm: float | None = Field(None, description="largest singular value (--weights)")
+
+
+class PassThroughNode(_Model):
+    """A tensor that is not fitted but stays in the layer graph: an operation that forwards
+    its input channels one by one (a depthwise convolution), between the layers it joins."""
+
+    name: str
+    type: str
+    depth: int
+    shape: list[int]
+    dtype: str
+    inputs: list[str] = Field(description="layers (and nodes) whose outputs feed it")
+    reads_input: bool = Field(description="reads the model's input (directly or via a stream)")
+    skipped: str = Field(description="why it is not fitted")
+    spectral_norm: float | None = Field(
+        None, description="largest norm of a channel's kernel (--weights; in branch gains)"
+    )
 
 
 class Structure(_Model):
@@ -669,6 +689,12 @@ class Inspection(_Model):
     family: FamilyInfo
     layers: list[InspectedLayer]
     skipped: list[SkippedLayer]
+    pass_through: list[PassThroughNode] = Field(
+        default_factory=list,
+        description="skipped tensors kept in the layer graph (depthwise convolutions), with "
+        "what feeds them; the layers after them list them as inputs (minor 1)",
+        exclude_if=lambda nodes: not nodes,
+    )
     structure: Structure
     gains: list[BranchGain] = Field(default_factory=list)
     tensors: int

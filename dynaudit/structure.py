@@ -29,6 +29,7 @@ from dynaudit.schema import (
     BranchGain,
     InspectedLayer,
     Inspection,
+    PassThroughNode,
     SkippedLayer,
     StructuralClass,
     Structure,
@@ -241,9 +242,14 @@ def inspect_checkpoint(
 ) -> Inspection:
     """What ``dynaudit inspect`` reports of an opened checkpoint: its layer graph, shapes,
     structural class and fit cost from the headers, and with ``weights`` each layer's rank and
-    spectral norm, the degenerate layers and the gain of every residual branch."""
+    spectral norm, the degenerate layers and the gain of every residual branch. Pass-through
+    nodes (depthwise convolutions kept in the graph) are listed with what feeds them and,
+    with ``weights``, the spectral norm they bring to a branch gain; they are never ranked."""
     plan = detection.family.plan(checkpoint)
     checks = check_matrices(checkpoint, plan, detection.family, rank_work) if weights else {}
+    norms = {name: check.spectral_norm for name, check in checks.items()}
+    if weights:
+        norms.update(_node_norms(checkpoint, plan, detection.family))
     layers = _inspected_layers(checkpoint, plan, fit, checks)
     return Inspection(
         uri=uri,
@@ -251,8 +257,9 @@ def inspect_checkpoint(
         family=family_info(detection, plan),
         layers=layers,
         skipped=[SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped],
+        pass_through=_pass_through(checkpoint, plan, norms),
         structure=_structure(checkpoint, plan, checks if weights else None),
-        gains=_branch_gains(plan, checks) if checks else [],
+        gains=_branch_gains(plan, norms) if weights else [],
         tensors=len(checkpoint.tensors),
         bytes=checkpoint.total_bytes,
         parameters=sum(info.numel for info in checkpoint.tensors.values()),
@@ -290,6 +297,38 @@ def _inspected_layers(
     return layers
 
 
+def _node_norms(checkpoint: Checkpoint, plan: LayerPlan, family: Family) -> dict[str, float]:
+    """The spectral norm of each pass-through node's matrices (the largest over groups: for a
+    depthwise convolution, the largest norm of one channel's kernel)."""
+    out = {}
+    for node in plan.pass_through:
+        info = checkpoint.tensors[node.source]
+        mats = family.matrices(node, checkpoint.read(node.source))
+        out[node.name] = check_matrix(mats, info.dtype).spectral_norm
+    return out
+
+
+def _pass_through(
+    checkpoint: Checkpoint, plan: LayerPlan, norms: dict[str, float]
+) -> list[PassThroughNode]:
+    fed_by = plan.fed_by()
+    reasons = {skip.name: skip.reason for skip in plan.skipped}
+    return [
+        PassThroughNode(
+            name=node.name,
+            type=node.type,
+            depth=node.depth,
+            shape=list(checkpoint.tensors[node.source].shape),
+            dtype=checkpoint.tensors[node.source].dtype,
+            inputs=fed_by[node.name],
+            reads_input=node.name in plan.reads_input,
+            skipped=reasons.get(node.source, ""),
+            spectral_norm=norms.get(node.name),
+        )
+        for node in plan.pass_through
+    ]
+
+
 def _structure(
     checkpoint: Checkpoint, plan: LayerPlan, checks: dict[str, MatrixCheck] | None
 ) -> Structure:
@@ -297,7 +336,7 @@ def _structure(
     were read (``checks``), the degenerate and unranked layers."""
     widths = chain_widths(plan, checkpoint)
     kind, reason = classify(widths)
-    by_name = {layer.name: layer for layer in plan.layers}
+    by_name = {layer.name: layer for layer in (*plan.layers, *plan.pass_through)}
     branches: dict[str, int] = {}
     for block in plan.blocks:
         for names in block.branches.values():
@@ -314,13 +353,14 @@ def _structure(
     )
 
 
-def _branch_gains(plan: LayerPlan, checks: dict[str, MatrixCheck]) -> list[BranchGain]:
+def _branch_gains(plan: LayerPlan, norms: dict[str, float]) -> list[BranchGain]:
+    """The product of the spectral norms along each branch, pass-through nodes included."""
     return [
         BranchGain(
             block=block.name,
             branch=branch,
             layers=list(names),
-            gain=math.prod(checks[name].spectral_norm for name in names),
+            gain=math.prod(norms[name] for name in names),
             note=block.note,
         )
         for block in plan.blocks

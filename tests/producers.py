@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -512,6 +513,398 @@ def clip_text(out: Path, *, hub_names: bool = False) -> Path:
 
 
 # ── mobile cnn ──────────────────────────────────────────────────────────────
+
+# torchvision's MobileNetV2/V3 and EfficientNet and timm's EfficientNet/MobileNetV3 classes,
+# rebuilt module for module so that state_dict() names and shapes are theirs. Each block knows
+# whether it adds its input back (``use_res_connect`` / ``has_skip``), as the originals do.
+
+
+def _divisible(value: float, divisor: int = 8) -> int:
+    """Channels rounded to a multiple of ``divisor`` (at least ``divisor``), never below 90 %
+    of ``value``: the rounding torchvision and timm apply to widths."""
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
+
+
+class _ConvNormAct(nn.Sequential):
+    """torchvision's ``Conv2dNormActivation``: ``0`` the conv, ``1`` the BatchNorm, ``2`` the
+    activation (no parameters)."""
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+        act: type[nn.Module] | None = nn.ReLU6,
+    ) -> None:  # fmt: skip
+        conv = nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+        super().__init__(conv, nn.BatchNorm2d(c_out), *([act()] if act else []))
+
+
+class _TvInvertedResidual(nn.Module):
+    """torchvision ``mobilenetv2.InvertedResidual``: ``conv.0.0`` expansion (when t ≠ 1), the
+    depthwise ``conv.K.0``, then the projection ``conv.K+1`` and its BatchNorm."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, t: int) -> None:
+        super().__init__()
+        hidden = round(c_in * t)
+        self.use_res_connect = stride == 1 and c_in == c_out
+        layers: list[nn.Module] = [_ConvNormAct(c_in, hidden, 1)] if t != 1 else []
+        layers += [
+            _ConvNormAct(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+MOBILENET_V2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)  # fmt: skip  (t, c, n, s)
+
+
+class TorchvisionMobileNetV2(nn.Module):
+    """torchvision ``MobileNetV2(width_mult=width, inverted_residual_setting=setting)``;
+    ``last`` replaces its fixed 1280 head width only to keep test models small (the names do
+    not change)."""
+
+    def __init__(
+        self, width: float = 1.0, classes: int = 10, last: int = 1280,
+        setting: tuple[tuple[int, int, int, int], ...] = MOBILENET_V2,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        c_in = _divisible(32 * width)
+        head = _divisible(last * max(1.0, width))
+        features: list[nn.Module] = [_ConvNormAct(3, c_in, 3, 2)]
+        for t, c, n, s in setting:
+            c_out = _divisible(c * width)
+            for i in range(n):
+                features.append(_TvInvertedResidual(c_in, c_out, s if i == 0 else 1, t))
+                c_in = c_out
+        features.append(_ConvNormAct(c_in, head, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(head, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class _TvSqueezeExcitation(nn.Module):
+    """torchvision ``ops.SqueezeExcitation``: ``fc1`` reduces, ``fc2`` expands (1 × 1 convs)."""
+
+    def __init__(self, channels: int, squeeze: int, gate: type[nn.Module] = nn.Sigmoid) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.fc2(self.activation(self.fc1(self.avgpool(x))))
+        return x * self.scale_activation(scale)
+
+
+class _TvMBConv(nn.Module):
+    """torchvision's ``mobilenetv3.InvertedResidual`` and ``efficientnet.MBConv``:
+    ``block.K.0`` convs (expansion when the widths differ, depthwise, projection) with an
+    optional ``block.K.fc1/fc2`` squeeze-excitation before the projection."""
+
+    def __init__(
+        self, c_in: int, kernel: int, expanded: int, c_out: int, stride: int,
+        squeeze: int | None, act: type[nn.Module], gate: type[nn.Module],
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.use_res_connect = stride == 1 and c_in == c_out
+        layers: list[nn.Module] = []
+        if expanded != c_in:
+            layers.append(_ConvNormAct(c_in, expanded, 1, act=act))
+        layers.append(_ConvNormAct(expanded, expanded, kernel, stride, expanded, act=act))
+        if squeeze is not None:
+            layers.append(_TvSqueezeExcitation(expanded, squeeze, gate))
+        layers.append(_ConvNormAct(expanded, c_out, 1, act=None))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.use_res_connect else self.block(x)
+
+
+# torchvision MobileNetV3 settings: (input, kernel, expanded, output, squeeze-excitation, stride)
+MOBILENET_V3 = {
+    "large": ((16, 3, 16, 16, False, 1), (16, 3, 64, 24, False, 2), (24, 3, 72, 24, False, 1),
+              (24, 5, 72, 40, True, 2), (40, 5, 120, 40, True, 1), (40, 5, 120, 40, True, 1),
+              (40, 3, 240, 80, False, 2), (80, 3, 200, 80, False, 1),
+              (80, 3, 184, 80, False, 1), (80, 3, 184, 80, False, 1),
+              (80, 3, 480, 112, True, 1), (112, 3, 672, 112, True, 1),
+              (112, 5, 672, 160, True, 2), (160, 5, 960, 160, True, 1),
+              (160, 5, 960, 160, True, 1)),
+    "small": ((16, 3, 16, 16, True, 2), (16, 3, 72, 24, False, 2), (24, 3, 88, 24, False, 1),
+              (24, 5, 96, 40, True, 2), (40, 5, 240, 40, True, 1), (40, 5, 240, 40, True, 1),
+              (40, 5, 120, 48, True, 1), (48, 5, 144, 48, True, 1), (48, 5, 288, 96, True, 2),
+              (96, 5, 576, 96, True, 1), (96, 5, 576, 96, True, 1)),
+}  # fmt: skip
+
+
+class TorchvisionMobileNetV3(nn.Module):
+    """torchvision ``mobilenet_v3_large`` / ``mobilenet_v3_small`` at ``width``."""
+
+    def __init__(self, arch: str = "large", width: float = 1.0, classes: int = 10) -> None:
+        super().__init__()
+        setting = MOBILENET_V3[arch]
+        first = _divisible(setting[0][0] * width)
+        features: list[nn.Module] = [_ConvNormAct(3, first, 3, 2, act=nn.Hardswish)]
+        for c_in, kernel, expanded, c_out, se, stride in setting:
+            c_in, expanded, c_out = (_divisible(c * width) for c in (c_in, expanded, c_out))
+            squeeze = _divisible(expanded // 4) if se else None
+            features.append(
+                _TvMBConv(c_in, kernel, expanded, c_out, stride, squeeze, nn.ReLU, nn.Hardsigmoid)
+            )
+        last_in = _divisible(setting[-1][3] * width)
+        features.append(_ConvNormAct(last_in, 6 * last_in, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        hidden = _divisible((1280 if arch == "large" else 1024) * width)
+        self.classifier = nn.Sequential(
+            nn.Linear(6 * last_in, hidden),
+            nn.Hardswish(),
+            nn.Dropout(0.2),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+# EfficientNet-B0 (torchvision and timm): (t, kernel, stride, input, output, blocks)
+EFFICIENTNET_B0 = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2),
+                   (6, 3, 2, 40, 80, 3), (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4),
+                   (6, 3, 1, 192, 320, 1))  # fmt: skip
+
+
+class TorchvisionEfficientNet(nn.Module):
+    """torchvision ``EfficientNet`` (B0's table at ``width`` and ``depth``): stages
+    ``features.1`` … ``features.7`` of MBConv blocks, squeeze-excitation in every block."""
+
+    def __init__(self, width: float = 1.0, depth: float = 1.0, classes: int = 10) -> None:
+        super().__init__()
+        import math
+
+        first = _divisible(EFFICIENTNET_B0[0][3] * width)
+        features: list[nn.Module] = [_ConvNormAct(3, first, 3, 2, act=nn.SiLU)]
+        for t, kernel, stride, c_in, c_out, n in EFFICIENTNET_B0:
+            c_in, c_out = _divisible(c_in * width), _divisible(c_out * width)
+            stage = []
+            for i in range(math.ceil(n * depth)):
+                block_in = c_in if i == 0 else c_out
+                expanded = _divisible(block_in * t)
+                stage.append(
+                    _TvMBConv(block_in, kernel, expanded, c_out, stride if i == 0 else 1,
+                              max(1, block_in // 4), nn.SiLU, nn.Sigmoid)
+                )  # fmt: skip
+            features.append(nn.Sequential(*stage))
+        last_in = _divisible(EFFICIENTNET_B0[-1][4] * width)
+        features.append(_ConvNormAct(last_in, 4 * last_in, 1, act=nn.SiLU))
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * last_in, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+class _TimmSqueezeExcite(nn.Module):
+    """timm ``SqueezeExcite``: ``conv_reduce``, ``conv_expand`` (1 × 1 convs with biases)."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
+        self.act1 = nn.ReLU()
+        self.conv_expand = nn.Conv2d(reduced, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), True)))))
+
+
+class _TimmMobileBlock(nn.Module):
+    """timm's ``DepthwiseSeparableConv`` (``ds``: conv_dw, se, conv_pw), ``InvertedResidual``
+    (``ir``: conv_pw, conv_dw, se, conv_pwl) and ``ConvBnAct`` (``cn``: conv)."""
+
+    def __init__(
+        self, kind: str, c_in: int, c_out: int, kernel: int, stride: int, mid: int,
+        reduced: int | None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.kind = kind
+        self.has_skip = kind != "cn" and stride == 1 and c_in == c_out
+        pad = (kernel - 1) // 2
+        se = _TimmSqueezeExcite(mid, reduced) if reduced else nn.Identity()
+        if kind == "cn":
+            self.conv = nn.Conv2d(c_in, c_out, kernel, stride, pad, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_out)
+        elif kind == "ds":
+            self.conv_dw = nn.Conv2d(c_in, c_in, kernel, stride, pad, groups=c_in, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_in)
+            self.aa = nn.Identity()
+            self.se = se
+            self.conv_pw = nn.Conv2d(c_in, c_out, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c_out)
+        else:
+            self.conv_pw = nn.Conv2d(c_in, mid, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(mid)
+            self.conv_dw = nn.Conv2d(mid, mid, kernel, stride, pad, groups=mid, bias=False)
+            self.bn2 = nn.BatchNorm2d(mid)
+            self.aa = nn.Identity()
+            self.se = se
+            self.conv_pwl = nn.Conv2d(mid, c_out, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = nn.functional.relu
+        if self.kind == "cn":
+            return act(self.bn1(self.conv(x)))
+        if self.kind == "ds":
+            y = self.bn2(self.conv_pw(self.se(act(self.bn1(self.conv_dw(x))))))
+        else:
+            y = act(self.bn2(self.conv_dw(act(self.bn1(self.conv_pw(x))))))
+            y = self.bn3(self.conv_pwl(self.se(y)))
+        return x + y if self.has_skip else y
+
+
+# timm architecture definitions ("type_rREPEATS_kKERNEL_sSTRIDE_eEXPANSION_cCHANNELS_seRATIO"),
+# one list of strings per stage, as in timm's efficientnet.py and mobilenetv3.py.
+TIMM_ARCHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "mobilenetv2_100": (("ds_r1_k3_s1_c16",), ("ir_r2_k3_s2_e6_c24",), ("ir_r3_k3_s2_e6_c32",),
+                        ("ir_r4_k3_s2_e6_c64",), ("ir_r3_k3_s1_e6_c96",),
+                        ("ir_r3_k3_s2_e6_c160",), ("ir_r1_k3_s1_e6_c320",)),
+    "efficientnet_b0": (("ds_r1_k3_s1_e1_c16_se0.25",), ("ir_r2_k3_s2_e6_c24_se0.25",),
+                        ("ir_r2_k5_s2_e6_c40_se0.25",), ("ir_r3_k3_s2_e6_c80_se0.25",),
+                        ("ir_r3_k5_s1_e6_c112_se0.25",), ("ir_r4_k5_s2_e6_c192_se0.25",),
+                        ("ir_r1_k3_s1_e6_c320_se0.25",)),
+    "mobilenetv3_large_100": (("ds_r1_k3_s1_e1_c16_nre",),
+                              ("ir_r1_k3_s2_e4_c24_nre", "ir_r1_k3_s1_e3_c24_nre"),
+                              ("ir_r3_k5_s2_e3_c40_se0.25_nre",),
+                              ("ir_r1_k3_s2_e6_c80", "ir_r1_k3_s1_e2.5_c80",
+                               "ir_r2_k3_s1_e2.3_c80"),
+                              ("ir_r2_k3_s1_e6_c112_se0.25",), ("ir_r3_k5_s2_e6_c160_se0.25",),
+                              ("cn_r1_k1_s1_c960",)),
+    "mobilenetv3_small_100": (("ds_r1_k3_s2_e1_c16_se0.25_nre",),
+                              ("ir_r1_k3_s2_e4.5_c24_nre", "ir_r1_k3_s1_e3.67_c24_nre"),
+                              ("ir_r1_k5_s2_e4_c40_se0.25", "ir_r2_k5_s1_e6_c40_se0.25"),
+                              ("ir_r2_k5_s1_e3_c48_se0.25",), ("ir_r3_k5_s2_e6_c96_se0.25",),
+                              ("cn_r1_k1_s1_c576",)),
+}  # fmt: skip
+
+
+class _TimmSpec(NamedTuple):
+    kind: str
+    repeats: int
+    kernel: int
+    stride: int
+    expansion: float
+    channels: int
+    se: float
+
+
+def _timm_spec(spec: str) -> _TimmSpec:
+    """One string of a timm architecture definition, e.g. ``ir_r2_k3_s2_e6_c24_se0.25``."""
+    kind, *options = spec.split("_")
+    found = {"e": "1", "se": "0"}
+    for option in options:
+        key = "se" if option.startswith("se") else option[0]
+        found[key] = option[len(key) :]
+    return _TimmSpec(
+        kind, int(found["r"]), int(found["k"]), int(found["s"]), float(found["e"]),
+        int(found["c"]), float(found["se"]),
+    )  # fmt: skip
+
+
+class TimmMobile(nn.Module):
+    """timm's ``EfficientNet`` class (``conv_stem``, ``blocks.S.B``, ``conv_head`` + ``bn2``,
+    ``classifier``), or its ``MobileNetV3`` class (``conv_head`` with a bias after pooling)
+    when the name starts with ``mobilenetv3``; channels scaled by ``width``."""
+
+    def __init__(self, arch: str, width: float = 1.0, classes: int = 10, head: int = 1280) -> None:
+        super().__init__()
+        v3 = arch.startswith("mobilenetv3")
+        stem = _divisible((16 if v3 else 32) * width)
+        self.conv_stem = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        c_in, stages = stem, []
+        for stage in TIMM_ARCHS[arch]:
+            blocks: list[nn.Module] = []
+            for spec in map(_timm_spec, stage):
+                c_out = _divisible(spec.channels * width)
+                for _ in range(spec.repeats):
+                    mid = _divisible(c_in * spec.expansion)
+                    # MobileNetV3 sizes squeeze-excitation from the expanded width,
+                    # EfficientNet from the block's input width.
+                    reduced = _divisible(mid * spec.se) if v3 else max(1, round(c_in * spec.se))
+                    stride = spec.stride if not blocks else 1  # only a stage's first block strides
+                    blocks.append(
+                        _TimmMobileBlock(spec.kind, c_in, c_out, spec.kernel, stride, mid,
+                                   reduced if spec.se else None)
+                    )  # fmt: skip
+                    c_in = c_out
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        features = _divisible(head * max(1.0, width))
+        if v3:
+            self.global_pool = nn.AdaptiveAvgPool2d(1)
+            self.conv_head = nn.Conv2d(c_in, features, 1)
+            self.norm_head = nn.Identity()
+        else:
+            self.conv_head = nn.Conv2d(c_in, features, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(features)
+            self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.v3 = v3
+        self.classifier = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(nn.functional.relu(self.bn1(self.conv_stem(x))))
+        if self.v3:
+            x = nn.functional.hardswish(self.conv_head(self.global_pool(x)))
+        else:
+            x = self.global_pool(nn.functional.relu(self.bn2(self.conv_head(x))))
+        return self.classifier(x.flatten(1))
+
+
+def skips(module: nn.Module) -> list[str]:
+    """The producer's own verdict: the modules that add their input back, by name."""
+    return [
+        name
+        for name, sub in module.named_modules()
+        if getattr(sub, "use_res_connect", False) or getattr(sub, "has_skip", False)
+    ]
+
+
+def torchvision_mobilenet_v2(out: Path, width: float = 0.25, last: int = 64) -> Path:
+    torch.manual_seed(0)
+    return save_module(TorchvisionMobileNetV2(width, last=last), out)
+
+
+def torchvision_mobilenet_v3(out: Path, arch: str = "large", width: float = 0.25) -> Path:
+    torch.manual_seed(0)
+    return save_module(TorchvisionMobileNetV3(arch, width), out)
+
+
+def torchvision_efficientnet(out: Path, width: float = 0.25, depth: float = 1.0) -> Path:
+    torch.manual_seed(0)
+    return save_module(TorchvisionEfficientNet(width, depth), out)
+
+
+def timm_mobile(
+    out: Path, arch: str = "efficientnet_b0", width: float = 0.25, head: int = 64
+) -> Path:
+    torch.manual_seed(0)
+    config = {"architecture": arch, "num_classes": 10}
+    return save_module(TimmMobile(arch, width, head=head), out, config)
 
 
 # ── quantized ──────────────────────────────────────────────────────────────

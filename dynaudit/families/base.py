@@ -132,8 +132,9 @@ class Feed:
 
 @dataclass(frozen=True)
 class ResidualBlock:
-    """A residual block ``x + f(x)``: each branch lists the layers along one path of ``f``,
-    from input to output; ``note`` says what the product of their norms leaves out."""
+    """A residual block ``x + f(x)``: each branch lists the layers (and pass-through nodes)
+    along one path of ``f``, from input to output; ``note`` says what the product of their
+    norms leaves out."""
 
     name: str
     branches: dict[str, tuple[str, ...]]
@@ -150,6 +151,12 @@ class LayerPlan:
     least one earlier layer. ``widths`` are the feature widths along the main path, from the
     input to the output, that decide the structural class (see :mod:`dynaudit.structure`);
     when empty, the layers are taken as a chain.
+
+    ``pass_through`` are graph nodes that are not audited: a tensor listed in ``skipped``
+    whose operation forwards its input channels one by one (a depthwise convolution: output
+    channel c reads input channel c only). Feeds may start or end at one, and a residual
+    branch may list one, so the graph stays true around what is not fitted. Plans without
+    them are read exactly as before.
     """
 
     layers: list[Layer]
@@ -160,10 +167,12 @@ class LayerPlan:
     blocks: list[ResidualBlock] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # anything else the report should say
+    pass_through: list[Layer] = field(default_factory=list)  # skipped, kept as graph nodes
 
     def fed_by(self) -> dict[str, list[str]]:
-        """Layer name → the layers whose outputs feed it (empty for input-only layers)."""
-        out: dict[str, list[str]] = {layer.name: [] for layer in self.layers}
+        """Layer (or pass-through node) name → the layers and nodes whose outputs feed it
+        (empty for input-only layers)."""
+        out: dict[str, list[str]] = {x.name: [] for x in (*self.layers, *self.pass_through)}
         for feed in self.feeds:
             out[feed.dst].append(feed.src)
         return out
@@ -266,8 +275,9 @@ def check_layer(layer: Layer, shape: Sequence[int], family: str) -> None:
 
 
 def check_plan(plan: LayerPlan, checkpoint: Checkpoint, family: str) -> None:
-    """Every planned layer names a tensor of ``checkpoint`` that :func:`check_layer` accepts."""
-    for layer in plan.layers:
+    """Every planned layer and pass-through node names a tensor of ``checkpoint`` that
+    :func:`check_layer` accepts."""
+    for layer in (*plan.layers, *plan.pass_through):
         info = checkpoint.tensors.get(layer.source)
         if info is None:
             raise StructureError(f"{family}: planned layer {layer.name!r} reads no tensor")

@@ -61,7 +61,7 @@ class PlanBuilder:
         self._planned: dict[str, Layer] = {}
 
     def shape(self, layer: Layer | str) -> tuple[int, int, int]:
-        """``(g, m, n)`` of a planned layer (by object or name)."""
+        """``(g, m, n)`` of a planned layer or pass-through node (by object or name)."""
         if isinstance(layer, str):
             layer = self._planned[layer]
         return matrix_shape(layer, self.checkpoint.tensors[layer.source].shape)
@@ -77,19 +77,42 @@ class PlanBuilder:
         index: IndexMap = IDENTITY,
     ) -> Layer:
         """Plan ``layer``, fed by the given layers (or a stream) through ``index``."""
+        self._check(layer)
+        self._used.add(layer.source)
+        self.plan.layers.append(layer)
+        self._connect(layer, fed_by, index)
+        return layer
+
+    def pass_through(
+        self,
+        node: Layer,
+        reason: str,
+        fed_by: Stream | Iterable[str] = (),
+        index: IndexMap = IDENTITY,
+    ) -> Layer:
+        """Keep ``node`` in the graph without auditing it: its tensor is skipped with
+        ``reason``, and it is fed like a layer. For an operation that forwards its input
+        channels one by one (a depthwise convolution), so that the layers after it are fed
+        by it rather than by what came before it."""
+        self._check(node)
+        self.skip(node.source, reason)
+        self.plan.pass_through.append(node)
+        self._connect(node, fed_by, index)
+        return node
+
+    def _check(self, layer: Layer) -> None:
         if layer.source not in self.checkpoint.tensors:
             raise StructureError(f"{self.family}: expected tensor {layer.source!r} is missing")
         check_layer(layer, self.checkpoint.tensors[layer.source].shape, self.family)
-        self._used.add(layer.source)
+
+    def _connect(self, layer: Layer, fed_by: Stream | Iterable[str], index: IndexMap) -> None:
         self._planned[layer.name] = layer
-        self.plan.layers.append(layer)
         if isinstance(fed_by, Stream):
             if fed_by.reads_input:
                 self.plan.reads_input.add(layer.name)
             fed_by = fed_by.producers
         for src in fed_by:
             self.plan.feeds.append(Feed(src, layer.name, index))
-        return layer
 
     def reads_input(self, *names: str) -> None:
         self.plan.reads_input.update(names)
@@ -116,6 +139,7 @@ class PlanBuilder:
         self.plan.depth_note = depth_note
         self.plan.widths = list(widths)
         self.plan.layers.sort(key=lambda layer: layer.depth)  # stable: keeps order within depth
+        self.plan.pass_through.sort(key=lambda node: node.depth)
         return self.plan
 
 

@@ -20,7 +20,10 @@ failed check) naming the first broken rule; our own families and the example plu
 3. each layer's matrices have the shape :func:`~dynaudit.families.matrix_shape` predicts;
 4. the layer graph: every feed goes to the same or a deeper layer, never to itself; its index
    maps the fed layer's inputs onto all of the feeding layer's outputs; every layer is fed or
-   reads the model's input; no cycle; residual blocks name planned layers.
+   reads the model's input; no cycle; residual blocks name planned layers;
+5. pass-through nodes (tensors skipped but kept in the graph, e.g. depthwise convolutions) are
+   skipped with a reason and not audited, are fed like layers, and forward their channels:
+   output channel c reads input channel c of every layer that feeds it, and nothing else.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ def _require(holds: bool, message: str) -> None:
 
 
 def _check_tensors(plan: LayerPlan, checkpoint: Checkpoint) -> None:
-    names = [layer.name for layer in plan.layers]
+    names = [layer.name for layer in (*plan.layers, *plan.pass_through)]
     twice = sorted({n for n in names if names.count(n) > 1})
     _require(not twice, f"layer names used twice: {twice}")
     used = {layer.source for layer in plan.layers}
     skipped = {s.name for s in plan.skipped}
     _require(not used & skipped, f"tensors both used and skipped: {sorted(used & skipped)}")
+    kept = sorted(node.source for node in plan.pass_through if node.source not in skipped)
+    _require(not kept, f"pass-through nodes whose tensor is not skipped: {kept}")
     missing = sorted(set(checkpoint.tensors) - used - skipped)
     _require(not missing, f"tensors neither used nor skipped: {missing}")
     unknown = sorted((used | skipped) - set(checkpoint.tensors))
@@ -82,7 +87,7 @@ def _check_matrices(
     family: Family, plan: LayerPlan, checkpoint: Checkpoint
 ) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
-    for layer in plan.layers:
+    for layer in (*plan.layers, *plan.pass_through):
         expected = matrix_shape(layer, checkpoint.tensors[layer.source].shape)
         got = tuple(family.matrices(layer, checkpoint.read(layer.source)).shape)
         _require(got == expected, f"{layer.name}: matrices of shape {got}, planned {expected}")
@@ -91,7 +96,8 @@ def _check_matrices(
 
 
 def _check_graph(plan: LayerPlan, shapes: dict[str, tuple[int, ...]]) -> None:
-    depth = {layer.name: layer.depth for layer in plan.layers}
+    depth = {layer.name: layer.depth for layer in (*plan.layers, *plan.pass_through)}
+    nodes = {node.name for node in plan.pass_through}
     for feed in plan.feeds:
         where = f"feed {feed.src} → {feed.dst}"
         _require(feed.src in depth and feed.dst in depth, f"{where}: not a planned layer")
@@ -106,6 +112,10 @@ def _check_graph(plan: LayerPlan, shapes: dict[str, tuple[int, ...]]) -> None:
             reached == set(range(src_g * src_m)),
             f"{where}: the index does not map onto all {src_g * src_m} outputs of {feed.src}",
         )
+        if feed.dst in nodes:
+            _, m, _ = shapes[feed.dst]
+            forwards = m == 1 and all(set(row) == {g} for g, row in enumerate(index.tolist()))
+            _require(forwards, f"{where}: a pass-through node must read channel c into channel c")
     for name, sources in plan.fed_by().items():
         _require(bool(sources) or name in plan.reads_input, f"{name}: fed by no layer or input")
     _require(_acyclic(depth, ((f.src, f.dst) for f in plan.feeds)), "the layer graph has a cycle")

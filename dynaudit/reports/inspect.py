@@ -34,8 +34,9 @@ def render_inspection(found: Inspection, console: Console) -> None:
     for column in columns:
         left = column in ("layer", "type", "inputs")
         table.add_column(column, justify="left" if left else "right", overflow="fold")
+    through = {node.name: node.type for node in found.pass_through}
     for layer in found.layers:
-        table.add_row(*_row(layer), *(_rank(layer) if weights else []))
+        table.add_row(*_row(layer, through), *(_rank(layer) if weights else []))
     console.print(table)
     console.print(
         f"{found.tensors} tensors in {len(found.files)} file(s), {found.parameters:,} parameters, "
@@ -45,6 +46,14 @@ def render_inspection(found: Inspection, console: Console) -> None:
     experts = _experts(found)
     if experts:
         print_plain(console, experts)
+    if through:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(through.values()).items())
+        print_plain(
+            console,
+            f"kept in the graph but not fitted: {kinds} (pass-through nodes: each reads the "
+            "layer before it and feeds the one after it; --json lists them)",
+            style="dim",
+        )
     structure = found.structure
     branches = ", ".join(f"{n} {kind}" for kind, n in structure.branches.items())
     print_plain(
@@ -94,14 +103,18 @@ def _experts(found: Inspection) -> str | None:
     )
 
 
-def _row(layer: InspectedLayer) -> list[Text]:
-    """A layer's header columns: what it is, its shape and what feeds it."""
+def _row(layer: InspectedLayer, through: dict[str, str]) -> list[Text]:
+    """A layer's header columns: what it is, its shape and what feeds it (layers, and
+    pass-through nodes by type: ``1 depthwise``)."""
     feeds = ["input"] if layer.reads_input else []
-    feeds += [f"{len(layer.inputs)} layer{'s' * (len(layer.inputs) != 1)}"] * bool(layer.inputs)
+    layers = [name for name in layer.inputs if name not in through]
+    feeds += [f"{len(layers)} layer{'s' * (len(layers) != 1)}"] * bool(layers)
+    nodes = Counter(through[name] for name in layer.inputs if name in through)
+    feeds += [f"{n} {kind}" for kind, n in nodes.items()]
     shape = Text("×".join(map(str, layer.shape)))
     row = [plain(layer.name), plain(layer.type), Text(str(layer.depth)), shape]
     row += [plain(layer.dtype), Text(str(layer.neurons)), Text(f"{layer.gflop:.1f}")]
-    return [*row, Text(", ".join(feeds))]
+    return [*row, plain(", ".join(feeds))]  # node types come from the plugin
 
 
 def _rank(layer: InspectedLayer) -> list[Text]:

@@ -70,7 +70,7 @@ class Format:
 FORMATS: dict[str, Format] = {
     "measure": Format("measure report", "schema_version", "schema_minor", 1, 0),
     "check": Format("check report", "schema_version", "schema_minor", 1, 0),
-    "inspect": Format("inspection", "schema_version", "schema_minor", 1, 0),
+    "inspect": Format("inspection", "schema_version", "schema_minor", 1, 1),
     "baseline": Format("baseline", "format_version", "format_minor", 1, 0),
 }
 
