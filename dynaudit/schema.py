@@ -686,6 +686,12 @@ class Inspection(_Model):
     schema_minor: int = minor_field("inspect")
     uri: str
     files: list[str]
+    selection: str | None = Field(
+        None,
+        description="as the measure report's source.selection: which weight files were read, "
+        "and where the weights were found in a training checkpoint (its key) (minor 1)",
+        exclude_if=lambda value: value is None,
+    )
     family: FamilyInfo
     layers: list[InspectedLayer]
     skipped: list[SkippedLayer]

@@ -254,6 +254,7 @@ def inspect_checkpoint(
     return Inspection(
         uri=uri,
         files=[str(f) for f in checkpoint.files],
+        selection=checkpoint.selection_note,
         family=family_info(detection, plan),
         layers=layers,
         skipped=[SkippedLayer(name=s.name, skipped=s.reason) for s in plan.skipped],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -292,3 +293,19 @@ def test_a_malicious_training_checkpoint_runs_nothing(tmp_path: Path) -> None:
     proc = run_cli("measure", str(path), "--allow-pickle", "--state-dict-key", "state_dict")
     assert proc.returncode == 3, proc.stderr
     assert "weights_only" in proc.stderr and not canary.exists()
+
+
+def test_inspect_names_the_training_checkpoints_key(tmp_path: Path) -> None:
+    """inspect says where the weights were found, as measure's report does."""
+    model, _ = _trained()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 5}, path)
+    out = tmp_path / "inspect.json"
+    shown = run_cli(
+        "inspect", str(path), "--allow-pickle", "--cache-dir", str(tmp_path / "cache"),
+        "--json", str(out),
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    said = "the model weights under 'model_state_dict' of a training checkpoint"
+    assert f"weights: {said}" in " ".join(shown.stdout.split())
+    assert json.loads(out.read_text())["selection"].startswith(said)

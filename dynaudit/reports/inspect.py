@@ -27,6 +27,8 @@ def render_inspection(found: Inspection, console: Console) -> None:
         found.structure.degenerate is not None
     )
     print_plain(console, f"{found.uri} · family {found.family.name} ({found.family.detected_by})")
+    if found.selection:
+        print_plain(console, f"weights: {found.selection}", style="yellow")
     table = Table()
     columns = ["layer", "type", "depth", "shape", "dtype", "neurons", "fit GFLOP", "inputs"]
     if weights:
