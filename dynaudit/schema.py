@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dynaudit._version import __version__
 from dynaudit.config import PROTOCOL_VERSION, FitSettings
-from dynaudit.schemas import FORMATS, minor_field, read_versioned
+from dynaudit.schemas import FORMATS, minor_field, read_versioned, written_minor
 
 __all__ = [
     "BASELINE_FORMAT",
@@ -330,6 +330,14 @@ class Report(_Model):
             layer.pop("seconds", None)
         return data
 
+    def model_post_init(self, context: Any, /) -> None:
+        written_minor(self, "measure", self.minor_needed())
+
+    def minor_needed(self) -> int:
+        """1 with a mixture of experts' fields (expert indices, per-expert aggregates)."""
+        experts = any(getattr(x, "expert", None) is not None for x in self.layers)
+        return int(experts or self.summary.experts is not None)
+
 
 def depth_groups(depths: Iterable[int]) -> dict[int, str]:
     """Thirds of the distinct depths: bottom, middle, top (fewer than 3 depths: bottom first)."""
@@ -604,6 +612,10 @@ class CheckReport(_Model):
     host: str
     seconds: float
 
+    def model_post_init(self, context: Any, /) -> None:
+        needed = any(x.expert is not None for x in self.comparison.layers)
+        written_minor(self, "check", int(needed))
+
 
 # -- inspect ------------------------------------------------------------------------------
 
@@ -708,6 +720,11 @@ class Inspection(_Model):
     parameters: int
     gflop: float
 
+    def model_post_init(self, context: Any, /) -> None:
+        experts = any(x.expert is not None for x in self.layers)
+        needed = bool(self.pass_through or self.selection is not None or experts)
+        written_minor(self, "inspect", int(needed))
+
 
 # -- baseline -----------------------------------------------------------------------------
 
@@ -747,6 +764,9 @@ class Baseline(_Model):
 
     def fit_settings(self) -> FitSettings:
         return FitSettings(**self.settings)
+
+    def model_post_init(self, context: Any, /) -> None:
+        written_minor(self, "baseline", self.report.minor_needed())
 
 
 def read_report(data: object, where: str) -> Report | CheckReport:

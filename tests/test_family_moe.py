@@ -217,6 +217,7 @@ def test_measure_reports_per_expert_aggregates(moe_zoo: dict[str, Path]) -> None
     assert spread.mean_distance.min <= spread.mean_distance.mean <= spread.mean_distance.max
     data = json.loads(report.model_dump_json())
     jsonschema.Draft202012Validator(json.loads(schema_text("measure"))).validate(data)
+    assert data["schema_minor"] == 1  # the expert fields came with measure report 1.1
     assert "expert" not in data["layers"][0] or data["layers"][0]["type"].startswith("expert.")
     markdown = render_markdown(report)
     assert "## Experts" in markdown and "| 1 | 2 | 3 |" in markdown
@@ -226,6 +227,7 @@ def test_a_model_without_experts_reports_none(tmp_path: Path) -> None:
     report = dynaudit.measure(producers.qwen2(tmp_path / "qwen2"), cache=False, **FIT)
     data = json.loads(report.model_dump_json())
     assert "experts" not in data["summary"] and "expert_spread" not in data["summary"]
+    assert "schema_minor" not in data  # minor 0: what releases before 1.1 read
     assert not any("expert" in layer for layer in data["layers"])
     assert "## Experts" not in render_markdown(report)
 

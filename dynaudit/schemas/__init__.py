@@ -38,6 +38,7 @@ __all__ = [
     "schema_text",
     "strip_unknown",
     "warn_ignored",
+    "written_minor",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,23 +69,34 @@ class Format:
 # The formats dynaudit writes, by name (the stem of the schema file). The models' version
 # fields default to these numbers (tests/test_schemas.py checks that they agree).
 FORMATS: dict[str, Format] = {
-    "measure": Format("measure report", "schema_version", "schema_minor", 1, 0),
-    "check": Format("check report", "schema_version", "schema_minor", 1, 0),
+    "measure": Format("measure report", "schema_version", "schema_minor", 1, 1),
+    "check": Format("check report", "schema_version", "schema_minor", 1, 1),
     "inspect": Format("inspection", "schema_version", "schema_minor", 1, 1),
-    "baseline": Format("baseline", "format_version", "format_minor", 1, 0),
+    "baseline": Format("baseline", "format_version", "format_minor", 1, 1),
 }
 
 
 def minor_field(name: str) -> Any:
-    """The minor-version field of format ``name``'s model. Minor 0 is not written: a document
-    of minor 0 is byte for byte what dynaudit wrote before minor versions existed, so the
-    releases from before this contract (which refuse unknown fields) still read it."""
+    """The minor-version field of format ``name``'s model. A document states the lowest minor
+    that reads it (:func:`written_minor`), up to ``FORMATS[name].minor``, and minor 0 is not
+    written: a document of minor 0 is byte for byte what dynaudit wrote before minor versions
+    existed, so the releases from before this contract (which refuse unknown fields) still
+    read it — a report of a model without experts included."""
     return Field(
-        FORMATS[name].minor,
+        0,
         ge=0,
         description="the format's minor version: fields added within the major (absent: 0)",
         exclude_if=lambda minor: minor == 0,
     )
+
+
+def written_minor(model: BaseModel, name: str, needed: int) -> None:
+    """Set the minor version of a document that dynaudit itself builds (not one it read, whose
+    stated minor stays) to ``needed``, the newest minor whose fields it holds."""
+    key = FORMATS[name].minor_key
+    if key not in model.model_fields_set:
+        assert 0 <= needed <= FORMATS[name].minor, (name, needed)
+        object.__setattr__(model, key, needed)
 
 
 def _newer_major(fmt: Format, data: dict[str, Any]) -> int | None:
