@@ -31,6 +31,7 @@ __all__ = [
     "OutputRefused",
     "PickleRefused",
     "PluginError",
+    "QuantizedRefused",
     "RemoteNotFound",
     "SourceUnreachable",
     "StateDictKeyNotFound",
@@ -243,6 +244,14 @@ class AdapterRefused(InputError):
     adapter_config.json, a base that is the adapter itself, ...)."""
 
     hint = ""  # each message says what to merge first, which base to name, or what is wrong
+
+
+class QuantizedRefused(InputError):
+    """Quantized weights dynaudit does not dequantize exactly: GPTQ/AWQ packed integers,
+    bitsandbytes int8/nf4/fp4 state, packed FP4/FP6, or FP8 scales it cannot place (FP8 with
+    its scales is read; docs/sources.md, "Quantized weights")."""
+
+    hint = ""  # each message says what to audit instead, or how to dequantize first
 
 
 class BaselineError(InputError):

@@ -16,7 +16,7 @@ import re
 import stat
 import struct
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -29,6 +29,7 @@ from dynaudit.errors import (
     PickleRefused,
     listed,
 )
+from dynaudit.quantized import FP8_DTYPES, NONE, Dequantization, dequantize_fp8, plan_dequantization
 
 if TYPE_CHECKING:
     import torch
@@ -71,24 +72,46 @@ WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
-ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
+# Bits per element of every dtype safetensors 0.8 defines. Sub-byte ones (F4, F6) pack
+# several elements per byte, and a tensor of them must fill whole bytes.
+DTYPE_BITS = {
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
+    "C64": 64,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
 }
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# Read as float32 weights (exactly; FP8 ones times their scales, dynaudit.quantized). The
+# others (integers, booleans, complex, packed FP4/FP6 and F8_E8M0 scales) are never layers.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", *FP8_DTYPES})
+# The torch dtype of each (torch >= 2.2 has every one).
+_TORCH_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -112,6 +135,9 @@ class TensorInfo:
     file: Path
     start: int  # absolute byte offset in ``file``
     nbytes: int
+    # Why this tensor is part of another one rather than a weight ("FP8 scale of X"): set by
+    # the checkpoint that holds it (dynaudit.quantized), None in a parsed header.
+    role: str | None = None
 
     @property
     def numel(self) -> int:
@@ -294,7 +320,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: 
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -312,11 +338,11 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: 
     numel = 1
     for dim in shape:
         numel *= dim
-    if numel * ITEMSIZE[dtype] != end - begin:
-        raise bad(
-            f"shape {shape} as {dtype} needs {numel * ITEMSIZE[dtype]} bytes, "
-            f"offsets give {end - begin}"
-        )
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise bad(f"shape {shape} as {dtype} does not fill whole bytes ({bits} bits)")
+    if bits // 8 != end - begin:
+        raise bad(f"shape {shape} as {dtype} needs {bits // 8} bytes, offsets give {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
 
 
@@ -364,7 +390,19 @@ class Checkpoint:
     # Where in its files the weights were found, when not at the top level (the key of a
     # pickle training checkpoint): a line for the report.
     weights_note: str | None = None
+    # FP8 weights' scales, planned from the headers and config.json (dynaudit.quantized);
+    # quantized weights of any other kind are refused here, whichever way the checkpoint opens.
+    dequantization: Dequantization = field(default=NONE, init=False, repr=False)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dequantization = plan_dequantization(self.tensors, self.config, self.root)
+        roles = self.dequantization.roles
+        if roles:
+            self.tensors = {
+                name: replace(info, role=roles[name]) if name in roles else info
+                for name, info in self.tensors.items()
+            }
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
@@ -451,21 +489,25 @@ class Checkpoint:
         return sorted(self.tensors, key=natural_key)
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor as a fresh float32 CPU tensor (the only anonymous copy made)."""
+        """One tensor as a fresh float32 CPU tensor (the only anonymous copy made); an FP8
+        weight with a scale tensor comes dequantized: multiplied by its scales in place."""
+        info = self.tensors[name]
+        out = self._float32(info)
+        scale = self.dequantization.scales.get(name)
+        if scale is not None and out.numel():
+            dequantize_fp8(out, self._float32(self.tensors[scale.tensor]), scale.block)
+        return out
+
+    def _float32(self, info: TensorInfo) -> torch.Tensor:
+        """The stored values of a float tensor, converted (exactly, but for F64) to float32."""
         import torch
 
-        info = self.tensors[name]
         if not info.is_float:
             raise CorruptCheckpoint(
-                f"{info.file}: tensor {name!r} has dtype {info.dtype}, not a float weight",
+                f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, not a float weight",
                 path=str(info.file),
             )
-        torch_dtype = {
-            "F64": torch.float64,
-            "F32": torch.float32,
-            "F16": torch.float16,
-            "BF16": torch.bfloat16,
-        }[info.dtype]
+        torch_dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
         if info.numel == 0:
             return torch.zeros(info.shape, dtype=torch.float32)
         raw = torch.frombuffer(
@@ -507,8 +549,13 @@ class Checkpoint:
     @property
     def selection_note(self) -> str | None:
         """What the report says about which weights were read: the weight files of the
-        directory that were not, and where in the files the weights were found."""
-        notes = [self.selection.note if self.selection is not None else None, self.weights_note]
+        directory that were not, where in the files the weights were found, and the FP8
+        weights dequantized as they were read."""
+        notes = [
+            self.selection.note if self.selection is not None else None,
+            self.weights_note,
+            self.dequantization.note,
+        ]
         return "; ".join(note for note in notes if note) or None
 
     def unread_weights(self) -> list[str]:

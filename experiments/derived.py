@@ -20,6 +20,7 @@ __all__ = [
     "Change",
     "collapse",
     "derive",
+    "grouped",
     "load_state",
     "matrices",
     "noise",
@@ -178,5 +179,33 @@ def quantised(bits: int) -> Change:
         rows = w.reshape(w.shape[0], -1)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels
         return ((rows / scale).round().clamp(-levels, levels) * scale).reshape(w.shape)
+
+    return matrices(apply)
+
+
+def grouped(bits: int, group: int, symmetric: bool = True) -> Change:
+    """A round trip through integer quantisation per group of ``group`` inputs of each row
+    (the last group ragged), round to nearest, as GPTQ/AWQ-style int4 stores a matrix without
+    their error-compensating search: symmetric (absmax, ±(2^(bits−1) − 1)) or asymmetric
+    (min–max over 2^bits levels with a zero point). Computed in float32."""
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        rows = w.reshape(w.shape[0], -1).float()
+        out = torch.empty_like(rows)
+        for start in range(0, rows.shape[1], group):
+            part = rows[:, start : start + group]
+            if symmetric:
+                levels = 2 ** (bits - 1) - 1
+                scale = part.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels
+                out[:, start : start + group] = (part / scale).round().clamp(
+                    -levels, levels
+                ) * scale
+            else:
+                low, high = part.amin(dim=1, keepdim=True), part.amax(dim=1, keepdim=True)
+                scale = (high - low).clamp_min(1e-12) / (2**bits - 1)
+                zero = (-low / scale).round()
+                q = ((part / scale).round() + zero).clamp(0, 2**bits - 1)
+                out[:, start : start + group] = (q - zero) * scale
+        return out.reshape(w.shape)
 
     return matrices(apply)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -908,6 +908,162 @@ def timm_mobile(
 
 
 # ── quantized ──────────────────────────────────────────────────────────────
+
+# The largest finite value of each FP8 format: a block's absmax is mapped onto it.
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def fp8_blocks(
+    weight: torch.Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` quantized the way DeepSeek-V3's FP8 release is: per ``block`` of rows ×
+    columns (ragged at the edges), the block's largest magnitude mapped onto the format's
+    largest value. Returns the FP8 weight and the float32 scales, one per block, with
+    ``weight ≈ fp8.float() * scale`` blockwise (DeepSeek names them ``weight_scale_inv``)."""
+    w = weight.float()
+    m, n = w.shape
+    b0, b1 = block
+    rows, cols = -(-m // b0), -(-n // b1)
+    padded = torch.zeros(rows * b0, cols * b1)
+    padded[:m, :n] = w
+    blocks = padded.view(rows, b0, cols, b1)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX[dtype]
+    top = FP8_MAX[dtype]
+    q = (blocks / scale[:, None, :, None]).clamp(-top, top).to(dtype)
+    return q.view(rows * b0, cols * b1)[:m, :n].contiguous(), scale
+
+
+def _quantized_copy(base: Path, out: Path, convert: Any, quantization: dict[str, object]) -> Path:
+    """``base`` (a save_pretrained directory, sharded or not) with each tensor ``name`` of the
+    decoder blocks' linear layers replaced by ``convert(name, tensor)`` (a dict of tensors),
+    the index updated and ``quantization_config`` added to config.json."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(base, out)
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for shard in sorted(out.glob("*.safetensors")):
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in load_file(str(shard)).items():
+            linear = ".layers." in name and name.endswith(".weight") and tensor.dim() == 2
+            new = convert(name, tensor) if linear else {name: tensor}
+            state.update(new)
+            if index is not None:
+                index["weight_map"].pop(name)
+                index["weight_map"].update(dict.fromkeys(new, shard.name))
+        save_file(state, str(shard), metadata={"format": "pt"})
+    if index is not None:
+        index_path.write_text(json.dumps(index))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def fp8_checkpoint(
+    base: Path,
+    out: Path,
+    *,
+    block: tuple[int, int] | None = (128, 128),
+    dtype: torch.dtype = torch.float8_e4m3fn,
+) -> Path:
+    """An FP8 release of ``base``, written by safetensors' own FP8 dtypes. With ``block``, as
+    DeepSeek-V3 and Qwen FP8 ship: ``X.weight`` FP8 and ``X.weight_scale_inv`` one float32
+    per block, ``quantization_config`` with ``weight_block_size``. Without, as
+    compressed-tensors (llm-compressor) ships a per-tensor FP8 scheme: ``X.weight_scale``, one
+    value of shape (1,)."""
+
+    def convert(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        if block is None:
+            q, scale = fp8_blocks(weight, tuple(weight.shape), dtype)  # type: ignore[arg-type]
+            return {name: q, f"{name}_scale": scale.reshape(1)}
+        q, scale = fp8_blocks(weight, block, dtype)
+        return {name: q, f"{name}_scale_inv": scale}
+
+    fmt = "e4m3" if dtype == torch.float8_e4m3fn else "e5m2"
+    quantization: dict[str, object] = (
+        {"quant_method": "fp8", "fmt": fmt, "activation_scheme": "dynamic",
+         "weight_block_size": list(block)}
+        if block is not None
+        else {"quant_method": "compressed-tensors", "format": "float-quantized",
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                  "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True}}},
+              "ignore": ["lm_head"]}
+    )  # fmt: skip
+    return _quantized_copy(base, out, convert, quantization)
+
+
+def gptq_checkpoint(base: Path, out: Path, *, group: int = 16, method: str = "gptq") -> Path:
+    """``base`` in the packed int4 layout AutoGPTQ/GPTQModel (``method="gptq"``) or AutoAWQ
+    (``"awq"``) write: per linear layer ``qweight`` (int32, eight 4-bit values per word),
+    ``qzeros``, float16 ``scales`` per group of ``group`` inputs, and GPTQ's ``g_idx``
+    (round-to-nearest values: the layout is what matters, not the quantizer's search)."""
+
+    def pack(values: torch.Tensor, dim: int) -> torch.Tensor:
+        """Eight 4-bit values per int32 along ``dim``."""
+        v = values.to(torch.int64).movedim(dim, 0)
+        v = v.reshape(v.shape[0] // 8, 8, *v.shape[1:])
+        shifts = (torch.arange(8) * 4).reshape(1, 8, *([1] * (v.dim() - 2)))
+        word = (v << shifts).sum(dim=1)
+        signed = torch.where(word < 2**31, word, word - 2**32)  # int32's two's complement
+        return signed.to(torch.int32).movedim(0, dim).contiguous()
+
+    def convert(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = weight.float().T  # (in, out), as GPTQ stores it
+        n_in, n_out = w.shape
+        groups = w.reshape(n_in // group, group, n_out)
+        scale = groups.abs().amax(dim=1).clamp_min(1e-8) / 7
+        q = (groups / scale[:, None]).round().clamp(-8, 7).to(torch.int64) + 8
+        prefix = name.removesuffix(".weight")
+        zeros = torch.full((n_in // group, n_out), 8)
+        tensors = {
+            f"{prefix}.qweight": pack(q.reshape(n_in, n_out), 0 if method == "gptq" else 1),
+            f"{prefix}.qzeros": pack(zeros, 1),
+            f"{prefix}.scales": scale.half(),
+        }
+        if method == "gptq":
+            tensors[f"{prefix}.g_idx"] = torch.arange(n_in, dtype=torch.int32) // group
+        return tensors
+
+    quantization: dict[str, object] = {
+        "quant_method": method, "bits": 4, "group_size": group, "sym": True,
+        **({"desc_act": False} if method == "gptq" else {"version": "gemm", "zero_point": True}),
+    }  # fmt: skip
+    return _quantized_copy(base, out, convert, quantization)
+
+
+def bnb_checkpoint(base: Path, out: Path, *, bits: int = 4) -> Path:
+    """``base`` with the tensor names and dtypes transformers' save_pretrained writes for a
+    bitsandbytes model (read off a real bitsandbytes 0.50 save): 4-bit nf4 with double
+    quantization (``weight`` packed uint8, ``absmax``, ``quant_map``, ``nested_*`` and the
+    ``quant_state.bitsandbytes__nf4`` blob), or LLM.int8 (``weight`` int8, ``SCB``,
+    ``weight_format``). The values are placeholders: only a refusal reads these."""
+
+    def convert(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        prefix = name.removesuffix(".weight")
+        numel = weight.numel()
+        if bits == 8:
+            return {
+                name: torch.zeros(weight.shape, dtype=torch.int8),
+                f"{prefix}.SCB": weight.float().abs().amax(dim=1),
+                f"{prefix}.weight_format": torch.tensor(0, dtype=torch.uint8),
+            }
+        return {
+            name: torch.zeros(numel // 2, 1, dtype=torch.uint8),
+            f"{name}.absmax": torch.zeros(numel // 64, dtype=torch.uint8),
+            f"{name}.nested_absmax": torch.ones(1),
+            f"{name}.nested_quant_map": torch.linspace(-1, 1, 256),
+            f"{name}.quant_map": torch.linspace(-1, 1, 16),
+            f"{name}.quant_state.bitsandbytes__nf4": torch.zeros(100, dtype=torch.uint8),
+        }
+
+    quantization: dict[str, object] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": bits == 4, "load_in_8bit": bits == 8,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+    }  # fmt: skip
+    return _quantized_copy(base, out, convert, quantization)
 
 
 # ── training checkpoints ──────────────────────────────────────────────────────────────

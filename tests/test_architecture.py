@@ -49,7 +49,7 @@ foundation  _version errors config secrets console runtime distributed schemas
 kernel      dynamics.*
 schema      schema schemas.generate schemas.__main__
 gate        gate
-tensors     tensors
+tensors     quantized tensors
 storage     files outputs cache
 inputs      sources.* families.*
 plugins     dynaudit_plugins.*

@@ -27,7 +27,10 @@ def role(name: str, kind: str) -> str:
 
 
 def skip_reason(info: TensorInfo) -> str | None:
-    """Why a tensor cannot be a layer (bias, norm, embedding, ...), or None when it can."""
+    """Why a tensor cannot be a layer (bias, norm, embedding, an FP8 weight's scale, ...), or
+    None when it can."""
+    if info.role is not None:
+        return info.role
     if not info.is_float:
         return f"non-float dtype {info.dtype}"
     rank = len(info.shape)
