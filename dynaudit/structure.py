@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dynaudit.config import FitSettings
 from dynaudit.dynamics.blocks import fit_flop
 from dynaudit.engine.plan import family_info
-from dynaudit.families.base import Detection, Family, Layer, LayerPlan, matrix_shape
+from dynaudit.families.base import (
+    Detection,
+    Family,
+    Layer,
+    LayerPlan,
+    matrix_shape,
+    read_matrices,
+)
 from dynaudit.schema import (
     BranchGain,
     InspectedLayer,
@@ -150,7 +157,7 @@ def check_matrices(
     rank_work = RANK_WORK if rank_work is None else rank_work
     out = {}
     for layer in plan.layers:
-        mats = family.matrices(layer, checkpoint.read(layer.source))
+        mats = read_matrices(family, layer, checkpoint)
         out[layer.name] = check_matrix(mats, checkpoint.tensors[layer.source].dtype, rank_work)
         del mats
     return out
@@ -304,7 +311,7 @@ def _node_norms(checkpoint: Checkpoint, plan: LayerPlan, family: Family) -> dict
     out = {}
     for node in plan.pass_through:
         info = checkpoint.tensors[node.source]
-        mats = family.matrices(node, checkpoint.read(node.source))
+        mats = read_matrices(family, node, checkpoint)
         out[node.name] = check_matrix(mats, info.dtype).spectral_norm
     return out
 

@@ -114,6 +114,15 @@ _TORCH_DTYPES = {
 }
 
 
+def _stacked(info: TensorInfo, index: int) -> TensorInfo:
+    """Entry ``index`` along the first axis of a stored tensor, as a tensor of its own: its
+    bytes are contiguous, ``nbytes / shape[0]`` of them from ``start + index · that``."""
+    if not info.shape or not 0 <= index < info.shape[0]:
+        raise IndexError(f"{info.name}: no entry {index} along the first axis of {info.shape}")
+    each = info.nbytes // info.shape[0]
+    return replace(info, shape=info.shape[1:], start=info.start + index * each, nbytes=each)
+
+
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key comparing digit runs as numbers, so ``layers.2`` comes before ``layers.10``.
     ``isdecimal``, not ``isdigit``: the runs ``\\d`` splits off are decimal digits, while
@@ -488,15 +497,18 @@ class Checkpoint:
         """Tensor names in natural order (numbers compared as numbers)."""
         return sorted(self.tensors, key=natural_key)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """One tensor as a fresh float32 CPU tensor (the only anonymous copy made); an FP8
-        weight with a scale tensor comes dequantized: multiplied by its scales in place."""
+        weight with a scale tensor comes dequantized: multiplied by its scales in place.
+        With ``index``, only ``tensor[index]`` of a stack (fused experts), read alone."""
         info = self.tensors[name]
-        out = self._float32(info)
         scale = self.dequantization.scales.get(name)
+        if index is not None and scale is None:
+            return self._float32(_stacked(info, index))
+        out = self._float32(info)
         if scale is not None and out.numel():
             dequantize_fp8(out, self._float32(self.tensors[scale.tensor]), scale.block)
-        return out
+        return out if index is None else out[index].clone()
 
     def _float32(self, info: TensorInfo) -> torch.Tensor:
         """The stored values of a float tensor, converted (exactly, but for F64) to float32."""

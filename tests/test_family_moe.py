@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import dynaudit
 from dynaudit.errors import UsageError
 from dynaudit.families import detect_family, get_family
-from dynaudit.families.base import Layer, weight_matrices
+from dynaudit.families.base import Layer, read_matrices, weight_matrices
 from dynaudit.families.build import StructureError
 from dynaudit.families.testing import check_family
 from dynaudit.reports import render_markdown
@@ -152,12 +152,33 @@ def test_fused_experts_equal_the_ones_save_pretrained_writes(moe_zoo: dict[str, 
                 fused.read(other.source),
             )
             assert torch.equal(ours, family.matrices(other, theirs)), k
+            assert torch.equal(ours, read_matrices(family, other, fused)), k  # read alone
     gate = key[1][0, 2, "expert.gate"]
     assert gate.name == "model.layers.0.mlp.experts.gate_up_proj[2:gate]"
     assert (gate.index, gate.rows) == (2, ((0, 24),))
     assert key[1][0, 2, "expert.up"].rows == ((24, 48),)
     assert key[1][1, 3, "expert.down"].name == "model.layers.1.mlp.experts.down_proj[3]"
     assert any("stored fused" in note for note in plans[1].notes)
+
+
+def test_one_expert_of_a_stack_is_read_alone(moe_zoo: dict[str, Path]) -> None:
+    """Reading expert E of a fused (E, ·, ·) stack reads that expert's bytes only: the others
+    may hold anything (here NaN) without touching the result."""
+    name = "model.layers.0.mlp.experts.down_proj"
+    with Checkpoint.open(moe_zoo["mixtral_fused"]) as fused:
+        whole = fused.read(name)
+    poisoned = whole.clone()
+    poisoned[[0, 1, 3]] = float("nan")
+    tensors = load_file(moe_zoo["mixtral_fused"] / "model.safetensors")
+    tensors[name] = poisoned
+    out = moe_zoo["mixtral_fused"].parent / "poisoned"
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    with Checkpoint.open(out) as checkpoint:
+        assert torch.equal(checkpoint.read(name, 2), whole[2])
+        assert torch.isnan(checkpoint.read(name)).any()
+        with pytest.raises(IndexError):
+            checkpoint.read(name, 4)
 
 
 def test_latent_attention_is_split_by_the_config(moe_zoo: dict[str, Path]) -> None:

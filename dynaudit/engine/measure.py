@@ -27,7 +27,7 @@ from dynaudit.dynamics.kernel import fit_steps, matrix_seed, rms, sum_squares, w
 from dynaudit.dynamics.metrics import squared_error
 from dynaudit.engine.plan import Job, Planned, layer_groups
 from dynaudit.families import Family, Layer, LayerPlan
-from dynaudit.families.base import matrix_shape
+from dynaudit.families.base import matrix_shape, read_matrices
 from dynaudit.runtime import to_device
 from dynaudit.schema import (
     LayerResult,
@@ -133,7 +133,7 @@ def load_layer(
     """Read a layer's matrices (float32, as stored: the caller scales them) with its scale —
     the reference's from ``scales``, else its own RMS — its digest (:func:`layer_digest`),
     and why it gets null metrics, if it does."""
-    weight = family.matrices(layer, checkpoint.read(layer.source))
+    weight = read_matrices(family, layer, checkpoint)
     digest = layer_digest(weight)
     if not bool(torch.isfinite(weight).all()):
         return Loaded(

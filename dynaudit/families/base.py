@@ -11,6 +11,7 @@ Plugins are discovered lazily: nothing is imported until a family is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import logging
@@ -48,6 +49,7 @@ __all__ = [
     "detect_family",
     "get_family",
     "matrix_shape",
+    "read_matrices",
     "weight_matrices",
 ]
 
@@ -296,6 +298,15 @@ def matrix_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, int]:
         m, n = (shape[1], shape[0]) if layer.transposed else (shape[0], shape[1])
         return 1, m, n
     return layer.groups, shape[0] // layer.groups, math.prod(shape[1:])
+
+
+def read_matrices(family: Family, layer: Layer, checkpoint: Checkpoint) -> torch.Tensor:
+    """``layer``'s matrices read from ``checkpoint`` through ``family.matrices``; one matrix
+    of a stack (``layer.index``, fused experts) is read alone, not the whole stack."""
+    if layer.index is None:
+        return family.matrices(layer, checkpoint.read(layer.source))
+    one = checkpoint.read(layer.source, layer.index)
+    return family.matrices(dataclasses.replace(layer, index=None), one)
 
 
 def weight_matrices(layer: Layer, weight: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from dynaudit.families.base import Family, LayerPlan, detect_family, get_family, matrix_shape
+from dynaudit.families.base import (
+    Family,
+    LayerPlan,
+    detect_family,
+    get_family,
+    matrix_shape,
+    read_matrices,
+)
 from dynaudit.tensors import Checkpoint
 
 __all__ = ["ConformanceError", "check_family"]
@@ -89,7 +96,7 @@ def _check_matrices(
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in (*plan.layers, *plan.pass_through):
         expected = matrix_shape(layer, checkpoint.tensors[layer.source].shape)
-        got = tuple(family.matrices(layer, checkpoint.read(layer.source)).shape)
+        got = tuple(read_matrices(family, layer, checkpoint).shape)
         _require(got == expected, f"{layer.name}: matrices of shape {got}, planned {expected}")
         shapes[layer.name] = expected
     return shapes

@@ -103,7 +103,11 @@ class AdapterCheckpoint(Checkpoint):
     replaced: dict[str, str] = field(default_factory=dict)  # base name → adapter tensor
     fan_in_fan_out: bool = False
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        if index is not None:  # one matrix of a stack: read alone unless the adapter changes it
+            if name in self.replaced or name in self.deltas:
+                return self.read(name)[index].clone()
+            return super().read(name, index)
         assert self.adapter is not None
         if name in self.replaced:
             weight = self.adapter.read(self.replaced[name])

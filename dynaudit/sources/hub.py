@@ -301,7 +301,7 @@ def _quiet(*loggers: str) -> Iterator[None]:
 class RemoteCheckpoint(Checkpoint):
     """Tensor headers of a Hub checkpoint read with ranged requests; no tensor data."""
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
         raise UsageError(f"{self.root}: only the headers were fetched; resolve it to read weights")
 
 
