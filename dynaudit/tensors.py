@@ -382,6 +382,26 @@ def read_json(path: Path) -> Any:
     return data
 
 
+def _sentence_transformers_module(root: Path) -> Path | None:
+    """The folder of the transformer module that a sentence-transformers ``modules.json``
+    names (``0_Transformer`` before sentence-transformers 2 kept the weights there), when it
+    is a plain sub-folder of ``root``; None otherwise."""
+    if not present(root / "modules.json", "modules.json"):
+        return None
+    modules = read_json(root / "modules.json")
+    for module in modules if isinstance(modules, list) else []:
+        kind, where = (
+            module.get(k) if isinstance(module, dict) else None for k in ("type", "path")
+        )
+        if not (isinstance(kind, str) and kind.endswith(".Transformer") and isinstance(where, str)):
+            continue
+        folder = root / where
+        plain = where not in ("", ".", "..") and "/" not in where and "\\" not in where
+        if plain and not folder.is_symlink() and folder.is_dir():
+            return folder
+    return None
+
+
 @dataclass
 class Checkpoint:
     """A safetensors checkpoint on disk: a single file, an HF-style or a sharded directory."""
@@ -427,6 +447,14 @@ class Checkpoint:
                 first = root / selection.files[0]
                 raise PickleRefused(_pickle_message(first), path=str(first))
             if not selection.files:
+                module = _sentence_transformers_module(root)
+                if module is not None:  # sentence-transformers < 2: weights in 0_Transformer/
+                    opened = cls.open(module)
+                    opened.weights_note = (
+                        f"the transformer module {module.name}/ that modules.json names "
+                        "(a sentence-transformers folder)"
+                    )
+                    return opened
                 raise EmptyCheckpoint(
                     f"{root}: no .safetensors weights in this directory", path=str(root)
                 )

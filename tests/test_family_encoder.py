@@ -364,16 +364,26 @@ def test_a_legacy_sentence_transformers_subfolder_opens(tmp_path: Path) -> None:
     assert len(check_family("encoder", root / "0_Transformer").layers) == 19
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=EmptyCheckpoint,
-    reason="sources: the root of a legacy sentence-transformers folder is not followed into "
-    "the 0_Transformer/ that its modules.json names (open that folder instead)",
-)
 def test_a_legacy_sentence_transformers_root_opens(tmp_path: Path) -> None:
+    """The root is followed into the 0_Transformer/ its modules.json names, and says so."""
     test_a_legacy_sentence_transformers_subfolder_opens(tmp_path)
     with Checkpoint.open(tmp_path / "legacy") as checkpoint:
         assert detect_family(checkpoint).family.name == "encoder"
+        assert checkpoint.root == tmp_path / "legacy" / "0_Transformer"
+        assert "0_Transformer/ that modules.json names" in (checkpoint.selection_note or "")
+
+
+def test_a_modules_json_is_not_followed_out_of_its_folder(tmp_path: Path) -> None:
+    """A modules.json naming a path outside the folder (or a link) opens nothing."""
+    outside = producers.bert(tmp_path / "elsewhere")
+    root = tmp_path / "crafted"
+    root.mkdir()
+    (root / "link").symlink_to(outside)
+    for where in ("../elsewhere", str(outside), "link"):
+        module = {"idx": 0, "path": where, "type": "sentence_transformers.models.Transformer"}
+        (root / "modules.json").write_text(json.dumps([module]))
+        with pytest.raises(EmptyCheckpoint):
+            Checkpoint.open(root)
 
 
 def _minilm_zip() -> Path:
