@@ -134,9 +134,10 @@ class SourceInfo(_Model):
     files: dict[str, str] = Field(description="weight file → sha256")
     selection: str | None = Field(
         None,
-        description="which weight files were audited and why, when others were present, and "
-        "where the weights were found in a training checkpoint (its key) (absent when every "
-        "weight file present was audited whole)",
+        description="which weight files were audited and why, when others were present; "
+        "where the weights were found (a training checkpoint's key, a sentence-transformers "
+        "module); FP8 weights dequantized as read (absent when every weight file present was "
+        "audited whole, as stored)",
         exclude_if=lambda value: value is None,
     )
 

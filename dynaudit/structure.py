@@ -61,7 +61,18 @@ __all__ = [
 ]
 
 # Unit roundoff of each storage dtype: the rounding noise a stored weight carries.
-_ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
+# Unit roundoff of each storage dtype: 2^-(mantissa bits + 1). FP8 weights are dequantized with
+# their scales, but the values carry FP8's rounding noise all the same.
+_ROUNDOFF = {
+    "F64": 2.0**-53,
+    "F32": 2.0**-24,
+    "F16": 2.0**-11,
+    "BF16": 2.0**-8,
+    "F8_E4M3": 2.0**-4,
+    "F8_E4M3FNUZ": 2.0**-4,
+    "F8_E5M2": 2.0**-3,
+    "F8_E5M2FNUZ": 2.0**-3,
+}
 _EPS32 = 2.0**-23
 
 

@@ -227,6 +227,23 @@ def test_rank_tolerance_follows_the_storage_dtype(write_checkpoint: WriteCheckpo
         assert rank_tolerance(10.0, 1.0, 64, 48, dtype) <= rank_tolerance(10.0, 1.0, 64, 48, "BF16")
 
 
+def test_fp8_weights_are_ranked_at_fp8_precision(write_checkpoint: WriteCheckpoint) -> None:
+    """An FP8 weight is read dequantized to float32, yet its tolerance is FP8's: the 8 zero
+    singular values that E4M3 rounding lifts are still zero (the float32 floor took them as
+    rank), and the tolerance is FP8's noise, 16 times bf16's."""
+    generator = torch.Generator().manual_seed(0)
+    u, s, vh = torch.linalg.svd(torch.randn(64, 48, generator=generator), full_matrices=False)
+    s[-8:] = 0.0
+    found = dynaudit.inspect(
+        write_checkpoint({"w.weight": ((u * s) @ vh).to(torch.float8_e4m3fn)}), weights=True
+    )
+    (layer,) = found.layers
+    assert (layer.dtype, layer.rank, layer.full_rank) == ("F8_E4M3", 40, 48)
+    assert rank_tolerance(10.0, 1.0, 64, 48, "F8_E4M3") == 16 * rank_tolerance(
+        10.0, 1.0, 64, 48, "BF16"
+    )
+
+
 # --- residual branches: one gain per block ---
 
 
