@@ -29,9 +29,11 @@ from dynaudit.families.naming import skip_reason
 from dynaudit.tensors import Checkpoint
 
 __all__ = [
+    "VALUE_PATH",
     "PlanBuilder",
     "Stream",
     "StructureError",
+    "add_transformer_block",
     "chain_index",
     "config_int",
     "index_blocks",
@@ -141,6 +143,45 @@ class PlanBuilder:
         self.plan.layers.sort(key=lambda layer: layer.depth)  # stable: keeps order within depth
         self.plan.pass_through.sort(key=lambda node: node.depth)
         return self.plan
+
+
+VALUE_PATH = "attention: the value path only (q and k act through the softmax)"
+
+
+def add_transformer_block(
+    build: PlanBuilder,
+    stream: Stream,
+    index: int,
+    attention: tuple[Layer, Layer, Layer, Layer],
+    mlp: tuple[Layer, ...],
+    *,
+    value_map: IndexMap = IDENTITY,
+    parallel: bool = False,
+    note: str = VALUE_PATH,
+) -> None:
+    """A pre-norm transformer block on the residual ``stream`` (norms scale channels, they do
+    not mix them): query, key and value read the stream; the output projection reads the
+    value through ``value_map`` (the heads); the MLP's input layers (``mlp[:-1]``: fc, or
+    gate and up) read the stream — the block's own input with a ``parallel`` residual, else
+    the stream after attention — and its output layer reads them. The stream gains the
+    attention output and the MLP output; the block's branches are the value path and the
+    MLP."""
+    q, k, v, out = attention
+    *inputs, mlp_out = mlp
+    block_input = Stream(list(stream.producers), stream.reads_input)
+    for layer in (q, k, v):
+        build.add(layer, stream)
+    build.add(out, [v.name], value_map)
+    stream.add(out.name)
+    for layer in inputs:
+        build.add(layer, block_input if parallel else stream)
+    build.add(mlp_out, [layer.name for layer in inputs])
+    stream.add(mlp_out.name)
+    build.block(
+        f"block {index}",
+        {"attention": (v.name, out.name), "mlp": tuple(layer.name for layer in mlp)},
+        note=note,
+    )
 
 
 def require_weight(

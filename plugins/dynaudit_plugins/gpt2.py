@@ -24,6 +24,7 @@ from dynaudit.families.build import (
     PlanBuilder,
     Stream,
     StructureError,
+    add_transformer_block,
     config_int,
     index_blocks,
     require_weight,
@@ -116,18 +117,7 @@ class GPT2Family(Family):
             _expect(checkpoint, out, (width, width))
             _expect(checkpoint, fc, (width, inner))
             _expect(checkpoint, proj, (inner, width))
-            for attn in (q, k, v):
-                build.add(attn, stream)
-            build.add(out, [v.name])
-            stream.add(out.name)
-            build.add(fc, stream)
-            build.add(proj, [fc.name])
-            stream.add(proj.name)
-            build.block(
-                f"block {index}",
-                {"attention": (v.name, out.name), "mlp": (fc.name, proj.name)},
-                note="attention: the value path only (q and k act through the softmax)",
-            )
+            add_transformer_block(build, stream, index, (q, k, v, out), (fc, proj))
         for name in checkpoint.tensors:
             reason = next((r for end, r in _BUFFERS.items() if name.endswith(end)), None)
             if reason is not None:

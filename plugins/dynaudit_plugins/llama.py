@@ -22,9 +22,11 @@ import re
 
 from dynaudit.families import Family, IndexMap, Layer, LayerPlan, matrix_shape
 from dynaudit.families.build import (
+    VALUE_PATH,
     PlanBuilder,
     Stream,
     StructureError,
+    add_transformer_block,
     config_int,
     index_blocks,
     require_weight,
@@ -130,19 +132,14 @@ class LlamaFamily(Family):
             q, k, v, o = (layer[f"self_attn.{x}_proj"] for x in "qkvo")
             gate, up, down = (layer[f"mlp.{x}_proj"] for x in ("gate", "up", "down"))
             heads.check(checkpoint, q, k, v, o)
-            for attn in (q, k, v):
-                build.add(attn, stream)
-            build.add(o, [v.name], heads.value_map())
-            stream.add(o.name)
-            build.add(gate, stream)
-            build.add(up, stream)
-            build.add(down, [gate.name, up.name])
-            stream.add(down.name)
-            build.block(
-                f"block {index}",
-                {"attention": (v.name, o.name), "mlp": (gate.name, up.name, down.name)},
-                note="attention: the value path only (q and k act through the softmax); "
-                "mlp: gate ⊙ up is quadratic in its input",
+            add_transformer_block(
+                build,
+                stream,
+                index,
+                (q, k, v, o),
+                (gate, up, down),
+                value_map=heads.value_map(),
+                note=f"{VALUE_PATH}; mlp: gate ⊙ up is quadratic in its input",
             )
 
         vocab = self._head(build, checkpoint, stream, len(blocks))

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 from dynaudit.families import Family, IndexMap, Layer, LayerPlan
 from dynaudit.families.build import (
+    VALUE_PATH,
     PlanBuilder,
     Stream,
     StructureError,
+    add_transformer_block,
     config_int,
     index_blocks,
     require_weight,
@@ -237,22 +239,15 @@ class NeoXFamily(Family):
             _expect(checkpoint, out, (hidden, layout.heads * layout.head_dim))
             _expect(checkpoint, fc, (ffn, hidden))
             _expect(checkpoint, proj, (hidden, ffn))
-            block_input = list(stream.producers)
-            for attn in (q, k, v):
-                build.add(attn, stream)
-            build.add(out, [v.name], layout.value_map())
-            if parallel:
-                build.add(fc, Stream(block_input, stream.reads_input))
-                stream.add(out.name)
-            else:
-                stream.add(out.name)
-                build.add(fc, stream)
-            build.add(proj, [fc.name])
-            stream.add(proj.name)
-            build.block(
-                f"block {index}",
-                {"attention": (v.name, out.name), "mlp": (fc.name, proj.name)},
-                note="attention: the value path only (q and k act through the softmax)"
+            add_transformer_block(
+                build,
+                stream,
+                index,
+                (q, k, v, out),
+                (fc, proj),
+                value_map=layout.value_map(),
+                parallel=parallel,
+                note=VALUE_PATH
                 + (
                     "; parallel residual x + attention(x) + mlp(x): both branches read the "
                     "block's input"

@@ -20,6 +20,7 @@ from dynaudit.families.build import (
     PlanBuilder,
     Stream,
     StructureError,
+    add_transformer_block,
     config_int,
     index_blocks,
     require_weight,
@@ -97,18 +98,7 @@ class ViTFamily(Family):
                 q, k, v = (Layer(parts[p], t, depth) for p, t in scheme.items() if t in _QKV)
             by_type = {t: Layer(parts[p], t, depth) for p, t in scheme.items() if t not in _QKV}
             out, fc1, fc2 = by_type["output"], by_type["fc1"], by_type["fc2"]
-            for attn in (q, k, v):
-                build.add(attn, stream)
-            build.add(out, [v.name])
-            stream.add(out.name)
-            build.add(fc1, stream)
-            build.add(fc2, [fc1.name])
-            stream.add(fc2.name)
-            build.block(
-                f"block {index}",
-                {"attention": (v.name, out.name), "mlp": (fc1.name, fc2.name)},
-                note="attention: the value path only (q and k act through the softmax)",
-            )
+            add_transformer_block(build, stream, index, (q, k, v, out), (fc1, fc2))
         top = len(blocks) + 1
         outputs = width
         for name in checkpoint.names():
