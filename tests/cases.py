@@ -152,9 +152,9 @@ BAD_CHECKPOINTS = [
         "only 0-d and 1-d tensors", _only_vectors, ("{source}", "no weight matrix to audit")
     ),
     BadCheckpoint(
-        "dtype C64",
+        "only a complex (C64) weight",
         _header({"w": _f32([2, 2], 0, 32, "C64")}, b"\0" * 32),
-        ("{source}", "'w'", "dtype 'C64'"),
+        ("{source}", "no weight matrix to audit", "'w' (non-float dtype C64)"),
     ),
     BadCheckpoint(
         "dtype 'float32!'",

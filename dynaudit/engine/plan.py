@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from dynaudit.config import FitSettings
 from dynaudit.distributed import Ranks
-from dynaudit.errors import NothingToAudit, UsageError
+from dynaudit.errors import NothingToAudit, UsageError, listed
 from dynaudit.families import Detection, Family, Layer, LayerPlan, Skip, detect_family
 from dynaudit.schema import FamilyInfo, SourceInfo, depth_groups
 from dynaudit.sources.base import ResolvedSource
@@ -182,9 +182,10 @@ def require_layers(plan: LayerPlan, detection: Detection, where: str) -> None:
     """A checkpoint without a single layer to fit has nothing to audit: an input error, not a
     report of zero layers that passes every gate."""
     if not plan.layers:
+        skipped = [f"{s.name!r} ({s.reason})" for s in plan.skipped]
         raise NothingToAudit(
-            f"{where}: no weight matrix to audit (family {detection.family.name}: only "
-            "biases, norms or scalars?)"
+            f"{where}: no weight matrix to audit (family {detection.family.name} skipped every "
+            f"tensor: {listed(skipped, 3) or 'there are none'})"
         )
 
 
