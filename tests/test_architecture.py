@@ -58,7 +58,7 @@ engine      engine.*
 structure   structure
 renderers   reports.*
 facade      api dynaudit
-tracking    tracking
+tracking    tracking hub_comments
 cli         cli.* __main__ demo
 """
 # Why this order. The kernel (the method's mathematics) and the gate (the pure policy) sit
@@ -68,7 +68,8 @@ cli         cli.* __main__ demo
 # stored baselines (on disk or in MLflow); structure (inspect) reuses the engine's plan. The
 # renderers turn a finished report into text. The facade (dynaudit.api, and the package's lazy
 # table of it) is the one entry point; above it only its users: tracking (a report logged to an
-# MLflow run, and the training callback, which measures through the facade) and the CLI.
+# MLflow run or posted to the Hub repository it checked, and the training callback, which
+# measures through the facade) and the CLI.
 
 
 Graph = dict[str, set[str]]

@@ -156,11 +156,13 @@ def check(
     threads: flags.Threads = None,
     reach: flags.Reach,
     outputs: flags.CheckRun,
+    hub: flags.HubWriteBack,
 ) -> int:
     """Compare a checkpoint with its baseline; exit 1 when capacity was lost or weights damaged."""
     from dynaudit.api import check as run
 
     source, inputs = _read(source, revision, base)
+    hub.check(source)
     inputs.add_reference(baseline_ref)
     guard_outputs(flags.paths(outputs.files()), inputs)  # before any fit
     config = ctx.meta.get("dynaudit.config")
@@ -183,7 +185,7 @@ def check(
         )
     if not main_rank:
         return ExitCode.OK
-    return _finish_check(report, inputs, base, outputs, reach.mlflow_uri)
+    return _finish_check(report, inputs, base, outputs, reach, hub)
 
 
 @app.command(epilog=_EPILOG)
@@ -221,15 +223,21 @@ def compare(
             all_seeds=outputs.all_seeds,
             sources=reach.options(),
         )
-    return _finish_check(report, inputs, None, outputs, reach.mlflow_uri)
+    return _finish_check(report, inputs, None, outputs, reach)
 
 
 def _finish_check(
-    report: CheckReport, inputs: Inputs, base: str | None, outputs: flags.CheckRun, uri: str | None
+    report: CheckReport,
+    inputs: Inputs,
+    base: str | None,
+    outputs: flags.CheckRun,
+    reach: flags.Reach,
+    hub: flags.HubWriteBack | None = None,
 ) -> int:
     """Write the requested files, print the table, report to GitHub Actions when inside it,
-    then log to MLflow when asked; the exit code is the verdict's. The resolved checkpoint and
-    baseline are inputs too: no output may be one of them."""
+    then log to MLflow and post to the Hub when asked (side channels: a failure is a warning);
+    the exit code is the verdict's. The resolved checkpoint and baseline are inputs too: no
+    output may be one of them."""
     from dynaudit.errors import NonFiniteWeights
     from dynaudit.reports.check import render_check_terminal
     from dynaudit.reports.ci import report_to_github
@@ -244,7 +252,11 @@ def _finish_check(
     if outputs.log_mlflow:
         from dynaudit.tracking import log_or_warn
 
-        log_or_warn(report, uri)
+        log_or_warn(report, reach.mlflow_uri)
+    if hub is not None and (hub.hub_comment or hub.hub_pr):
+        from dynaudit.hub_comments import post_or_warn
+
+        post_or_warn(report, reach.options(), comment=hub.hub_comment, pr=hub.hub_pr)
     if report.comparison.non_finite:
         raise NonFiniteWeights(report.comparison.non_finite)
     return ExitCode.OK if report.verdict.passed else ExitCode.GATE_FAILED

@@ -31,6 +31,7 @@ __all__ = [
     "CheckRun",
     "Fit",
     "Fitting",
+    "HubWriteBack",
     "Reach",
     "Thresholds",
     "grouped",
@@ -499,6 +500,37 @@ class CheckRun:
             "--markdown": (self.markdown_path, Text(render_check_markdown)),
             "--junit": (self.junit_path, Text(render_junit)),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class HubWriteBack:
+    """Where check writes its verdict back on the Hub repository it checked (hf:// only)."""
+
+    hub_comment: Annotated[
+        bool,
+        typer.Option(
+            "--hub-comment",
+            help="post the Markdown report to a discussion of the checked hf:// repository, "
+            "updated in place by later checks (token: --hf-token or HF_TOKEN, with write access)",
+        ),
+    ] = False
+    hub_pr: Annotated[
+        bool,
+        typer.Option(
+            "--hub-pr",
+            help="open a pull request adding a dynaudit: block (verdict, summary, baseline, "
+            "version) to the model card of the checked hf:// repository, the report as its "
+            "description; an open one from an earlier check is updated instead",
+        ),
+    ] = False
+
+    def check(self, source: str) -> None:
+        """Either flag needs an ``hf://`` SOURCE: a usage error, before anything is fitted."""
+        from dynaudit.hub_comments import require_hub_source
+
+        for flag, given in (("--hub-comment", self.hub_comment), ("--hub-pr", self.hub_pr)):
+            if given:
+                require_hub_source(source, flag)
 
 
 def paths(files: Mapping[str, tuple[Path | None, object]]) -> dict[str, Path | None]:

@@ -41,7 +41,16 @@ from dynaudit.tensors import Checkpoint, WeightSelection, parse_header, read_jso
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SCHEME", "HubRepo", "card_base_model", "fetch", "open_remote_headers", "parse"]
+__all__ = [
+    "SCHEME",
+    "HubRepo",
+    "card_base_model",
+    "check_card_yaml",
+    "fetch",
+    "open_remote_headers",
+    "parse",
+    "transport_errors",
+]
 
 SCHEME = "hf://"
 FORM = "hf://org/name[@revision][/path]"
@@ -241,7 +250,7 @@ def card_base_model(text: str, where: str) -> str | None:
         return None  # no front matter (ModelCard would log a warning)
     block = found.group(2)
     try:
-        _check_card_yaml(block)
+        check_card_yaml(block)
         with _quiet("huggingface_hub.repocard", "huggingface_hub.repocard_data"):
             card = ModelCard(f"---\n{block}\n---\n", ignore_metadata_errors=True)
         named = card.data.get("base_model")
@@ -256,7 +265,7 @@ def card_base_model(text: str, where: str) -> str | None:
     return (named.strip() or None) if isinstance(named, str) else None
 
 
-def _check_card_yaml(block: str) -> None:
+def check_card_yaml(block: str) -> None:
     """What ``yaml.safe_load`` and ``ModelCardData`` would choke on, refused from the tokens
     first: a front matter over the size bound, nesting deeper than a card ever needs (PyYAML
     recurses, and its scanner slows down quadratically with depth), and aliases, which
@@ -496,7 +505,7 @@ def _tqdm_class() -> Any:
     return Quiet
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP library's connection and timeout errors (httpx2 for huggingface_hub 2,
     httpx for 1, requests for 0.x; huggingface_hub's own HTTP errors are caught before)."""
     found: list[type[BaseException]] = []
@@ -555,7 +564,7 @@ def _hub_errors(repo: HubRepo, options: SourceOptions) -> Iterator[None]:
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         raise _http_error(uri, endpoint, status) from exc
-    except _transport_errors() as exc:
+    except transport_errors() as exc:
         raise SourceUnreachable(
             f"{uri}: cannot reach the Hugging Face Hub at {endpoint} ({type(exc).__name__}); "
             "check --hf-endpoint / HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to use "
