@@ -418,3 +418,13 @@ def test_a_classifier_replaced_by_one_linear(tmp_path: Path) -> None:
     assert fc.name == "classifier.weight"
     assert plan.fed_by()[fc.name] == ["features.18.0.weight"]
     assert plan.widths[-2:] == [64, 3]
+
+
+def test_the_plan_names_squeeze_excitation_only_where_there_is_some(
+    mobile_zoo: dict[str, tuple[Path, list[str]]],
+) -> None:
+    """MobileNetV2 has no squeeze-excitation: its plan's note does not mention it; V3 does."""
+    without = plan_of(mobile_zoo["tv_mobilenet_v2"][0]).notes
+    with_se = plan_of(mobile_zoo["tv_mobilenet_v3_small"][0]).notes
+    assert not any("squeeze-excitation" in note for note in without)
+    assert any("squeeze-excitation convs are typed se.reduce" in note for note in with_se)

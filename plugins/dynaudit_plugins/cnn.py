@@ -549,10 +549,16 @@ def _plan_mobile(checkpoint: Checkpoint, mobile: _Mobile) -> LayerPlan:
         if batchnorm and leaf in ("weight", "running_mean", "running_var"):
             build.skip(name, "normalisation parameter")
     nodes = len(build.plan.pass_through)
+    excitation = any(layer.type.startswith("se.") for layer in build.plan.layers)
     build.note(
         f"cnn ({mobile.what}): {nodes} depthwise convolution(s) not fitted but kept in the "
         "graph as pass-through nodes (each reads the layer before it and feeds the one after "
-        "it); squeeze-excitation convs are typed se.reduce / se.expand, off the main path"
+        "it)"
+        + (
+            "; squeeze-excitation convs are typed se.reduce / se.expand, off the main path"
+            if excitation
+            else ""
+        )
     )
     if mobile.strides is not None:
         build.note(
