@@ -37,6 +37,7 @@ __all__ = [
     "chain_index",
     "config_int",
     "index_blocks",
+    "require_blocks",
     "require_weight",
 ]
 
@@ -198,6 +199,26 @@ def require_weight(
     shape = checkpoint.tensors[name].shape
     check_layer(Layer(name, type_ or kind, 0, kind), shape, family)
     return shape
+
+
+def require_blocks(
+    checkpoint: Checkpoint,
+    blocks: dict[int, dict[str, str]],
+    types: dict[str, str],
+    family: str,
+) -> None:
+    """Every block of ``blocks`` (from :func:`index_blocks`) has each part ``types`` names
+    (part → layer type), and each part is a linear weight (:func:`require_weight`), checked
+    before any shape is read to plan."""
+    for index, parts in sorted(blocks.items()):
+        missing = [p for p in types if p not in parts]
+        if missing:
+            raise StructureError(
+                f"{family}: block {index} lacks {', '.join(missing)} (pruned, or one shard of "
+                "several?)"
+            )
+        for part, name in parts.items():
+            require_weight(checkpoint, name, family, "linear", types[part])
 
 
 def chain_index(src_outputs: int, layer: Layer, shape: tuple[int, int, int]) -> IndexMap | None:

@@ -27,7 +27,7 @@ from dynaudit.families.build import (
     add_transformer_block,
     config_int,
     index_blocks,
-    require_weight,
+    require_blocks,
 )
 from dynaudit.tensors import Checkpoint
 
@@ -87,15 +87,7 @@ class GPT2Family(Family):
                 "gpt2: cross-attention blocks (add_cross_attention, GPT-2 as a decoder of an "
                 "encoder-decoder) are not supported; audit it with --family generic"
             )
-        for index, parts in sorted(blocks.items()):
-            missing = [p for p in _PARTS if p not in parts]
-            if missing:
-                raise StructureError(
-                    f"gpt2: block {index} lacks {', '.join(missing)} (pruned, or one shard of "
-                    "several?)"
-                )
-            for part, name in parts.items():  # before any shape is read below
-                require_weight(checkpoint, name, "gpt2", "linear", _PARTS[part])
+        require_blocks(checkpoint, blocks, _PARTS, "gpt2")
         expected = config_int(config, "n_layer", "num_hidden_layers")
         if expected is not None and sorted(blocks) != list(range(expected)):
             raise StructureError(

@@ -36,7 +36,7 @@ from dynaudit.families.build import (
     add_transformer_block,
     config_int,
     index_blocks,
-    require_weight,
+    require_blocks,
 )
 from dynaudit.tensors import Checkpoint
 
@@ -207,15 +207,7 @@ class NeoXFamily(Family):
             raise StructureError(f"neox: no {_NAMES[kind]} blocks ({names}) in {checkpoint.root}")
         if len(prefixes) > 1:
             raise StructureError(f"neox: several decoder stacks in one checkpoint: {prefixes}")
-        for index, parts in sorted(blocks.items()):
-            missing = [p for p in scheme if p not in parts]
-            if missing:
-                raise StructureError(
-                    f"neox: block {index} lacks {', '.join(missing)} (pruned, or one shard of "
-                    "several?)"
-                )
-            for part, name in parts.items():  # before any shape is read below
-                require_weight(checkpoint, name, "neox", "linear", _TYPES[scheme[part]])
+        require_blocks(checkpoint, blocks, {p: _TYPES[t] for p, t in scheme.items()}, "neox")
         expected = config_int(config, "num_hidden_layers", "n_layer")
         if expected is not None and sorted(blocks) != list(range(expected)):
             raise StructureError(
