@@ -16,6 +16,12 @@ edit it; and commits of regular (non-LFS) files: ``/api/validate-yaml``,
 ``create_pr=1`` opens a pull request whose commit is ``refs/pr/N``, as the Hub does. Writes need
 the token of a user added with :meth:`LocalHub.add_user`; :meth:`LocalHub.fail` makes chosen
 routes answer an error.
+
+It also sends the Hub's webhooks: :meth:`LocalHub.deliver` POSTs one ``repo.content`` payload
+as the Hub documents it, with the secret in ``X-Webhook-Secret``, and after
+:meth:`LocalHub.notify` every commit that moves a ref (through ``HfApi`` or :meth:`LocalHub.add`)
+is delivered in the background once it is stored, in commit order, and kept in
+:attr:`LocalHub.deliveries`.
 """
 
 from __future__ import annotations
@@ -25,14 +31,18 @@ import contextlib
 import hashlib
 import itertools
 import json
+import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -83,6 +93,22 @@ class Repo:
     discussions: list[Discussion] = field(default_factory=list)  # pull requests too
 
 
+@dataclass(frozen=True)
+class Webhook:
+    """A webhook registered with :meth:`LocalHub.notify`: where, and the secret it sends."""
+
+    id: str
+    url: str
+    secret: str
+
+
+class Delivery(NamedTuple):
+    """One webhook POST: the receiver's status (0: it could not be reached) and the payload."""
+
+    status: int
+    payload: dict[str, object]
+
+
 @dataclass
 class Request:
     method: str
@@ -104,6 +130,11 @@ class LocalHub:
         self.faults: dict[str, tuple[int, float]] = {}  # regex on the path → (status, delay)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self.webhooks: list[Webhook] = []
+        self.deliveries: list[Delivery] = []
+        self._delivered = threading.Condition(self._lock)
+        self._outbox: queue.Queue[tuple[Webhook, dict[str, object]]] = queue.Queue()
+        self._sender: threading.Thread | None = None
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -139,9 +170,12 @@ class LocalHub:
             json.dumps([repo_id, sorted((n, b.sha256) for n, b in files.items())]).encode()
         ).hexdigest()
         repo = self.repos.setdefault(repo_id, Repo())
-        repo.commits[commit] = files
-        repo.refs.update(dict.fromkeys(revisions, commit))
-        repo.token, repo.gated = token, gated
+        with self._lock:
+            before = dict(repo.refs)
+            repo.commits[commit] = files
+            repo.refs.update(dict.fromkeys(revisions, commit))
+            repo.token, repo.gated = token, gated
+        self.pushed(repo_id, before)
         return commit
 
     def store(self, name: str, data: bytes) -> Blob:
@@ -152,6 +186,132 @@ class LocalHub:
             stored.write_bytes(data)
         git_oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         return Blob(stored, len(data), sha256, git_oid, name.endswith(LFS_SUFFIXES))
+
+    # -- webhooks ------------------------------------------------------------------------------
+    def payload(
+        self,
+        repo_id: str,
+        sha: str | None,
+        *,
+        ref: str = "refs/heads/main",
+        old: str | None = None,
+        scope: str = "repo.content",
+        action: str = "update",
+        repo_type: str = "model",
+        webhook_id: str = "0" * 24,
+        refs: Mapping[str, tuple[str | None, str | None]] | None = None,
+    ) -> dict[str, object]:
+        """The JSON the Hub posts (hub-docs ``webhooks.md``, version 3) for ``ref`` moving from
+        ``old`` to ``sha`` (None: a deleted ref); ``refs`` gives several at once. ``headSha``
+        is main's head, whatever ref moved, as on the Hub."""
+        repo = self.repos.get(repo_id)
+        owner = repo_id.split("/")[0]
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        moved = refs if refs is not None else {ref: (old, sha)}
+        return {
+            "event": {"action": action, "scope": scope},
+            "repo": {
+                "type": repo_type, "name": repo_id,
+                "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+                "private": repo is not None and repo.token is not None,
+                "url": {
+                    "web": f"{self.url}/{prefix}{repo_id}",
+                    "api": f"{self.url}/api/{repo_type}s/{repo_id}",
+                },
+                "headSha": repo.refs.get("main", sha) if repo is not None else sha,
+                "tags": [], "owner": {"id": hashlib.sha1(owner.encode()).hexdigest()[:24]},
+            },
+            "updatedRefs": [{"ref": r, "oldSha": o, "newSha": n} for r, (o, n) in moved.items()],
+            "webhook": {"id": webhook_id, "version": 3},
+        }  # fmt: skip
+
+    def deliver(
+        self,
+        url: str,
+        secret: str | None,
+        repo_id: str,
+        sha: str | None,
+        *,
+        ref: str = "refs/heads/main",
+        old: str | None = None,
+        scope: str = "repo.content",
+        action: str = "update",
+        repo_type: str = "model",
+    ) -> int:
+        """POST one Hub webhook payload to ``url`` now, with ``X-Webhook-Secret: secret``
+        (None: no header); returns the HTTP status (0: not reachable). Recorded in
+        :attr:`deliveries` like the ones :meth:`notify` sends."""
+        payload = self.payload(
+            repo_id, sha, ref=ref, old=old, scope=scope, action=action, repo_type=repo_type
+        )
+        return self._post(Webhook("0" * 24, url, secret or ""), payload, secret is not None)
+
+    def notify(self, url: str, secret: str) -> Webhook:
+        """Register a webhook: from now on each commit that moves refs of a repo is POSTed to
+        ``url`` in the background (the commit's answer does not wait), one payload per commit
+        with every ref it moved: a branch ``refs/heads/NAME`` or a pull request's
+        ``refs/pr/N``, as the Hub does. Returns it, for :meth:`forget`."""
+        webhook = Webhook(self.next_id(), url, secret)
+        with self._lock:
+            self.webhooks.append(webhook)
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_forever, daemon=True)
+                self._sender.start()
+        return webhook
+
+    def forget(self, webhook: Webhook | None = None) -> None:
+        """Unregister ``webhook`` (None: all of them); the fixture's hub outlives a test."""
+        with self._lock:
+            self.webhooks = [w for w in self.webhooks if webhook is not None and w != webhook]
+
+    def wait_deliveries(self, n: int, timeout: float = 30) -> list[Delivery]:
+        """All deliveries so far, once there are at least ``n``; TimeoutError after
+        ``timeout`` seconds."""
+        with self._delivered:
+            if not self._delivered.wait_for(lambda: len(self.deliveries) >= n, timeout):
+                raise TimeoutError(f"{len(self.deliveries)} webhook deliveries, not {n}")
+            return list(self.deliveries)
+
+    def pushed(self, repo_id: str, before: Mapping[str, str]) -> None:
+        """Queue a delivery to every webhook for the refs of ``repo_id`` that differ from
+        ``before`` (a no-op push, the same commit again, sends nothing)."""
+        repo = self.repos[repo_id]
+        with self._lock:
+            moved = {
+                _ref_name(name): (before.get(name), sha)
+                for name, sha in repo.refs.items() if before.get(name) != sha
+            }  # fmt: skip
+            webhooks = list(self.webhooks)
+        if not moved:
+            return
+        for webhook in webhooks:
+            payload = self.payload(repo_id, None, refs=moved, webhook_id=webhook.id)
+            self._outbox.put((webhook, payload))
+
+    def _send_forever(self) -> None:
+        while True:
+            webhook, payload = self._outbox.get()
+            self._post(webhook, payload, send_secret=True)
+
+    def _post(self, webhook: Webhook, payload: dict[str, object], send_secret: bool) -> int:
+        headers = {"Content-Type": "application/json", "User-Agent": "huggingface-hub-webhooks"}
+        if send_secret:
+            headers["X-Webhook-Secret"] = webhook.secret
+        request = urllib.request.Request(
+            webhook.url, data=json.dumps(payload).encode(), headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status = int(response.status)
+        except urllib.error.HTTPError as error:
+            status = error.code
+            error.close()
+        except OSError:
+            status = 0
+        with self._delivered:
+            self.deliveries.append(Delivery(status, payload))
+            self._delivered.notify_all()
+        return status
 
     def add_user(self, name: str, token: str) -> None:
         """A user whose bearer ``token`` may write (open discussions, comment, commit)."""
@@ -201,6 +361,11 @@ _DISCUSSIONS = re.compile(
 )
 _WRITE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<kind>preupload|commit)/(?P<rev>.+)$")
 _PAGE = 50  # discussions per page of the listing
+
+
+def _ref_name(revision: str) -> str:
+    """A ref's full name as a webhook gives it: ``main`` is ``refs/heads/main``."""
+    return revision if revision.startswith("refs/") else f"refs/heads/{revision}"
 
 
 def _now() -> str:
@@ -489,15 +654,15 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     discussion.comments.append(comment)
                 self._json({"newMessage": _comment_event(comment)})
                 return
-            comment = discussion.comment(match["comment"].lower())
-            if comment is None:
+            edited = discussion.comment(match["comment"].lower())
+            if edited is None:
                 self._error(404, "", "Comment not found")
-            elif comment.author != user:
+            elif edited.author != user:
                 self._error(403, "", "You can only edit your own comments")
             else:
                 with hub._lock:
-                    comment.content, comment.edits = data["content"], comment.edits + 1
-                self._json({"updatedComment": _comment_event(comment)})
+                    edited.content, edited.edits = data["content"], edited.edits + 1
+                self._json({"updatedComment": _comment_event(edited)})
 
         def _write(self, repo_id: str, revision: str, kind: str, body: bytes) -> None:
             if (user := self._user()) is None:
@@ -540,6 +705,7 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 self._error(400, "", f"{revision} is not a branch")
                 return
             with hub._lock:
+                before = dict(repo.refs)
                 sha = hashlib.sha1(f"{parent} {hub.next_id()}".encode()).hexdigest()
                 repo.commits[sha] = files
                 pr_url = None
@@ -559,6 +725,7 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     pulls = [d for d in repo.discussions if d.num == int(match[1])]
                     for pull in pulls:
                         pull.commits.append((sha, header["summary"], _now()))
+            hub.pushed(repo_id, before)
             self._json({
                 "commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,
                 "pullRequestUrl": pr_url,

@@ -59,6 +59,7 @@ structure   structure
 renderers   reports.*
 facade      api dynaudit
 tracking    tracking hub_comments
+service     serve.*
 cli         cli.* __main__ demo
 """
 # Why this order. The kernel (the method's mathematics) and the gate (the pure policy) sit
@@ -69,7 +70,8 @@ cli         cli.* __main__ demo
 # renderers turn a finished report into text. The facade (dynaudit.api, and the package's lazy
 # table of it) is the one entry point; above it only its users: tracking (a report logged to an
 # MLflow run or posted to the Hub repository it checked, and the training callback, which
-# measures through the facade) and the CLI.
+# measures through the facade), the registry receiver (`dynaudit serve`, which writes verdicts
+# back through tracking) and the CLI.
 
 
 Graph = dict[str, set[str]]

@@ -264,6 +264,22 @@ def _finish_check(
 
 @app.command(epilog=_EPILOG)
 @flags.grouped
+def serve(
+    ctx: typer.Context,
+    *,
+    serving: flags.Serving,
+    device: flags.Device = "auto",
+    threads: flags.Threads = None,
+) -> int:
+    """Receive MLflow registry and Hugging Face Hub webhooks, check each new model version or
+    push against its declared baseline, and write the verdict back (docs/registry.md)."""
+    from dynaudit.serve import run
+
+    return run(serving.settings(ctx.meta.get("dynaudit.config"), device, threads))
+
+
+@app.command(epilog=_EPILOG)
+@flags.grouped
 def inspect(
     source: flags.Source,
     revision: flags.Revision = None,

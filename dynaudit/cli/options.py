@@ -33,6 +33,7 @@ __all__ = [
     "Fitting",
     "HubWriteBack",
     "Reach",
+    "Serving",
     "Thresholds",
     "grouped",
     "origin",
@@ -531,6 +532,176 @@ class HubWriteBack:
         for flag, given in (("--hub-comment", self.hub_comment), ("--hub-pr", self.hub_pr)):
             if given:
                 require_hub_source(source, flag)
+
+
+def _serve(flag: str, metavar: str, help: str, envvar: str | None = None) -> Any:
+    return typer.Option(flag, metavar=metavar, envvar=envvar, help=help, show_default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """``dynaudit serve``: where it listens, who may call it, where jobs live, how checks run."""
+
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", metavar="ADDR", help="address to listen on (0.0.0.0: every interface)"
+        ),
+    ] = "127.0.0.1"
+    port: Annotated[int, typer.Option("--port", metavar="N", help="port to listen on")] = 8750
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--mlflow-uri",
+            metavar="URI",
+            envvar="MLFLOW_TRACKING_URI",
+            help="MLflow tracking server whose registry sends webhooks and gets the verdicts",
+        ),
+    ] = None
+    secret: Annotated[
+        str | None,
+        _serve(
+            "--secret",
+            "SECRET",
+            "webhook secret of both sources (prefer the variable: flags show in process lists)",
+            "DYNAUDIT_SECRET",
+        ),
+    ] = dataclasses.field(default=None, repr=False)
+    mlflow_secret: Annotated[
+        str | None,
+        _serve(
+            "--mlflow-secret",
+            "SECRET",
+            "the MLflow webhook's secret (default: --secret)",
+            "DYNAUDIT_MLFLOW_WEBHOOK_SECRET",
+        ),
+    ] = dataclasses.field(default=None, repr=False)
+    hub_secret: Annotated[
+        str | None,
+        _serve(
+            "--hub-secret",
+            "SECRET",
+            "the Hub webhook's secret (default: --secret)",
+            "DYNAUDIT_HUB_WEBHOOK_SECRET",
+        ),
+    ] = dataclasses.field(default=None, repr=False)
+    ops_token: Annotated[
+        str | None,
+        _serve(
+            "--ops-token",
+            "TOKEN",
+            "bearer token for GET /jobs (no token: /jobs is off)",
+            "DYNAUDIT_OPS_TOKEN",
+        ),
+    ] = dataclasses.field(default=None, repr=False)
+    db: Annotated[
+        str | None,
+        _serve(
+            "--db",
+            "URL",
+            "SQLAlchemy URL of the job store (default: sqlite:///STATE_DIR/serve.db; "
+            "postgresql+psycopg://... for replicas sharing one)",
+            "DYNAUDIT_SERVE_DB",
+        ),
+    ] = None
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            "--state-dir", metavar="DIR", help="the database and each job's reports and logs"
+        ),
+    ] = Path("dynaudit-serve")
+    workers: Annotated[int, typer.Option("--workers", metavar="N", help="checks run at once")] = 1
+    job_timeout: Annotated[
+        float,
+        typer.Option(
+            "--job-timeout", metavar="SECONDS", help="a check still running after this is stopped"
+        ),
+    ] = 3600.0
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts", metavar="N", help="a job whose check crashes this often is given up"
+        ),
+    ] = 3
+    max_body: Annotated[
+        int,
+        typer.Option("--max-body", metavar="BYTES", help="largest webhook body taken (413 beyond)"),
+    ] = 1 << 20
+    writeback_retries: Annotated[
+        int,
+        typer.Option(
+            "--writeback-retries",
+            metavar="N",
+            help="retries of a registry call that failed (backoff up to 16 s)",
+        ),
+    ] = 5
+    guard: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--guard",
+            metavar="ALIAS",
+            help="move this MLflow alias back when it lands on a failing version (repeatable)",
+        ),
+    ] = None
+    hub_branch: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hub-branch",
+            metavar="BRANCH",
+            help="Hub branches whose pushes are checked (repeatable; default: main)",
+        ),
+    ] = None
+    hf_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--hf-endpoint",
+            metavar="URL",
+            envvar="HF_ENDPOINT",
+            help="Hugging Face Hub URL (default: the Hub)",
+        ),
+    ] = None
+    launcher: Annotated[
+        str | None,
+        typer.Option(
+            "--launcher",
+            metavar="COMMAND",
+            help="runs each check instead of this Python, e.g. "
+            "'torchrun --standalone --nproc-per-node 4' (the module and its flags follow)",
+        ),
+    ] = None
+
+    def settings(self, config: Path | None, device: str, threads: int | None) -> Any:
+        """The receiver's :class:`~dynaudit.serve.ServeSettings` (secrets remembered for
+        scrubbing); every check gets ``--config``, ``--device`` and ``--threads``."""
+        import os
+        import shlex
+
+        from dynaudit.serve.settings import ServeSettings
+
+        check_args = ["--device", device] + (["--threads", str(threads)] if threads else [])
+        if config is not None:
+            check_args[:0] = ["--config", str(config.resolve())]
+        return ServeSettings(
+            host=self.host,
+            port=self.port,
+            mlflow_uri=self.mlflow_uri,
+            mlflow_secret=self.mlflow_secret or self.secret,
+            hub_secret=self.hub_secret or self.secret,
+            ops_token=self.ops_token,
+            db=self.db,
+            state_dir=self.state_dir,
+            workers=self.workers,
+            job_timeout=self.job_timeout,
+            max_attempts=self.max_attempts,
+            max_body=self.max_body,
+            writeback_retries=self.writeback_retries,
+            guards=tuple(self.guard or ()),
+            hub_branches=tuple(self.hub_branch or ("main",)),
+            hf_endpoint=self.hf_endpoint,
+            hf_token=os.environ.get("HF_TOKEN") or None,
+            launcher=tuple(shlex.split(self.launcher)) if self.launcher else (),
+            check_args=tuple(check_args),
+        )
 
 
 def paths(files: Mapping[str, tuple[Path | None, object]]) -> dict[str, Path | None]:
