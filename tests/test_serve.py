@@ -461,6 +461,7 @@ def test_pushes_to_a_hub_repo_update_one_comment(
         assert done["state"] == "done" and done["verdict"] == "pass", receiver.tail()
         (discussion,) = [d for d in hub.discussions(tuned) if d.author == "dynaudit-serve-bot"]
         (comment,) = discussion.comments
+        assert comment.content.strip() == _rendered(done).strip()  # the report, as rendered
         assert "pass" in comment.content.lower() and first[:7] in comment.content
 
         second = hub.add(tuned, pushes["damaged"])
@@ -468,7 +469,8 @@ def test_pushes_to_a_hub_repo_update_one_comment(
         assert done["verdict"] == "fail", receiver.tail()
         (discussion,) = [d for d in hub.discussions(tuned) if d.author == "dynaudit-serve-bot"]
         (comment,) = discussion.comments
-        assert comment.edits == 1 and "fail" in comment.content.lower()
+        assert comment.edits == 1 and comment.content.strip() == _rendered(done).strip()
+        assert "fail" in comment.content.lower()
 
         replay = hub.deliver(f"{receiver.url}/hooks/hub", HUB_SECRET, tuned, second)
         assert replay == 202
@@ -478,3 +480,31 @@ def test_pushes_to_a_hub_repo_update_one_comment(
         hub.forget(webhook)
         receiver.stop()
     _no_secrets(receiver.log(), _check_logs(receiver))
+
+
+def _rendered(job: dict[str, Any]) -> str:
+    """The comment ``check --hub-comment`` would post for the report the job's check wrote."""
+    from dynaudit.hub_comments import render_comment
+    from dynaudit.schema import CheckReport
+
+    report = Path(job["report_dir"]) / "check.json"
+    return render_comment(CheckReport.model_validate_json(report.read_bytes()))
+
+
+def test_the_readme_start_command_starts_a_receiver(tmp_path: Path) -> None:
+    """README's "In a registry" command, as written (the port and folders aside)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## In a registry", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln for ln in section.splitlines() if ln.startswith("DYNAUDIT_SECRET=")]
+    variable, *argv = shlex.split(line)
+    assert variable.startswith("DYNAUDIT_SECRET=") and argv[:2] == ["dynaudit", "serve"]
+    command = [sys.executable, "-m", "dynaudit", *argv[1:]]
+    receiver = Receiver(tmp_path, [], env={"DYNAUDIT_SECRET": SECRET}, command=command).start()
+    try:
+        assert receiver.get("/health") == (200, {"status": "ok"})
+        body = _version_event("readme", "1")
+        assert receiver.post("/hooks/mlflow", body, sign(body))[0] == 202
+    finally:
+        receiver.stop()
+    assert "listening on http://127.0.0.1" in receiver.log()
+    _no_secrets(receiver.log())
