@@ -144,3 +144,16 @@ def test_protocol_quick_prints_and_records_every_part(tmp_path: Path) -> None:
         "| 0.550 |",
     ):
         assert heading in proc.stdout  # fmt: skip
+
+
+def test_the_cuda_check_says_so_without_a_gpu(tmp_path: Path) -> None:
+    """``python -m bench.cuda`` needs a CUDA machine; without one it says so and exits 0."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.cuda", "--out", str(tmp_path / "a")],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0 and "no CUDA device" in done.stdout + done.stderr
