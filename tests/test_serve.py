@@ -246,6 +246,29 @@ def test_a_receiver_killed_during_a_check_runs_it_again_once_after_a_restart(
         receiver.stop()
 
 
+def test_a_check_can_run_under_torchrun_across_ranks(
+    registry: dict[str, Any], chains: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--launcher torchrun``: the check of a version whose baseline is stored in MLflow is
+    sharded over two ranks (the existing engine), and the verdict is read from its report."""
+    client, baseline = registry["client"], registry["baseline"]
+    ranks = tmp_path / "torchrun-logs"
+    launcher = shlex.join([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "--log-dir", str(ranks)])  # fmt: skip
+    receiver = _receiver(tmp_path, registry["server"].url, "--launcher", launcher).start()
+    hook = _hook(client, receiver)
+    try:
+        version = _register(client, chains["good"], "gate-chain", {"dynaudit.baseline": baseline})
+        done = receiver.wait_job(_by_key(f"mlflow:gate-chain/{version}"), 180, OPS)
+        assert done["state"] == "done" and done["verdict"] == "pass", receiver.tail()
+        assert client.get_model_version("gate-chain", version).tags["dynaudit.verdict"] == "pass"
+    finally:
+        client.delete_webhook(hook.webhook_id)
+        receiver.stop()
+    (attempt,) = [p for p in ranks.rglob("attempt_0") if p.is_dir()]
+    assert sorted(p.name for p in attempt.iterdir()) == ["0", "1"]  # one folder per rank
+
+
 def test_an_mlflow_server_refusing_the_tags_is_retried_with_a_bound_then_recorded(
     registry: dict[str, Any], chains: dict[str, Path], tmp_path: Path
 ) -> None:
