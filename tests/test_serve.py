@@ -269,6 +269,24 @@ def test_a_check_can_run_under_torchrun_across_ranks(
     assert sorted(p.name for p in attempt.iterdir()) == ["0", "1"]  # one folder per rank
 
 
+def test_a_version_no_event_announced_is_found_by_the_sweep_of_a_watched_model(
+    registry: dict[str, Any], chains: dict[str, Path], tmp_path: Path
+) -> None:
+    """MLflow drops a delivery after a few seconds of retries: a version registered while no
+    receiver listened is found by ``--watch`` at start-up, checked and tagged."""
+    client, baseline = registry["client"], registry["baseline"]
+    client.create_registered_model("swept-chain")
+    version = _register(client, chains["damaged"], "swept-chain", {"dynaudit.baseline": baseline})
+    receiver = _receiver(tmp_path, registry["server"].url, "--watch", "swept-chain").start()
+    try:
+        done = receiver.wait_job(_by_key(f"mlflow:swept-chain/{version}"), 180, OPS)
+        assert done["state"] == "done" and done["verdict"] == "fail", receiver.tail()
+        assert client.get_model_version("swept-chain", version).tags["dynaudit.verdict"] == "fail"
+        assert "found unchecked" in receiver.log()
+    finally:
+        receiver.stop()
+
+
 def test_an_mlflow_server_refusing_the_tags_is_retried_with_a_bound_then_recorded(
     registry: dict[str, Any], chains: dict[str, Path], tmp_path: Path
 ) -> None:

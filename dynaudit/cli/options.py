@@ -643,6 +643,18 @@ class Serving:
             help="move this MLflow alias back when it lands on a failing version (repeatable)",
         ),
     ] = None
+    watch: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--watch",
+            metavar="MODEL",
+            help="also look for unchecked versions of this registered model at start-up and "
+            "every --sweep-every seconds, for events MLflow gave up delivering (repeatable)",
+        ),
+    ] = None
+    sweep_every: Annotated[
+        float, typer.Option("--sweep-every", metavar="SECONDS", help="how often --watch looks")
+    ] = 300.0
     hub_branch: Annotated[
         list[str] | None,
         typer.Option(
@@ -696,6 +708,8 @@ class Serving:
             max_body=self.max_body,
             writeback_retries=self.writeback_retries,
             guards=tuple(self.guard or ()),
+            watch=tuple(self.watch or ()),
+            sweep_every=self.sweep_every,
             hub_branches=tuple(self.hub_branch or ("main",)),
             hf_endpoint=self.hf_endpoint,
             hf_token=os.environ.get("HF_TOKEN") or None,

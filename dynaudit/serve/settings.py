@@ -32,6 +32,8 @@ class ServeSettings:
     max_body: int = 1 << 20
     writeback_retries: int = 5
     guards: tuple[str, ...] = ()
+    watch: tuple[str, ...] = ()  # registered models swept for versions no event announced
+    sweep_every: float = 300.0
     hub_branches: tuple[str, ...] = ("main",)
     hf_endpoint: str | None = None
     hf_token: str | None = dataclasses.field(default=None, repr=False)
@@ -63,6 +65,12 @@ class ServeSettings:
         ):
             if value <= 0:
                 raise UsageError(f"{name} must be positive, not {value}")
+        if self.watch and not self.mlflow_uri:
+            raise UsageError(
+                "--watch needs the registry: --mlflow-uri URI (or MLFLOW_TRACKING_URI)"
+            )
+        if self.sweep_every <= 0:
+            raise UsageError(f"--sweep-every must be positive, not {self.sweep_every}")
         if self.writeback_retries < 0:
             raise UsageError(f"--writeback-retries must be 0 or more, not {self.writeback_retries}")
         if not 0 < self.port < 65536:

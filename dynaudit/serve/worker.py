@@ -225,9 +225,43 @@ class Pool:
                 "job %s (%s): interrupted (attempt %d); queued again", job.id, job.key, job.attempts
             )
 
+    def sweep(self) -> None:
+        """Queue a check for each version of a ``--watch`` model that has no verdict yet:
+        MLflow gives up on a delivery after about ten seconds, so versions registered while
+        the receiver was down (or unreachable) are found here instead."""
+        from dynaudit.serve.events import version_key
+
+        for name in self.settings.watch:
+            try:
+                versions = self.writeback.unchecked_versions(name)
+            except Exception as exc:  # the registry is away: the next sweep tries again
+                log.warning(
+                    "cannot list the versions of %s: %s",
+                    printable(name),
+                    scrub(printable(str(exc)))[:300],
+                )
+                continue
+            for version in versions:
+                job, created = self.store.enqueue(
+                    version_key(name, version), "mlflow", {"name": name, "version": version}
+                )
+                if created:
+                    log.info(
+                        "job %s: version %s of %s found unchecked; queued",
+                        job.id,
+                        version,
+                        printable(name),
+                    )
+
     def _heartbeat(self) -> None:
         last_sweep = time.monotonic()
-        while not self.stopping.wait(HEARTBEAT_SECONDS):
+        last_watch = -float("inf")
+        while not self.stopping.is_set():
+            if self.settings.watch and time.monotonic() - last_watch >= self.settings.sweep_every:
+                last_watch = time.monotonic()
+                self.sweep()
+            if self.stopping.wait(HEARTBEAT_SECONDS):
+                break
             with self._lock:
                 held = list(self._held)
             for job_id in held:

@@ -127,6 +127,26 @@ class WriteBack:
             client(uri).set_terminated(run_id)
         return run_id
 
+    def unchecked_versions(self, name: str) -> list[str]:
+        """The versions of registered model ``name`` that are ready and carry no
+        ``dynaudit.verdict`` tag."""
+        from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
+        from dynaudit.tracking import VERDICT_TAG
+
+        if "'" in name:  # cannot be quoted in MLflow's filter syntax
+            raise ValueError("a model name with a quote cannot be searched")
+        uri = self._uri()
+        with mlflow_errors(f"the versions of {name}", uri), client_environment(uri):
+            found = client(uri).search_model_versions(f"name = '{name}'")
+        return sorted(
+            (
+                str(v.version)
+                for v in found
+                if VERDICT_TAG not in (v.tags or {}) and v.status == "READY"
+            ),
+            key=int,
+        )
+
     def _tag_error(self, job: Job, reason: str) -> None:
         from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
         from dynaudit.tracking import VERDICT_TAG
