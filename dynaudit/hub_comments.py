@@ -49,9 +49,11 @@ __all__ = [
     "discussion_title",
     "open_card_pr",
     "post_comment",
+    "post_error",
     "post_or_warn",
     "pr_title",
     "render_comment",
+    "render_error",
     "require_hub_source",
 ]
 
@@ -212,12 +214,33 @@ def _within(seconds: float, step: Any, *args: Any) -> Posted:
 def post_comment(report: CheckReport, options: SourceOptions) -> Posted:
     """Open the repository's dynaudit discussion with the report, or update the report in the
     discussion a previous check opened (see the module docstring)."""
+    return _keep_comment(_hub_repo(report), render_comment(report), options)
+
+
+def render_error(revision: str, reason: str) -> str:
+    """The comment that stands in for the report when a commit could not be checked (the
+    registry receiver's jobs): why, in one escaped line; the next check replaces it."""
+    from dynaudit.reports.escape import escape_markdown, markdown_code
+
+    return (
+        f"{MARKER}\n## dynaudit check: no verdict\n\n"
+        f"Commit {markdown_code(revision)} could not be checked: {escape_markdown(reason)}\n"
+        "\n---\n*The next check of this repository replaces this comment with its report.*\n"
+    )
+
+
+def post_error(source: str, reason: str, options: SourceOptions) -> Posted:
+    """:func:`render_error` for ``source`` (``hf://org/name@commit``), in the same discussion
+    and comment as the reports."""
+    repo = require_hub_source(source, "posting to the Hub")
+    return _keep_comment(repo, render_error(repo.revision or "main", reason), options)
+
+
+def _keep_comment(repo: HubRepo, body: str, options: SourceOptions) -> Posted:
     from huggingface_hub.community import DiscussionComment
 
-    repo = _hub_repo(report)
     api = _api(options)
     me = _user(api)
-    body = render_comment(report)
     title = discussion_title(repo)
     found = _ours(api, repo.repo_id, title, me, pull_request=False)
     if found is None:

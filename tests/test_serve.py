@@ -517,6 +517,19 @@ def test_pushes_to_a_hub_repo_update_one_comment(
         assert replay == 202
         assert sum(j["key"] == f"hub:{tuned}@{second}" for j in receiver.jobs(OPS)) == 1
         assert hub.deliver(f"{receiver.url}/hooks/hub", "wrong", tuned, second) == 401
+
+        # a push that cannot be checked (no base declared) says so in the same kind of comment
+        orphan = tmp_path / "orphan"
+        orphan.mkdir()
+        (orphan / "model.safetensors").write_bytes(
+            (chains["good"] / "model.safetensors").read_bytes()
+        )
+        third = hub.add("org/serve-orphan", orphan)
+        done = receiver.wait_job(_by_key(f"hub:org/serve-orphan@{third}"), 120, OPS)
+        assert done["state"] == "error" and "no baseline given" in done["reason"]
+        (discussion,) = hub.discussions("org/serve-orphan")
+        (comment,) = discussion.comments
+        assert "could not be checked" in comment.content and "no baseline given" in comment.content
     finally:
         hub.forget(webhook)
         receiver.stop()

@@ -100,13 +100,17 @@ class WriteBack:
         """A check that gave no verdict: say why on the model version (Hub: in the log and
         ``/jobs`` only), then end the job."""
         reason = job.reason or "the check gave no verdict"
-        if job.kind == "mlflow":
-            try:
+        try:
+            if job.kind == "mlflow":
                 self._bounded(
                     f"tag {_subject(job)} with the error", lambda: self._tag_error(job, reason)
                 )
-            except WriteBackFailed as exc:
-                reason = f"{reason}; and {exc}"
+            elif job.kind == "hub":
+                self._bounded(
+                    f"post the error to {_subject(job)}", lambda: self._post_error(job, reason)
+                )
+        except WriteBackFailed as exc:
+            reason = f"{reason}; and {exc}"
         pool.finish(job, "error", verdict="error", reason=reason[:_MAX_TAG])
 
     def _log_run(self, job: Job, report: CheckReport, pool: Pool) -> str:
@@ -167,6 +171,16 @@ class WriteBack:
         )
         posted = _within(DEADLINE, post_comment, report, options)
         return f"discussion {posted.action}: {posted.url}"
+
+    def _post_error(self, job: Job, reason: str) -> str:
+        from dynaudit.hub_comments import DEADLINE, _within, post_error
+        from dynaudit.sources import SourceOptions
+
+        options = SourceOptions(
+            hf_endpoint=self.settings.hf_endpoint, hf_token=self.settings.hf_token
+        )
+        source = f"hf://{job.subject['repo']}@{job.subject['sha']}"
+        return _within(DEADLINE, post_error, source, reason, options).action
 
     def _uri(self) -> str:
         assert self.settings.mlflow_uri is not None  # validated at start-up
