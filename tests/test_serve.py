@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 import uuid
@@ -207,8 +208,11 @@ def test_registered_versions_are_checked_tagged_and_the_guard_moves_the_alias_ba
         assert tags["dynaudit.verdict"] == "error"
         assert "no baseline given and none declared" in tags["dynaudit.error"]
 
-        # MLflow's own test delivery names a model that does not exist: no job is left running
+        # MLflow's own test delivery names a model that does not exist: the job ends there
         assert client.test_webhook(hooks[0].webhook_id).success
+        example = receiver.wait_job(lambda j: j["subject"].get("name") == "example_model"
+                                    and j["state"] == "error", 60, OPS)  # fmt: skip
+        assert "not found" in example["reason"] and example["attempts"] == 1
     finally:
         for hook in hooks:
             client.delete_webhook(hook.webhook_id)
@@ -303,12 +307,24 @@ def test_an_mlflow_server_refusing_the_tags_is_retried_with_a_bound_then_recorde
             assert done["state"] == "error" and done["verdict"] == "pass"
             assert "after 2 tries" in done["reason"] and proxy.refused >= 2
             assert "could not log the report" in receiver.log()
+            run = client.get_run(done["run_id"])
+            assert run.info.status == "FAILED"  # not left RUNNING
 
             proxy.arm(["/model-versions/set-tag"], times=1)  # down for one call only
             again = _register(client, chains["good"], "gate-chain", {"dynaudit.baseline": baseline})
             done = receiver.wait_job(_by_key(f"mlflow:gate-chain/{again}"), 180, OPS)
             assert done["state"] == "done", receiver.tail()
             assert client.get_model_version("gate-chain", again).tags["dynaudit.verdict"] == "pass"
+
+            proxy.arm(["/runs/log-batch"], times=1)  # the run is made, then logging fails once
+            third = _register(client, chains["good"], "gate-chain", {"dynaudit.baseline": baseline})
+            done = receiver.wait_job(_by_key(f"mlflow:gate-chain/{third}"), 180, OPS)
+            assert done["state"] == "done", receiver.tail()
+            runs = client.search_runs(
+                [client.get_experiment_by_name("dynaudit").experiment_id],
+                f"tags.`dynaudit.source` = 'models:/gate-chain/{third}'",
+            )
+            assert len(runs) == 1 and runs[0].info.run_id == done["run_id"]  # the retry reused it
         finally:
             client.delete_webhook(hook.webhook_id)
             receiver.stop()
@@ -342,6 +358,36 @@ def test_a_check_past_its_time_limit_is_stopped_and_given_up(
         assert done["pid"] is None
     finally:
         receiver.stop()
+
+
+def _checking(job: dict[str, Any]) -> bool:
+    return job["state"] == "running" and job["phase"] == "checking" and job["pid"] is not None
+
+
+def test_a_shutdown_during_a_check_is_not_an_attempt(
+    registry: dict[str, Any], tmp_path: Path
+) -> None:
+    """SIGTERM (a deploy, ``systemctl stop``) stops the check and queues the job again without
+    counting an attempt, even when the signal reaches the check first; with
+    ``--max-attempts 1`` the job still runs after two restarts."""
+    receiver = _receiver(tmp_path, registry["server"].url, "--launcher", _launcher(600),
+                         "--max-attempts", "1").start()  # fmt: skip
+    try:
+        body = _version_event("restarted", "1")
+        assert receiver.post("/hooks/mlflow", body, sign(body))[0] == 202
+        for _ in range(2):
+            running = receiver.wait_job(_checking, 60, OPS)
+            assert running["attempts"] == 1
+            os.kill(running["pid"], signal.SIGTERM)  # the check first, as a process group would be
+            receiver.stop()
+            with pytest.raises(ProcessLookupError):
+                os.kill(running["pid"], 0)
+            receiver.start()
+        again = receiver.wait_job(lambda j: j["key"] == "mlflow:restarted/1", 30, OPS)
+        assert again["state"] in ("queued", "running") and again["attempts"] <= 1
+    finally:
+        receiver.stop()
+    assert "gave up" not in receiver.log()
 
 
 # -- requests that are refused -----------------------------------------------------------------
@@ -562,3 +608,47 @@ def test_the_readme_start_command_starts_a_receiver(tmp_path: Path) -> None:
         receiver.stop()
     assert "listening on http://127.0.0.1" in receiver.log()
     _no_secrets(receiver.log())
+
+
+def test_an_alias_delivery_seen_before_does_not_move_the_ledger(tmp_path: Path) -> None:
+    """MLflow sends from a thread pool and retries: an old alias delivery arriving again must
+    not make the guard's "version before" a version the alias had left."""
+    from dynaudit.serve import events
+    from dynaudit.serve.app import _enqueue_mlflow
+    from dynaudit.serve.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    moves = [("d-1", "1"), ("d-2", "2"), ("d-1", "1"), ("d-3", "3")]
+    for delivery, version in moves:
+        _enqueue_mlflow(store, events.AliasSet("m", "champion", version), delivery, {"champion"})
+    guard = store.by_key(events.guard_key("m", "champion", "3", "d-3"))
+    assert guard is not None and guard.subject["previous"] == "2"
+    assert store.by_key(events.guard_key("m", "champion", "1", "d-1")) is not None
+    # a retry of a delivery the receiver failed to answer gets the same "before"
+    assert store.move_alias("m", "champion", "4", "d-4") == "3"
+    assert store.move_alias("m", "champion", "4", "d-4") == "3"
+
+
+def test_a_check_process_gets_none_of_the_receivers_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dynaudit.serve.settings import ServeSettings
+    from dynaudit.serve.worker import _environment, check_command
+
+    for name in ("DYNAUDIT_SECRET", "DYNAUDIT_MLFLOW_WEBHOOK_SECRET", "DYNAUDIT_HUB_WEBHOOK_SECRET",
+                 "DYNAUDIT_OPS_TOKEN", "DYNAUDIT_SERVE_DB"):  # fmt: skip
+        monkeypatch.setenv(name, "postgresql://u:hunter2-secret@db/x")
+    uri = "http://user:mlflow-password@127.0.0.1:5000"
+    settings = ServeSettings(mlflow_uri=uri, mlflow_secret=SECRET, hf_token=HF_BOT)
+    env = _environment(settings)
+    assert "hunter2-secret" not in json.dumps(env)
+    assert env["MLFLOW_TRACKING_URI"] == uri and env["HF_TOKEN"] == HF_BOT  # what checks need
+    command = check_command("models:/m/1", Path("/tmp/x"), settings)
+    assert not [word for word in command if "mlflow-password" in word]  # not in `ps`
+
+
+def test_jobs_parameters_are_checked(idle: Receiver) -> None:
+    for query in ("limit=0", "limit=%C2%B2", "state=lost", "limit=99999999999999999999"):
+        assert idle.get(f"/jobs?{query}", OPS)[0] == 400, query
+    for job in ("%C2%B2", "99999999999999999999", "0"):
+        assert idle.get(f"/jobs/{job}", OPS)[0] == 404, job

@@ -686,7 +686,6 @@ class Serving:
         """The receiver's :class:`~dynaudit.serve.ServeSettings` (secrets remembered for
         scrubbing); every check gets ``--config``, ``--device`` and ``--threads``."""
         import os
-        import shlex
 
         from dynaudit.serve.settings import ServeSettings
 
@@ -713,9 +712,21 @@ class Serving:
             hub_branches=tuple(self.hub_branch or ("main",)),
             hf_endpoint=self.hf_endpoint,
             hf_token=os.environ.get("HF_TOKEN") or None,
-            launcher=tuple(shlex.split(self.launcher)) if self.launcher else (),
+            launcher=_words("--launcher", self.launcher),
             check_args=tuple(check_args),
         )
+
+
+def _words(flag: str, command: str | None) -> tuple[str, ...]:
+    """A command line given as one string, split as a POSIX shell would (no shell runs it)."""
+    import shlex
+
+    from dynaudit.errors import UsageError
+
+    try:
+        return tuple(shlex.split(command)) if command else ()
+    except ValueError as exc:
+        raise UsageError(f"{flag} {command!r}: {exc}") from exc
 
 
 def paths(files: Mapping[str, tuple[Path | None, object]]) -> dict[str, Path | None]:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["build_app", "serve_forever"]
 
 log = logging.getLogger("dynaudit.serve")
+_NUMBER = re.compile(r"[1-9][0-9]{0,8}")  # a job id or a limit: ASCII digits, no overflow
 
 
 class _Refused(Exception):
@@ -56,7 +59,7 @@ async def _body(request: Request, limit: int) -> bytes:
     announces more, else as soon as the stream (chunked, or lying) goes past it."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", declared):
             raise _Refused(400, "bad Content-Length")
         if int(declared) > limit:
             raise _Refused(413, f"body of {declared} bytes is over the {limit}-byte limit")
@@ -166,9 +169,12 @@ def build_app(settings: ServeSettings, store: Store, pool: Pool | None) -> Starl
             return refused
         state = request.query_params.get("state")
         limit = request.query_params.get("limit", "100")
-        if state not in (None, "queued", "running", "done", "error") or not limit.isdigit():
+        if state not in (None, "queued", "running", "done", "error") or not _NUMBER.fullmatch(
+            limit
+        ):
             return JSONResponse(
-                {"error": "state is queued|running|done|error; limit a number"}, status_code=400
+                {"error": "state is queued|running|done|error; limit a number from 1"},
+                status_code=400,
             )
         found = await run_in_threadpool(
             lambda: store.jobs(state=state, limit=min(int(limit), 1000))
@@ -182,7 +188,7 @@ def build_app(settings: ServeSettings, store: Store, pool: Pool | None) -> Starl
         if (refused := allowed(request)) is not None:
             return refused
         raw = request.path_params["job_id"]
-        found = await run_in_threadpool(store.job, int(raw)) if raw.isdigit() else None
+        found = await run_in_threadpool(store.job, int(raw)) if _NUMBER.fullmatch(raw) else None
         if found is None:
             return JSONResponse({"error": "no such job"}, status_code=404)
         return JSONResponse(_shown(found.as_dict()))
@@ -218,6 +224,8 @@ def _enqueue_mlflow(store: Store, event: Any, delivery: str, guarded: set[str]) 
     """One MLflow event to jobs; returns what was done, for the response and the log."""
     from dynaudit.serve import events
 
+    if delivery != "?" and store.delivery_seen(delivery):
+        return "a delivery handled before: nothing changed"  # an old alias move must not replay
     if isinstance(event, events.AliasDeleted):
         store.forget_alias(event.name, event.alias)
         made = f"{event.name}@{event.alias} deleted"
@@ -229,7 +237,8 @@ def _enqueue_mlflow(store: Store, event: Any, delivery: str, guarded: set[str]) 
         )
         made = f"job {job.id} {'queued' if created else 'already known'}"
     else:  # AliasSet: a new alias or a moved one
-        previous = store.move_alias(event.name, event.alias, event.version)
+        known = None if delivery == "?" else delivery
+        previous = store.move_alias(event.name, event.alias, event.version, known)
         job, created = store.enqueue(
             events.version_key(event.name, event.version),
             "mlflow",
@@ -247,8 +256,8 @@ def _enqueue_mlflow(store: Store, event: Any, delivery: str, guarded: set[str]) 
                 events.guard_key(event.name, event.alias, event.version, delivery), "guard", subject
             )
             made += f"; guard job {guard.id}"
-    if delivery != "?" and store.seen_delivery(delivery, "mlflow"):
-        made += " (a delivery seen before)"
+    if delivery != "?":
+        store.seen_delivery(delivery, "mlflow")  # recorded once handled, not before
     return made
 
 
@@ -320,8 +329,6 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve_forever(settings: ServeSettings) -> ExitCode:
-    import uvicorn
-
     from dynaudit.serve.store import Store
     from dynaudit.serve.worker import Pool
     from dynaudit.serve.writeback import WriteBack
@@ -338,6 +345,12 @@ def serve_forever(settings: ServeSettings) -> ExitCode:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.database)
         pool = Pool(store, settings, WriteBack(settings, store))
+        if settings.mlflow_secret and settings.mlflow_secret == settings.hub_secret:
+            log.warning(
+                "the MLflow and Hub webhooks share one secret: the Hub sends it as it is, so "
+                "whoever can read the Hub webhook can sign MLflow events; prefer "
+                "--mlflow-secret and --hub-secret"
+            )
         sock = _listen(settings.host, settings.port)
         app = build_app(settings, store, pool)
         config = uvicorn.Config(
@@ -360,12 +373,26 @@ def serve_forever(settings: ServeSettings) -> ExitCode:
             _redacted(settings.database),
         )
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGTERM it handled
-            uvicorn.Server(config).run(sockets=[sock])
+            _Server(config, pool).run(sockets=[sock])
         store.close()
         log.info("dynaudit serve: stopped")
     finally:
         undo()
     return ExitCode.OK
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the workers at the first signal: they stop claiming, and a
+    check that the same signal reached (a process group, a cgroup) is an interruption, not a
+    failed attempt."""
+
+    def __init__(self, config: uvicorn.Config, pool: Pool) -> None:
+        super().__init__(config)
+        self.pool = pool
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.pool.stopping.set()
+        super().handle_exit(sig, frame)
 
 
 def _redacted(url: str) -> str:

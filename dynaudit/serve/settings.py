@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import shutil
 from pathlib import Path
 
 from dynaudit.errors import UsageError
@@ -73,6 +74,10 @@ class ServeSettings:
             raise UsageError(f"--sweep-every must be positive, not {self.sweep_every}")
         if self.writeback_retries < 0:
             raise UsageError(f"--writeback-retries must be 0 or more, not {self.writeback_retries}")
+        if self.launcher and shutil.which(self.launcher[0]) is None:
+            raise UsageError(
+                f"--launcher: {self.launcher[0]!r} is not a program on PATH (give its full path)"
+            )
         if not 0 < self.port < 65536:
             raise UsageError(f"--port must be 1-65535, not {self.port}")
 

@@ -90,6 +90,8 @@ _aliases = sa.Table(
     sa.Column("model", sa.String, primary_key=True),
     sa.Column("alias", sa.String, primary_key=True),
     sa.Column("version", sa.String, nullable=False),
+    sa.Column("previous", sa.String, nullable=True),  # what the last move replaced
+    sa.Column("delivery", sa.String, nullable=True),  # the delivery that made the last move
     sa.Column("updated", sa.Double, nullable=False),
 )
 
@@ -197,6 +199,13 @@ class Store:
         except sa.exc.IntegrityError:
             return True
         return False
+
+    def delivery_seen(self, delivery_id: str) -> bool:
+        """Whether a delivery id was recorded (read only: the id is recorded once the delivery
+        was handled, so a sender retrying after a failure is not taken for a duplicate)."""
+        with self._read() as conn:
+            query = sa.select(_deliveries.c.id).where(_deliveries.c.id == delivery_id)
+            return conn.execute(query).first() is not None
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -329,13 +338,22 @@ class Store:
         )
 
     def release(
-        self, job_id: int, owner: str, *, delay_s: float, reason: str | None = None
+        self,
+        job_id: int,
+        owner: str,
+        *,
+        delay_s: float,
+        reason: str | None = None,
+        refund: bool = False,
     ) -> bool:
         """Put the job back in the queue for another try in ``delay_s`` seconds (the model
-        version is not ready yet, the server is down), keeping its attempts and phase. A
+        version is not ready yet, the server is down), keeping its phase and its attempts,
+        less this one when ``refund`` (a shutdown or a wait is not a failed attempt). A
         ``reason`` given replaces the stored one."""
         now = self._clock()
         outcome: dict[str, Any] = {} if reason is None else {"reason": reason}
+        if refund:
+            outcome["attempts"] = sa.case((_jobs.c.attempts > 0, _jobs.c.attempts - 1), else_=0)
         return self._change(
             job_id,
             owner,
@@ -437,36 +455,46 @@ class Store:
 
     # -- the alias ledger ---------------------------------------------------------------------
 
-    def move_alias(self, model: str, alias: str, version: str) -> str | None:
+    def move_alias(
+        self, model: str, alias: str, version: str, delivery: str | None = None
+    ) -> str | None:
         """Record that ``model@alias`` now points at ``version``; the version it pointed at
-        before, or None when it pointed nowhere known or already at ``version``.
+        before, or None when it pointed nowhere known or already at ``version``. The same
+        ``delivery`` again (a sender retrying after the receiver failed to answer) changes
+        nothing and gets the same answer.
 
         Compare-and-set: the ``UPDATE`` repeats the version just read, and an ``INSERT`` that
         meets a row another writer inserted first reads again, so two moves at once each
         report the version the other replaced, never the same one twice."""
         where = (_aliases.c.model == model, _aliases.c.alias == alias)
+        columns = (_aliases.c.version, _aliases.c.previous, _aliases.c.delivery)
         while True:
             now = self._clock()
             try:
                 with self._write() as conn:
-                    before = conn.execute(sa.select(_aliases.c.version).where(*where)).scalar()
-                    if before is None:
+                    row = conn.execute(sa.select(*columns).where(*where)).first()
+                    if row is not None and delivery is not None and row.delivery == delivery:
+                        return None if row.previous is None else str(row.previous)
+                    before = None if row is None else str(row.version)
+                    previous = None if before in (None, version) else before
+                    values = {"version": version, "previous": previous, "delivery": delivery}
+                    if row is None:
                         conn.execute(
                             sa.insert(_aliases).values(
-                                model=model, alias=alias, version=version, updated=now
+                                model=model, alias=alias, updated=now, **values
                             )
                         )
                     else:
                         moved = conn.execute(
                             sa.update(_aliases)
                             .where(*where, _aliases.c.version == before)
-                            .values(version=version, updated=now)
+                            .values(updated=now, **values)
                         )
                         if moved.rowcount != 1:
                             continue  # moved by another writer since the read: read again
             except sa.exc.IntegrityError:
                 continue  # inserted by another writer since the read: read again
-            return None if before in (None, version) else str(before)
+            return previous
 
     def alias_version(self, model: str, alias: str) -> str | None:
         with self._read() as conn:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from dynaudit.errors import ExitCode, printable
 from dynaudit.secrets import scrub
+from dynaudit.serve.writeback import Interrupted, WriteBack
 
 if TYPE_CHECKING:
     from dynaudit.schema import CheckReport
     from dynaudit.serve.settings import ServeSettings
     from dynaudit.serve.store import Job, Store
-    from dynaudit.serve.writeback import WriteBack
 
 __all__ = ["Outcome", "Pool", "check_command", "run_check"]
 
@@ -55,6 +56,7 @@ _PRIVATE_VARIABLES = (
     "DYNAUDIT_MLFLOW_WEBHOOK_SECRET",
     "DYNAUDIT_HUB_WEBHOOK_SECRET",
     "DYNAUDIT_OPS_TOKEN",
+    "DYNAUDIT_SERVE_DB",  # may hold the job database's password
 )
 
 
@@ -78,10 +80,10 @@ def check_command(source: str, folder: Path, settings: ServeSettings) -> list[st
     """The command line of one check: the receiver's own interpreter (or ``--launcher``,
     e.g. torchrun) running the CLI, the reports written into ``folder``."""
     launcher = list(settings.launcher) or [sys.executable]
+    found = shutil.which(launcher[0]) or launcher[0]  # the check runs in another folder
+    launcher[0] = os.path.abspath(found) if os.sep in found else found
     command = [*launcher, "-m", "dynaudit", "check", source, "--quiet"]
     command += ["--json", str(folder / "check.json"), "--markdown", str(folder / "check.md")]
-    if settings.mlflow_uri:
-        command += ["--mlflow-uri", settings.mlflow_uri]
     if settings.hf_endpoint:
         command += ["--hf-endpoint", settings.hf_endpoint]
     return command + list(settings.check_args)
@@ -89,6 +91,8 @@ def check_command(source: str, folder: Path, settings: ServeSettings) -> list[st
 
 def _environment(settings: ServeSettings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_VARIABLES}
+    if settings.mlflow_uri:  # not on the command line: a password in it would show in ps
+        env["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
     if settings.hf_token:
         env["HF_TOKEN"] = settings.hf_token
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -128,6 +132,11 @@ def run_check(
             return Outcome(None, None, f"the check did not finish in {settings.job_timeout:g} s")
         time.sleep(0.2)
     code = process.returncode
+    # The signal that stops the receiver may reach the check first (a process group, a
+    # cgroup): the receiver's own handler gets a moment to say so.
+    stopped = code in (ExitCode.INTERRUPTED, -signal.SIGTERM) and stopping is not None
+    if stopped and stopping is not None and stopping.wait(2.0):
+        return Outcome(None, code, "the receiver stopped during the check")
     report = folder / "check.json"
     if report.is_file() and code in (ExitCode.OK, ExitCode.GATE_FAILED):
         return Outcome(report, code)
@@ -193,7 +202,7 @@ class Pool:
         self.settings = settings
         self.writeback = writeback
         self.owner = this_owner()
-        self.stopping = threading.Event()
+        self.stopping = writeback.stopping  # set at the first signal: no new claims
         self._held: dict[int, str] = {}  # job id → its owner token, for the heartbeat
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -203,12 +212,15 @@ class Pool:
         for number in range(self.settings.workers):
             self._spawn(self._work, f"dynaudit-worker-{number}")
         self._spawn(self._heartbeat, "dynaudit-heartbeat")
+        if self.settings.watch:  # its own thread: a slow registry must not hold the leases
+            self._spawn(self._sweeper, "dynaudit-sweep")
 
     def stop(self) -> None:
         """Stop claiming; a check in progress is stopped and its job queued again."""
         self.stopping.set()
+        deadline = time.monotonic() + GRACE_SECONDS + 5
         for thread in self._threads:
-            thread.join(GRACE_SECONDS + 5)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -253,15 +265,14 @@ class Pool:
                         printable(name),
                     )
 
+    def _sweeper(self) -> None:
+        while not self.stopping.is_set():
+            self.sweep()
+            self.stopping.wait(self.settings.sweep_every)
+
     def _heartbeat(self) -> None:
         last_sweep = time.monotonic()
-        last_watch = -float("inf")
-        while not self.stopping.is_set():
-            if self.settings.watch and time.monotonic() - last_watch >= self.settings.sweep_every:
-                last_watch = time.monotonic()
-                self.sweep()
-            if self.stopping.wait(HEARTBEAT_SECONDS):
-                break
+        while not self.stopping.wait(HEARTBEAT_SECONDS):
             with self._lock:
                 held = list(self._held)
             for job_id in held:
@@ -287,13 +298,17 @@ class Pool:
                 self._held[job.id] = self.owner
             try:
                 self._handle(job)
+            except Interrupted:  # the receiver is stopping: the next start takes it up
+                self.store.release(job.id, self.owner, delay_s=0, refund=True,
+                                   reason="interrupted by a shutdown")  # fmt: skip
             except Exception as exc:  # a bug here must not end the worker thread
-                reason = f"internal error: {type(exc).__name__}: {exc}"
-                log.exception("job %s (%s): %s", job.id, job.key, scrub(printable(reason)))
+                reason = scrub(printable(f"internal error: {type(exc).__name__}: {exc}"))[:500]
+                log.exception("job %s (%s): %s", job.id, job.key, reason)
+                with contextlib.suppress(Exception):  # still said where the reviewer looks
+                    failed = dataclasses.replace(job, verdict="error", reason=reason)
+                    self.writeback.error(failed, self)
                 with contextlib.suppress(Exception):
-                    self.store.finish(
-                        job.id, self.owner, "error", reason=scrub(printable(reason))[:500]
-                    )
+                    self.store.finish(job.id, self.owner, "error", reason=reason)
             finally:
                 with self._lock:
                     self._held.pop(job.id, None)
@@ -311,8 +326,6 @@ class Pool:
                 self._give_up(job, reason)
                 return
             outcome = self._check(job)
-            if outcome is None:  # stopping: queued again for the next start
-                return
             if outcome.report is None:
                 if outcome.final or job.attempts >= self.settings.max_attempts:
                     reason = outcome.reason or "no report"
@@ -347,7 +360,7 @@ class Pool:
             )
         self.writeback.verdict(job, self)
 
-    def _check(self, job: Job) -> Outcome | None:
+    def _check(self, job: Job) -> Outcome:
         folder = (
             self.settings.state_dir.resolve() / "jobs" / str(job.id) / f"attempt-{job.attempts}"
         )
@@ -367,9 +380,8 @@ class Pool:
             )
 
         outcome = run_check(command, folder, self.settings, started, self.stopping)
-        if self.stopping.is_set() and outcome.report is None:
-            self.store.release(job.id, self.owner, delay_s=0, reason="interrupted by a shutdown")
-            return None
+        if self.stopping.is_set() and outcome.report is None:  # not the check's failure
+            raise Interrupted
         return outcome
 
     def _give_up(self, job: Job, reason: str) -> None:

@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +53,10 @@ class WriteBackFailed(Exception):
     """A registry call still failed after the bounded retries."""
 
 
+class Interrupted(Exception):
+    """The receiver is stopping: the job goes back to the queue for the next start."""
+
+
 class Pool(Protocol):
     """What the write-back needs of the worker that holds a job (``worker.Pool``)."""
 
@@ -64,10 +70,12 @@ class Pool(Protocol):
 
 
 class WriteBack:
-    def __init__(self, settings: ServeSettings, store: Store) -> None:
+    def __init__(
+        self, settings: ServeSettings, store: Store, stopping: threading.Event | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.sleep: Callable[[float], None] = time.sleep
+        self.stopping = stopping or threading.Event()
 
     # -- verdicts ------------------------------------------------------------------------
 
@@ -91,6 +99,7 @@ class WriteBack:
                 )
         except WriteBackFailed as exc:
             log.warning("job %s (%s): verdict %s, but %s", job.id, job.key, verdict, exc)
+            self._fail_run(job)
             pool.finish(job, "error", verdict=verdict, reason=str(exc))
             return
         log.info("job %s: %s: %s (%s)", job.id, _subject(job), verdict, where)
@@ -121,15 +130,25 @@ class WriteBack:
         marker = _job_marker(job)
         with mlflow_errors("logging the report run", uri), client_environment(uri):
             tracking = client(uri)
-            run_id = job.run_id or _find_run(tracking, marker)
-            if run_id is None:
-                run_id = start_run(tracking, None, run_name(report))
-                tracking.set_tag(run_id, JOB_TAG, marker)
+            known = self.store.job(job.id)  # an earlier try may have made it
+            run_id = (known.run_id if known else None) or _find_run(tracking, marker)
+            if run_id is None:  # the marker is set with the run, so a retry finds it
+                run_id = start_run(tracking, None, run_name(report), {JOB_TAG: marker})
             pool.update(job, run_id=run_id)
         log_report(report, run_id=run_id, tracking_uri=uri)  # metrics, reports, version tags
         with mlflow_errors("ending the report run", uri), client_environment(uri):
             client(uri).set_terminated(run_id)
         return run_id
+
+    def _fail_run(self, job: Job) -> None:
+        """A report run the write-back gave up on ends FAILED, not RUNNING (best effort)."""
+        from dynaudit.sources.mlflow import client, client_environment
+
+        known = self.store.job(job.id)
+        if job.kind != "mlflow" or known is None or known.run_id is None:
+            return
+        with contextlib.suppress(Exception), client_environment(self._uri()):
+            client(self._uri()).set_terminated(known.run_id, status="FAILED")
 
     def unchecked_versions(self, name: str) -> list[str]:
         """The versions of registered model ``name`` that are ready and carry no
@@ -202,7 +221,8 @@ class WriteBack:
                     ) from exc
                 pause = min(2.0**attempt, _MAX_BACKOFF)
                 log.info("could not %s (%s); again in %g s", what, _reason(exc), pause)
-                self.sleep(pause)
+                if self.stopping.wait(pause):
+                    raise Interrupted from exc
         raise AssertionError("unreachable")
 
     # -- the promotion guard -------------------------------------------------------------
@@ -224,17 +244,18 @@ class WriteBack:
                     verdict=None,
                     reason=f"version {version} was not checked in {limit:g} s",
                 )
-            else:
-                self.store.release(job.id, pool.owner, delay_s=GUARD_POLL_SECONDS)
+            else:  # waiting is not an attempt
+                self.store.release(job.id, pool.owner, delay_s=GUARD_POLL_SECONDS, refund=True)
             return
         if checked.verdict != "fail":
             pool.finish(
                 job, "done", verdict=checked.verdict, reason=f"{alias} kept on version {version}"
             )
             return
+        moved: list[str] = []
         try:
             action = self._bounded(
-                f"guard {name}@{alias}", lambda: self._revert(name, alias, version, previous)
+                f"guard {name}@{alias}", lambda: self._revert(name, alias, version, previous, moved)
             )
         except WriteBackFailed as exc:
             log.warning("guard: %s", exc)
@@ -243,7 +264,10 @@ class WriteBack:
         log.warning("guard: %s@%s: %s", printable(name), printable(alias), action)
         pool.finish(job, "done", verdict="fail", reason=action)
 
-    def _revert(self, name: str, alias: str, version: str, previous: str | None) -> str:
+    def _revert(
+        self, name: str, alias: str, version: str, previous: str | None, moved: list[str]
+    ) -> str:
+        """Move ``alias`` back (once: ``moved`` remembers it across retries) and tag why."""
         from dynaudit.serve.events import version_key
         from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
 
@@ -252,14 +276,18 @@ class WriteBack:
         with mlflow_errors(f"the {alias} alias of {name}", uri), client_environment(uri):
             registry = client(uri)
             now = str(registry.get_model_version_by_alias(name, alias).version)
-            if now != version:
+            if moved and now == previous:  # an earlier try moved it, then a tag call failed
+                now = version
+            elif now != version:  # a person (or a later event) moved it: theirs, not ours
                 return f"version {version} failed, but {alias} has moved on to {now}: left as it is"
             if previous is None or previous == version:
                 action = f"kept on failing version {version}: no earlier version known"
             elif earlier is not None and earlier.verdict == "fail":
                 action = f"kept on failing version {version}: version {previous} failed too"
             else:
-                registry.set_registered_model_alias(name, alias, previous)
+                if not moved:
+                    registry.set_registered_model_alias(name, alias, previous)
+                    moved.append(previous)
                 action = (
                     f"moved back from version {version} to {previous}: {version} failed the gate"
                 )

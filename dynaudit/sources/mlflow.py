@@ -451,13 +451,19 @@ def run_label(uri: str) -> str:
     return uri if len(uri) <= 100 else "…" + uri[-99:]
 
 
-def start_run(client: Any, experiment: str | None = None, name: str = "dynaudit") -> str:
+def start_run(
+    client: Any,
+    experiment: str | None = None,
+    name: str = "dynaudit",
+    tags: dict[str, str] | None = None,
+) -> str:
     """A new run ``name`` in ``experiment`` (default ``MLFLOW_EXPERIMENT_NAME`` or
-    "dynaudit"), with MLflow's context tags (:func:`context_tags`)."""
+    "dynaudit"), with MLflow's context tags (:func:`context_tags`) and ``tags``, set in the
+    same call that creates it."""
     experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dynaudit"
     found = client.get_experiment_by_name(experiment_name)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
-    run = client.create_run(experiment_id, run_name=name, tags=context_tags())
+    run = client.create_run(experiment_id, run_name=name, tags={**context_tags(), **(tags or {})})
     return str(run.info.run_id)
 
 
