@@ -595,11 +595,12 @@ def test_the_readme_start_command_starts_a_receiver(tmp_path: Path) -> None:
     """README's "In a registry" command, as written (the port and folders aside)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## In a registry", 1)[1].split("\n## ", 1)[0]
-    (line,) = [ln for ln in section.splitlines() if ln.startswith("DYNAUDIT_SECRET=")]
+    (line,) = [ln for ln in section.splitlines() if ln.startswith("DYNAUDIT_")]
     variable, *argv = shlex.split(line)
-    assert variable.startswith("DYNAUDIT_SECRET=") and argv[:2] == ["dynaudit", "serve"]
+    name, _ = variable.split("=", 1)
+    assert name == "DYNAUDIT_MLFLOW_WEBHOOK_SECRET" and argv[:2] == ["dynaudit", "serve"]
     command = [sys.executable, "-m", "dynaudit", *argv[1:]]
-    receiver = Receiver(tmp_path, [], env={"DYNAUDIT_SECRET": SECRET}, command=command).start()
+    receiver = Receiver(tmp_path, [], env={name: SECRET}, command=command).start()
     try:
         assert receiver.get("/health") == (200, {"status": "ok"})
         body = _version_event("readme", "1")

@@ -347,9 +347,9 @@ def serve_forever(settings: ServeSettings) -> ExitCode:
         pool = Pool(store, settings, WriteBack(settings, store))
         if settings.mlflow_secret and settings.mlflow_secret == settings.hub_secret:
             log.warning(
-                "the MLflow and Hub webhooks share one secret: the Hub sends it as it is, so "
-                "whoever can read the Hub webhook can sign MLflow events; prefer "
-                "--mlflow-secret and --hub-secret"
+                "one secret serves both webhooks (--secret): the Hub sends its secret as it "
+                "is, so whoever can read a Hub webhook's settings could sign MLflow events; "
+                "give each its own (--mlflow-secret, --hub-secret)"
             )
         sock = _listen(settings.host, settings.port)
         app = build_app(settings, store, pool)
