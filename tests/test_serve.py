@@ -653,3 +653,21 @@ def test_jobs_parameters_are_checked(idle: Receiver) -> None:
         assert idle.get(f"/jobs?{query}", OPS)[0] == 400, query
     for job in ("%C2%B2", "99999999999999999999", "0"):
         assert idle.get(f"/jobs/{job}", OPS)[0] == 404, job
+
+
+def test_without_the_serve_extra_the_command_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from tests.cli import run_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a)
+    )
+    result = run_cli("serve", "--secret", SECRET, "--mlflow-uri", "http://127.0.0.1:9",
+                     "--state-dir", tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert "needs uvicorn: install the serve extra" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
