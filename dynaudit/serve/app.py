@@ -86,66 +86,60 @@ def build_app(settings: ServeSettings, store: Store, pool: Pool | None) -> Starl
         (log.warning if status in (401, 413) or status >= 500 else log.info)("%s", scrub(line))
         return JSONResponse(body or {"status": what}, status_code=status)
 
-    async def mlflow_hook(request: Request) -> Response:
-        if not settings.mlflow_secret:
-            return respond(
-                request, 404, "MLflow webhooks are off: no --mlflow-secret", error="not found"
-            )
+    async def receive(
+        request: Request,
+        label: str,
+        secret: str | None,
+        flag: str,
+        verify: Callable[[str, bytes], str | None],
+        parse: Callable[[bytes], Any],
+        enqueue: Callable[[Any], str],
+    ) -> Response:
+        """One delivery: bounded body, authenticity, parsing, then the job stored."""
+        if not secret:
+            return respond(request, 404, f"{label}: webhooks off, no {flag}", error="not found")
         try:
             body = await _body(request, settings.max_body)
         except _Refused as refused:
             return respond(request, refused.status, refused.reason, error=refused.reason)
-        delivery = printable(request.headers.get("x-mlflow-delivery-id", "?"))[:64]
-        problem = mlflow_signature_problem(settings.mlflow_secret, body, request.headers)
+        problem = verify(secret, body)
         if problem:
-            return respond(
-                request, 401, f"refused MLflow delivery {delivery}: {problem}", error="unauthorized"
-            )
+            return respond(request, 401, f"refused {label}: {problem}", error="unauthorized")
         try:
-            event = events.parse_mlflow(body)
+            event = parse(body)
         except events.EventError as exc:
-            return respond(request, 400, f"MLflow delivery {delivery}: {exc}", error=str(exc))
+            return respond(request, 400, f"{label}: {exc}", error=str(exc))
         if isinstance(event, events.Ignored):
-            return respond(
-                request, 200, f"MLflow delivery {delivery}: {event.reason}", ignored=event.reason
-            )
+            return respond(request, 200, f"{label}: {event.reason}", ignored=event.reason)
         try:
-            made = await run_in_threadpool(_enqueue_mlflow, store, event, delivery, guarded)
-        except Exception as exc:  # the database: the sender retries a 5xx
-            return respond(
-                request,
-                503,
-                f"MLflow delivery {delivery}: cannot store the job: {type(exc).__name__}",
-                error="job store unavailable",
-            )
-        return respond(request, 202, f"MLflow delivery {delivery}: {made}", accepted=made)
+            made = await run_in_threadpool(enqueue, event)
+        except Exception as exc:  # the database: both senders retry a 5xx
+            what = f"{label}: cannot store the job: {type(exc).__name__}"
+            return respond(request, 503, what, error="job store unavailable")
+        return respond(request, 202, f"{label}: {made}", accepted=made)
+
+    async def mlflow_hook(request: Request) -> Response:
+        delivery = printable(request.headers.get("x-mlflow-delivery-id", "?"))[:64]
+        return await receive(
+            request,
+            f"MLflow delivery {delivery}",
+            settings.mlflow_secret,
+            "--mlflow-secret",
+            lambda secret, body: mlflow_signature_problem(secret, body, request.headers),
+            events.parse_mlflow,
+            lambda event: _enqueue_mlflow(store, event, delivery, guarded),
+        )
 
     async def hub_hook(request: Request) -> Response:
-        if not settings.hub_secret:
-            return respond(request, 404, "Hub webhooks are off: no --hub-secret", error="not found")
-        try:
-            body = await _body(request, settings.max_body)
-        except _Refused as refused:
-            return respond(request, refused.status, refused.reason, error=refused.reason)
-        problem = hub_secret_problem(settings.hub_secret, request.headers)
-        if problem:
-            return respond(request, 401, f"refused Hub delivery: {problem}", error="unauthorized")
-        try:
-            pushes = events.parse_hub(body, settings.hub_branches)
-        except events.EventError as exc:
-            return respond(request, 400, f"Hub delivery: {exc}", error=str(exc))
-        if isinstance(pushes, events.Ignored):
-            return respond(request, 200, f"Hub delivery: {pushes.reason}", ignored=pushes.reason)
-        try:
-            made = await run_in_threadpool(_enqueue_hub, store, pushes)
-        except Exception as exc:
-            return respond(
-                request,
-                503,
-                f"Hub delivery: cannot store the job: {type(exc).__name__}",
-                error="job store unavailable",
-            )
-        return respond(request, 202, f"Hub delivery: {made}", accepted=made)
+        return await receive(
+            request,
+            "Hub delivery",
+            settings.hub_secret,
+            "--hub-secret",
+            lambda secret, body: hub_secret_problem(secret, request.headers),
+            lambda body: events.parse_hub(body, settings.hub_branches),
+            lambda pushes: _enqueue_hub(store, pushes),
+        )
 
     async def health(request: Request) -> Response:
         ok = await run_in_threadpool(store.ping)
