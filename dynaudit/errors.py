@@ -21,6 +21,7 @@ __all__ = [
     "CorruptCheckpoint",
     "DynauditError",
     "EmptyCheckpoint",
+    "EventError",
     "ExitCode",
     "InputError",
     "NoReader",
@@ -283,6 +284,14 @@ class NoReader(OutputError):
     """A FIFO given as an output that no process reads (exit 3): writing would wait forever."""
 
     hint = ""  # the message says to start the reader first
+
+
+class EventError(DynauditError, ValueError):
+    """A webhook body that is not a registry event ``dynaudit serve`` can read (it answers
+    400); the message never quotes the body."""
+
+    exit_code = ExitCode.USAGE
+    hint = ""
 
 
 class NonFiniteWeights(DynauditError):

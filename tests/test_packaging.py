@@ -21,7 +21,16 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only where a feature needs them, each behind an ImportError with a hint.
-OPTIONAL_IMPORTS = {"matplotlib", "sklearn", "pandas", "transformers"}
+# matplotlib for plots; the `serve` extra (docs/registry.md): starlette, uvicorn, sqlalchemy
+OPTIONAL_IMPORTS = {
+    "matplotlib",
+    "sklearn",
+    "pandas",
+    "transformers",
+    "starlette",
+    "uvicorn",
+    "sqlalchemy",
+}
 
 
 @pytest.fixture(scope="module")

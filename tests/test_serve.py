@@ -193,6 +193,8 @@ def test_registered_versions_are_checked_tagged_and_the_guard_moves_the_alias_ba
             OPS,
         )
         assert "moved back" in guard["reason"]
+        guards = [j for j in receiver.jobs(OPS) if j["kind"] == "guard"]
+        assert sum(j["subject"]["version"] == damaged for j in guards) == 1  # two webhooks, one
         assert client.get_model_version_by_alias("gate-chain", "champion").version == good
         assert (
             "champion: moved back"
@@ -624,6 +626,9 @@ def test_an_alias_delivery_seen_before_does_not_move_the_ledger(tmp_path: Path) 
         _enqueue_mlflow(store, events.AliasSet("m", "champion", version), delivery, {"champion"})
     guard = store.by_key(events.guard_key("m", "champion", "3", "d-3"))
     assert guard is not None and guard.subject["previous"] == "2"
+    # the same move from a second webhook (another delivery id) makes no second guard
+    _enqueue_mlflow(store, events.AliasSet("m", "champion", "3"), "d-3b", {"champion"})
+    assert store.by_key(events.guard_key("m", "champion", "3", "d-3b")) is None
     assert store.by_key(events.guard_key("m", "champion", "1", "d-1")) is not None
     # a retry of a delivery the receiver failed to answer gets the same "before"
     assert store.move_alias("m", "champion", "4", "d-4") == "3"

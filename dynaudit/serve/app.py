@@ -232,14 +232,15 @@ def _enqueue_mlflow(store: Store, event: Any, delivery: str, guarded: set[str]) 
         made = f"job {job.id} {'queued' if created else 'already known'}"
     else:  # AliasSet: a new alias or a moved one
         known = None if delivery == "?" else delivery
-        previous = store.move_alias(event.name, event.alias, event.version, known)
+        # the same move said again (another webhook, a re-sent event) moves nothing: one guard
+        previous, moved = store.record_alias(event.name, event.alias, event.version, known)
         job, created = store.enqueue(
             events.version_key(event.name, event.version),
             "mlflow",
             {"name": event.name, "version": event.version},
         )
         made = f"{event.name}@{event.alias} -> {event.version}; check job {job.id}"
-        if event.alias in guarded:
+        if event.alias in guarded and moved:
             subject = {
                 "name": event.name,
                 "alias": event.alias,

@@ -32,6 +32,8 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from dynaudit.errors import EventError
+
 __all__ = [
     "MAX_NAME",
     "AliasDeleted",
@@ -49,10 +51,6 @@ __all__ = [
 ]
 
 MAX_NAME = 512
-
-
-class EventError(ValueError):
-    """A webhook body we cannot act on (bad JSON, wrong shape, unsafe name); one line."""
 
 
 @dataclass(frozen=True)

@@ -459,9 +459,16 @@ class Store:
         self, model: str, alias: str, version: str, delivery: str | None = None
     ) -> str | None:
         """Record that ``model@alias`` now points at ``version``; the version it pointed at
-        before, or None when it pointed nowhere known or already at ``version``. The same
-        ``delivery`` again (a sender retrying after the receiver failed to answer) changes
-        nothing and gets the same answer.
+        before, or None when it pointed nowhere known or already at ``version``."""
+        return self.record_alias(model, alias, version, delivery)[0]
+
+    def record_alias(
+        self, model: str, alias: str, version: str, delivery: str | None = None
+    ) -> tuple[str | None, bool]:
+        """:meth:`move_alias`, and whether this delivery moved the alias: False when it already
+        pointed at ``version`` by another delivery (a second webhook, a re-sent event), which
+        changes nothing. The same ``delivery`` again (a sender retrying after the receiver
+        failed to answer) gets the first answer.
 
         Compare-and-set: the ``UPDATE`` repeats the version just read, and an ``INSERT`` that
         meets a row another writer inserted first reads again, so two moves at once each
@@ -474,10 +481,11 @@ class Store:
                 with self._write() as conn:
                     row = conn.execute(sa.select(*columns).where(*where)).first()
                     if row is not None and delivery is not None and row.delivery == delivery:
-                        return None if row.previous is None else str(row.previous)
+                        return (None if row.previous is None else str(row.previous)), True
+                    if row is not None and str(row.version) == version:
+                        return None, False  # said again: nothing moves
                     before = None if row is None else str(row.version)
-                    previous = None if before in (None, version) else before
-                    values = {"version": version, "previous": previous, "delivery": delivery}
+                    values = {"version": version, "previous": before, "delivery": delivery}
                     if row is None:
                         conn.execute(
                             sa.insert(_aliases).values(
@@ -494,7 +502,7 @@ class Store:
                             continue  # moved by another writer since the read: read again
             except sa.exc.IntegrityError:
                 continue  # inserted by another writer since the read: read again
-            return previous
+            return before, True
 
     def alias_version(self, model: str, alias: str) -> str | None:
         with self._read() as conn:
