@@ -31,11 +31,13 @@ from dynaudit.errors import DynauditError, RemoteNotFound, printable
 from dynaudit.secrets import scrub
 
 if TYPE_CHECKING:
+    from dynaudit.hub_comments import Posted
     from dynaudit.schema import CheckReport
     from dynaudit.serve.settings import ServeSettings
     from dynaudit.serve.store import Job, Store
+    from dynaudit.sources import SourceOptions
 
-__all__ = ["ERROR_TAG", "GUARD_TAG", "JOB_TAG", "WriteBack", "WriteBackFailed"]
+__all__ = ["ERROR_TAG", "GUARD_TAG", "JOB_TAG", "Interrupted", "WriteBack", "WriteBackFailed"]
 
 log = logging.getLogger("dynaudit.serve")
 
@@ -76,6 +78,8 @@ class WriteBack:
         self.settings = settings
         self.store = store
         self.stopping = stopping or threading.Event()
+        self._repo_locks: dict[str, threading.Lock] = {}  # one Hub post per repository at once
+        self._locks_lock = threading.Lock()
 
     # -- verdicts ------------------------------------------------------------------------
 
@@ -182,24 +186,41 @@ class WriteBack:
             registry.set_model_version_tag(name, version, ERROR_TAG, reason[:_MAX_TAG])
 
     def _post(self, report: CheckReport) -> str:
-        from dynaudit.hub_comments import DEADLINE, _within, post_comment
-        from dynaudit.sources import SourceOptions
+        from dynaudit.hub_comments import post_comment
+        from dynaudit.sources.hub import parse
 
-        options = SourceOptions(
-            hf_endpoint=self.settings.hf_endpoint, hf_token=self.settings.hf_token
-        )
-        posted = _within(DEADLINE, post_comment, report, options)
+        repo = parse(report.source.uri)
+        assert repo is not None  # a hub job checks an hf:// SOURCE
+        posted = self._one_at_a_time(repo.repo_id, post_comment, report, self._hub())
         return f"discussion {posted.action}: {posted.url}"
 
     def _post_error(self, job: Job, reason: str) -> str:
-        from dynaudit.hub_comments import DEADLINE, _within, post_error
+        from dynaudit.hub_comments import post_error
+
+        source = f"hf://{job.subject['repo']}@{job.subject['sha']}"
+        return self._one_at_a_time(
+            job.subject["repo"], post_error, source, reason, self._hub()
+        ).action
+
+    def _hub(self) -> SourceOptions:
         from dynaudit.sources import SourceOptions
 
-        options = SourceOptions(
-            hf_endpoint=self.settings.hf_endpoint, hf_token=self.settings.hf_token
-        )
-        source = f"hf://{job.subject['repo']}@{job.subject['sha']}"
-        return _within(DEADLINE, post_error, source, reason, options).action
+        return SourceOptions(hf_endpoint=self.settings.hf_endpoint, hf_token=self.settings.hf_token)
+
+    def _one_at_a_time(self, repo_id: str, post: Callable[..., Posted], *args: Any) -> Posted:
+        """``post(*args)`` under the repository's lock, within the Hub deadline. The lock is
+        taken in the posting thread itself, so a retry after a stalled post waits for that
+        post instead of racing it to open a second discussion."""
+        from dynaudit.hub_comments import DEADLINE, _within
+
+        with self._locks_lock:
+            lock = self._repo_locks.setdefault(repo_id, threading.Lock())
+
+        def locked(*given: Any) -> Posted:
+            with lock:
+                return post(*given)
+
+        return _within(DEADLINE, locked, *args)
 
     def _uri(self) -> str:
         assert self.settings.mlflow_uri is not None  # validated at start-up
