@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -408,12 +407,3 @@ def source_of(job: Job) -> str:
     if job.kind == "hub":
         return f"hf://{subject['repo']}@{subject['sha']}"
     raise ValueError(f"a {job.kind} job checks nothing")
-
-
-def report_json(job: Job) -> dict[str, Any] | None:
-    if job.report_dir is None:
-        return None
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads((Path(job.report_dir) / "check.json").read_text())
-        return data if isinstance(data, dict) else None
-    return None
