@@ -130,6 +130,8 @@ def run_check(
             stop_group(process.pid)
             return Outcome(None, None, f"the check did not finish in {settings.job_timeout:g} s")
         time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # what the check left behind (torchrun's ranks)
     code = process.returncode
     # The signal that stops the receiver may reach the check first (a process group, a
     # cgroup): the receiver's own handler gets a moment to say so.
