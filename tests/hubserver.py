@@ -552,13 +552,12 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{blob.size}")
             self.end_headers()
-            sent = 0
+            # recorded before the body goes out: a client that has read it may look at once
+            hub.record(Request(self.command, self.path, requested, status, 0 if head else length))
             if not head:
                 with blob.path.open("rb") as fh:
                     fh.seek(start)
                     self.wfile.write(fh.read(length))
-                sent = length
-            hub.record(Request(self.command, self.path, requested, status, sent))
 
         # -- writing back: who, discussions, commits -----------------------------------------
         def _user(self) -> str | None:
@@ -737,9 +736,9 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            hub.record(Request(self.command, self.path, None, 200, 0))  # before the body
             if self.command != "HEAD":
                 self.wfile.write(body)
-            hub.record(Request(self.command, self.path, None, 200, 0))
 
         def _error(self, status: int, code: str, message: str) -> None:
             body = json.dumps({"error": message}).encode()
@@ -750,8 +749,8 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            hub.record(Request(self.command, self.path, self.headers.get("Range"), status, 0))
             if self.command != "HEAD":
                 self.wfile.write(body)
-            hub.record(Request(self.command, self.path, self.headers.get("Range"), status, 0))
 
     return Handler
