@@ -16,6 +16,13 @@ process, since that part measures whole processes), side by side:
   separate processes (CPU time from ``os.wait4``): ``measure`` of a full fine-tune (every
   tensor changed), ``check`` of it, and ``check`` of a q_proj/v_proj low-rank update merged
   into the base (every other tensor byte-identical).
+- ``cnn``: ``measure`` of a MobileNetV2-class CNN (torchvision's tensor names, 3.5 M
+  parameters, 36 fitted matrices, most of them small 1 × 1 convolutions that the step rule of
+  docs/method.md §7 gives up to 8× the steps) as a whole process, with the CPU seconds per
+  step budget from the report.
+- ``memory``: the peak anonymous memory of ``measure`` on a generated checkpoint of the 1.3B
+  shapes (``bench._probe``: RssAnon sampled every 5 ms, above the post-import level), ÷ the
+  largest matrix in float32. Memory does not depend on the step count, so the fit runs 2 steps.
 - ``panel``: the accuracy panel's table, from the JSON ``python -m experiments.panel`` writes
   (``--panel FILE``, or run here).
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -51,14 +59,20 @@ from dynaudit.config import FitSettings
 
 __all__ = ["main", "markdown_table"]
 
-PARTS = ("core", "kernel", "check", "panel")
+PARTS = ("core", "kernel", "check", "cnn", "memory", "panel")
 SIZES = {
     "50m": SERIES_SIZES["50M"],
     "1.3b": SERIES_SIZES["1.3B"],
     "7b": Shape(hidden=4096, intermediate=11008, blocks=32, vocab=32000, heads=32),
 }
 # Targets of issue 19 (reported, not enforced).
-TARGETS = {"kernel": 0.40, "adapter_vs_full_check": 0.35, "pretrained_fidelity": 0.5}
+TARGETS = {
+    "kernel": 0.40,
+    "adapter_vs_full_check": 0.35,
+    "pretrained_fidelity": 0.5,
+    "cnn_measure_s": 60.0,
+    "memory_vs_largest_matrix": 3.0,
+}
 # The core ratio stands in for measure ÷ WeightWatcher, whose targets are per size.
 CORE_TARGETS = {"50m": "measure ≤ 10× WeightWatcher", "1.3b": "measure ≤ 1.0× WeightWatcher"}
 # Environment of every child process: one thread in every pool.
@@ -77,6 +91,8 @@ class Plan:
     mm_size: int
     mm_reps: int
     check_shape: Shape
+    cnn: tuple[float, int, int]  # MobileNetV2's width multiplier, head width, classes
+    memory_shape: Shape
     fit_flags: tuple[str, ...]  # dynaudit CLI flags giving ``settings`` (none: the defaults)
 
 
@@ -99,6 +115,8 @@ FULL = Plan(
     mm_size=2048,
     mm_reps=10,
     check_shape=Shape(hidden=256, intermediate=704, blocks=2, vocab=1024, heads=4),
+    cnn=(1.0, 1280, 1000),
+    memory_shape=SIZES["1.3b"],
     fit_flags=(),
 )
 _QUICK_SETTINGS = FitSettings(q_dim=16, pieces=4, steps=20, warm_steps=5, max_entries=1 << 14)
@@ -111,6 +129,8 @@ QUICK = Plan(
     mm_size=256,
     mm_reps=3,
     check_shape=Shape(hidden=64, intermediate=176, blocks=2, vocab=256, heads=4),
+    cnn=(0.25, 64, 10),
+    memory_shape=_shrunk(SIZES["1.3b"], 16),
     fit_flags=("--q-dim", "16", "--pieces", "4", "--steps", "20"),
 )
 
@@ -384,6 +404,101 @@ def check_tables(check: dict[str, Any]) -> list[str]:
     ]
 
 
+# --- cnn: a MobileNetV2-class CNN, whole process -----------------------------------------
+
+
+def write_mobilenet(out: Path, width: float, head: int, classes: int) -> dict[str, Any]:
+    """torchvision's MobileNetV2 layout at ``width``, seeded weights, saved as safetensors by
+    the same producer the family's tests use."""
+    from tests.producers import TorchvisionMobileNetV2, save_module
+
+    torch.manual_seed(0)
+    module = TorchvisionMobileNetV2(width, classes=classes, last=head)
+    save_module(module, out)
+    return {"width": width, "head": head, "classes": classes,
+            "parameters": sum(p.numel() for p in module.parameters())}  # fmt: skip
+
+
+def run_cnn(plan: Plan, work: Path) -> dict[str, Any]:
+    """``measure`` of the CNN as one process; the report's per-layer seconds summed by step
+    budget show what the small-matrix rule costs."""
+    model = write_mobilenet(work / "mobilenet_v2", *plan.cnn)
+    report = work / "measure_cnn.json"
+    argv = ["measure", str(work / "mobilenet_v2"), "--no-cache", "--quiet", "--json", str(report)]
+    run = _dynaudit([*argv, *plan.fit_flags], work, "measure_cnn", ok=(0,))
+    budgets: dict[int, dict[str, Any]] = {}
+    for layer in json.loads(report.read_text())["layers"]:
+        if layer.get("steps") is None:
+            continue  # kept in the graph, not fitted (depthwise convolutions)
+        row = budgets.setdefault(layer["steps"], {"steps": layer["steps"], "layers": 0,
+                                                   "seconds": 0.0, "shapes": set()})  # fmt: skip
+        row["layers"] += 1
+        row["seconds"] += layer.get("seconds") or 0.0
+        out, *inputs = layer["shape"]  # a convolution's matrix is C_out × (C_in·kh·kw)
+        row["shapes"].add(f"{out}×{math.prod(inputs)}")
+    rows = [{**row, "shapes": sorted(row["shapes"])} for _, row in sorted(budgets.items())]
+    return {"model": model, "run": run, "budgets": rows}
+
+
+def cnn_tables(cnn: dict[str, Any]) -> list[str]:
+    run, model = cnn["run"], cnn["model"]
+    rows = [[row["steps"], row["layers"], seconds(row["seconds"]), ", ".join(row["shapes"])]
+            for row in cnn["budgets"]]  # fmt: skip
+    return [
+        f"### `measure` of a MobileNetV2 (width {model['width']}, {model['parameters']:,} "
+        f"parameters), one process on one thread: {seconds(run['cpu_s'])} CPU s "
+        f"(target ≤ {TARGETS['cnn_measure_s']:.0f} s), {seconds(run['wall_s'])} s wall",
+        markdown_table(["steps", "layers", "fit + metrics, s", "matrices (out × in)"], rows),
+    ]
+
+
+# --- memory: peak RssAnon of measure at 1.3B --------------------------------------------
+
+
+def run_memory(plan: Plan, work: Path) -> dict[str, Any]:
+    """``measure`` under ``bench._probe`` as one process; its peak anonymous memory above the
+    post-import level against the largest matrix's float32 bytes."""
+    checkpoint = generate(work / "model", plan.memory_shape, seed=0)
+    probe, report = work / "probe.json", work / "measure.json"
+    command = ["measure", str(work / "model"), "--no-cache", "--quiet", "--threads", "1",
+               "--json", str(report), *plan.fit_flags, "--steps", "2"]  # fmt: skip
+    print("[bench.protocol] memory part: dynaudit measure under the probe", file=sys.stderr)
+    argv = [sys.executable, "-m", "bench._probe", str(probe), "--", *command]
+    run = run_process(argv, work / "memory.log", {**THREAD_ENV,
+                      "DYNAUDIT_CACHE_DIR": str(work / "cache")})  # fmt: skip
+    if run["exit_code"] != 0 or not probe.exists():
+        tail = Path(run["log"]).read_text(errors="replace")[-3000:]
+        raise SystemExit(f"dynaudit measure under the probe failed:\n{tail}")
+    m, n = checkpoint["largest_matrix"]
+    found = json.loads(probe.read_text())
+    shutil.rmtree(work / "model", ignore_errors=True)  # 2.5 GB at 1.3B
+    largest = 4 * m * n
+    return {"checkpoint": checkpoint, "run": run, "probe": found, "largest_matrix_bytes": largest,
+            "ratio": found["rss_anon_added"] / largest}  # fmt: skip
+
+
+MEMORY_COLUMNS = (
+    "after imports, MiB",
+    "peak, MiB",
+    "added, MiB",
+    "largest matrix, MiB",
+    f"added ÷ matrix (target ≤ {TARGETS['memory_vs_largest_matrix']:.0f})",
+)
+
+
+def memory_tables(memory: dict[str, Any]) -> list[str]:
+    shape, probe = memory["checkpoint"]["shape"], memory["probe"]
+    mib = 1 << 20
+    row = [f"{probe['rss_anon_after_imports'] / mib:.0f}", f"{probe['rss_anon_peak'] / mib:.0f}",
+           f"{probe['rss_anon_added'] / mib:.0f}", f"{memory['largest_matrix_bytes'] / mib:.0f}",
+           f"**{memory['ratio']:.2f}**"]  # fmt: skip
+    return [
+        f"### Peak anonymous memory of `measure` (hidden {shape['hidden']}, {shape['blocks']} "
+        f"blocks, vocab {shape['vocab']}; {memory['checkpoint']['parameters']:,} parameters)",
+        markdown_table(MEMORY_COLUMNS, [row]),
+    ]
+
+
 # --- panel: experiments.panel's JSON ----------------------------------------------------
 
 
@@ -454,6 +569,12 @@ def headline(parts: dict[str, Any]) -> list[list[str]]:
             ["adapter check ÷ full check", f"{r['check_adapter_vs_check_full']:.2f}",
              f"≤ {TARGETS['adapter_vs_full_check']}"],
         ]  # fmt: skip
+    if "cnn" in parts:
+        cpu, target = parts["cnn"]["run"]["cpu_s"], TARGETS["cnn_measure_s"]
+        rows.append(["measure of a MobileNetV2-class CNN, CPU s", seconds(cpu), f"≤ {target:.0f}"])
+    if "memory" in parts:
+        ratio, target = parts["memory"]["ratio"], TARGETS["memory_vs_largest_matrix"]
+        rows.append(["peak RssAnon ÷ largest matrix, 1.3B", f"{ratio:.2f}", f"≤ {target:.0f}"])
     data = (parts.get("panel") or {}).get("data")
     if isinstance(data, dict):
         panel = panel_headline(data)
@@ -519,6 +640,8 @@ def run_parts(args: argparse.Namespace, plan: Plan, work: Path) -> dict[str, Any
         "core": lambda: run_core(plan, args.sizes),
         "kernel": lambda: run_kernel(plan),
         "check": lambda: run_check(plan, work / "check"),
+        "cnn": lambda: run_cnn(plan, work / "cnn"),
+        "memory": lambda: run_memory(plan, work / "memory"),
         "panel": lambda: run_panel(args.quick, args.panel, work / "panel"),
     }
     for name in PARTS:
@@ -531,7 +654,7 @@ def run_parts(args: argparse.Namespace, plan: Plan, work: Path) -> dict[str, Any
 def render(results: dict[str, Any]) -> str:
     """Every part's Markdown tables, then the machine they ran on."""
     makers = {"core": core_tables, "kernel": kernel_tables, "check": check_tables,
-              "panel": panel_tables}  # fmt: skip
+              "cnn": cnn_tables, "memory": memory_tables, "panel": panel_tables}  # fmt: skip
     blocks = ["### Side by side", markdown_table(["figure", "value", "target"],
                                                  headline(results["parts"]))]  # fmt: skip
     for name, part in results["parts"].items():

@@ -93,7 +93,7 @@ def test_layers_smoke(tmp_path: Path) -> None:
 
 
 def test_protocol_quick_prints_and_records_every_part(tmp_path: Path) -> None:
-    """``bench.protocol --quick`` runs all four parts in one command (the panel read from a
+    """``bench.protocol --quick`` runs all six parts in one command (the panel read from a
     file, as ``--panel`` does) and records each figure the issue sets a target for."""
     panel = tmp_path / "panel.json"
     summary = {"pretrained": {"default": {"fidelity_median": 0.55}}}
@@ -107,7 +107,7 @@ def test_protocol_quick_prints_and_records_every_part(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert list(result["parts"]) == ["core", "kernel", "check", "panel"]
+    assert list(result["parts"]) == ["core", "kernel", "check", "cnn", "memory", "panel"]
     assert result["threads"] == 1 and len(result["machine"]["load_average_end"]) == 3
     sizes = result["parts"]["core"]["sizes"]
     assert [size["label"] for size in sizes] == ["50m", "1.3b", "7b"]
@@ -134,11 +134,25 @@ def test_protocol_quick_prints_and_records_every_part(tmp_path: Path) -> None:
     assert runs["check_adapter"]["report"]["unchanged"] == 15 - 4
     assert runs["check_adapter"]["report"]["refits"].startswith("4 of ")
     assert all(ratio > 0 for ratio in check["ratios"].values())
+    # The CNN: every fitted layer counted once under its step budget; the ×8 rule gives the
+    # small 1 × 1 convolutions more steps than the head.
+    cnn = result["parts"]["cnn"]
+    assert cnn["run"]["exit_code"] == 0 and cnn["run"]["cpu_s"] > 0
+    assert sum(row["layers"] for row in cnn["budgets"]) == 36
+    assert len(cnn["budgets"]) > 1 and all(row["seconds"] > 0 for row in cnn["budgets"])
+    memory = result["parts"]["memory"]  # the largest matrix is the (shrunk) lm_head
+    assert memory["probe"]["exit_code"] == 0 and memory["probe"]["rss_anon_added"] > 0
+    assert memory["largest_matrix_bytes"] == 4 * 2000 * 128
+    assert memory["ratio"] == memory["probe"]["rss_anon_added"] / memory["largest_matrix_bytes"]
     for heading in (
         "### Side by side",
         "### Core",
         "### Kernel",
         "### Whole processes",
+        "### `measure` of a MobileNetV2",
+        "measure of a MobileNetV2-class CNN",
+        "### Peak anonymous memory",
+        "peak RssAnon ÷ largest matrix, 1.3B",
         "### Accuracy panel",
         "adapter check ÷ full check",
         "| 0.550 |",

@@ -135,16 +135,21 @@ def load_layer(
     and why it gets null metrics, if it does."""
     weight = read_matrices(family, layer, checkpoint)
     digest = layer_digest(weight)
-    if not bool(torch.isfinite(weight).all()):
+    # One float64 pass in row chunks answers three questions: a NaN or ±Inf makes the sum
+    # non-finite (a float32 value squared never overflows float64), an all-zero matrix sums to
+    # exactly 0, and the sum gives the RMS. torch.isfinite would allocate a float copy and
+    # two masks of the whole matrix: 1.75× a float32 matrix at the peak (docs/performance.md).
+    total = float(sum_squares(weight.reshape(1, -1, weight.shape[-1]))[0])
+    if not math.isfinite(total):
         return Loaded(
             layer, weight, None, "non-finite weights (NaN/Inf)", non_finite=True, digest=digest
         )
     if scales is not None and layer.name in scales:
         scale = scales[layer.name]
     else:
-        scale = float(rms(weight.reshape(1, -1, weight.shape[-1])))
+        scale = math.sqrt(total / weight.numel()) if weight.numel() else 0.0
     reason = None
-    if not bool(weight.any()):
+    if total == 0.0:
         reason = "all-zero matrix"
     elif scale == 0.0:
         reason = "reference matrix is all zeros (scale 0)"
