@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from dynaudit.errors import DynauditError, UsageError, printable
 from dynaudit.schema import CheckReport
@@ -56,6 +56,8 @@ __all__ = [
     "render_error",
     "require_hub_source",
 ]
+
+T = TypeVar("T")
 
 MARKER = "<!-- dynaudit-check -->"  # the first line of the comment dynaudit keeps updated
 CARD_KEY = "dynaudit"  # the model card's metadata key --hub-pr writes
@@ -187,7 +189,7 @@ class _Stalled(Exception):
     """The Hub did not answer in time (``huggingface_hub`` 2 waits for ever by default)."""
 
 
-def _within(seconds: float, step: Any, *args: Any) -> Posted:
+def _within(seconds: float, step: Callable[..., T], *args: Any) -> T:
     """``step(*args)`` in a daemon thread, given up after ``seconds``: a Hub that accepts the
     connection and never answers must not hold the verdict's exit code back. The abandoned
     thread ends with the process."""

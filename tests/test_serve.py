@@ -539,22 +539,9 @@ def test_pushes_to_a_hub_repo_update_one_comment(
     """A push to main is checked against the base its card declares, and the report becomes
     the one comment of the repository's dynaudit discussion; the next push edits it; a
     replayed delivery or a wrong secret makes no job."""
-    hub.add_user("dynaudit-serve-bot", HF_BOT)
-    base, tuned = "org/serve-base", "org/serve-tuned"
-    hub.add(base, chains["base"])
-    card = (chains["good"] / "README.md").read_text().replace("org/hc-base", base)
-    pushes = {}
-    for kind in ("good", "damaged"):  # what the two pushes hold: the card, then the weights
-        pushes[kind] = tmp_path / kind
-        pushes[kind].mkdir()
-        (pushes[kind] / "README.md").write_text(card)
-        weights = (chains[kind] / "model.safetensors").read_bytes()
-        (pushes[kind] / "model.safetensors").write_bytes(weights)
-    receiver = Receiver(
-        tmp_path / "serve",
-        ["--hub-secret", HUB_SECRET, "--hf-endpoint", hub.url, "--ops-token", OPS],
-        env={"HF_TOKEN": HF_BOT, "DYNAUDIT_CACHE_DIR": str(tmp_path / "cache")},
-    ).start()
+    tuned = "org/serve-tuned"
+    pushes = _hub_pushes(hub, chains, tmp_path, "org/serve-base")
+    receiver = _hub_receiver(hub, tmp_path).start()
     webhook = hub.notify(f"{receiver.url}/hooks/hub", HUB_SECRET)
     try:
         first = hub.add(tuned, pushes["good"])
@@ -594,6 +581,66 @@ def test_pushes_to_a_hub_repo_update_one_comment(
         hub.forget(webhook)
         receiver.stop()
     _no_secrets(receiver.log(), _check_logs(receiver))
+
+
+def test_an_older_commit_checked_last_does_not_replace_the_newer_report(
+    hub: LocalHub, chains: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two quick pushes, two workers, and the older commit's check ends last (its launcher
+    holds it until told): the comment keeps the newer commit's report. Before, the older
+    report replaced it, so the repository showed "pass" while its head had failed."""
+    tuned = "org/serve-order"
+    pushes = _hub_pushes(hub, chains, tmp_path, "org/serve-order-base")
+    held = tmp_path / "go"
+    held.mkdir()
+    # each check waits for a file named after its commit, so the test decides the order
+    wait = (
+        "d=$1; shift; for a; do case $a in hf://*@*) s=${a##*@};; esac; done; "
+        'while [ ! -e "$d/go-$s" ]; do sleep 0.1; done; exec "$@"'
+    )
+    hold = shlex.join(["sh", "-c", wait, "sh", str(held), sys.executable])
+    receiver = _hub_receiver(hub, tmp_path, "--workers", "2", "--launcher", hold).start()
+    webhook = hub.notify(f"{receiver.url}/hooks/hub", HUB_SECRET)
+    try:
+        older = hub.add(tuned, pushes["good"])
+        newer = hub.add(tuned, pushes["damaged"])
+        (held / f"go-{newer}").touch()
+        done = receiver.wait_job(_by_key(f"hub:{tuned}@{newer}"), 300, OPS)
+        assert done["verdict"] == "fail", receiver.tail()
+        (held / f"go-{older}").touch()
+        late = receiver.wait_job(_by_key(f"hub:{tuned}@{older}"), 300, OPS)
+        assert late["state"] == "done" and late["verdict"] == "pass", receiver.tail()
+        (discussion,) = [d for d in hub.discussions(tuned) if d.author == "dynaudit-serve-bot"]
+        (comment,) = discussion.comments
+        assert comment.edits == 0 and comment.content.strip() == _rendered(done).strip()
+        assert f"not posted: main has moved on to {newer[:12]}" in receiver.log()
+    finally:
+        hub.forget(webhook)
+        receiver.stop()
+
+
+def _hub_pushes(hub: LocalHub, chains: dict[str, Path], root: Path, base: str) -> dict[str, Path]:
+    """The base on the Hub, and two folders to push on top of each other: a good fine-tune
+    and a damaged one, each with the card that declares ``base``."""
+    hub.add_user("dynaudit-serve-bot", HF_BOT)
+    hub.add(base, chains["base"])
+    card = (chains["good"] / "README.md").read_text().replace("org/hc-base", base)
+    pushes = {}
+    for kind in ("good", "damaged"):  # what the two pushes hold: the card, then the weights
+        pushes[kind] = root / kind
+        pushes[kind].mkdir()
+        (pushes[kind] / "README.md").write_text(card)
+        weights = (chains[kind] / "model.safetensors").read_bytes()
+        (pushes[kind] / "model.safetensors").write_bytes(weights)
+    return pushes
+
+
+def _hub_receiver(hub: LocalHub, root: Path, *extra: str) -> Receiver:
+    return Receiver(
+        root / "serve",
+        ["--hub-secret", HUB_SECRET, "--hf-endpoint", hub.url, "--ops-token", OPS, *extra],
+        env={"HF_TOKEN": HF_BOT, "DYNAUDIT_CACHE_DIR": str(root / "cache")},
+    )
 
 
 def _rendered(job: dict[str, Any]) -> str:

@@ -7,7 +7,10 @@
   run (no baseline declared, an unreadable checkpoint) tags ``dynaudit.verdict=error`` and
   ``dynaudit.error`` with the reason: never left silent.
 - **Hub**: the report is the dynaudit discussion's comment, edited in place on later pushes
-  (:func:`dynaudit.hub_comments.post_comment`).
+  (:func:`dynaudit.hub_comments.post_comment`). Only the check of the commit still at the head
+  of its branch posts: with several workers the checks of two quick pushes can end out of
+  order, and the older commit's report must not replace the newer one's (the verdict of a
+  commit no longer at the head stays in ``/jobs`` and the log).
 - Every registry call is retried with a bound (``--writeback-retries``, backoff up to 16 s);
   when the bound is reached the job ends in ``error`` with the reason, in ``/jobs`` and the log.
 - **Guard** (``--guard ALIAS``): the registry does not say where an alias was before it
@@ -99,7 +102,7 @@ class WriteBack:
                 where = f"run {run_id}"
             else:
                 where = self._bounded(
-                    f"post the report to {_subject(job)}", lambda: self._post(report)
+                    f"post the report to {_subject(job)}", lambda: self._post(job, report)
                 )
         except WriteBackFailed as exc:
             log.warning("job %s (%s): verdict %s, but %s", job.id, job.key, verdict, exc)
@@ -185,42 +188,51 @@ class WriteBack:
             registry.set_model_version_tag(name, version, VERDICT_TAG, "error")
             registry.set_model_version_tag(name, version, ERROR_TAG, reason[:_MAX_TAG])
 
-    def _post(self, report: CheckReport) -> str:
+    def _post(self, job: Job, report: CheckReport) -> str:
         from dynaudit.hub_comments import post_comment
-        from dynaudit.sources.hub import parse
 
-        repo = parse(report.source.uri)
-        assert repo is not None  # a hub job checks an hf:// SOURCE
-        posted = self._one_at_a_time(repo.repo_id, post_comment, report, self._hub())
-        return f"discussion {posted.action}: {posted.url}"
+        return self._post_newest(job, post_comment, report, self._hub())
 
     def _post_error(self, job: Job, reason: str) -> str:
         from dynaudit.hub_comments import post_error
 
         source = f"hf://{job.subject['repo']}@{job.subject['sha']}"
-        return self._one_at_a_time(
-            job.subject["repo"], post_error, source, reason, self._hub()
-        ).action
+        return self._post_newest(job, post_error, source, reason, self._hub())
+
+    def _post_newest(self, job: Job, post: Callable[..., Posted], *args: Any) -> str:
+        """``post(*args)`` under the repository's lock, within the Hub deadline, when the job's
+        commit is still the head of the branch it was pushed to; else nothing is posted (a
+        newer push's check posts, or has posted, its own). The lock is taken in the posting
+        thread itself, so a retry after a stalled post waits for that post instead of racing
+        it to open a second discussion."""
+        from dynaudit.hub_comments import DEADLINE, _within
+
+        repo = job.subject["repo"]
+        with self._locks_lock:
+            lock = self._repo_locks.setdefault(repo, threading.Lock())
+
+        def locked() -> str:
+            with lock:
+                branch, head = self._head(job)
+                if head != job.subject["sha"]:
+                    return f"not posted: {branch} has moved on to {head[:12]}"
+                posted = post(*args)
+                return f"discussion {posted.action}: {posted.url}"
+
+        return _within(DEADLINE, locked)
+
+    def _head(self, job: Job) -> tuple[str, str]:
+        """The branch a Hub job's commit was pushed to, and the commit at its head now."""
+        from dynaudit.hub_comments import _api
+
+        branch = job.subject["ref"].removeprefix("refs/heads/")
+        info = _api(self._hub()).repo_info(job.subject["repo"], revision=branch)
+        return branch, str(info.sha)
 
     def _hub(self) -> SourceOptions:
         from dynaudit.sources import SourceOptions
 
         return SourceOptions(hf_endpoint=self.settings.hf_endpoint, hf_token=self.settings.hf_token)
-
-    def _one_at_a_time(self, repo_id: str, post: Callable[..., Posted], *args: Any) -> Posted:
-        """``post(*args)`` under the repository's lock, within the Hub deadline. The lock is
-        taken in the posting thread itself, so a retry after a stalled post waits for that
-        post instead of racing it to open a second discussion."""
-        from dynaudit.hub_comments import DEADLINE, _within
-
-        with self._locks_lock:
-            lock = self._repo_locks.setdefault(repo_id, threading.Lock())
-
-        def locked(*given: Any) -> Posted:
-            with lock:
-                return post(*given)
-
-        return _within(DEADLINE, locked, *args)
 
     def _uri(self) -> str:
         assert self.settings.mlflow_uri is not None  # validated at start-up
