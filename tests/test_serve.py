@@ -222,6 +222,41 @@ def test_registered_versions_are_checked_tagged_and_the_guard_moves_the_alias_ba
     _no_secrets(receiver.log(), _check_logs(receiver))
 
 
+def test_an_alias_set_before_the_receiver_started_is_where_the_guard_moves_it_back(
+    registry: dict[str, Any], chains: dict[str, Path], tmp_path: Path
+) -> None:
+    """The receiver reads where the guarded aliases point when it starts: a failing version
+    promoted next goes back there. Before, no event had told this receiver where the alias
+    was, and the guard kept the failing version ("no earlier version known")."""
+    client, baseline = registry["client"], registry["baseline"]
+    client.create_registered_model("gate-seed")
+    good = _register(client, chains["good"], "gate-seed", {"dynaudit.baseline": baseline})
+    client.set_registered_model_alias("gate-seed", "champion", good)  # no receiver running
+    receiver = _receiver(tmp_path, registry["server"].url, "--guard", "champion").start()
+    hook = _hook(client, receiver)
+    try:
+        deadline = time.monotonic() + 30
+        while "guarded alias(es) in the registry" not in receiver.log():
+            assert time.monotonic() < deadline, receiver.tail()
+            time.sleep(0.2)
+        damaged = _register(client, chains["damaged"], "gate-seed", {"dynaudit.baseline": baseline})
+        client.set_registered_model_alias("gate-seed", "champion", damaged)
+        guard = receiver.wait_job(
+            lambda j: (
+                j["kind"] == "guard" and j["subject"]["version"] == damaged and j["state"] == "done"
+            ),
+            180,
+            OPS,
+        )
+        assert guard["reason"] == f"moved back from version {damaged} to {good}: " + (
+            f"{damaged} failed the gate"
+        ), receiver.tail()
+        assert client.get_model_version_by_alias("gate-seed", "champion").version == good
+    finally:
+        client.delete_webhook(hook.webhook_id)
+        receiver.stop()
+
+
 def test_a_receiver_killed_during_a_check_runs_it_again_once_after_a_restart(
     registry: dict[str, Any], chains: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -277,6 +277,34 @@ def test_move_alias_returns_the_version_it_replaced(store: Store) -> None:
     store.forget_alias("m", "champion")  # forgetting twice is fine
 
 
+def test_an_alias_read_at_start_up_is_the_version_a_later_move_replaced(
+    store: Store, clock: Clock
+) -> None:
+    """The guard's ledger seeded from the registry: a later move reports the seeded version as
+    the one to go back to; the registry corrects a ledger that missed moves (the receiver was
+    down), but not an event recorded after the read began; the event of the seeded move
+    itself, still on its way, counts once as a move from an unknown version."""
+    read_at = store.now()
+    assert store.seed_alias("m", "champion", "3", read_at)
+    assert not store.seed_alias("m", "champion", "3", read_at)  # the same: nothing changes
+    assert store.record_alias("m", "champion", "3", "d1") == (None, True)  # the seeded move
+    assert store.record_alias("m", "champion", "3", "d1") == (None, True)  # its retry
+    assert store.record_alias("m", "champion", "3", "d2") == (None, False)  # said again
+    assert store.record_alias("m", "champion", "4", "d3") == ("3", True)
+
+    store.move_alias("n", "champion", "2")  # then the receiver was down while it moved to 5
+    clock.now += 60
+    read_at = store.now()
+    assert store.seed_alias("n", "champion", "5", read_at)
+    assert store.record_alias("n", "champion", "6") == ("5", True)
+
+    read_at = store.now()  # a read that began before an event was recorded
+    clock.now += 1
+    store.move_alias("n", "champion", "7")
+    assert not store.seed_alias("n", "champion", "6", read_at)
+    assert store.alias_version("n", "champion") == "7"
+
+
 def test_counts_and_listing(store: Store) -> None:
     assert store.counts() == {"queued": 0, "running": 0, "done": 0, "error": 0}
     ids = [store.enqueue(f"k{i}", "mlflow", {})[0].id for i in range(4)]

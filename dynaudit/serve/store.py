@@ -41,7 +41,16 @@ from sqlalchemy.pool import StaticPool
 from dynaudit import secrets
 from dynaudit.errors import UsageError
 
-__all__ = ["STATES", "Job", "JobState", "Store", "owner_alive", "process_token", "this_owner"]
+__all__ = [
+    "SEEDED",
+    "STATES",
+    "Job",
+    "JobState",
+    "Store",
+    "owner_alive",
+    "process_token",
+    "this_owner",
+]
 
 JobState = Literal["queued", "running", "done", "error"]
 STATES: tuple[JobState, ...] = ("queued", "running", "done", "error")
@@ -95,6 +104,7 @@ _aliases = sa.Table(
     sa.Column("updated", sa.Double, nullable=False),
 )
 
+SEEDED = "(read from the registry)"  # the delivery of a ledger row read at start-up
 _WRITE = "dynaudit_write"  # execution option: this connection's transaction will write
 _UPDATABLE = frozenset(
     {"phase", "pid", "pid_start", "report_dir", "run_id", "verdict", "reason", "subject"}
@@ -483,7 +493,18 @@ class Store:
                     if row is not None and delivery is not None and row.delivery == delivery:
                         return (None if row.previous is None else str(row.previous)), True
                     if row is not None and str(row.version) == version:
-                        return None, False  # said again: nothing moves
+                        if row.delivery != SEEDED:
+                            return None, False  # said again: nothing moves
+                        # the event of the move the start-up read found: a move from an
+                        # unknown version, made once (this delivery now owns the row)
+                        taken = conn.execute(
+                            sa.update(_aliases)
+                            .where(*where, _aliases.c.delivery == SEEDED)
+                            .values(delivery=delivery, updated=now)
+                        )
+                        if taken.rowcount != 1:
+                            continue  # another delivery took it since the read: read again
+                        return None, True
                     before = None if row is None else str(row.version)
                     values = {"version": version, "previous": before, "delivery": delivery}
                     if row is None:
@@ -503,6 +524,42 @@ class Store:
             except sa.exc.IntegrityError:
                 continue  # inserted by another writer since the read: read again
             return before, True
+
+    def now(self) -> float:
+        """The store's clock: what ``updated`` and ``received`` are measured with."""
+        return self._clock()
+
+    def seed_alias(self, model: str, alias: str, version: str, read_at: float) -> bool:
+        """Record where the registry said ``model@alias`` points, in a read that began at
+        ``read_at`` (:meth:`now`): the registry is right about moves this receiver missed
+        while it was down, but an event recorded since the read began is newer and is kept.
+        The row is marked :data:`SEEDED`, so that the event of that same move, if it is still
+        on its way, is taken as a move (the guard checks the version) rather than as said
+        again. True when the ledger changed."""
+        where = (_aliases.c.model == model, _aliases.c.alias == alias)
+        values = {"version": version, "previous": None, "delivery": SEEDED}
+        try:
+            with self._write() as conn:
+                row = conn.execute(
+                    sa.select(_aliases.c.version, _aliases.c.updated).where(*where)
+                ).first()
+                if row is None:
+                    conn.execute(
+                        sa.insert(_aliases).values(
+                            model=model, alias=alias, updated=self._clock(), **values
+                        )
+                    )
+                    return True
+                if str(row.version) == version or row.updated >= read_at:
+                    return False
+                changed = conn.execute(
+                    sa.update(_aliases)
+                    .where(*where, _aliases.c.updated == row.updated)
+                    .values(updated=self._clock(), **values)
+                )
+                return bool(changed.rowcount == 1)
+        except sa.exc.IntegrityError:
+            return False  # an event inserted it since the read: newer
 
     def alias_version(self, model: str, alias: str) -> str | None:
         with self._read() as conn:

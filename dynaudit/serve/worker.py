@@ -215,6 +215,8 @@ class Pool:
         self._spawn(self._heartbeat, "dynaudit-heartbeat")
         if self.settings.watch:  # its own thread: a slow registry must not hold the leases
             self._spawn(self._sweeper, "dynaudit-sweep")
+        if self.settings.guards and self.settings.mlflow_uri:
+            self._spawn(self._seed, "dynaudit-seed")
 
     def stop(self) -> None:
         """Stop claiming; a check in progress is stopped and its job queued again."""
@@ -265,6 +267,21 @@ class Pool:
                         version,
                         printable(name),
                     )
+
+    def _seed(self) -> None:
+        """The guard's ledger from the registry, once, beside the workers (an alias event
+        recorded meanwhile is newer and is kept)."""
+        try:
+            found, new = self.writeback.seed_guard()
+        except Interrupted:
+            return
+        except Exception as exc:  # the registry is away: the ledger fills from events
+            log.warning(
+                "guard: %s; an alias is moved back only to a version this receiver saw it on",
+                scrub(printable(str(exc)))[:300],
+            )
+            return
+        log.info("guard: %d guarded alias(es) in the registry, %d new to the ledger", found, new)
 
     def _sweeper(self) -> None:
         while not self.stopping.is_set():

@@ -177,6 +177,33 @@ class WriteBack:
             key=int,
         )
 
+    def seed_guard(self) -> tuple[int, int]:
+        """Read from the registry where each ``--guard`` alias points now, into the ledger
+        (:meth:`Store.seed_alias`): after a restart the guard then knows the version to move
+        an alias back to, which no event had told this receiver. Returns how many aliases
+        were found and how many changed the ledger."""
+        read_at = self.store.now()
+        found = self._bounded("read the guarded aliases from the registry", self._guarded_now)
+        new = sum(self.store.seed_alias(*where, read_at) for where in found)
+        return len(found), new
+
+    def _guarded_now(self) -> list[tuple[str, str, str]]:
+        """``(model, alias, version)`` of every ``--guard`` alias set in the registry."""
+        from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
+
+        uri, guarded, found = self._uri(), set(self.settings.guards), []
+        with mlflow_errors("the registered models", uri), client_environment(uri):
+            registry, token = client(uri), None
+            while True:
+                page = registry.search_registered_models(max_results=1000, page_token=token)
+                for model in page:
+                    for alias, version in (model.aliases or {}).items():
+                        if alias in guarded:
+                            found.append((str(model.name), str(alias), str(version)))
+                token = page.token
+                if not token:
+                    return found
+
     def _tag_error(self, job: Job, reason: str) -> None:
         from dynaudit.sources.mlflow import client, client_environment, mlflow_errors
         from dynaudit.tracking import VERDICT_TAG
