@@ -599,9 +599,11 @@ def find_baseline(
     read_pyproject: bool = True,
 ) -> tuple[str, str]:
     """The baseline of a checkpoint when none is given (README, "In CI"): ``[tool.dynaudit]
-    baseline`` in ./pyproject.toml, else the checkpoint's declared base — an adapter's base
-    (``--base`` or ``base_model_name_or_path``), the model card's ``base_model``, the MLflow model
-    version's ``dynaudit.baseline`` tag."""
+    baseline`` in ./pyproject.toml, else what the checkpoint declares — ``--base``, the MLflow
+    model version's ``dynaudit.baseline`` tag, an adapter's ``base_model_name_or_path``, the
+    model card's ``base_model``. The tag comes before the files: it is set on this very
+    version to name the baseline it is gated on, where a card's ``base_model`` only says where
+    the weights came from (often a public model a private registry cannot reach)."""
     configured = project_setting("baseline") if read_pyproject else None
     if isinstance(configured, str) and configured:
         return configured, "[tool.dynaudit] baseline in pyproject.toml"
@@ -609,6 +611,12 @@ def find_baseline(
     adapter = folder / "adapter_config.json"
     if base is not None:
         return os.fspath(base), "--base (the adapter's base model)"
+    if source.startswith("models:/"):
+        from dynaudit.sources.mlflow import declared_baseline
+
+        tagged = declared_baseline(source, (options or SourceOptions()).mlflow_uri)
+        if tagged:
+            return tagged, "the MLflow model version's dynaudit.baseline tag"
     if present(adapter, "adapter_config.json"):
         config = read_json(adapter)
         named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
@@ -621,12 +629,6 @@ def find_baseline(
         named = card_base_model(read_text(card, "the model card (README.md)"), str(card))
         if named:
             return named, "the model card's base_model"
-    if source.startswith("models:/"):
-        from dynaudit.sources.mlflow import declared_baseline
-
-        tagged = declared_baseline(source, (options or SourceOptions()).mlflow_uri)
-        if tagged:
-            return tagged, "the MLflow model version's dynaudit.baseline tag"
     raise UsageError(
         f"{checkpoint}: no baseline given and none declared; pass --baseline REF (a baseline "
         "directory or the base checkpoint), or set `baseline` under [tool.dynaudit] in "

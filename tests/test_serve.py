@@ -110,7 +110,7 @@ def _register(client: Any, folder: Path, name: str, tags: dict[str, str]) -> str
     experiment = client.get_experiment_by_name("uploads")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("uploads")
     run = client.create_run(experiment_id)
-    # the weights alone: a model card's base_model would win over the version's tag
+    # the weights alone, as a training job registers them; the tag names the baseline
     client.log_artifact(run.info.run_id, str(folder / "model.safetensors"), "checkpoint")
     client.set_terminated(run.info.run_id)
     made = client.create_model_version(

@@ -295,6 +295,38 @@ def test_a_baseline_into_mlflow_alone_from_the_cli(
     assert run.info.status == "FINISHED" and run.data.tags["dynaudit.baseline"].startswith("runs:/")
 
 
+def test_a_versions_baseline_tag_comes_before_its_model_card(
+    mlflow_server: MlflowServer, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registered version whose card names a public base (unreachable here) and whose
+    ``dynaudit.baseline`` tag names a stored baseline is checked against the tag's baseline.
+    Before, the card won: the check went looking for the public base and gave no verdict."""
+    import shutil
+
+    options = SourceOptions(mlflow_uri=mlflow_server.url)
+    stored = dynaudit.baseline(tiny_llama, mlflow=True, sources=options, **GATE).stored_at
+    assert stored is not None
+    carded = tmp_path / "carded"
+    shutil.copytree(tiny_llama, carded)
+    (carded / "README.md").write_text("---\nbase_model: org/public-base\n---\n# tuned\n")
+    client = client_for(mlflow_server)
+    run = client.create_run(client.create_experiment("dynaudit-carded"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # MLflow 2 uploads there
+    client.log_artifacts(run.info.run_id, str(carded), "checkpoint")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("gate-carded")
+    client.create_model_version(
+        "gate-carded",
+        source=f"runs:/{run.info.run_id}/checkpoint",
+        run_id=run.info.run_id,
+        tags={"dynaudit.baseline": stored},
+    )
+    report = dynaudit.check("models:/gate-carded/1", sources=options)
+    assert report.baseline.resolved_from == "the MLflow model version's dynaudit.baseline tag"
+    assert report.baseline.stored and report.verdict.passed, report.verdict.reasons
+
+
 def test_a_baseline_stored_in_mlflow_is_found_and_read_back(
     mlflow_server: MlflowServer, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

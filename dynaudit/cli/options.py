@@ -220,7 +220,8 @@ BaselineRef = Annotated[
         "--baseline",
         "REF",
         "baseline directory, or a checkpoint (any SOURCE form) measured as one; default: "
-        "[tool.dynaudit] baseline, the adapter's base, the model card's base_model",
+        "[tool.dynaudit] baseline, the MLflow version's dynaudit.baseline tag, the adapter's "
+        "base, the model card's base_model",
     ),
 ]
 Reference = Annotated[
