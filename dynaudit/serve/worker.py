@@ -204,7 +204,7 @@ class Pool:
         self.writeback = writeback
         self.owner = this_owner()
         self.stopping = writeback.stopping  # set at the first signal: no new claims
-        self._held: dict[int, str] = {}  # job id → its owner token, for the heartbeat
+        self._held: set[int] = set()  # the jobs this receiver's workers hold: renewed
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -313,7 +313,7 @@ class Pool:
                 self.stopping.wait(POLL_SECONDS)
                 continue
             with self._lock:
-                self._held[job.id] = self.owner
+                self._held.add(job.id)
             try:
                 self._handle(job)
             except Interrupted:  # the receiver is stopping: the next start takes it up
@@ -329,7 +329,7 @@ class Pool:
                     self.store.finish(job.id, self.owner, "error", reason=reason)
             finally:
                 with self._lock:
-                    self._held.pop(job.id, None)
+                    self._held.discard(job.id)
 
     # -- one job -------------------------------------------------------------------------
 
