@@ -133,6 +133,13 @@ def _hook(client: Any, receiver: Receiver, name: str = "dynaudit") -> Any:
     return client.create_webhook(name, f"{receiver.url}/hooks/mlflow", EVENTS, secret=SECRET)
 
 
+def _guard_done(version: str) -> Any:
+    """The finished guard job of the alias move onto ``version``."""
+    return lambda job: (
+        job["kind"] == "guard" and job["subject"]["version"] == version and job["state"] == "done"
+    )
+
+
 def _by_key(key: str) -> Any:
     return lambda job: job["key"] == key and job["state"] in ("done", "error")
 
@@ -177,21 +184,9 @@ def test_registered_versions_are_checked_tagged_and_the_guard_moves_the_alias_ba
         assert len(runs) == 1
 
         client.set_registered_model_alias("gate-chain", "champion", good)
-        receiver.wait_job(
-            lambda j: (
-                j["kind"] == "guard" and j["subject"]["version"] == good and j["state"] == "done"
-            ),
-            60,
-            OPS,
-        )
+        receiver.wait_job(_guard_done(good), 60, OPS)
         client.set_registered_model_alias("gate-chain", "champion", damaged)
-        guard = receiver.wait_job(
-            lambda j: (
-                j["kind"] == "guard" and j["subject"]["version"] == damaged and j["state"] == "done"
-            ),
-            60,
-            OPS,
-        )
+        guard = receiver.wait_job(_guard_done(damaged), 60, OPS)
         assert "moved back" in guard["reason"]
         guards = [j for j in receiver.jobs(OPS) if j["kind"] == "guard"]
         assert sum(j["subject"]["version"] == damaged for j in guards) == 1  # two webhooks, one
@@ -241,13 +236,7 @@ def test_an_alias_set_before_the_receiver_started_is_where_the_guard_moves_it_ba
             time.sleep(0.2)
         damaged = _register(client, chains["damaged"], "gate-seed", {"dynaudit.baseline": baseline})
         client.set_registered_model_alias("gate-seed", "champion", damaged)
-        guard = receiver.wait_job(
-            lambda j: (
-                j["kind"] == "guard" and j["subject"]["version"] == damaged and j["state"] == "done"
-            ),
-            180,
-            OPS,
-        )
+        guard = receiver.wait_job(_guard_done(damaged), 180, OPS)
         assert guard["reason"] == f"moved back from version {damaged} to {good}: " + (
             f"{damaged} failed the gate"
         ), receiver.tail()
