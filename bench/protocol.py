@@ -53,7 +53,7 @@ from bench.kernel import mm_throughput
 from bench.machine import describe, load_average
 from bench.profile import CATEGORIES, fit_passes
 from bench.project import time_fit, time_svd
-from bench.run import REPO, revision_of_dynaudit, run_process
+from bench.run import REPO, measure_dynaudit, revision_of_dynaudit, run_process
 from bench.series import SIZES as SERIES_SIZES
 from dynaudit.config import FitSettings
 
@@ -456,25 +456,18 @@ def cnn_tables(cnn: dict[str, Any]) -> list[str]:
 
 
 def run_memory(plan: Plan, work: Path) -> dict[str, Any]:
-    """``measure`` under ``bench._probe`` as one process; its peak anonymous memory above the
-    post-import level against the largest matrix's float32 bytes."""
+    """``measure`` under ``bench._probe`` as one process (``bench.run.measure_dynaudit``, at
+    the default settings); its peak anonymous memory above the post-import level against the
+    largest matrix's float32 bytes."""
     checkpoint = generate(work / "model", plan.memory_shape, seed=0)
-    probe, report = work / "probe.json", work / "measure.json"
-    command = ["measure", str(work / "model"), "--no-cache", "--quiet", "--threads", "1",
-               "--json", str(report), *plan.fit_flags, "--steps", "2"]  # fmt: skip
     print("[bench.protocol] memory part: dynaudit measure under the probe", file=sys.stderr)
-    argv = [sys.executable, "-m", "bench._probe", str(probe), "--", *command]
-    run = run_process(argv, work / "memory.log", {**THREAD_ENV,
-                      "DYNAUDIT_CACHE_DIR": str(work / "cache")})  # fmt: skip
-    if run["exit_code"] != 0 or not probe.exists():
-        tail = Path(run["log"]).read_text(errors="replace")[-3000:]
-        raise SystemExit(f"dynaudit measure under the probe failed:\n{tail}")
-    m, n = checkpoint["largest_matrix"]
-    found = json.loads(probe.read_text())
+    run = measure_dynaudit(work / "model", work, steps=2, threads=1)
     shutil.rmtree(work / "model", ignore_errors=True)  # 2.5 GB at 1.3B
-    largest = 4 * m * n
-    return {"checkpoint": checkpoint, "run": run, "probe": found, "largest_matrix_bytes": largest,
-            "ratio": found["rss_anon_added"] / largest}  # fmt: skip
+    m, n = checkpoint["largest_matrix"]
+    largest, probe = 4 * m * n, run["probe"]
+    ratio = probe["rss_anon_added"] / largest
+    return {"checkpoint": checkpoint, "run": run, "probe": probe,
+            "largest_matrix_bytes": largest, "ratio": ratio}  # fmt: skip
 
 
 MEMORY_COLUMNS = (
